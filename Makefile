@@ -1,0 +1,42 @@
+# Two set-up commands do everything on a fresh machine: `make train` and `make test`.
+# Each creates .venv on first use (and again whenever a requirements file changes).
+#   ACCEL=cpu|cuda|tpu  picks the jax extra (default cpu)
+#   EXP=toy|tldr|hh     picks experiments/$(EXP).py (default toy: offline, CPU, minutes)
+#   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo p3o.beta=0.1"
+ACCEL ?= cpu
+EXP ?= toy
+ARGS ?=
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+JAX_EXTRA_cpu := jax[cpu]==0.10.2
+JAX_EXTRA_cuda := jax[cuda12]==0.10.2
+JAX_EXTRA_tpu := jax[tpu]==0.10.2
+JAX_EXTRA := $(JAX_EXTRA_$(ACCEL))
+ifeq ($(JAX_EXTRA),)
+$(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
+endif
+
+.PHONY: train test bench frontier clean-venv
+
+$(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt "$(JAX_EXTRA)"
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test-$(ACCEL): requirements-test.txt $(VENV)/.runtime-$(ACCEL)
+	$(PY) -m pip install -q -r requirements-test.txt "$(JAX_EXTRA)"
+	touch $@
+
+train: $(VENV)/.runtime-$(ACCEL)
+	$(PY) -m p3o_jax.train exp=$(EXP) $(ARGS)
+
+test: $(VENV)/.test-$(ACCEL)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(VENV)/.test-$(ACCEL)
+	$(PY) -m p3o_jax.bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,376 @@
+"""A decoder-only transformer in Flax linen, used as pure functions of (params, inputs).
+
+Three families share one trunk, selected by `ModelConfig.family`:
+
+| family     | positions        | norm      | MLP              | residual | head   |
+|------------|------------------|-----------|------------------|----------|--------|
+| `gpt2`     | learned table    | LayerNorm | GELU (tanh)      | serial   | tied   |
+| `gpt_neox` | partial rotary   | LayerNorm | GELU             | parallel | untied |
+| `llama`    | rotary           | RMSNorm   | SwiGLU, GQA      | serial   | either |
+
+(`llama` with `qkv_bias=True` is the Qwen2 family.) On the trunk sit three heads: LM logits, a
+scalar reward per token (read at the last real token by `reward_at_last_token`) and a per-token
+value. Params are a plain pytree whose leaves carry logical axis names (`param_axes`); compute
+runs in `cfg.dtype`, params stay in `cfg.param_dtype`.
+
+Shapes: B batch, T query length, S key length (= T, or the KV-cache length), D d_model,
+H heads, K kv heads, E head dim, F MLP width, V vocab.
+
+Padding convention: `mask[b, t] = 1` marks a real token. Prompts are left-padded, responses
+right-padded; positions count real tokens only (`positions_from_mask`), and attention never looks
+at a pad key, so a left-padded row gives the same logits as the unpadded one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from p3o_jax.sharding import constrain
+
+FAMILIES = ("gpt2", "gpt_neox", "llama")
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters; `family` picks the defaults of the table above."""
+    family: str = "gpt2"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None: = n_heads (no GQA)
+    head_dim: int | None = None         # None: d_model // n_heads
+    d_ff: int | None = None             # None: 4 * d_model
+    max_len: int = 1024                 # learned position table size (gpt2)
+    norm_eps: float = 1e-5
+    activation: str | None = None       # None: family default
+    rotary_pct: float = 1.0             # fraction of head_dim that is rotated (gpt_neox: 0.25)
+    rope_theta: float = 10000.0
+    parallel_residual: bool | None = None
+    tie_embeddings: bool | None = None
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    dtype: str = "float32"              # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family: unknown family {self.family!r}; expected one of {FAMILIES}")
+        defaults = {
+            "gpt2": dict(activation="gelu_new", parallel_residual=False, tie_embeddings=True,
+                         qkv_bias=True, out_bias=True, mlp_bias=True),
+            "gpt_neox": dict(activation="gelu", parallel_residual=True, tie_embeddings=False,
+                             qkv_bias=True, out_bias=True, mlp_bias=True),
+            "llama": dict(activation="silu", parallel_residual=False, tie_embeddings=False,
+                          qkv_bias=False, out_bias=False, mlp_bias=False),
+        }[self.family]
+        for k, v in defaults.items():
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, v)
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
+                             f"model.n_kv_heads={self.n_kv_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: unknown {self.activation!r}; expected one of "
+                             f"{sorted(ACTIVATIONS)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype: unsupported {self.dtype!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return 0 if self.family == "gpt2" else int(self.head_dim * self.rotary_pct)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the LM (trunk + LM head), without the scalar heads."""
+        shapes = jax.eval_shape(lambda: init_params(self, jax.random.key(0)))
+        shapes = {k: v for k, v in shapes.items() if k not in ("reward_head", "value_head")}
+        if not include_embeddings:
+            shapes = {k: v for k, v in shapes.items() if k not in ("embed", "pos_embed")}
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def _param(module: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02)):
+    dtype = jnp.dtype(module.cfg.param_dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Norm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (self.cfg.d_model,), ("embed",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        if self.cfg.family == "llama":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.cfg.norm_eps)
+            return (y * scale).astype(x.dtype)
+        bias = _param(self, "bias", (self.cfg.d_model,), ("embed",), nn.initializers.zeros)
+        mean = jnp.mean(x32, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+        return (y * scale + bias).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
+    """Rotate-half RoPE on the first `rotary_dim` features. x: [B, T, H, E], positions: [B, T]."""
+    if rotary_dim == 0:
+        return x
+    inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, T, rot/2]
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]              # [B, T, 1, rot]
+    rot, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], -1)
+    rot = rot * jnp.cos(emb) + rotated * jnp.sin(emb)
+    return jnp.concatenate([rot.astype(x.dtype), rest], -1)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
+        """x: [B, T, D]; key_mask: [B, S]; cache: {"k", "v": [B, S, K, E]} or None."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        H, K, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        zeros = nn.initializers.zeros
+
+        def proj(name, n, axis):
+            w = _param(self, "w" + name, (D, n, E), ("embed", axis, "head_dim"))
+            y = jnp.einsum("btd,dhe->bthe", x, w.astype(dt))
+            if cfg.qkv_bias:
+                y = y + _param(self, "b" + name, (n, E), (axis, "head_dim"), zeros).astype(dt)
+            return y
+
+        q = proj("q", H, "heads")
+        k = proj("k", K, "kv_heads")
+        v = proj("v", K, "kv_heads")
+        q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
+
+        T = x.shape[1]
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+            cache = {"k": k, "v": v}
+        kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        S = k.shape[1]
+
+        q = q.reshape(q.shape[0], T, K, H // K, E)
+        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(dt)).astype(jnp.float32)
+        scores = scores / math.sqrt(E)
+        q_slot = cache_index + jnp.arange(T)[:, None]
+        allowed = (jnp.arange(S)[None, :] <= q_slot)[None] & key_mask[:, None, :].astype(bool)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        wo = _param(self, "wo", (H, E, D), ("heads", "head_dim", "embed"))
+        y = jnp.einsum("bthe,hed->btd", out, wo.astype(dt))
+        if cfg.out_bias:
+            y = y + _param(self, "bo", (D,), ("embed",), zeros).astype(dt)
+        return y, cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        D, F = cfg.d_model, cfg.d_ff
+        zeros = nn.initializers.zeros
+        act = ACTIVATIONS[cfg.activation]
+
+        def dense(name, inp, shape, axes):
+            w = _param(self, "w_" + name, shape, axes)
+            y = jnp.einsum("btd,df->btf", inp, w.astype(dt))
+            if cfg.mlp_bias:
+                y = y + _param(self, "b_" + name, shape[-1:], axes[-1:], zeros).astype(dt)
+            return y
+
+        h = act(dense("in", x, (D, F), ("embed", "mlp")))
+        if cfg.family == "llama":
+            h = h * dense("up", x, (D, F), ("embed", "mlp"))
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
+        return dense("out", h, (F, D), ("mlp", "embed"))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
+        attn, cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln1")(x), positions,
+                                                       key_mask, cache, cache_index)
+        if self.cfg.parallel_residual:
+            x = x + attn + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="ln2")(x))
+        else:
+            x = x + attn
+            x = x + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="ln2")(x))
+        return constrain(x, ("act_batch", "act_length", "act_embed")), cache
+
+
+class Transformer(nn.Module):
+    """Trunk plus the three heads; see the module docstring for conventions."""
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = self.param("embed", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
+            jnp.dtype(cfg.param_dtype))
+        if cfg.family == "gpt2":
+            self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
+                nn.initializers.normal(0.01), ("position", "embed")), (cfg.max_len, cfg.d_model),
+                jnp.dtype(cfg.param_dtype))
+        self.blocks = [Block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+                jnp.dtype(cfg.param_dtype))
+        self.reward_head = ScalarHead(cfg)
+        self.value_head = ScalarHead(cfg)
+
+    def trunk(self, tokens, positions, key_mask, cache=None, cache_index=0):
+        """tokens, positions: [B, T]; key_mask: [B, S]. Returns (hidden [B, T, D], cache)."""
+        cfg = self.cfg
+        x = jnp.take(self.embed, tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.family == "gpt2":
+            x = x + jnp.take(self.pos_embed, positions, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, c = block(x, positions, key_mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(c)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def lm_logits(self, hidden):
+        """hidden: [B, T, D] -> float32 logits [B, T, V]."""
+        w = self.embed.T if self.cfg.tie_embeddings else self.lm_head
+        logits = jnp.einsum("btd,dv->btv", hidden, w.astype(self.cfg.compute_dtype))
+        return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+    def rewards(self, hidden):
+        """Per-token reward scores [B, T]; read the sequence reward with `reward_at_last_token`."""
+        return self.reward_head(hidden)
+
+    def values(self, hidden):
+        """Per-token value estimates [B, T]."""
+        return self.value_head(hidden)
+
+    def __call__(self, tokens, positions, key_mask):
+        """Used by `init` only: touches every head so that all params exist."""
+        h, _ = self.trunk(tokens, positions, key_mask)
+        return self.lm_logits(h), self.rewards(h), self.values(h)
+
+
+class ScalarHead(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        w = _param(self, "w", (self.cfg.d_model,), ("embed",), nn.initializers.zeros)
+        b = _param(self, "b", (), (), nn.initializers.zeros)
+        return (hidden.astype(jnp.float32) @ w.astype(jnp.float32)) + b
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions of (params, inputs)
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """[B, T] 0/1 mask -> [B, T] int32 positions counting real tokens (pads get 0)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+    """[B, T] mask -> [B] index of the last real token of each row (left or right padding)."""
+    T = mask.shape[-1]
+    return T - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), -1), axis=-1)
+
+
+def reward_at_last_token(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-token scores [B, T] -> [B], read at the last real token (never at a pad)."""
+    return jnp.take_along_axis(scores, last_token_index(mask)[:, None], axis=-1)[:, 0]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Random params as a plain pytree (logical axes are recovered by `param_axes`)."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    variables = Transformer(cfg).init(rng, tokens, tokens, jnp.ones_like(tokens))
+    return nn.unbox(variables["params"])
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    """Pytree of logical PartitionSpecs, same structure as `init_params`."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens, tokens,
+                                                          jnp.ones_like(tokens)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def forward(params, cfg: ModelConfig, tokens, mask, cache=None, cache_index=0, positions=None):
+    """Trunk forward. tokens: [B, T]; mask: [B, T] (or [B, S] key mask with a cache).
+
+    Without a cache, attention is causal over the T tokens. With a cache ([B, S, K, E] per
+    layer), the T tokens are written at slots [cache_index, cache_index + T) and attend to every
+    earlier slot whose `mask` entry is 1; pass `positions` then. Returns (hidden, cache).
+    """
+    if positions is None:
+        positions = positions_from_mask(mask)
+    return Transformer(cfg).apply({"params": params}, tokens, positions, mask, cache, cache_index,
+                                  method=Transformer.trunk)
+
+
+def lm_logits(params, cfg: ModelConfig, hidden):
+    return Transformer(cfg).apply({"params": params}, hidden, method=Transformer.lm_logits)
+
+
+def reward_scores(params, cfg: ModelConfig, hidden):
+    return Transformer(cfg).apply({"params": params}, hidden, method=Transformer.rewards)
+
+
+def value_scores(params, cfg: ModelConfig, hidden):
+    return Transformer(cfg).apply({"params": params}, hidden, method=Transformer.values)
+
+
+def logits(params, cfg: ModelConfig, tokens, mask):
+    """Convenience: full forward to LM logits [B, T, V]."""
+    hidden, _ = forward(params, cfg, tokens, mask)
+    return lm_logits(params, cfg, hidden)
+
+
+def sequence_reward(params, cfg: ModelConfig, tokens, mask):
+    """Reward-model score of each row, read at its last real token: [B]."""
+    hidden, _ = forward(params, cfg, tokens, mask)
+    return reward_at_last_token(reward_scores(params, cfg, hidden), mask)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> tuple:
+    """Preallocated KV cache: per layer {"k", "v": zeros [B, S, K, E]}."""
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                 for _ in range(cfg.n_layers))
+

@@ -1,0 +1,114 @@
+"""Logical axis names -> mesh axes: the one rule table, the mesh, and placement helpers.
+
+Every parameter carries logical axis names (see `model.py`); activations are constrained with
+`constrain`. `LOGICAL_RULES` maps both onto the three mesh axes:
+
+- `data`:   pure data parallelism (batch only; params replicated across it),
+- `fsdp`:   batch *and* parameter sharding along the embedding dimension (ZeRO-3 style),
+- `tensor`: Megatron tensor parallelism over heads, MLP hidden units and the vocabulary.
+
+Jitted steps take `NamedSharding`s built here as their in/out shardings.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_head_dim", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types; -1 means "all remaining devices"."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {len(devices)} devices")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> P:
+    """PartitionSpec for one array given its logical axis names."""
+    return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
+
+
+def logical_shardings(logical_specs, mesh: Mesh):
+    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s)), logical_specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def check_divisible(shapes, logical_specs, mesh: Mesh) -> None:
+    """Raise a clear error when a sharded dimension does not divide by its mesh axes."""
+    def check(path, shape, spec):
+        for dim, name in zip(shape.shape, logical_to_spec(spec)):
+            axes = (name,) if isinstance(name, str) else (name or ())
+            n = math.prod(mesh.shape[a] for a in axes)
+            if dim % n:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)}: dimension {dim} is not divisible by mesh "
+                    f"axes {axes} of total size {n} (mesh {dict(mesh.shape)})")
+    jax.tree_util.tree_map_with_path(check, shapes, logical_specs,
+                                     is_leaf=lambda x: isinstance(x, P))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `jax.set_mesh`."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding of a batch array: leading dim over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch, mesh: Mesh):
+    """Place a pytree of host (numpy) arrays, global batch first, onto the mesh.
+
+    Works single- and multi-process: each process passes the *global* batch and keeps only the
+    shards its devices own (use `jax.make_array_from_process_local_data` for per-host input).
+    """
+    def place(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree.map(place, batch)
