@@ -291,7 +291,7 @@ def load_pretrained(path_or_repo: str, mesh=None, **config_overrides):
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: dev, shapes)
     else:
-        shardings = logical_shardings(axes, mesh)
+        shardings = logical_shardings(axes, mesh, shapes)
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
 
     def place(path_, array):

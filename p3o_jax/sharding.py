@@ -65,24 +65,24 @@ def logical_to_spec(axes: Sequence[str | None]) -> P:
     return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 
 
-def logical_shardings(logical_specs, mesh: Mesh):
-    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s)), logical_specs,
-                        is_leaf=lambda x: isinstance(x, P))
+def logical_shardings(logical_specs, mesh: Mesh, shapes=None):
+    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`.
 
+    With `shapes` (a matching pytree of arrays or ShapeDtypeStructs), a dimension that its mesh
+    axes do not divide (e.g. GPT-2's vocabulary of 50257 over `tensor`) stays unsharded.
+    """
+    is_spec = lambda x: isinstance(x, P)
+    if shapes is None:
+        return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s)), logical_specs,
+                            is_leaf=is_spec)
 
-def check_divisible(shapes, logical_specs, mesh: Mesh) -> None:
-    """Raise a clear error when a sharded dimension does not divide by its mesh axes."""
-    def check(path, shape, spec):
-        for dim, name in zip(shape.shape, logical_to_spec(spec)):
-            axes = (name,) if isinstance(name, str) else (name or ())
-            n = math.prod(mesh.shape[a] for a in axes)
-            if dim % n:
-                raise ValueError(
-                    f"{jax.tree_util.keystr(path)}: dimension {dim} is not divisible by mesh "
-                    f"axes {axes} of total size {n} (mesh {dict(mesh.shape)})")
-    jax.tree_util.tree_map_with_path(check, shapes, logical_specs,
-                                     is_leaf=lambda x: isinstance(x, P))
+    def fit(spec, shape):
+        dims = []
+        for size, axes in zip(shape.shape, logical_to_spec(spec)):
+            names = (axes,) if isinstance(axes, str) else (axes or ())
+            dims.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
+        return NamedSharding(mesh, P(*dims))
+    return jax.tree.map(fit, logical_specs, shapes, is_leaf=is_spec)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

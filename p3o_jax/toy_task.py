@@ -18,8 +18,8 @@ ends with ``<eos>``, e.g. ``t3k1 t3k6 <eos>``.
 Gold reward
 -----------
 For a prompt with K distinct keywords and a response, let the *content* be the response tokens
-(where ``response_mask`` is 1) before the first ``<eos>``, or all of them when there is no ``<eos>``.
-Tokens after the first ``<eos>`` are ignored. With ``L = len(content)``,
+(where ``response_mask`` is 1) before the first ``<eos>``, or all of them when there is no
+``<eos>``; tokens after the first ``<eos>`` are ignored. With ``L = len(content)``,
 ``hits`` = number of content tokens that are the first occurrence of a keyword of the post, and
 ``bad = L - hits`` (filler, keywords absent from the post, repeats, special tokens, ids outside
 the vocabulary)::
@@ -150,7 +150,7 @@ class ToyTask:
         filler = [f"w{i}" for i in range(c.n_filler)]
         self.vocab: list[str] = [PAD, EOS, BOS, SEP] + keywords + filler
         self.word_to_id = {w: i for i, w in enumerate(self.vocab)}
-        self.keyword_start = 4
+        self.keyword_start = SEP_ID + 1
         self.filler_start = self.keyword_start + len(keywords)
         self.vocab_size = len(self.vocab)
         self.is_keyword = np.zeros(self.vocab_size, bool)

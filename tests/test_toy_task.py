@@ -173,7 +173,8 @@ def test_reward_levels_perfect_demos_random():
     random = TASK.gold_reward(p_ids, p_mask,
                               np.random.default_rng(0).integers(0, TASK.vocab_size, (3000, R)))
     assert np.all(b.gold <= perfect) and np.all(random <= perfect)
-    assert np.all(b.gold[~b.noisy] == perfect[~b.noisy]) and np.all(b.gold[b.noisy] < perfect[b.noisy])
+    assert np.all(b.gold[~b.noisy] == perfect[~b.noisy])
+    assert np.all(b.gold[b.noisy] < perfect[b.noisy])
     assert perfect.mean() > b.gold.mean() + 2.0  # clear headroom above the demos (3.5 vs ~0.9)
     assert random.mean() < -10.0  # a uniform random-token policy is far below (~ -12.7)
 
@@ -219,7 +220,8 @@ def test_tokenizer_round_trip_determinism_and_save(tmp_path):
     assert TASK.tokenizer().backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded.get_vocab() == TASK.word_to_id and loaded.padding_side == "left"
-    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id) == (PAD_ID, EOS_ID, BOS_ID)
+    special = (loaded.pad_token_id, loaded.eos_token_id, loaded.bos_token_id)
+    assert special == (PAD_ID, EOS_ID, BOS_ID)
     prompts = TASK.decode(*TASK.prompts(4))
     batch = loaded(prompts, padding="max_length", max_length=P, return_tensors="np")
     np.testing.assert_array_equal(batch["input_ids"], TASK.prompts(4)[0])

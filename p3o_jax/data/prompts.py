@@ -1,0 +1,121 @@
+"""Prompt/response formatting and tokenisation with any HF `PreTrainedTokenizerBase`.
+
+TL;DR prompt, exactly ``TLDR_PROMPT_TEMPLATE``::
+
+    SUBREDDIT: r/{subreddit}
+    TITLE: {title}
+    POST: {post}
+
+    TL;DR:
+
+`fit_tldr_prompt` makes it fit a token budget by shortening the POST only (the header
+stays intact): the post is cut right after its k-th whitespace-delimited word (keeping
+the original spacing before it), with k the largest count, found by bisection, for which
+the re-formatted prompt encodes to at most ``max_tokens`` tokens (counting a BOS when
+``add_bos``). A prompt that already fits is returned unchanged. The TL;DR response is
+``" " + summary.strip()`` (the EOS is appended at encoding time).
+
+HH prompt: the dialogue up to and including its last ``"\\n\\nAssistant:"``; the response is
+the rest, so ``prompt + response`` is the upstream dialogue. An HH prompt over budget is
+cut from the LEFT at token level (`encode_prompt`), keeping the latest turns and the
+trailing ``"Assistant:"``.
+
+All text is encoded with ``add_special_tokens=False``; BOS/EOS are added explicitly.
+"""
+from __future__ import annotations
+
+import re
+
+from transformers import PreTrainedTokenizerBase
+
+TLDR_PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\n\nTL;DR:"
+HH_ASSISTANT_TAG = "\n\nAssistant:"
+
+_WORD = re.compile(r"\S+")
+
+
+def format_tldr_prompt(subreddit: str, title: str, post: str) -> str:
+    return TLDR_PROMPT_TEMPLATE.format(subreddit=subreddit, title=title, post=post)
+
+
+def tldr_response(summary: str) -> str:
+    """The SFT / preference target for a TL;DR summary: one space, then the summary."""
+    return " " + summary.strip()
+
+
+def fit_tldr_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    subreddit: str,
+    title: str,
+    post: str,
+    max_tokens: int,
+    *,
+    add_bos: bool = False,
+) -> str:
+    """The TL;DR prompt with the post truncated (at a word end) to fit ``max_tokens``.
+
+    Raises ValueError if even the header with an empty post does not fit.
+    """
+    def n_tokens(truncated_post: str) -> int:
+        return len(encode(tokenizer, format_tldr_prompt(subreddit, title, truncated_post))) + add_bos
+
+    if n_tokens(post) <= max_tokens:
+        return format_tldr_prompt(subreddit, title, post)
+    header_tokens = n_tokens("")
+    if header_tokens > max_tokens:
+        raise ValueError(
+            f"TL;DR header alone takes {header_tokens} > {max_tokens} tokens (title {title!r})")
+    word_ends = [m.end() for m in _WORD.finditer(post)]
+    lo, hi = 0, len(word_ends) + 1  # bisection invariant: k = lo words fit, k = hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if n_tokens(post[:word_ends[mid - 1]]) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return format_tldr_prompt(subreddit, title, post[:word_ends[lo - 1]] if lo else "")
+
+
+def split_hh_dialogue(dialogue: str) -> tuple[str, str]:
+    """``(prompt, response)``: split after the last ``"\\n\\nAssistant:"``."""
+    cut = dialogue.rfind(HH_ASSISTANT_TAG)
+    if cut < 0:
+        raise ValueError(f"dialogue has no {HH_ASSISTANT_TAG!r} turn")
+    cut += len(HH_ASSISTANT_TAG)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``(prompt, chosen_response, rejected_response)`` of an HH pair of dialogues.
+
+    Raises ValueError if the two dialogues differ before their last Assistant turn.
+    """
+    prompt, chosen_response = split_hh_dialogue(chosen)
+    rejected_prompt, rejected_response = split_hh_dialogue(rejected)
+    if prompt != rejected_prompt:
+        raise ValueError("'chosen' and 'rejected' differ before their last Assistant turn")
+    return prompt, chosen_response, rejected_response
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, *, add_bos: bool = False
+) -> list[int]:
+    """Prompt token ids, at most ``max_len`` of them: [BOS] + the LAST tokens of ``text``."""
+    budget = max_len - add_bos
+    ids = encode(tokenizer, text)[-budget:] if budget > 0 else []
+    return [tokenizer.bos_token_id] + ids if add_bos else ids
+
+
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, *, append_eos: bool = True
+) -> list[int]:
+    """Response token ids ``text`` + [EOS], cut to the FIRST ``max_len`` (the EOS is lost
+    if the response is too long)."""
+    ids = encode(tokenizer, text)
+    if append_eos:
+        ids.append(tokenizer.eos_token_id)
+    return ids[:max_len]

@@ -1,0 +1,186 @@
+"""Reading and validating upstream jsonl records.
+
+Every upstream file (TL;DR ``*.jsonl``, comparison ``batch*.json``, HH ``*.jsonl.gz``) is
+JSON Lines: one JSON object per line. `read_jsonl` reads it as bytes, so that each record
+is checked in order:
+
+1. the line decodes as UTF-8 (strictly),
+2. it parses as JSON and is an object,
+3. the format's parser (`parse_tldr_post`, `parse_tldr_comparison`, `parse_hh_pair`) finds
+   every field present, of the right type, with non-empty text that is encodable as UTF-8
+   (JSON escapes can smuggle in lone surrogates), and ``choice`` in {0, 1}.
+
+A record failing any check is a `DataError` naming the file and its 1-based line. With
+``on_bad_record="raise"`` the first one is raised; with ``"skip"`` it is appended to a
+caller-supplied list and reading goes on. Blank lines are ignored. A broken gzip stream
+is always raised, since nothing after it can be read.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+from p3o_jax.data import prompts
+
+OnBadRecord = Literal["raise", "skip"]
+ON_BAD_RECORD = ("raise", "skip")
+COMPARISON_SPLITS = ("train", "valid1", "valid2")
+
+
+class DataError(ValueError):
+    """A bad upstream record: ``str(err) == f"{file}:{line}: {msg}"`` (line is 1-based)."""
+
+    def __init__(self, file: str | os.PathLike, line: int, msg: str):
+        self.file, self.line, self.msg = os.fspath(file), line, msg
+        super().__init__(f"{self.file}:{line}: {msg}")
+
+    def __reduce__(self):
+        return DataError, (self.file, self.line, self.msg)
+
+
+class RecordError(ValueError):
+    """Raised by the record parsers; `read_jsonl` turns it into a `DataError`."""
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    parse: Callable[[dict], dict | None],
+    *,
+    on_bad_record: OnBadRecord = "raise",
+    skipped: list[DataError] | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line_number, parse(record))`` for each record of a jsonl file (``.gz`` too).
+
+    ``parse`` returns None for a valid record that does not belong to the dataset (it is
+    dropped without counting). Bad records raise `DataError`, or with ``on_bad_record="skip"``
+    are appended to ``skipped``.
+    """
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+    if on_bad_record == "skip" and skipped is None:
+        raise ValueError('on_bad_record="skip" needs a `skipped` list to report into')
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    line_no = 0
+    with opener(path, "rb") as f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = parse(_decode_object(raw))
+                except RecordError as e:
+                    error = DataError(path, line_no, str(e))
+                    if on_bad_record == "raise":
+                        raise error from None
+                    skipped.append(error)
+                    continue
+                if record is not None:
+                    yield line_no, record
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(path, line_no + 1, f"unreadable file ({e})") from e
+
+
+def _decode_object(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _field(obj: dict, key: str, types: type | tuple[type, ...], where: str = "") -> Any:
+    name = f"{where}{key}"
+    if key not in obj:
+        raise RecordError(f"missing field {name!r}")
+    value = obj[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+        expected = " or ".join(t.__name__ for t in _tuple(types))
+        raise RecordError(f"field {name!r} must be {expected}, got {type(value).__name__}")
+    return value
+
+
+def _text(obj: dict, key: str, where: str = "", *, allow_empty: bool = False) -> str:
+    value = _field(obj, key, str, where)
+    if not allow_empty and not value.strip():
+        raise RecordError(f"field {where}{key!r} is empty")
+    _check_encodable(value, f"{where}{key}")
+    return value
+
+
+def _check_encodable(value: str, name: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(f"field {name!r} holds undecodable text ({e.reason})") from None
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def parse_tldr_post(obj: dict) -> dict:
+    """A ``tldr_3_filtered`` record -> {id, subreddit, title, post, summary} (all str)."""
+    return {key: _text(obj, key) for key in ("id", "subreddit", "title", "post", "summary")}
+
+
+def parse_tldr_comparison(obj: dict) -> dict | None:
+    """A comparisons record -> flat dict, or None for a CNN/DM article (no ``info.post``).
+
+    Returns {id, subreddit, title, post, summary_0, summary_1, policy_0, policy_1, note_0,
+    note_1, worker, batch, extra, split: str; choice: int}. A null ``note`` becomes "", and
+    ``extra`` (free-form, may be absent) is kept as a JSON string.
+    """
+    info = _field(obj, "info", dict)
+    if "post" not in info and "article" in info:
+        return None
+    out = {key: _text(info, key, "info.") for key in ("id", "subreddit", "title", "post")}
+    summaries = _field(obj, "summaries", list)
+    if len(summaries) != 2:
+        raise RecordError(f"field 'summaries' must hold 2 summaries, got {len(summaries)}")
+    for i, summary in enumerate(summaries):
+        where = f"summaries[{i}]."
+        if not isinstance(summary, dict):
+            raise RecordError(f"field 'summaries[{i}]' must be dict, got {type(summary).__name__}")
+        out[f"summary_{i}"] = _text(summary, "text", where)
+        out[f"policy_{i}"] = _text(summary, "policy", where, allow_empty=True)
+        note = summary.get("note")
+        out[f"note_{i}"] = "" if note is None else _text(summary, "note", where, allow_empty=True)
+    choice = _field(obj, "choice", int)
+    if choice not in (0, 1):
+        raise RecordError(f"field 'choice' must be 0 or 1, got {choice}")
+    out["choice"] = choice
+    out["worker"] = _text(obj, "worker", allow_empty=True)
+    out["batch"] = _text(obj, "batch", allow_empty=True)
+    out["split"] = _text(obj, "split")
+    if out["split"] not in COMPARISON_SPLITS:
+        raise RecordError(f"field 'split' must be one of {COMPARISON_SPLITS}, got {out['split']!r}")
+    extra = obj.get("extra")
+    out["extra"] = json.dumps({} if extra is None else extra, ensure_ascii=False, sort_keys=True)
+    _check_encodable(out["extra"], "extra")
+    return out
+
+
+def parse_hh_pair(obj: dict) -> dict:
+    """An HH-RLHF record -> {prompt, chosen, rejected}: the shared dialogue up to and
+    including the last ``"\\n\\nAssistant:"``, then each final response (so that
+    ``prompt + chosen`` is the upstream ``chosen`` dialogue exactly)."""
+    chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
+    try:
+        prompt, chosen_response, rejected_response = prompts.split_hh_pair(chosen, rejected)
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
+        if not response.strip():
+            raise RecordError(f"the last Assistant turn of {name!r} is empty")
+    return {"prompt": prompt, "chosen": chosen_response, "rejected": rejected_response}

@@ -1,0 +1,259 @@
+"""Rollouts: batched KV-cache sampling, one compiled program per (model, sampling) config.
+
+`generate` prefills LEFT-padded prompts [B, P] into a preallocated KV cache of length P + N,
+then decodes inside a `lax.while_loop` that writes one token per step into the cache in place
+and exits as soon as every row has emitted EOS or reached its length limit. `sample_pairs` draws
+n responses per prompt, prefilling each prompt once and repeating its cache n times.
+
+Shapes: B batch (prompts), n responses per prompt, P prompt length, N = max_new_tokens,
+S = P + N cache length, V vocab.
+
+Conventions (those of `model.py`): `mask = 1` marks a real token; prompts are left-padded and
+responses right-padded (`pad_id` after EOS; the EOS token itself is kept with mask 1). The
+response continues the positions of the prompt's real tokens, so `concat_prompt_response`
+followed by the training forward (`positions_from_mask`) sees exactly the sampled sequence.
+
+Randomness: row b draws step t with `fold_in(keys[b], t)`, so its samples depend on its own key
+and logits only -- not on the batch it sits in, its sharding, or how long other rows run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from p3o_jax.model import ModelConfig, forward, init_cache, lm_logits, positions_from_mask
+from p3o_jax.sharding import constrain
+
+KV_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static sampling settings (hashable; part of the compiled program).
+
+    `top_k = 0` and `top_p = 1` disable truncation; then no vocabulary sort happens. `greedy`
+    takes the argmax and ignores temperature/top-k/top-p. `eos_id = None` disables EOS stopping.
+    """
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"sampling.temperature must be > 0 (or greedy=True), got "
+                             f"{self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1
+
+
+class SampleOutput(NamedTuple):
+    """Sampled responses; leading dims [B] (`generate`) or [B, n] (`sample_pairs`).
+
+    tokens:       int32 [..., N], `pad_id` after EOS (EOS included, mask 1).
+    mask:         int32 [..., N], 1 on generated tokens.
+    logprobs:     float32 [..., N], log-prob of each token under the distribution it was drawn
+                  from (after temperature, top-k, top-p; 0 for greedy); 0 where mask = 0.
+    raw_logprobs: float32 [..., N], log_softmax(logits / temperature) at the token, without
+                  truncation (temperature 1 for greedy); 0 where mask = 0.
+    num_steps:    int32 [], sampling steps run (= longest response; < N on early exit).
+    """
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    raw_logprobs: jax.Array
+    num_steps: jax.Array
+
+
+class DecodeState(NamedTuple):
+    """KV cache plus what the next decode step needs.
+
+    cache:     per layer {"k", "v": [B, S, K, E]}.
+    key_mask:  int32 [B, S], 1 on cache slots holding real tokens.
+    positions: int32 [B], position of the next token (= real tokens so far).
+    index:     int32 [], cache slot of the next token.
+    logits:    float32 [B, V], next-token logits.
+    """
+    cache: tuple
+    key_mask: jax.Array
+    positions: jax.Array
+    index: jax.Array
+    logits: jax.Array
+
+
+def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) -> DecodeState:
+    """Run left-padded prompts [B, P] (mask [B, P]) into a fresh cache of length P + N."""
+    B, P = prompts.shape
+    S = P + max_new_tokens
+    if cfg.family == "gpt2" and S > cfg.max_len:
+        raise ValueError(f"sampler: prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
+                         f"the position table (model.max_len={cfg.max_len})")
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    cache = jax.tree.map(lambda c: constrain(c, KV_AXES), init_cache(cfg, B, S))
+    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
+    hidden, cache = forward(params, cfg, prompts, key_mask, cache, 0,
+                            positions=positions_from_mask(prompt_mask))
+    # Left padding puts every row's last real prompt token at P - 1.
+    logits = lm_logits(params, cfg, hidden[:, -1:])[:, 0]
+    return DecodeState(cache, key_mask, prompt_mask.sum(-1), jnp.asarray(P, jnp.int32), logits)
+
+
+def decode_step(params, cfg: ModelConfig, state: DecodeState, tokens, active) -> DecodeState:
+    """Write tokens [B] at slot `state.index` (visible to later steps where `active` [B] is
+    true) and compute the logits of the token after them."""
+    key_mask = jax.lax.dynamic_update_slice_in_dim(
+        state.key_mask, active.astype(jnp.int32)[:, None], state.index, 1)
+    hidden, cache = forward(params, cfg, tokens[:, None], key_mask, state.cache, state.index,
+                            positions=state.positions[:, None])
+    logits = lm_logits(params, cfg, hidden)[:, 0]
+    return DecodeState(cache, key_mask, state.positions + active.astype(jnp.int32),
+                       state.index + 1, logits)
+
+
+def _take(x, idx):
+    """x [B, M], idx [B] -> x[b, idx[b]]: [B]."""
+    return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+
+
+def sample_token(scfg: SamplingConfig, logits, keys, step):
+    """Draw one token per row from logits [B, V] with keys [B] at decode step `step`.
+
+    Returns (tokens int32 [B], logprobs [B] under the truncated distribution, raw_logprobs [B]).
+    """
+    if scfg.greedy:
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        return tokens, jnp.zeros(tokens.shape), _take(jax.nn.log_softmax(logits), tokens)
+    scaled = logits / scfg.temperature
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    categorical = jax.vmap(jax.random.categorical)
+    if not scfg.truncates:
+        tokens = categorical(keys, scaled).astype(jnp.int32)
+        raw = _take(jax.nn.log_softmax(scaled), tokens)
+        return tokens, raw, raw
+    # Candidates in descending order: lax.top_k is a partial sort when top_k << V.
+    k = min(scfg.top_k or logits.shape[-1], logits.shape[-1])
+    values, indices = jax.lax.top_k(scaled, k)                                # [B, k]
+    if scfg.top_p < 1:
+        probs = jax.nn.softmax(values, -1)
+        mass_before = jnp.cumsum(probs, -1) - probs    # keep the smallest prefix reaching top_p
+        values = jnp.where(mass_before < scfg.top_p, values, -jnp.inf)
+    choice = categorical(keys, values)
+    tokens = _take(indices, choice).astype(jnp.int32)
+    logprobs = _take(jax.nn.log_softmax(values), choice)
+    return tokens, logprobs, _take(jax.nn.log_softmax(scaled), tokens)
+
+
+def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, keys,
+            max_lengths) -> SampleOutput:
+    """Sample up to N tokens per row from a prefilled state, in one `lax.while_loop`."""
+    B, N = keys.shape[0], scfg.max_new_tokens
+    limit = jnp.full((B,), N, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, N)
+    batch = lambda x: constrain(x, ("act_batch", None))
+    out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)),
+                       batch(jnp.zeros((B, N), jnp.int32)), batch(jnp.zeros((B, N))),
+                       batch(jnp.zeros((B, N))), jnp.asarray(0, jnp.int32))
+
+    def emit(state, out, done):
+        """Sample step `out.num_steps` for the rows not yet done; write it to the outputs."""
+        t = out.num_steps
+        tokens, logprobs, raw = sample_token(scfg, state.logits, keys, t)
+        active = ~done
+        tokens = jnp.where(active, tokens, scfg.pad_id)
+        write = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], t, 1)
+        out = SampleOutput(write(out.tokens, tokens), write(out.mask, active.astype(jnp.int32)),
+                           write(out.logprobs, jnp.where(active, logprobs, 0.0)),
+                           write(out.raw_logprobs, jnp.where(active, raw, 0.0)), t + 1)
+        done = done | (t + 1 >= limit)
+        if scfg.eos_id is not None:
+            done = done | (tokens == scfg.eos_id)
+        return out, done, tokens, active
+
+    def cond(carry):
+        _, out, done, _, _ = carry
+        return (out.num_steps < N) & ~jnp.all(done)
+
+    def body(carry):
+        state, out, done, tokens, active = carry
+        state = decode_step(params, cfg, state, tokens, active)
+        return (state, *emit(state, out, done))
+
+    carry = (state, *emit(state, out, limit <= 0))
+    return jax.lax.while_loop(cond, body, carry)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg"))
+def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, keys,
+             max_lengths=None) -> SampleOutput:
+    """Sample one response per row.
+
+    prompts, prompt_mask: int [B, P], left-padded. keys: typed PRNG keys [B].
+    max_lengths: optional int [B] per-row limits (<= N). Returns a SampleOutput with [B, N].
+
+    The cache is allocated inside the compiled program and updated in place by the loop, so
+    no input buffer needs donating.
+    """
+    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens)
+    return _decode(params, cfg, scfg, state, keys, max_lengths)
+
+
+def pair_keys(key, batch: int, n: int):
+    """The per-response keys `sample_pairs` uses: [B * n], response j of prompt b at b * n + j."""
+    return jax.random.split(key, batch * n)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
+def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
+                 n: int = 2, max_lengths=None) -> SampleOutput:
+    """Sample n >= 2 independent responses per prompt; outputs are laid out [B, n, N].
+
+    Each prompt is prefilled once and its cache repeated n times along the batch, which gives
+    the same samples as `generate` on `jnp.repeat(prompts, n, 0)` with keys `pair_keys(key, B, n)`.
+    key: one typed PRNG key. max_lengths: optional int [B] (per prompt).
+    """
+    if n < 2:
+        raise ValueError(f"sample_pairs: n must be >= 2, got {n}")
+    B = prompts.shape[0]
+    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens)
+    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    state = state._replace(
+        cache=jax.tree.map(lambda c: constrain(repeat(c), KV_AXES), state.cache),
+        key_mask=repeat(state.key_mask), positions=repeat(state.positions),
+        logits=repeat(state.logits))
+    if max_lengths is not None:
+        max_lengths = repeat(max_lengths)
+    out = _decode(params, cfg, scfg, state, pair_keys(key, B, n), max_lengths)
+    split = lambda x: x.reshape(B, n, *x.shape[1:])
+    return out._replace(tokens=split(out.tokens), mask=split(out.mask),
+                        logprobs=split(out.logprobs), raw_logprobs=split(out.raw_logprobs))
+
+
+def concat_prompt_response(prompt, prompt_mask, response, response_mask):
+    """Full sequences for scoring: left-padded prompt [..., P] then right-padded response
+    [..., N] -> (tokens [..., P + N], mask [..., P + N]).
+
+    A prompt with fewer leading dims than the response (e.g. [B, P] with responses [B, n, N])
+    is broadcast over the extra response dims.
+    """
+    lead = response.shape[:-1]
+    extra = len(lead) - (prompt.ndim - 1)
+    expand = lambda x: jnp.broadcast_to(
+        x.reshape(x.shape[:-1] + (1,) * extra + x.shape[-1:]), lead + x.shape[-1:])
+    tokens = jnp.concatenate([expand(prompt), response.astype(prompt.dtype)], -1)
+    mask = jnp.concatenate([expand(prompt_mask).astype(jnp.int32),
+                            response_mask.astype(jnp.int32)], -1)
+    return tokens, mask
