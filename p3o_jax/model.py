@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from p3o_jax.losses import last_token_index
 from p3o_jax.sharding import constrain
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
@@ -302,12 +303,6 @@ class ScalarHead(nn.Module):
 def positions_from_mask(mask: jax.Array) -> jax.Array:
     """[B, T] 0/1 mask -> [B, T] int32 positions counting real tokens (pads get 0)."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-
-
-def last_token_index(mask: jax.Array) -> jax.Array:
-    """[B, T] mask -> [B] index of the last real token of each row (left or right padding)."""
-    T = mask.shape[-1]
-    return T - 1 - jnp.argmax(jnp.flip(mask.astype(jnp.int32), -1), axis=-1)
 
 
 def reward_at_last_token(scores: jax.Array, mask: jax.Array) -> jax.Array:

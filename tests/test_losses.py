@@ -1,7 +1,8 @@
 """Tests for p3o_jax.losses.
 
-Property tests run with and without jit (chex variants). Where exactness matters they run in
-float64 inside a local ``jax.enable_x64`` scope; the rest of the test session stays float32.
+Property tests run with and without jit (chex variants); hand-computed examples run under jit.
+Where exactness matters tests run in float64 inside a local ``jax.enable_x64`` scope; the rest
+of the test session stays float32.
 Expected values come from the formulas in /work/shared/P3O.md, written out with numpy / math.
 """
 
@@ -91,7 +92,7 @@ class P3OPropertiesTest(chex.TestCase):
     @parameterized.product(clip=CLIP_MODES, k=(2, 3))
     @float64
     def test_invariant_to_per_prompt_reward_shift(self, clip, k):
-        ro = make_rollout(0, k=k)
+        ro = make_rollout(3, k=k)
         shift = 100.0 * np.random.default_rng(1).normal(size=(ro.rewards.shape[0], 1))
 
         @self.variant
@@ -197,9 +198,10 @@ class P3OPropertiesTest(chex.TestCase):
 
         np.testing.assert_allclose(neg_grad(theta), vanilla, rtol=1e-10, atol=1e-13)
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
-        # (response whose ratio moves, its ratio, Delta, gradient of that response is zero)
+    # Each clipping case is one pair of a batch: the loss is a mean over pairs, so a pair's
+    # gradient depends only on that pair (up to the 1/B factor).
+    SEPARATE_CASES = (
+        # (response whose ratio moves, its ratio, Delta, that response's gradient is zero)
         (0, 1.5, +1.0, True),  # y1 favoured and already pushed past 1 + eps
         (0, 1.1, +1.0, False),
         (0, 1.5, -1.0, False),  # moved against Delta: the gradient pulls it back
@@ -211,28 +213,7 @@ class P3OPropertiesTest(chex.TestCase):
         (1, 1.5, -1.0, True),
         (1, 1.5, +1.0, False),
     )
-    def test_separate_clipping(self, response, rho, delta, expect_zero):
-        rng = np.random.default_rng(5)
-        mask = np.ones((1, 2, 4), np.float32)
-        mask[0, response, 0] = 0  # a pad: its gradient is zero in every case
-        logp_old = jnp.asarray(rng.normal(size=mask.shape) - 2.0, jnp.float32)
-        log_rhos = np.log([1.05, 1.05])  # the other response stays inside the band
-        log_rhos[response] = math.log(rho)
-        logp = logp_old + (log_rhos[None, :, None] / mask.sum(-1, keepdims=True)) * mask
-
-        grad_fn = self.variant(
-            jax.grad(lambda lp: losses.p3o_loss(lp, logp_old, mask, jnp.array([delta]), clip="separate")[0])
-        )
-        grad = grad_fn(logp)[0, response]
-        real = mask[0, response] > 0
-        np.testing.assert_array_equal(grad[~real], 0.0)
-        if expect_zero:
-            np.testing.assert_array_equal(grad, 0.0)
-        else:
-            self.assertTrue(np.all(np.abs(grad[real]) > 1e-3))
-
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
+    JOINT_CASES = (
         # (u - u_old, Delta, gradient is zero)
         (0.3, +1.0, True),  # u pushed up past u_old + eps, the way Delta > 0 favours
         (0.1, +1.0, False),
@@ -241,20 +222,45 @@ class P3OPropertiesTest(chex.TestCase):
         (-0.1, -1.0, False),
         (-0.3, +1.0, False),
     )
-    def test_joint_clipping(self, du, delta, expect_zero):
-        rng = np.random.default_rng(6)
-        mask = np.ones((1, 2, 3), np.float32)
-        logp_old = jnp.asarray(rng.normal(size=mask.shape) - 2.0, jnp.float32)
-        logp = logp_old.at[0, 0].add(du / 3)  # log rho1 = du, log rho2 = 0
 
-        grad_fn = self.variant(
-            jax.grad(lambda lp: losses.p3o_loss(lp, logp_old, mask, jnp.array([delta]), clip="joint")[0])
-        )
-        grad = grad_fn(logp)
-        if expect_zero:
-            np.testing.assert_array_equal(grad, 0.0)
-        else:
-            self.assertTrue(np.all(np.abs(grad) > 1e-3))
+    @chex.variants(with_jit=True, without_jit=True)
+    @float64
+    def test_separate_clipping(self):
+        responses, rhos, deltas, expect_zero = map(np.array, zip(*self.SEPARATE_CASES))
+        cases = np.arange(len(responses))
+        mask = np.ones((len(cases), 2, 4), np.float32)
+        mask[cases, responses, 0] = 0  # a pad: its gradient is zero in every case
+        logp_old = np.random.default_rng(5).normal(size=mask.shape).astype(np.float32) - 2.0
+        log_rhos = np.full((len(cases), 2), math.log(1.05))  # the other response stays inside the band
+        log_rhos[cases, responses] = np.log(rhos)
+        logp = logp_old + (log_rhos[..., None] / mask.sum(-1, keepdims=True)) * mask
+
+        loss = lambda lp: losses.p3o_loss(lp, logp_old, mask, deltas, clip="separate")[0]
+        grads = self.variant(jax.grad(loss))(jnp.asarray(logp, jnp.float32))[cases, responses]
+        real = mask[cases, responses] > 0
+        np.testing.assert_array_equal(grads[~real], 0.0)
+        for case, grad, is_real, zero in zip(self.SEPARATE_CASES, grads, real, expect_zero):
+            if zero:
+                np.testing.assert_array_equal(grad, 0.0, err_msg=str(case))
+            else:
+                self.assertTrue(np.all(np.abs(grad[is_real]) > 1e-3), msg=str(case))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @float64
+    def test_joint_clipping(self):
+        dus, deltas, expect_zero = map(np.array, zip(*self.JOINT_CASES))
+        mask = np.ones((len(dus), 2, 3), np.float32)
+        logp_old = np.random.default_rng(6).normal(size=mask.shape).astype(np.float32) - 2.0
+        logp = logp_old.copy()
+        logp[:, 0] += dus[:, None] / 3  # log rho1 = u - u_old, log rho2 = 0
+
+        loss = lambda lp: losses.p3o_loss(lp, logp_old, mask, deltas, clip="joint")[0]
+        grads = self.variant(jax.grad(loss))(jnp.asarray(logp))
+        for case, grad, zero in zip(self.JOINT_CASES, grads, expect_zero):
+            if zero:
+                np.testing.assert_array_equal(grad, 0.0, err_msg=str(case))
+            else:
+                self.assertTrue(np.all(np.abs(grad) > 1e-3), msg=str(case))
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*CLIP_MODES)
@@ -338,13 +344,13 @@ class TokenPPOTest(chex.TestCase):
         np.testing.assert_array_equal(advantages[0, ~real], 0.0)
         np.testing.assert_array_equal(returns[0, ~real], 0.0)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_last_token_index(self):
         mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
         index = self.variant(losses.last_token_index)(mask)
         np.testing.assert_array_equal(index, [2, 4, 3, -1])
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_token_rewards_put_score_on_last_real_token(self):
         mask = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], np.float32)
         logp_old = np.array([[-1.0, -2.0, -0.5, 9.0], [9.0, -1.0, -1.5, -2.0]], np.float32)
@@ -357,7 +363,7 @@ class TokenPPOTest(chex.TestCase):
         ]
         np.testing.assert_allclose(rewards, expected, rtol=1e-6, atol=1e-7)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_policy_loss_hand_example(self):
         log_ratio = np.log([[1.5, 1.1, 0.5, 2.0]])  # last token is padding
         logp_old = np.full((1, 4), -1.0)
@@ -370,7 +376,7 @@ class TokenPPOTest(chex.TestCase):
         expected_kl = np.mean([r - 1 - math.log(r) for r in (1.5, 1.1, 0.5)])  # k3 of KL(old || new)
         np.testing.assert_allclose(metrics["approx_kl"], expected_kl, rtol=1e-5)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_value_loss_hand_example(self):
         values = np.array([[1.0, 0.0, 2.0]])
         values_old = np.array([[0.5, 0.0, 0.0]])
@@ -388,7 +394,7 @@ class TokenPPOTest(chex.TestCase):
         loss, _ = unclipped(values, values_old, returns_far, mask)
         np.testing.assert_allclose(loss, 0.5 * (2.0**2 + 1.0) / 2, rtol=1e-6)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_whiten(self):
         x = np.array([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, 5.0, 6.0]], np.float32)
         mask = np.array([[1, 1, 1, 0], [1, 0, 1, 1]], np.float32)
@@ -409,7 +415,7 @@ class TokenPPOTest(chex.TestCase):
 
 
 class PreferenceAndSFTLossTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     @parameterized.parameters(0.0, 0.2)
     def test_dpo_hand_example(self, label_smoothing):
         beta = 0.1
@@ -440,7 +446,7 @@ class PreferenceAndSFTLossTest(chex.TestCase):
         chosen, _ = losses.order_pair_by_score(scores, token_logps)
         np.testing.assert_array_equal(chosen, token_logps[[0, 1, 2], [1, 0, 0]])
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     def test_bradley_terry_hand_example(self):
         r_chosen, r_rejected = np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])
         loss, metrics = self.variant(losses.bradley_terry_loss)(r_chosen, r_rejected)
@@ -449,7 +455,7 @@ class PreferenceAndSFTLossTest(chex.TestCase):
         np.testing.assert_allclose(metrics["accuracy"], (1 + 0.5 + 0) / 3, rtol=1e-6)  # a tie counts 0.5
         np.testing.assert_allclose(metrics["margin"], 0.0, atol=1e-7)
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     @float64
     def test_token_logprobs_entropy_and_sft(self):
         rng = np.random.default_rng(9)
@@ -482,7 +488,7 @@ class PreferenceAndSFTLossTest(chex.TestCase):
 
 
 class KLEstimatorTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     @float64
     def test_estimators_hand_values(self):
         logp = np.array([[-1.0, -2.0, -0.5]])

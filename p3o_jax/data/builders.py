@@ -86,7 +86,8 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
         "Optional: place the upstream files in manual_dir under their upstream names "
         "(see p3o_jax.data.builders); files not found there are downloaded.")
 
-    def __init__(self, *, on_bad_record: validate.OnBadRecord = "raise", file_format=None, **kwargs):
+    def __init__(self, *, on_bad_record: validate.OnBadRecord = "raise", file_format=None,
+                 **kwargs):
         if on_bad_record not in validate.ON_BAD_RECORD:
             raise ValueError(
                 f"on_bad_record must be one of {validate.ON_BAD_RECORD}, got {on_bad_record!r}")
@@ -167,7 +168,8 @@ class TldrComparisons(_UpstreamJsonlBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        paths = self._fetch(dl_manager, {f: COMPARISONS_URL.format(file=f) for f in COMPARISON_FILES})
+        urls = {name: COMPARISONS_URL.format(file=name) for name in COMPARISON_FILES}
+        paths = self._fetch(dl_manager, urls)
         by_split = collections.defaultdict(list)
         for name in COMPARISON_FILES:
             for line, record in self._read(paths[name], validate.parse_tldr_comparison):

@@ -57,7 +57,8 @@ def fit_tldr_prompt(
     Raises ValueError if even the header with an empty post does not fit.
     """
     def n_tokens(truncated_post: str) -> int:
-        return len(encode(tokenizer, format_tldr_prompt(subreddit, title, truncated_post))) + add_bos
+        prompt = format_tldr_prompt(subreddit, title, truncated_post)
+        return len(encode(tokenizer, prompt)) + add_bos
 
     if n_tokens(post) <= max_tokens:
         return format_tldr_prompt(subreddit, title, post)

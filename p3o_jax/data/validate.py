@@ -111,10 +111,10 @@ def _field(obj: dict, key: str, types: type | tuple[type, ...], where: str = "")
 
 
 def _text(obj: dict, key: str, where: str = "", *, allow_empty: bool = False) -> str:
-    value = _field(obj, key, str, where)
+    value, name = _field(obj, key, str, where), f"{where}{key}"
     if not allow_empty and not value.strip():
-        raise RecordError(f"field {where}{key!r} is empty")
-    _check_encodable(value, f"{where}{key}")
+        raise RecordError(f"field {name!r} is empty")
+    _check_encodable(value, name)
     return value
 
 

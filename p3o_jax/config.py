@@ -1,0 +1,233 @@
+"""Experiment configuration: one dataclass tree, every hyper-parameter in one place.
+
+An experiment is a Python file `experiments/<name>.py` with a `config() -> ExperimentConfig`.
+The command line overrides any field with `key=value`, dotted for nested fields:
+
+    python -m p3o_jax.train exp=toy algo=ppo rl.beta=0.1 policy.d_model=128 stages=rl
+
+Values are parsed by the field's type; an unknown key, a value of the wrong type or an
+impossible batch/mesh split stops the run before anything is compiled, with one line naming the
+key (`ConfigError`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import typing
+
+from p3o_jax.model import ModelConfig
+from p3o_jax.toy_task import ToyTaskConfig
+
+ALGOS = ("p3o", "ppo", "dpo", "dpo_offline")
+STAGES = ("sft", "rm", "rl")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1          # -1: all remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    decay: str = "constant"     # constant | cosine | linear
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 400
+    batch_size: int = 64
+    optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=20, decay="cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    n_pairs: int = 4096             # SFT-policy sample pairs labelled by the simulated annotator
+    steps: int = 300
+    batch_size: int = 64
+    annotator_temperature: float = 1.0
+    optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=20, decay="cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Shared by P3O, PPO and online DPO: the rollout loop and the KL-regularised objective."""
+    iterations: int = 100
+    prompts_per_iter: int = 64
+    n_samples: int = 2              # responses per prompt (P3O/DPO use pairs; k > 2 averages pairs)
+    epochs: int = 4
+    minibatches: int = 1
+    beta: float = 0.05
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # P3O
+    clip: str = "joint"             # separate (V1) | joint (V2)
+    eps: float = 0.2
+    ratio_bound: float = 10.0
+    delta_norm: str = "none"        # none | batch_std  (both keep reward-shift invariance)
+    # PPO
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    target_kl: float = 0.0          # > 0: adaptive KL controller (Ziegler et al.)
+    kl_horizon: float = 10000.0
+    # DPO (online and offline)
+    dpo_beta: float = 0.1
+    dpo_epochs: int = 1             # offline DPO: passes over the preference data
+    optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "toy"
+    task: str = "toy"
+    algo: str = "p3o"
+    stages: str = "sft,rm,rl"
+    seed: int = 0
+    out_dir: str = "runs/toy"
+    eval_prompts: int = 512
+    log_every: int = 10
+    policy: ModelConfig = ModelConfig()
+    reward_model: ModelConfig | None = None   # None: same architecture as the policy
+    mesh: MeshConfig = MeshConfig()
+    toy: ToyTaskConfig = ToyTaskConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    rl: RLConfig = RLConfig()
+
+    @property
+    def rm_model(self) -> ModelConfig:
+        return self.reward_model or self.policy
+
+    @property
+    def stage_list(self) -> tuple[str, ...]:
+        return tuple(s for s in self.stages.split(",") if s)
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides
+
+def _parse(key: str, text: str, kind):
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.lower() == "none":
+            return None
+        kind = args[0]
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"config key {key!r}: expected a bool, got {text!r}")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"config key {key!r}: expected {kind.__name__}, got {text!r}") from None
+    raise ConfigError(f"config key {key!r}: cannot be set from the command line")
+
+
+def override(cfg, key: str, text: str, _prefix: str = ""):
+    """Return a copy of dataclass `cfg` with dotted `key` set from the string `text`."""
+    head, _, rest = key.partition(".")
+    full = _prefix + head
+    hints = typing.get_type_hints(type(cfg))
+    if head not in hints:
+        raise ConfigError(f"unknown config key {full!r}")
+    current = getattr(cfg, head)
+    if rest:
+        if current is None and head == "reward_model":
+            current = cfg.policy
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"unknown config key {full + '.' + rest!r}")
+        value = override(current, rest, text, full + ".")
+    elif dataclasses.is_dataclass(current):
+        raise ConfigError(f"config key {full!r} is a group; set one of its fields ({full}.<field>)")
+    else:
+        value = _parse(full, text, hints[head])
+    try:
+        return dataclasses.replace(cfg, **{head: value})
+    except ValueError as e:  # a dataclass's own validation (e.g. ModelConfig)
+        raise ConfigError(f"config key {full!r}: {e}") from None
+
+
+def validate(cfg: ExperimentConfig, n_devices: int) -> None:
+    """Checks that need no compile: enums, positive sizes, batch/mesh divisibility."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ConfigError(f"config key {key!r}: {msg}")
+    need(cfg.algo in ALGOS, "algo", f"{cfg.algo!r} is not one of {ALGOS}")
+    need(all(s in STAGES for s in cfg.stage_list), "stages", f"{cfg.stages!r}: stages are {STAGES}")
+    need(cfg.task in ("toy", "tldr", "hh"), "task", f"{cfg.task!r} is not toy, tldr or hh")
+    need(cfg.rl.clip in ("separate", "joint"), "rl.clip", f"{cfg.rl.clip!r}: separate or joint")
+    need(cfg.rl.delta_norm in ("none", "batch_std"), "rl.delta_norm", "none or batch_std")
+    need(cfg.rl.n_samples >= 2, "rl.n_samples", "needs at least 2 responses per prompt")
+    need(cfg.rl.eps > 0, "rl.eps", "must be > 0")
+    need(cfg.rl.ratio_bound > 1, "rl.ratio_bound", "must be > 1")
+    need(cfg.rl.temperature > 0, "rl.temperature", "must be > 0")
+    m = cfg.mesh
+    sizes = [m.data, m.fsdp, m.tensor]
+    need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
+         f"sizes must be positive with at most one -1, got {sizes}")
+    fixed = 1
+    for s in sizes:
+        fixed *= s if s > 0 else 1
+    need(n_devices % fixed == 0, "mesh", f"data*fsdp*tensor={fixed} does not divide {n_devices} devices")
+    batch_ways = m.data * (m.fsdp if m.fsdp > 0 else n_devices // fixed)
+    for key, b in (("sft.batch_size", cfg.sft.batch_size), ("rm.batch_size", cfg.rm.batch_size),
+                   ("rl.prompts_per_iter", cfg.rl.prompts_per_iter)):
+        need(b > 0 and b % batch_ways == 0, key, f"{b} is not divisible by data*fsdp={batch_ways}")
+    mb = cfg.rl.prompts_per_iter // max(cfg.rl.minibatches, 1)
+    need(cfg.rl.minibatches > 0 and cfg.rl.prompts_per_iter % cfg.rl.minibatches == 0,
+         "rl.minibatches", f"must divide rl.prompts_per_iter={cfg.rl.prompts_per_iter}")
+    need(mb % batch_ways == 0, "rl.minibatches",
+         f"minibatch of {mb} prompts is not divisible by data*fsdp={batch_ways}")
+    for name, model in (("policy", cfg.policy), ("reward_model", cfg.rm_model)):
+        need(model.n_heads % m.tensor == 0, f"{name}.n_heads",
+             f"{model.n_heads} is not divisible by mesh.tensor={m.tensor}")
+
+
+def load_experiment(name_or_path: str) -> ExperimentConfig:
+    """`toy` -> experiments/toy.py; or a path to any .py file with `config()`."""
+    path = name_or_path
+    if not path.endswith(".py"):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.path.join(root, "experiments", f"{name_or_path}.py")
+    if not os.path.exists(path):
+        raise ConfigError(f"config key 'exp': no experiment file {path}")
+    spec = importlib.util.spec_from_file_location(f"experiment_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config()
+
+
+def from_args(args: list[str]) -> ExperimentConfig:
+    """Build the config from `exp=NAME key=value ...`."""
+    pairs = []
+    for a in args:
+        key, sep, value = a.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"argument {a!r}: expected key=value")
+        pairs.append((key, value))
+    exp = next((v for k, v in pairs if k == "exp"), "toy")
+    cfg = load_experiment(exp)
+    for key, value in pairs:
+        if key != "exp":
+            cfg = override(cfg, key, value)
+    return cfg

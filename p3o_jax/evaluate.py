@@ -1,0 +1,57 @@
+"""Evaluation on held-out prompts: reward (RM and gold), KL to the reference with standard
+errors, response length, and head-to-head win rates with ties."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from p3o_jax import losses
+from p3o_jax import model as M
+from p3o_jax.rollout import score
+from p3o_jax.sampler import SamplingConfig, sample_pairs
+
+
+def mean_se(x) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n)); SE is 0 for n < 2."""
+    x = np.asarray(x, np.float64)
+    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+    return float(x.mean()), se
+
+
+def win_rate(a, b) -> tuple[float, float]:
+    """P(a beats b) on paired samples, ties counting one half; with its standard error."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return mean_se(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)))
+
+
+def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
+                    prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None) -> dict:
+    """Sample one response per prompt (two are drawn and the first kept, so that the program is
+    the one training compiled) and return per-prompt numpy arrays: rm, gold (if `gold_fn`),
+    kl_k1, kl_k3, length, plus tokens/mask of the responses."""
+    samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+    buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
+                scfg.temperature)
+    first = lambda x: np.asarray(jax.device_get(x[:, 0]))
+    m = buf["resp_mask"]
+    out = {
+        "rm": first(buf["rewards"]),
+        "kl_k1": first(buf["seq_kl"]),
+        "kl_k3": first(losses.kl_per_sequence(buf["logp_old"], buf["logp_ref"], m, "k3")),
+        "length": first(m.sum(-1)),
+        "tokens": first(samples.tokens),
+        "mask": first(samples.mask),
+    }
+    if gold_fn is not None:
+        out["gold"] = np.asarray(gold_fn(np.asarray(prompts), np.asarray(prompt_mask),
+                                         out["tokens"], out["mask"]), np.float64)
+    return out
+
+
+def summarize(per_prompt: dict) -> dict:
+    """Means and standard errors of the scalar columns of `evaluate_policy`."""
+    row = {}
+    for k in ("gold", "rm", "kl_k1", "kl_k3", "length"):
+        if k in per_prompt:
+            row[k], row[k + "_se"] = mean_se(per_prompt[k])
+    return row

@@ -1,0 +1,49 @@
+"""Metrics as JSONL and TensorBoard event files, and the summary table printed at the end."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+
+class MetricsLogger:
+    """Appends `{"stage", "step", "time", **metrics}` lines to `<dir>/metrics.jsonl` and writes
+    the same scalars as TensorBoard events under `<dir>/tb`. Only process 0 writes."""
+
+    def __init__(self, directory: str, enabled: bool = True):
+        self.enabled = enabled
+        self.directory = directory
+        self._writer = None
+        if enabled:
+            os.makedirs(directory, exist_ok=True)
+            self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
+
+    def log(self, stage: str, step: int, metrics: dict) -> dict:
+        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        if not self.enabled:
+            return scalars
+        self._file.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **scalars})
+                         + "\n")
+        self._file.flush()
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(self.directory, "tb"))
+        for k, v in scalars.items():
+            self._writer.add_scalar(f"{stage}/{k}", v, step)
+        return scalars
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            if self._writer is not None:
+                self._writer.close()
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table; floats with 3 decimals."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

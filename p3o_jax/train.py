@@ -1,0 +1,382 @@
+"""The RLHF pipeline: SFT -> reward model -> RL (P3O, PPO, online/offline DPO).
+
+    python -m p3o_jax.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
+
+Stages run in order (`stages=sft,rm,rl`); a stage left out is loaded from `<out_dir>/<stage>`.
+Each stage writes its params there, metrics go to `<out_dir>/metrics.jsonl` and TensorBoard
+(`<out_dir>/tb`), the config to `<out_dir>/config.json`, and the final table to
+`<out_dir>/summary.json` and stdout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from p3o_jax import learners
+from p3o_jax import model as M
+from p3o_jax.config import ConfigError, ExperimentConfig, from_args, validate
+from p3o_jax.evaluate import evaluate_policy, summarize, win_rate
+from p3o_jax.logger import MetricsLogger, format_table
+from p3o_jax.rollout import response_logprobs, rollout_metrics, score
+from p3o_jax.sampler import SamplingConfig, sample_pairs
+from p3o_jax.sharding import make_mesh, shard_batch
+from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, annotate_preferences
+from p3o_jax.train_state import (create_state, jit_step, make_optimizer, param_shardings,
+                                 state_shardings)
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage needs: config, mesh, task, logger, output folder."""
+    cfg: ExperimentConfig
+    mesh: jax.sharding.Mesh
+    task: ToyTask
+    logger: MetricsLogger
+
+    @property
+    def policy_cfg(self) -> M.ModelConfig:
+        return self.cfg.policy
+
+    @property
+    def rm_cfg(self) -> M.ModelConfig:
+        return self.cfg.rm_model
+
+    def path(self, name: str) -> str:
+        return os.path.abspath(os.path.join(self.cfg.out_dir, name))
+
+    def sampling(self, greedy: bool = False) -> SamplingConfig:
+        rl = self.cfg.rl
+        return SamplingConfig(max_new_tokens=self.task.config.response_len,
+                              temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                              greedy=greedy, eos_id=EOS_ID, pad_id=PAD_ID)
+
+    def key(self, *tags: int) -> jax.Array:
+        key = jax.random.key(self.cfg.seed)
+        for t in tags:
+            key = jax.random.fold_in(key, t)
+        return key
+
+    def prompts(self, n: int, split: str, start: int = 0):
+        ids, mask = self.task.prompts(n, split, start)
+        return shard_batch({"ids": ids, "mask": mask}, self.mesh)
+
+
+# ---------------------------------------------------------------------------------------------
+# params on disk (orbax)
+
+def save_params(path: str, params) -> None:
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, params, force=True)
+
+
+def load_params(path: str, model_cfgs, mesh):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no saved stage here; run the stage that writes it "
+                                f"(stages=...) first")
+    shardings = param_shardings(model_cfgs, mesh)
+    shapes = jax.eval_shape(lambda: M.init_params(model_cfgs, jax.random.key(0)))
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(path, target)
+
+
+def init_sharded(model_cfg: M.ModelConfig, key, mesh):
+    return jax.jit(lambda k: M.init_params(model_cfg, k),
+                   out_shardings=param_shardings(model_cfg, mesh))(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, steps, optim):
+    """Shared loop of SFT and reward modelling: `batches(i)` gives step i's host batch."""
+    tx = make_optimizer(optim, steps)
+    shardings = state_shardings(model_cfg, tx, run.mesh)
+    state = create_state(params, tx, shardings)
+    step = jit_step(learners.gradient_step(functools.partial(loss_fn, cfg=model_cfg)), shardings,
+                    batches(0), run.mesh)
+    bar = tqdm(range(steps), desc=stage, dynamic_ncols=True)
+    for i in bar:
+        state, metrics = step(state, shard_batch(batches(i), run.mesh))
+        if i % run.cfg.log_every == 0 or i == steps - 1:
+            m = run.logger.log(stage, i, metrics)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
+    return state.params
+
+
+def stage_sft(run: Run):
+    c = run.cfg.sft
+    params = init_sharded(run.policy_cfg, run.key(1), run.mesh)
+
+    def batches(i):
+        b = run.task.sft_batch(c.batch_size, start=i * c.batch_size)
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
+                "loss_mask": b.loss_mask}
+    return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss, batches,
+                            c.steps, c.optim)
+
+
+def preference_data(run: Run, sft_params) -> dict:
+    """The SFT policy's own sample pairs on `rm` prompts, labelled by the simulated annotator:
+    tokens/mask [n, 2, L] with index 0 the chosen response, plus both gold rewards."""
+    c, task = run.cfg.rm, run.task
+    prompts, pmask = task.prompts(c.n_pairs, "rm")
+    scfg, chunk, out = run.sampling(), run.cfg.rl.prompts_per_iter, []
+    for start in range(0, c.n_pairs, chunk):
+        p = shard_batch({"ids": prompts[start:start + chunk], "mask": pmask[start:start + chunk]},
+                        run.mesh)
+        s = sample_pairs(sft_params, run.policy_cfg, scfg, p["ids"], p["mask"], run.key(2, start),
+                         n=2)
+        out.append(jax.device_get((s.tokens, s.mask)))
+    resp = np.concatenate([o[0] for o in out])[: c.n_pairs]
+    rmask = np.concatenate([o[1] for o in out])[: c.n_pairs]
+    n = len(resp)
+    gold = np.stack([task.gold_reward(prompts[:n], pmask[:n], resp[:, j], rmask[:, j])
+                     for j in range(2)], 1)
+    first = annotate_preferences(gold[:, 0], gold[:, 1], np.random.default_rng(run.cfg.seed),
+                                 c.annotator_temperature).astype(bool)
+    order = np.where(first[:, None], [0, 1], [1, 0])
+    take = lambda x: np.take_along_axis(x, order.reshape(n, 2, *([1] * (x.ndim - 2))), 1)
+    resp, rmask, gold = take(resp), take(rmask), take(gold)
+    prompt2 = np.repeat(prompts[:n, None], 2, 1)
+    pmask2 = np.repeat(pmask[:n, None], 2, 1)
+    return {"tokens": np.concatenate([prompt2, resp], -1),
+            "mask": np.concatenate([pmask2, rmask], -1).astype(np.int32),
+            "resp_mask": rmask.astype(np.int32), "gold": gold.astype(np.float32)}
+
+
+def stage_rm(run: Run, sft_params):
+    c = run.cfg.rm
+    data = preference_data(run, sft_params)
+    np.savez(run.path("preferences.npz"), **data)
+    n_val = max(len(data["tokens"]) // 10, 1)
+    train = {k: v[n_val:] for k, v in data.items()}
+    rng = np.random.default_rng(run.cfg.seed)
+    order = np.concatenate([rng.permutation(len(train["tokens"]))
+                            for _ in range(c.steps * c.batch_size // len(train["tokens"]) + 1)])
+
+    def batches(i):
+        idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+        return {"tokens": train["tokens"][idx], "mask": train["mask"][idx]}
+    init = sft_params if run.rm_cfg == run.policy_cfg else init_sharded(run.rm_cfg, run.key(3), run.mesh)
+    params = train_supervised(run, "rm", init, run.rm_cfg, learners.reward_loss, batches,
+                              c.steps, c.optim)
+    # held-out agreement with the gold ordering (the annotator is noisy, gold is not)
+    val = shard_batch({"tokens": data["tokens"][:n_val], "mask": data["mask"][:n_val]}, run.mesh)
+    r = jax.jit(lambda p, t, m: M.sequence_reward(p, run.rm_cfg, t.reshape(-1, t.shape[-1]),
+                                                  m.reshape(-1, m.shape[-1])))(
+        params, val["tokens"], val["mask"])
+    r = np.asarray(r).reshape(-1, 2)
+    gold = data["gold"][:n_val]
+    agree, _ = win_rate(np.sign(r[:, 0] - r[:, 1]) * np.sign(gold[:, 0] - gold[:, 1]), 0.0)
+    run.logger.log("rm", c.steps, {"val_gold_agreement": agree})
+    return params
+
+
+def _loss_for(run: Run):
+    rl, pc = run.cfg.rl, run.policy_cfg
+    if run.cfg.algo == "p3o":
+        return functools.partial(learners.p3o_loss, cfg=pc, rl=rl)
+    if run.cfg.algo == "ppo":
+        return functools.partial(learners.ppo_loss, cfg=pc, critic_cfg=run.rm_cfg, rl=rl)
+    return functools.partial(learners.dpo_loss, cfg=pc, rl=rl)
+
+
+def _scale_delta(buffer: dict, rl) -> dict:
+    """Optionally divide rewards and KLs by the batch std of Delta (keeps shift invariance)."""
+    if rl.delta_norm == "none":
+        return buffer
+    r, l = buffer["rewards"], buffer["seq_kl"]
+    delta = (r[:, :, None] - r[:, None, :]) - rl.beta * (l[:, :, None] - l[:, None, :])
+    scale = jnp.sqrt(jnp.mean(delta ** 2) * r.shape[1] / max(r.shape[1] - 1, 1)) + 1e-6
+    return dict(buffer, rewards=r / scale, seq_kl=l / scale)
+
+
+def stage_rl(run: Run, sft_params, rm_params):
+    cfg, rl, mesh = run.cfg, run.cfg.rl, run.mesh
+    if cfg.algo == "dpo_offline":
+        return stage_dpo_offline(run, sft_params)
+    ppo = cfg.algo == "ppo"
+    ref = sft_params
+    if ppo:  # separate critic initialised from the reward model, value head <- reward head
+        critic = dict(rm_params, value_head=rm_params["reward_head"])
+        params, model_cfgs = {"policy": sft_params, "critic": critic}, {
+            "policy": run.policy_cfg, "critic": run.rm_cfg}
+    else:
+        params, model_cfgs = sft_params, run.policy_cfg
+    params = jax.tree.map(jnp.copy, params)  # the update donates its state; keep ref intact
+    tx = make_optimizer(rl.optim, rl.iterations * rl.epochs * rl.minibatches)
+    shardings = state_shardings(model_cfgs, tx, mesh)
+    state = create_state(params, tx, shardings)
+    update = learners.make_update(_loss_for(run), rl.epochs, rl.minibatches, cfg.seed)
+    scfg = run.sampling()
+
+    @jax.jit
+    def make_buffer(policy, critic, prompts, pmask, samples, kl_coef):
+        buf = score(policy, ref, rm_params, run.policy_cfg, run.rm_cfg, prompts, pmask, samples,
+                    rl.temperature)
+        if ppo:
+            B, K, L = buf["tokens"].shape
+            values = learners.critic_values(critic, run.rm_cfg, buf["tokens"].reshape(B * K, L),
+                                            buf["mask"].reshape(B * K, L), L - samples.tokens.shape[-1])
+            buf = learners.ppo_advantages(buf, values.reshape(B, K, -1), kl_coef, rl)
+        return buf, rollout_metrics(buf)
+
+    update_jit = None
+    kl_coef = rl.beta
+    policy_of = (lambda p: p["policy"]) if ppo else (lambda p: p)
+    bar = tqdm(range(rl.iterations), desc=f"rl:{cfg.algo}", dynamic_ncols=True)
+    for it in bar:
+        p = run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
+        t0 = time.perf_counter()
+        samples = sample_pairs(policy_of(state.params), run.policy_cfg, scfg, p["ids"], p["mask"],
+                               run.key(4, it), n=rl.n_samples)
+        jax.block_until_ready(samples)
+        t1 = time.perf_counter()
+        buffer, roll = make_buffer(policy_of(state.params),
+                                   state.params["critic"] if ppo else None,
+                                   p["ids"], p["mask"], samples, kl_coef)
+        buffer = _scale_delta(buffer, rl) if cfg.algo == "p3o" else buffer
+        buffer.pop("entropy")
+        jax.block_until_ready(buffer)
+        t2 = time.perf_counter()
+        if update_jit is None:
+            update_jit = jit_step(update, shardings, buffer, mesh)
+        state, metrics = update_jit(state, buffer)
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        metrics = {**roll, **metrics, "kl_coef": kl_coef, "time_generate": t1 - t0,
+                   "time_score": t2 - t1, "time_update": t3 - t2}
+        m = run.logger.log("rl", it, metrics)
+        bar.set_postfix(rm=f"{m['rm_reward']:.2f}", kl=f"{m['kl_k1']:.2f}")
+        if ppo and rl.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019)
+            err = np.clip(m["kl_k1"] / rl.target_kl - 1, -0.2, 0.2)
+            kl_coef *= 1 + err * rl.prompts_per_iter * rl.n_samples / rl.kl_horizon
+    return policy_of(state.params)
+
+
+def stage_dpo_offline(run: Run, sft_params):
+    """DPO on the reward model's preference data (chosen first), `rl.dpo_epochs` passes."""
+    rl, mesh = run.cfg.rl, run.mesh
+    path = run.path("preferences.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: offline DPO needs the preference data the rm stage writes")
+    data = dict(np.load(path))
+    n, N = len(data["tokens"]), data["resp_mask"].shape[-1]
+    L = data["tokens"].shape[-1]
+    ref_logp = jax.jit(lambda t, m: response_logprobs(
+        sft_params, run.policy_cfg, t.reshape(-1, L), m.reshape(-1, L), L - N, rl.temperature))
+    chunk = rl.prompts_per_iter
+    n = n // chunk * chunk
+    logp_ref = np.concatenate([
+        np.asarray(ref_logp(*shard_batch((data["tokens"][s:s + chunk], data["mask"][s:s + chunk]),
+                                         mesh))).reshape(chunk, 2, N)
+        for s in range(0, n, chunk)])
+    data = {"tokens": data["tokens"][:n], "mask": data["mask"][:n], "resp_mask": data["resp_mask"][:n],
+            "logp_ref": logp_ref * data["resp_mask"][:n],
+            "rewards": np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1))}
+    steps = rl.dpo_epochs * n // chunk
+    tx = make_optimizer(rl.optim, steps * rl.minibatches)
+    shardings = state_shardings(run.policy_cfg, tx, mesh)
+    state = create_state(jax.tree.map(jnp.copy, sft_params), tx, shardings)
+    update = learners.make_update(_loss_for(run), 1, rl.minibatches, run.cfg.seed)
+    rng = np.random.default_rng(run.cfg.seed)
+    order = np.concatenate([rng.permutation(n) for _ in range(rl.dpo_epochs)])
+    update_jit = None
+    for it in tqdm(range(steps), desc="rl:dpo_offline", dynamic_ncols=True):
+        idx = order[it * chunk:(it + 1) * chunk]
+        batch = shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+        if update_jit is None:
+            update_jit = jit_step(update, shardings, batch, mesh)
+        state, metrics = update_jit(state, batch)
+        if it % run.cfg.log_every == 0 or it == steps - 1:
+            run.logger.log("rl", it, metrics)
+    return state.params
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and the final table
+
+def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
+    ids, mask = run.task.eval_prompts(run.cfg.eval_prompts)
+    p = shard_batch({"ids": ids, "mask": mask}, run.mesh)
+    ev = lambda params: evaluate_policy(params, sft_params, rm_params, run.policy_cfg, run.rm_cfg,
+                                        p["ids"], p["mask"], run.key(5), run.sampling(),
+                                        run.task.gold_reward)
+    results = {"sft": ev(sft_params)}
+    if rl_params is not None:
+        results[run.cfg.algo] = ev(rl_params)
+    rows = []
+    for name, r in results.items():
+        row = {"policy": name, **summarize(r)}
+        row["win_gold"], row["win_gold_se"] = win_rate(r["gold"], results["sft"]["gold"])
+        row["win_rm"], _ = win_rate(r["rm"], results["sft"]["rm"])
+        rows.append(row)
+    print("\n" + format_table(rows, ["policy", "gold", "gold_se", "rm", "kl_k1", "kl_k1_se", "kl_k3",
+                                     "length", "win_gold", "win_gold_se", "win_rm"]))
+    print("\nsamples from the final policy:")
+    last = results[list(results)[-1]]
+    print(run.task.format_samples(ids, mask, last["tokens"], last["mask"], n=3))
+    summary = {"rows": rows}
+    with open(run.path("summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    validate(cfg, jax.device_count())
+    task = ToyTask(cfg.toy)
+    if cfg.policy.vocab_size < task.vocab_size:
+        raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
+                          f"vocabulary of {task.vocab_size}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=jax.process_index() == 0))
+    stages = cfg.stage_list
+    with jax.set_mesh(mesh):
+        if "sft" in stages:
+            sft = stage_sft(run)
+            save_params(run.path("sft"), sft)
+        else:
+            sft = load_params(run.path("sft"), run.policy_cfg, mesh)
+        if "rm" in stages:
+            rm = stage_rm(run, sft)
+            save_params(run.path("rm"), rm)
+        else:
+            rm = load_params(run.path("rm"), run.rm_cfg, mesh)
+        policy = None
+        if "rl" in stages:
+            policy = stage_rl(run, sft, rm)
+            save_params(run.path(cfg.algo), policy)
+        summary = final_table(run, sft, policy, rm)
+    run.logger.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = from_args(argv)
+        validate(cfg, jax.device_count())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_experiment(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

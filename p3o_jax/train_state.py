@@ -1,0 +1,89 @@
+"""Train state, optimizer and the one way every step is compiled: `jax.jit` with explicit
+in/out shardings and the state donated.
+
+A train step is a pure function `(state, batch) -> (state, metrics)`; `state` is any pytree of
+`TrainState`s (PPO carries a policy and a critic), `batch` a dict of arrays whose first axis is
+the (global) batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from p3o_jax import model as M
+from p3o_jax.config import OptimConfig
+from p3o_jax.sharding import batch_sharding, logical_shardings, replicated
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params, tx):
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+    def apply_gradients(self, grads):
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warmup, then constant / cosine / linear decay; global-norm clipping;
+    gradient accumulation over `grad_accum` micro-steps (optax.MultiSteps)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    decay = {
+        "constant": optax.constant_schedule(cfg.lr),
+        "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=0.1),
+        "linear": optax.linear_schedule(cfg.lr, 0.1 * cfg.lr, decay_steps),
+    }[cfg.decay]
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+    return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
+
+
+def _boxed_params(model_cfgs):
+    """Abstract params with their logical-axis boxes, for one ModelConfig or a dict of them."""
+    if isinstance(model_cfgs, M.ModelConfig):
+        tokens = jnp.zeros((1, 2), jnp.int32)
+        return jax.eval_shape(lambda: M.Transformer(model_cfgs).init(
+            jax.random.key(0), tokens, tokens, jnp.ones_like(tokens))["params"])
+    return {k: _boxed_params(v) for k, v in model_cfgs.items()}
+
+
+def state_shardings(model_cfgs, tx, mesh):
+    """NamedShardings of a TrainState whose params are one model (a ModelConfig) or several (a
+    dict of them, e.g. PPO's policy and critic); optimizer moments follow their params."""
+    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), _boxed_params(model_cfgs))
+    return logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
+
+
+def param_shardings(model_cfg: M.ModelConfig, mesh):
+    shapes = jax.eval_shape(lambda: M.init_params(model_cfg, jax.random.key(0)))
+    return logical_shardings(M.param_axes(model_cfg), mesh, shapes)
+
+
+def create_state(params, tx, shardings) -> TrainState:
+    """Build the optimizer state directly in its sharded layout."""
+    return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
+
+
+def jit_step(step_fn, state_sharding, batch_example, mesh):
+    """Compile `step_fn(state, batch) -> (state, metrics)` with explicit shardings; the state
+    is donated so parameters and optimizer moments are updated in place."""
+    batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch_example)
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
