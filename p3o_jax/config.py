@@ -188,7 +188,8 @@ def validate(cfg: ExperimentConfig, n_devices: int) -> None:
     fixed = 1
     for s in sizes:
         fixed *= s if s > 0 else 1
-    need(n_devices % fixed == 0, "mesh", f"data*fsdp*tensor={fixed} does not divide {n_devices} devices")
+    need(n_devices % fixed == 0 and (-1 in sizes or fixed == n_devices), "mesh",
+         f"data*fsdp*tensor={fixed} does not fit {n_devices} devices")
     batch_ways = m.data * (m.fsdp if m.fsdp > 0 else n_devices // fixed)
     for key, b in (("sft.batch_size", cfg.sft.batch_size), ("rm.batch_size", cfg.rm.batch_size),
                    ("rl.prompts_per_iter", cfg.rl.prompts_per_iter)):

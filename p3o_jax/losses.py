@@ -255,6 +255,7 @@ def p3o_loss(
     logp_old: [B, 2, T] the same under the rollout policy pi_old.
     mask:     [B, 2, T] 1 on response tokens.
     delta:    [B] KL-regularised reward difference (``p3o_delta``); treated as a constant.
+    clip, eps, ratio_bound: static Python values.
 
     With ``rho_i = pi(y_i)/pi_old(y_i)`` (sequence ratios, from clamped log ratios) and
     ``c(z) = clip(z, 1/R, R)`` on detached weights (``R = ratio_bound``):

@@ -11,11 +11,12 @@ Sharding is strided: shard ``i`` of ``n`` keeps records ``i, i + n, ...`` (after
 the ``len % n`` last records when ``shard_options.drop_remainder``, so that every process
 gets the same number of batches). The default is ``grain.sharding.ShardByJaxProcess``.
 Iterating gives a ``grain.DatasetIterator`` whose ``get_state()`` (a small JSON-able dict)
-and ``set_state()`` checkpoint and resume the stream exactly.
+and ``set_state()`` checkpoint and resume the stream exactly, with or without worker
+processes (a state is only valid for the same pipeline arguments).
 
 Batches (B = batch_size, P = prompt_len, R = response_len; every array int32 with exactly
 this shape, so jitted steps never recompile). Prompts are LEFT-padded, responses
-RIGHT-padded; masks are 1 on real tokens:
+RIGHT-padded; masks are 1 on real tokens (so position ids are ``cumsum(mask) - 1``):
 
 ``kind="sft"``: one sequence [prompt | response]
     input_ids [B, P+R], attention_mask [B, P+R], and loss_mask [B, P+R], 1 where
