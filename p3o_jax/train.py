@@ -30,7 +30,7 @@ from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.rollout import response_logprobs, rollout_metrics, score
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 from p3o_jax.sharding import make_mesh, shard_batch
-from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, annotate_preferences
+from p3o_jax.tasks import Task, ToyRLHF
 from p3o_jax.train_state import (create_state, jit_step, make_optimizer, param_shardings,
                                  state_shardings)
 
@@ -40,7 +40,7 @@ class Run:
     """What every stage needs: config, mesh, task, logger, output folder."""
     cfg: ExperimentConfig
     mesh: jax.sharding.Mesh
-    task: ToyTask
+    task: Task
     logger: MetricsLogger
 
     @property
@@ -56,9 +56,9 @@ class Run:
 
     def sampling(self, greedy: bool = False) -> SamplingConfig:
         rl = self.cfg.rl
-        return SamplingConfig(max_new_tokens=self.task.config.response_len,
+        return SamplingConfig(max_new_tokens=self.task.response_len,
                               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                              greedy=greedy, eos_id=EOS_ID, pad_id=PAD_ID)
+                              greedy=greedy, eos_id=self.task.eos_id, pad_id=self.task.pad_id)
 
     def key(self, *tags: int) -> jax.Array:
         key = jax.random.key(self.cfg.seed)
@@ -118,47 +118,29 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
 def stage_sft(run: Run):
     c = run.cfg.sft
     params = init_sharded(run.policy_cfg, run.key(1), run.mesh)
-
-    def batches(i):
-        b = run.task.sft_batch(c.batch_size, start=i * c.batch_size)
-        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
-                "loss_mask": b.loss_mask}
-    return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss, batches,
-                            c.steps, c.optim)
+    return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss,
+                            lambda i: run.task.sft_batch(c.batch_size, i), c.steps, c.optim)
 
 
-def preference_data(run: Run, sft_params) -> dict:
-    """The SFT policy's own sample pairs on `rm` prompts, labelled by the simulated annotator:
-    tokens/mask [n, 2, L] with index 0 the chosen response, plus both gold rewards."""
-    c, task = run.cfg.rm, run.task
-    prompts, pmask = task.prompts(c.n_pairs, "rm")
-    scfg, chunk, out = run.sampling(), run.cfg.rl.prompts_per_iter, []
-    for start in range(0, c.n_pairs, chunk):
-        p = shard_batch({"ids": prompts[start:start + chunk], "mask": pmask[start:start + chunk]},
+def sample_responses(run: Run, params, prompts, prompt_mask):
+    """Two responses per prompt from `params`, in chunks of `rl.prompts_per_iter` prompts:
+    numpy [n, 2, N] tokens and mask (n rounded down to whole chunks)."""
+    chunk, out = run.cfg.rl.prompts_per_iter, []
+    n = len(prompts) // chunk * chunk
+    for start in range(0, n, chunk):
+        p = shard_batch({"ids": prompts[start:start + chunk], "mask": prompt_mask[start:start + chunk]},
                         run.mesh)
-        s = sample_pairs(sft_params, run.policy_cfg, scfg, p["ids"], p["mask"], run.key(2, start),
-                         n=2)
+        s = sample_pairs(params, run.policy_cfg, run.sampling(), p["ids"], p["mask"],
+                         run.key(2, start), n=2)
         out.append(jax.device_get((s.tokens, s.mask)))
-    resp = np.concatenate([o[0] for o in out])[: c.n_pairs]
-    rmask = np.concatenate([o[1] for o in out])[: c.n_pairs]
-    n = len(resp)
-    gold = np.stack([task.gold_reward(prompts[:n], pmask[:n], resp[:, j], rmask[:, j])
-                     for j in range(2)], 1)
-    first = annotate_preferences(gold[:, 0], gold[:, 1], np.random.default_rng(run.cfg.seed),
-                                 c.annotator_temperature).astype(bool)
-    order = np.where(first[:, None], [0, 1], [1, 0])
-    take = lambda x: np.take_along_axis(x, order.reshape(n, 2, *([1] * (x.ndim - 2))), 1)
-    resp, rmask, gold = take(resp), take(rmask), take(gold)
-    prompt2 = np.repeat(prompts[:n, None], 2, 1)
-    pmask2 = np.repeat(pmask[:n, None], 2, 1)
-    return {"tokens": np.concatenate([prompt2, resp], -1),
-            "mask": np.concatenate([pmask2, rmask], -1).astype(np.int32),
-            "resp_mask": rmask.astype(np.int32), "gold": gold.astype(np.float32)}
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
 def stage_rm(run: Run, sft_params):
     c = run.cfg.rm
-    data = preference_data(run, sft_params)
+    n_pairs = c.n_pairs // run.cfg.rl.prompts_per_iter * run.cfg.rl.prompts_per_iter
+    data = run.task.preference_data(
+        n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), run.cfg.seed)
     np.savez(run.path("preferences.npz"), **data)
     n_val = max(len(data["tokens"]) // 10, 1)
     train = {k: v[n_val:] for k, v in data.items()}
@@ -172,15 +154,17 @@ def stage_rm(run: Run, sft_params):
     init = sft_params if run.rm_cfg == run.policy_cfg else init_sharded(run.rm_cfg, run.key(3), run.mesh)
     params = train_supervised(run, "rm", init, run.rm_cfg, learners.reward_loss, batches,
                               c.steps, c.optim)
-    # held-out agreement with the gold ordering (the annotator is noisy, gold is not)
     val = shard_batch({"tokens": data["tokens"][:n_val], "mask": data["mask"][:n_val]}, run.mesh)
     r = jax.jit(lambda p, t, m: M.sequence_reward(p, run.rm_cfg, t.reshape(-1, t.shape[-1]),
                                                   m.reshape(-1, m.shape[-1])))(
         params, val["tokens"], val["mask"])
     r = np.asarray(r).reshape(-1, 2)
-    gold = data["gold"][:n_val]
-    agree, _ = win_rate(np.sign(r[:, 0] - r[:, 1]) * np.sign(gold[:, 0] - gold[:, 1]), 0.0)
-    run.logger.log("rm", c.steps, {"val_gold_agreement": agree})
+    metrics = {"val_accuracy": win_rate(r[:, 0], r[:, 1])[0]}  # agreement with the labels
+    if "gold" in data:  # and with the gold ordering (the annotator is noisy, gold is not)
+        gold = data["gold"][:n_val]
+        metrics["val_gold_agreement"] = win_rate(
+            np.sign(r[:, 0] - r[:, 1]) * np.sign(gold[:, 0] - gold[:, 1]), 0.0)[0]
+    run.logger.log("rm", c.steps, metrics)
     return params
 
 
@@ -309,7 +293,7 @@ def stage_dpo_offline(run: Run, sft_params):
 # evaluation and the final table
 
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
-    ids, mask = run.task.eval_prompts(run.cfg.eval_prompts)
+    ids, mask = run.task.prompts(run.cfg.eval_prompts, "eval")
     p = shard_batch({"ids": ids, "mask": mask}, run.mesh)
     ev = lambda params: evaluate_policy(params, sft_params, rm_params, run.policy_cfg, run.rm_cfg,
                                         p["ids"], p["mask"], run.key(5), run.sampling(),
@@ -320,11 +304,13 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     rows = []
     for name, r in results.items():
         row = {"policy": name, **summarize(r)}
-        row["win_gold"], row["win_gold_se"] = win_rate(r["gold"], results["sft"]["gold"])
-        row["win_rm"], _ = win_rate(r["rm"], results["sft"]["rm"])
+        if "gold" in r:
+            row["win_gold"], row["win_gold_se"] = win_rate(r["gold"], results["sft"]["gold"])
+        row["win_rm"], row["win_rm_se"] = win_rate(r["rm"], results["sft"]["rm"])
         rows.append(row)
-    print("\n" + format_table(rows, ["policy", "gold", "gold_se", "rm", "kl_k1", "kl_k1_se", "kl_k3",
-                                     "length", "win_gold", "win_gold_se", "win_rm"]))
+    columns = ["policy", "gold", "gold_se", "rm", "rm_se", "kl_k1", "kl_k1_se", "kl_k3", "length",
+               "win_gold", "win_gold_se", "win_rm", "win_rm_se"]
+    print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
     print("\nsamples from the final policy:")
     last = results[list(results)[-1]]
     print(run.task.format_samples(ids, mask, last["tokens"], last["mask"], n=3))
@@ -334,9 +320,15 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     return summary
 
 
+def make_task(cfg: ExperimentConfig) -> Task:
+    if cfg.task == "toy":
+        return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
+    raise ConfigError(f"config key 'task': {cfg.task!r} is not available yet")
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     validate(cfg, jax.device_count())
-    task = ToyTask(cfg.toy)
+    task = make_task(cfg)
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
