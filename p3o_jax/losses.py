@@ -14,6 +14,7 @@ Conventions (see /work/shared/P3O.md for the algorithm):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -220,9 +221,9 @@ def _p3o_mean_over_pairs(
     _require(eps > 0, f"eps must be > 0, got {eps}")
     _require(ratio_bound > 1, f"ratio_bound must be > 1, got {ratio_bound}")
     delta = jax.lax.stop_gradient(delta)
-    pair_loss = lambda lp, lpo, m, d: _p3o_pair_loss(lp, lpo, m, d, clip, eps, ratio_bound)
-    losses, stats = jax.vmap(pair_loss)(logp, logp_old, mask, delta)
-    loss = jnp.mean(losses)
+    pair_loss = functools.partial(_p3o_pair_loss, clip=clip, eps=eps, ratio_bound=ratio_bound)
+    pair_losses, stats = jax.vmap(pair_loss)(logp, logp_old, mask, delta)
+    loss = jnp.mean(pair_losses)
     log_rho = stats["log_rho"]
     rho = jnp.exp(log_rho)
     metrics = {
@@ -464,8 +465,7 @@ def fixed_kl_controller(kl_coef: float) -> KLController:
 def adaptive_kl_controller(init_kl_coef: float, target: float, horizon: float) -> KLController:
     """Ziegler et al. (2019) adaptive controller steering the observed KL towards ``target``."""
     _require(target > 0 and horizon > 0, f"target and horizon must be > 0, got {target}, {horizon}")
-    as_f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return KLController(as_f32(init_kl_coef), as_f32(target), as_f32(horizon))
+    return KLController(*(jnp.asarray(x, jnp.float32) for x in (init_kl_coef, target, horizon)))
 
 
 def update_kl_controller(controller: KLController, current_kl: Array, n_steps: int | Array) -> KLController:

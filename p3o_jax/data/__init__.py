@@ -8,11 +8,13 @@
                                  batch_size=8, prompt_len=512, response_len=64, seed=0)
 
 See `builders` (datasets, manual_dir/download), `validate` (bad records), `prompts`
-(formats, truncation) and `pipeline` (batch layout, sharding, checkpointable iterators).
+(formats, truncation), `pipeline` (batch layout, sharding, checkpointable iterators,
+random access by index) and `fixtures` (tiny files in the upstream formats, offline).
 """
 from p3o_jax.data.builders import (
     COMPARISON_FILES, HH_SUBSETS, HhRlhf, TldrComparisons, TldrSft, prepare)
-from p3o_jax.data.pipeline import Tokenize, make_pipeline, shard
+from p3o_jax.data.pipeline import (
+    Concatenated, Tokenize, make_examples, make_pipeline, pad_token_id, read_batch, shard)
 from p3o_jax.data.prompts import (
     TLDR_PROMPT_TEMPLATE, fit_tldr_prompt, format_tldr_prompt, split_hh_pair, tldr_response)
 from p3o_jax.data.validate import DataError, read_jsonl

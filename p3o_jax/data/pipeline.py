@@ -14,6 +14,12 @@ Iterating gives a ``grain.DatasetIterator`` whose ``get_state()`` (a small JSON-
 and ``set_state()`` checkpoint and resume the stream exactly, with or without worker
 processes (a state is only valid for the same pipeline arguments).
 
+Random access instead of a stream: `make_examples` is the same chain up to tokenisation as
+a ``grain.MapDataset`` of unbatched examples, and `read_batch` stacks examples
+``start .. start + B - 1`` of it, so a training step can address its batch by index (and a
+resumed run reads the same one). Indices past the end continue into the next epochs, each
+reshuffled. `Concatenated` reads several sources as one (e.g. HH subsets).
+
 Batches (B = batch_size, P = prompt_len, R = response_len; every array int32 with exactly
 this shape, so jitted steps never recompile). Prompts are LEFT-padded, responses
 RIGHT-padded; masks are 1 on real tokens (so position ids are ``cumsum(mask) - 1``):
@@ -66,10 +72,7 @@ class Tokenize(grain.transforms.Map):
             raise ValueError("add_bos=True but the tokenizer has no BOS token")
         if append_eos and tokenizer.eos_token_id is None:
             raise ValueError("append_eos=True but the tokenizer has no EOS token")
-        self.pad_id = (tokenizer.eos_token_id if tokenizer.pad_token_id is None
-                       else tokenizer.pad_token_id)
-        if self.pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token")
+        self.pad_id = pad_token_id(tokenizer)
         self.tokenizer, self.dataset, self.kind = tokenizer, dataset, kind
         self.prompt_len, self.response_len = prompt_len, response_len
         self.add_bos, self.append_eos = add_bos, append_eos
@@ -122,11 +125,73 @@ class Tokenize(grain.transforms.Map):
         return out, mask
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id padding uses: the tokenizer's pad token, or its EOS if it has none."""
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pad_id
+
+
+class Concatenated(Sequence):
+    """Several random-access sources read as one, in order: record ``i`` of the whole."""
+
+    def __init__(self, sources: Sequence[Sequence[dict]]):
+        self.sources = list(sources)
+        self.ends = np.cumsum([len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        k = int(np.searchsorted(self.ends, index, side="right"))
+        return self.sources[k][index - (int(self.ends[k - 1]) if k else 0)]
+
+
 def shard(ds: grain.MapDataset, options: grain.sharding.ShardOptions) -> grain.MapDataset:
     """This shard's records: strided, after an even cut when ``options.drop_remainder``."""
     if options.drop_remainder:
         ds = ds[: len(ds) - len(ds) % options.shard_count]
     return ds[options.shard_index :: options.shard_count]
+
+
+def make_examples(
+    source: Sequence[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dataset: DatasetName,
+    kind: Kind,
+    prompt_len: int,
+    response_len: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    add_bos: bool = False,
+    append_eos: bool = True,
+) -> grain.MapDataset:
+    """This shard's records of ``source``, shuffled and tokenised: a random-access
+    ``grain.MapDataset`` of unbatched examples (the batch layout above without B).
+
+    ``ds[i]`` for any ``i >= 0``: index ``i`` is example ``i % len(ds)`` of epoch
+    ``i // len(ds)``, and every epoch is shuffled anew. ``shard_options`` defaults to
+    ``ShardByJaxProcess(drop_remainder=True)``.
+    """
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    transform = Tokenize(tokenizer, dataset, kind, prompt_len, response_len,
+                         add_bos=add_bos, append_eos=append_eos)
+    ds = shard(grain.MapDataset.source(source), shard_options)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.map(transform)
+
+
+def read_batch(examples: grain.MapDataset, start: int, size: int) -> dict[str, np.ndarray]:
+    """Examples ``start .. start + size - 1`` of `make_examples`'s dataset stacked into one
+    batch: every key [size, ...] (past the end: the next, reshuffled epochs)."""
+    rows = [examples[i] for i in range(start, start + size)]
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def make_pipeline(
@@ -153,16 +218,13 @@ def make_pipeline(
     processes (same batches, same order); absl flags are then marked parsed if they are
     not, as grain's workers read their flags.
     """
-    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    transform = Tokenize(tokenizer, dataset, kind, prompt_len, response_len,
-                         add_bos=add_bos, append_eos=append_eos)
-    ds = shard(grain.MapDataset.source(source), shard_options)
+    ds = make_examples(source, tokenizer, dataset=dataset, kind=kind, prompt_len=prompt_len,
+                       response_len=response_len, seed=seed, shuffle=shuffle,
+                       shard_options=shard_options, add_bos=add_bos, append_eos=append_eos)
     if len(ds) < batch_size:
-        raise ValueError(f"shard {shard_options.shard_index} has {len(ds)} records, "
+        raise ValueError(f"this process's shard has {len(ds)} records, "
                          f"fewer than one batch of {batch_size}")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.map(transform).batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     iter_ds = ds.to_iter_dataset()
