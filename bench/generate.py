@@ -74,7 +74,8 @@ def main():
     shapes = dict(prompts=B, responses=n, prompt_len=P, new_tokens=N, layers=args.layers,
                   d_model=args.d_model, heads=args.heads, vocab=args.vocab,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  backend=jax.default_backend(), threads=args.threads)
+                  backend=jax.default_backend(), threads=args.threads,
+                  loadavg_1min=round(os.getloadavg()[0], 2))
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.d_model,

@@ -7,7 +7,8 @@ The command line overrides any field with `key=value`, dotted for nested fields:
 
 Values are parsed by the field's type; an unknown key, a value of the wrong type or an
 impossible batch/mesh split stops the run before anything is compiled, with one line naming the
-key (`ConfigError`).
+key (`ConfigError`). `smoke=true` shrinks a real-data experiment to an offline run of a minute
+(`smoke_config`); the other keys on the command line still apply on top of it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import importlib.util
 import os
 import typing
 
+from p3o_jax.data.builders import HH_SUBSETS
+from p3o_jax.data.fixtures import TOKENIZER_VOCAB
+from p3o_jax.data.validate import ON_BAD_RECORD
 from p3o_jax.model import ModelConfig
 from p3o_jax.toy_task import ToyTaskConfig
 
@@ -93,6 +97,33 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Real data (task=tldr|hh): the TFDS datasets of `p3o_jax.data` and the tokenizer."""
+    data_dir: str = ""              # where the datasets are built (once); "" = TFDS's default
+    manual_dir: str = ""            # upstream files placed by hand; "" = download what's missing
+    hh_subsets: str = ",".join(HH_SUBSETS)    # task=hh: comma-separated, read as one dataset
+    tokenizer: str = ""             # HF name or local folder; "" = base_model's
+    prompt_len: int = 512           # P: TL;DR posts are cut to fit, HH keeps the last P tokens
+    response_len: int = 53          # N: generated tokens; SFT/RM targets keep their first N
+    on_bad_record: str = "raise"    # raise (file:line) | skip (logged and counted)
+
+    @property
+    def hh_subset_list(self) -> tuple[str, ...]:
+        return tuple(s for s in self.hh_subsets.split(",") if s)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Per-stage checkpoints under `<out_dir>/ckpt/<stage>` (p3o_jax/checkpoint.py); a stage
+    also saves on a signal and at its end."""
+    every_steps: int = 100          # save every N steps (0: off)
+    every_minutes: float = 10.0     # save when M minutes have passed since the last save (0: off)
+    keep: int = 3                   # keep the last K checkpoints of each stage
+    async_save: bool = True         # write in the background while training goes on
+    max_nonfinite: int = 5          # stop after K non-finite updates in a row (each is skipped)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "toy"
     task: str = "toy"
@@ -102,13 +133,18 @@ class ExperimentConfig:
     out_dir: str = "runs/toy"
     eval_prompts: int = 512
     log_every: int = 10
-    policy: ModelConfig = ModelConfig()
+    policy: ModelConfig = ModelConfig()       # with base_model: only dtype, param_dtype used
     reward_model: ModelConfig | None = None   # None: same architecture as the policy
+    base_model: str = ""            # HF name or local folder SFT starts from; "" = from scratch
+    smoke: bool = False             # tiny offline run of a real-data experiment (smoke_config)
     mesh: MeshConfig = MeshConfig()
     toy: ToyTaskConfig = ToyTaskConfig()
+    data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
     rm: RMConfig = RMConfig()
     rl: RLConfig = RLConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resume: bool = True             # continue each stage from its checkpoints; false: start over
 
     @property
     def rm_model(self) -> ModelConfig:
@@ -167,11 +203,15 @@ def override(cfg, key: str, text: str, _prefix: str = ""):
         raise ConfigError(f"config key {full!r}: {e}") from None
 
 
+def need(ok, key: str, msg: str) -> None:
+    """Raise `ConfigError` naming `key` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {msg}")
+
+
 def validate(cfg: ExperimentConfig, n_devices: int) -> None:
-    """Checks that need no compile: enums, positive sizes, batch/mesh divisibility."""
-    def need(ok, key, msg):
-        if not ok:
-            raise ConfigError(f"config key {key!r}: {msg}")
+    """Checks that need no compile: enums, positive sizes, batch/mesh divisibility, and the
+    models' (`validate_models`; with `base_model`, once its config is read)."""
     need(cfg.algo in ALGOS, "algo", f"{cfg.algo!r} is not one of {ALGOS}")
     need(all(s in STAGES for s in cfg.stage_list), "stages", f"{cfg.stages!r}: stages are {STAGES}")
     need(cfg.task in ("toy", "tldr", "hh"), "task", f"{cfg.task!r} is not toy, tldr or hh")
@@ -199,9 +239,38 @@ def validate(cfg: ExperimentConfig, n_devices: int) -> None:
          "rl.minibatches", f"must divide rl.prompts_per_iter={cfg.rl.prompts_per_iter}")
     need(mb % batch_ways == 0, "rl.minibatches",
          f"minibatch of {mb} prompts is not divisible by data*fsdp={batch_ways}")
+    if not cfg.base_model:
+        validate_models(cfg)
+    c = cfg.checkpoint
+    need(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
+    need(c.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0: off)")
+    need(c.keep > 0, "checkpoint.keep", "must be > 0")
+    need(c.max_nonfinite > 0, "checkpoint.max_nonfinite", "must be > 0")
+    if cfg.task == "toy":
+        need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline already")
+        return
+    d = cfg.data
+    need(d.prompt_len > 0, "data.prompt_len", "must be > 0")
+    need(d.response_len > 0, "data.response_len", "must be > 0")
+    need(d.on_bad_record in ON_BAD_RECORD, "data.on_bad_record", f"one of {ON_BAD_RECORD}")
+    need(d.tokenizer or cfg.base_model or cfg.smoke, "data.tokenizer",
+         "set it (an HF name or local folder) or base_model")
+    if cfg.task == "hh":
+        unknown = [s for s in d.hh_subset_list if s not in HH_SUBSETS]
+        need(d.hh_subset_list and not unknown, "data.hh_subsets",
+             f"{d.hh_subsets!r}: comma-separated subsets of {HH_SUBSETS}")
+
+
+def validate_models(cfg: ExperimentConfig) -> None:
+    """The checks that need the models' architecture: heads over `mesh.tensor`, and prompt +
+    response within the policy's positions."""
     for name, model in (("policy", cfg.policy), ("reward_model", cfg.rm_model)):
-        need(model.n_heads % m.tensor == 0, f"{name}.n_heads",
-             f"{model.n_heads} is not divisible by mesh.tensor={m.tensor}")
+        need(model.n_heads % cfg.mesh.tensor == 0, f"{name}.n_heads",
+             f"{model.n_heads} is not divisible by mesh.tensor={cfg.mesh.tensor}")
+    if cfg.task != "toy":
+        length = cfg.data.prompt_len + cfg.data.response_len
+        need(length <= cfg.policy.max_len, "data.response_len",
+             f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
 
 
 def load_experiment(name_or_path: str) -> ExperimentConfig:
@@ -218,8 +287,29 @@ def load_experiment(name_or_path: str) -> ExperimentConfig:
     return module.config()
 
 
+def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What `smoke=true` makes of a real-data experiment: SFT -> RM -> RL, a few steps each,
+    then the table, offline and in about a minute on a CPU. The data paths and the tokenizer
+    are emptied, so that the run generates them under `<out_dir>/smoke_data`
+    (`p3o_jax.data.fixtures.smoke_data`: tiny upstream-format files, a tokenizer trained on
+    them), and the policy is a tiny GPT-NeoX trained from scratch. Outputs go to
+    `<out_dir>-smoke`."""
+    fast = OptimConfig(lr=1e-3, warmup_steps=0)
+    return dataclasses.replace(
+        cfg, smoke=True, out_dir=cfg.out_dir.rstrip("/") + "-smoke", eval_prompts=8,
+        log_every=1, base_model="", reward_model=None,
+        policy=ModelConfig(family="gpt_neox", vocab_size=TOKENIZER_VOCAB, d_model=32, n_layers=2,
+                           n_heads=4, d_ff=64, max_len=128, rotary_pct=0.5),
+        data=dataclasses.replace(cfg.data, data_dir="", manual_dir="", tokenizer="",
+                                 prompt_len=96, response_len=16),
+        sft=dataclasses.replace(cfg.sft, steps=4, batch_size=8, optim=fast),
+        rm=dataclasses.replace(cfg.rm, n_pairs=80, steps=4, batch_size=8, optim=fast),
+        rl=dataclasses.replace(cfg.rl, iterations=2, prompts_per_iter=8, minibatches=1),
+    )
+
+
 def from_args(args: list[str]) -> ExperimentConfig:
-    """Build the config from `exp=NAME key=value ...`."""
+    """Build the config from `exp=NAME key=value ...` (with `smoke=true`: on `smoke_config`)."""
     pairs = []
     for a in args:
         key, sep, value = a.lstrip("-").partition("=")
@@ -227,8 +317,11 @@ def from_args(args: list[str]) -> ExperimentConfig:
             raise ConfigError(f"argument {a!r}: expected key=value")
         pairs.append((key, value))
     exp = next((v for k, v in pairs if k == "exp"), "toy")
-    cfg = load_experiment(exp)
-    for key, value in pairs:
-        if key != "exp":
-            cfg = override(cfg, key, value)
-    return cfg
+
+    def build(base: ExperimentConfig) -> ExperimentConfig:
+        for key, value in pairs:
+            if key != "exp":
+                base = override(base, key, value)
+        return base
+    cfg = build(load_experiment(exp))
+    return build(smoke_config(load_experiment(exp))) if cfg.smoke else cfg

@@ -316,10 +316,9 @@ def load_pretrained(path_or_repo: str, mesh=None, **config_overrides):
                                 f"which does not fit the config: {e}") from e
         for p, arr in zip(m.ours, parts):
             _set(params, p, place(p, np.asarray(arr)))
-    fresh = M.init_params(cfg, jax.random.key(0))  # scalar heads: zero-initialised
-    for head in ("reward_head", "value_head"):
-        params[head] = jax.tree.map(lambda x, s: jax.device_put(x, s), fresh[head],
-                                    shardings[head])
+    for head in ("reward_head", "value_head"):  # zero-initialised, as `M.init_params` does
+        params[head] = jax.tree.map(lambda s, sh: jax.numpy.zeros(s.shape, s.dtype, device=sh),
+                                    shapes[head], shardings[head])
     return cfg, params
 
 

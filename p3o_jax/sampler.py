@@ -131,8 +131,9 @@ def nucleus_mask(probs, top_p: float):
     likely than j is < top_p (the smallest most-likely set reaching top_p; tokens tied at the
     boundary are all kept).
 
-    No sort (slow on CPU, and a gather under a vocab-sharded mesh): the threshold is found by
-    bisection on the float32 bit pattern, which orders non-negative floats; 32 masked sums.
+    No sort (slow on CPU; on a vocab-sharded mesh it would gather the vocabulary): the
+    threshold is found by bisection on the float32 bit pattern, which orders non-negative
+    floats, in 32 masked sums.
     """
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)                    # [B, M]
 
@@ -149,7 +150,8 @@ def nucleus_mask(probs, top_p: float):
 
 
 def _inverse_cdf(probs, uniforms):
-    """Index drawn from each row of probs [B, M] (zeros never drawn) with uniforms [B] in [0, 1)."""
+    """Index drawn from each row of unnormalised probs [B, M] (zeros are never drawn), given
+    uniforms [B] in [0, 1)."""
     cdf = jnp.cumsum(probs, -1)
     index = jnp.sum(cdf <= (uniforms * cdf[:, -1])[:, None], -1)
     return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
@@ -223,8 +225,9 @@ def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mas
              max_lengths=None) -> SampleOutput:
     """Sample one response per row.
 
-    prompts, prompt_mask: int [B, P], left-padded. keys: typed PRNG keys [B].
-    max_lengths: optional int [B] per-row limits (<= N). Returns a SampleOutput with [B, N].
+    prompts, prompt_mask: int [B, P], left-padded, at least one real token per row.
+    keys: typed PRNG keys [B]. max_lengths: optional int [B] per-row limits (clipped to N).
+    Returns a SampleOutput with [B, N].
 
     The cache is allocated inside the compiled program and updated in place by the loop, so
     no input buffer needs donating.

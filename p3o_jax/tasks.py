@@ -1,6 +1,7 @@
 """Tasks: where the pipeline's prompts, demonstrations and preference pairs come from.
 
-A task is any object with the attributes and methods of `Task`. Batches are addressed by step
+A task is any object with the attributes and methods of `Task`: `ToyRLHF` (the embedded
+synthetic task, with a gold reward) or `TextRLHF` (TL;DR and Anthropic HH, human labels). Batches are addressed by step
 (`sft_batch(batch_size, step)`, `prompts(n, split, start)`), so a resumed run asks for exactly
 the batches it would have seen. All arrays are numpy int32 with static shapes: prompts [n, P]
 left-padded, responses [n, N] right-padded, sequences [.., P + N].
@@ -10,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import grain
 import numpy as np
+import tensorflow_datasets as tfds
+import transformers
 
+from p3o_jax import data
+from p3o_jax.config import DataConfig
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
 # sample(prompt_ids [n, P], prompt_mask [n, P]) -> (responses [n, 2, N], response_mask [n, 2, N])
@@ -83,3 +89,94 @@ class ToyRLHF:
 
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int = 3):
         return self.toy.format_samples(prompt_ids, prompt_mask, response_ids, response_mask, n=n)
+
+
+class TextRLHF:
+    """TL;DR summarisation (`task="tldr"`) or Anthropic HH dialogue (`task="hh"`): the TFDS
+    datasets of `p3o_jax.data`, tokenised with an HF tokenizer (`data.pipeline` layout).
+
+    =================  ==========================================  ==========================
+    use                tldr                                        hh (`data.hh_subsets`)
+    =================  ==========================================  ==========================
+    sft_batch          tldr_sft train: post -> reference summary   train: dialogue -> chosen
+    prompts "rm"       tldr_comparisons train posts                train dialogues
+    prompts "rl"       tldr_sft train posts                        train dialogues
+    prompts "eval"     tldr_sft test posts                         test dialogues
+    preference_data    tldr_comparisons train: summaries[choice]   train: chosen, rejected
+                       first, then the other
+    =================  ==========================================  ==========================
+
+    Every stream is a seeded shuffle read by index (`data.make_examples`, `data.read_batch`):
+    step ``i`` always gets the same batch, and reading past the end continues into the next
+    epoch, reshuffled. The "rm" prompts are those of `preference_data`, in the same order.
+    Every process reads the whole (global) batch, as `sharding.shard_batch` expects; each
+    device keeps only its rows. The datasets are built into ``data_cfg.data_dir`` on
+    construction (no-op once built), so a bad upstream record stops the run here, with its
+    file and line, before anything compiles. Shapes: prompts [n, P] left-padded, responses
+    [n, N] right-padded, P = ``prompt_len``, N = ``response_len``.
+    """
+
+    gold_reward = None
+
+    def __init__(self, task: str, data_cfg: DataConfig, tokenizer: str, seed: int):
+        """``tokenizer``: an HF name or local folder (AutoTokenizer)."""
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
+        self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
+        data_dir = data_cfg.data_dir or None
+        if task == "tldr":
+            builds = ("tldr_sft", "tldr_comparisons")
+            demos, pairs, held_out = (("tldr_sft", "train"), ("tldr_comparisons", "train"),
+                                      ("tldr_sft", "test"))
+        else:
+            builds = tuple(f"hh_rlhf/{subset}" for subset in data_cfg.hh_subset_list)
+            demos = pairs = ("hh_rlhf", "train")
+            held_out = ("hh_rlhf", "test")
+        for name in builds:
+            data.prepare(name, data_dir, manual_dir=data_cfg.manual_dir or None,
+                         on_bad_record=data_cfg.on_bad_record)
+
+        def stream(use: int, dataset: str, split: str, kind: str) -> grain.MapDataset:
+            if dataset == "hh_rlhf":  # the subsets, one after another
+                source = data.Concatenated([tfds.data_source(name, split=split, data_dir=data_dir)
+                                            for name in builds])
+            else:
+                source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+            return data.make_examples(
+                source, self.tokenizer, dataset=dataset, kind=kind, prompt_len=self.prompt_len,
+                response_len=self.response_len, shard_options=grain.sharding.NoSharding(),
+                seed=int(np.random.SeedSequence([seed, use]).generate_state(1)[0]))
+
+        self._sft = stream(0, *demos, "sft")
+        self._preferences = stream(1, *pairs, "preference")
+        self._prompts = {"rm": stream(1, *pairs, "prompt"), "rl": stream(2, *demos, "prompt"),
+                         "eval": stream(3, *held_out, "prompt")}
+
+    def sft_batch(self, batch_size: int, step: int) -> dict:
+        return data.read_batch(self._sft, step * batch_size, batch_size)
+
+    def prompts(self, n: int, split: str, start: int = 0):
+        b = data.read_batch(self._prompts[split], start, n)
+        return b["prompt_ids"], b["prompt_mask"]
+
+    def preference_data(self, n_pairs: int, sample: SampleFn, seed: int) -> dict:
+        """The first ``n_pairs`` human comparisons of the shuffled train split (past its end:
+        the next, reshuffled epoch). ``sample`` and ``seed`` are not used: the responses and
+        labels are the human ones."""
+        b = data.read_batch(self._preferences, 0, n_pairs)
+        return pair_sequences(b["prompt_ids"], b["prompt_mask"],
+                              np.stack([b["chosen_ids"], b["rejected_ids"]], 1),
+                              np.stack([b["chosen_mask"], b["rejected_mask"]], 1))
+
+    def decode(self, ids, mask) -> list[str]:
+        """Rows of ids [n, L] with mask [n, L] -> the text of their real tokens."""
+        return [self.tokenizer.decode(row[m == 1], skip_special_tokens=True)
+                for row, m in zip(np.asarray(ids), np.asarray(mask))]
+
+    def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int = 3):
+        """The first ``n`` pairs; each prompt shown by its last 300 characters."""
+        rows = zip(self.decode(prompt_ids[:n], prompt_mask[:n]),
+                   self.decode(response_ids[:n], response_mask[:n]))
+        return "\n".join(f"prompt: {'...' if len(p) > 300 else ''}{p[-300:]}\n  response: {r}"
+                         for p, r in rows)

@@ -6,6 +6,11 @@ Stages run in order (`stages=sft,rm,rl`); a stage left out is loaded from `<out_
 Each stage writes its params there, metrics go to `<out_dir>/metrics.jsonl` and TensorBoard
 (`<out_dir>/tb`), the config to `<out_dir>/config.json`, and the final table to
 `<out_dir>/summary.json` and stdout.
+
+Checkpoints go to `<out_dir>/ckpt/<stage>`; running the same command again continues where the
+last run stopped (p3o_jax/checkpoint.py). Exit codes: 0 done, 1 too many non-finite updates in
+a row, 2 bad config (or a checkpoint written with another one), 75 stopped by SIGTERM/SIGINT with
+a checkpoint saved (run again to continue), 143/130 a second SIGTERM/SIGINT (immediate exit).
 """
 from __future__ import annotations
 
@@ -19,18 +24,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from p3o_jax import learners
+from p3o_jax import checkpoint, hf, learners
 from p3o_jax import model as M
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, validate
+from p3o_jax.checkpoint import StageCheckpoints, load_params, save_params, skip_nonfinite
+from p3o_jax.config import ConfigError, ExperimentConfig, from_args, validate, validate_models
+from p3o_jax.data import fixtures
 from p3o_jax.evaluate import evaluate_policy, summarize, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.rollout import response_logprobs, rollout_metrics, score
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 from p3o_jax.sharding import make_mesh, shard_batch
-from p3o_jax.tasks import Task, ToyRLHF
+from p3o_jax.tasks import Task, TextRLHF, ToyRLHF
 from p3o_jax.train_state import (create_state, jit_step, make_optimizer, param_shardings,
                                  state_shardings)
 
@@ -71,26 +77,6 @@ class Run:
         return shard_batch({"ids": ids, "mask": mask}, self.mesh)
 
 
-# ---------------------------------------------------------------------------------------------
-# params on disk (orbax)
-
-def save_params(path: str, params) -> None:
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, params, force=True)
-
-
-def load_params(path: str, model_cfgs, mesh):
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no saved stage here; run the stage that writes it "
-                                f"(stages=...) first")
-    shardings = param_shardings(model_cfgs, mesh)
-    shapes = jax.eval_shape(lambda: M.init_params(model_cfgs, jax.random.key(0)))
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(path, target)
-
-
 def init_sharded(model_cfg: M.ModelConfig, key, mesh):
     return jax.jit(lambda k: M.init_params(model_cfg, k),
                    out_shardings=param_shardings(model_cfg, mesh))(key)
@@ -104,20 +90,36 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
     tx = make_optimizer(optim, steps)
     shardings = state_shardings(model_cfg, tx, run.mesh)
     state = create_state(params, tx, shardings)
-    step = jit_step(learners.gradient_step(functools.partial(loss_fn, cfg=model_cfg)), shardings,
-                    batches(0), run.mesh)
-    bar = tqdm(range(steps), desc=stage, dynamic_ncols=True)
-    for i in bar:
-        state, metrics = step(state, shard_batch(batches(i), run.mesh))
-        if i % run.cfg.log_every == 0 or i == steps - 1:
-            m = run.logger.log(stage, i, metrics)
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
+    step = jit_step(skip_nonfinite(learners.gradient_step(functools.partial(loss_fn, cfg=model_cfg))),
+                    shardings, batches(0), run.mesh)
+    with StageCheckpoints(run.cfg, stage, steps, run.task) as ckpt:
+        state, meta = ckpt.restore(state)
+        bar = tqdm(range(meta["step"], steps), desc=stage, initial=meta["step"], total=steps,
+                   dynamic_ncols=True)
+        for i in bar:
+            state, metrics = step(state, shard_batch(batches(i), run.mesh))
+            if i % run.cfg.log_every == 0 or i == steps - 1 or metrics["skipped_nonfinite"]:
+                m = run.logger.log(stage, i, metrics)
+                bar.set_postfix(loss=f"{m['loss']:.3f}")
+            ckpt.end_step(i + 1, state, metrics)
+        ckpt.finish(state)
     return state.params
+
+
+def initial_policy(run: Run):
+    """SFT's starting params: `base_model`'s weights (its architecture is already
+    `run.policy_cfg`, see `with_base_model`), or `cfg.policy` initialised at random."""
+    if not run.cfg.base_model:
+        return init_sharded(run.policy_cfg, run.key(1), run.mesh)
+    p = run.policy_cfg
+    _, params = hf.load_pretrained(run.cfg.base_model, run.mesh, dtype=p.dtype,
+                                   param_dtype=p.param_dtype)
+    return params
 
 
 def stage_sft(run: Run):
     c = run.cfg.sft
-    params = init_sharded(run.policy_cfg, run.key(1), run.mesh)
+    params = initial_policy(run)
     return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss,
                             lambda i: run.task.sft_batch(c.batch_size, i), c.steps, c.optim)
 
@@ -203,7 +205,8 @@ def stage_rl(run: Run, sft_params, rm_params):
     tx = make_optimizer(rl.optim, rl.iterations * rl.epochs * rl.minibatches)
     shardings = state_shardings(model_cfgs, tx, mesh)
     state = create_state(params, tx, shardings)
-    update = learners.make_update(_loss_for(run), rl.epochs, rl.minibatches, cfg.seed)
+    update = skip_nonfinite(learners.make_update(_loss_for(run), rl.epochs, rl.minibatches,
+                                                 cfg.seed))
     scfg = run.sampling()
 
     @jax.jit
@@ -218,35 +221,42 @@ def stage_rl(run: Run, sft_params, rm_params):
         return buf, rollout_metrics(buf)
 
     update_jit = None
-    kl_coef = rl.beta
     policy_of = (lambda p: p["policy"]) if ppo else (lambda p: p)
-    bar = tqdm(range(rl.iterations), desc=f"rl:{cfg.algo}", dynamic_ncols=True)
-    for it in bar:
-        p = run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
-        t0 = time.perf_counter()
-        samples = sample_pairs(policy_of(state.params), run.policy_cfg, scfg, p["ids"], p["mask"],
-                               run.key(4, it), n=rl.n_samples)
-        jax.block_until_ready(samples)
-        t1 = time.perf_counter()
-        buffer, roll = make_buffer(policy_of(state.params),
-                                   state.params["critic"] if ppo else None,
-                                   p["ids"], p["mask"], samples, kl_coef)
-        buffer = _scale_delta(buffer, rl) if cfg.algo == "p3o" else buffer
-        buffer.pop("entropy")
-        jax.block_until_ready(buffer)
-        t2 = time.perf_counter()
-        if update_jit is None:
-            update_jit = jit_step(update, shardings, buffer, mesh)
-        state, metrics = update_jit(state, buffer)
-        jax.block_until_ready(state)
-        t3 = time.perf_counter()
-        metrics = {**roll, **metrics, "kl_coef": kl_coef, "time_generate": t1 - t0,
-                   "time_score": t2 - t1, "time_update": t3 - t2}
-        m = run.logger.log("rl", it, metrics)
-        bar.set_postfix(rm=f"{m['rm_reward']:.2f}", kl=f"{m['kl_k1']:.2f}")
-        if ppo and rl.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019)
-            err = np.clip(m["kl_k1"] / rl.target_kl - 1, -0.2, 0.2)
-            kl_coef *= 1 + err * rl.prompts_per_iter * rl.n_samples / rl.kl_horizon
+    # Prompts and sampling keys are addressed by the iteration, the update's shuffles by the
+    # optimizer step: the iteration (and PPO's KL coefficient) is all a checkpoint adds to state.
+    with StageCheckpoints(cfg, "rl", rl.iterations, run.task) as ckpt:
+        state, meta = ckpt.restore(state, kl_coef=rl.beta)
+        kl_coef = meta["kl_coef"]
+        bar = tqdm(range(meta["step"], rl.iterations), desc=f"rl:{cfg.algo}",
+                   initial=meta["step"], total=rl.iterations, dynamic_ncols=True)
+        for it in bar:
+            p = run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
+            t0 = time.perf_counter()
+            samples = sample_pairs(policy_of(state.params), run.policy_cfg, scfg, p["ids"],
+                                   p["mask"], run.key(4, it), n=rl.n_samples)
+            jax.block_until_ready(samples)
+            t1 = time.perf_counter()
+            buffer, roll = make_buffer(policy_of(state.params),
+                                       state.params["critic"] if ppo else None,
+                                       p["ids"], p["mask"], samples, kl_coef)
+            buffer = _scale_delta(buffer, rl) if cfg.algo == "p3o" else buffer
+            buffer.pop("entropy")
+            jax.block_until_ready(buffer)
+            t2 = time.perf_counter()
+            if update_jit is None:
+                update_jit = jit_step(update, shardings, buffer, mesh)
+            state, metrics = update_jit(state, buffer)
+            jax.block_until_ready(state)
+            t3 = time.perf_counter()
+            metrics = {**roll, **metrics, "kl_coef": kl_coef, "time_generate": t1 - t0,
+                       "time_score": t2 - t1, "time_update": t3 - t2}
+            m = run.logger.log("rl", it, metrics)
+            bar.set_postfix(rm=f"{m['rm_reward']:.2f}", kl=f"{m['kl_k1']:.2f}")
+            if ppo and rl.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019)
+                err = float(np.clip(m["kl_k1"] / rl.target_kl - 1, -0.2, 0.2))
+                kl_coef *= 1 + err * rl.prompts_per_iter * rl.n_samples / rl.kl_horizon
+            ckpt.end_step(it + 1, state, m, kl_coef=kl_coef)
+        ckpt.finish(state, kl_coef=kl_coef)
     return policy_of(state.params)
 
 
@@ -274,18 +284,23 @@ def stage_dpo_offline(run: Run, sft_params):
     tx = make_optimizer(rl.optim, steps * rl.minibatches)
     shardings = state_shardings(run.policy_cfg, tx, mesh)
     state = create_state(jax.tree.map(jnp.copy, sft_params), tx, shardings)
-    update = learners.make_update(_loss_for(run), 1, rl.minibatches, run.cfg.seed)
+    update = skip_nonfinite(learners.make_update(_loss_for(run), 1, rl.minibatches, run.cfg.seed))
     rng = np.random.default_rng(run.cfg.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(rl.dpo_epochs)])
     update_jit = None
-    for it in tqdm(range(steps), desc="rl:dpo_offline", dynamic_ncols=True):
-        idx = order[it * chunk:(it + 1) * chunk]
-        batch = shard_batch({k: v[idx] for k, v in data.items()}, mesh)
-        if update_jit is None:
-            update_jit = jit_step(update, shardings, batch, mesh)
-        state, metrics = update_jit(state, batch)
-        if it % run.cfg.log_every == 0 or it == steps - 1:
-            run.logger.log("rl", it, metrics)
+    with StageCheckpoints(run.cfg, "rl", steps, run.task) as ckpt:
+        state, meta = ckpt.restore(state)
+        for it in tqdm(range(meta["step"], steps), desc="rl:dpo_offline", initial=meta["step"],
+                       total=steps, dynamic_ncols=True):
+            idx = order[it * chunk:(it + 1) * chunk]
+            batch = shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+            if update_jit is None:
+                update_jit = jit_step(update, shardings, batch, mesh)
+            state, metrics = update_jit(state, batch)
+            if it % run.cfg.log_every == 0 or it == steps - 1 or metrics["skipped_nonfinite"]:
+                run.logger.log("rl", it, metrics)
+            ckpt.end_step(it + 1, state, metrics)
+        ckpt.finish(state)
     return state.params
 
 
@@ -321,14 +336,32 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
 
 
 def make_task(cfg: ExperimentConfig) -> Task:
+    """The task of `cfg.task`. Real data is built here, before anything compiles; with
+    `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`."""
     if cfg.task == "toy":
         return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
-    raise ConfigError(f"config key 'task': {cfg.task!r} is not available yet")
+    data_cfg = (fixtures.smoke_data(cfg.data, cfg.task, os.path.join(cfg.out_dir, "smoke_data"))
+                if cfg.smoke else cfg.data)
+    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model, cfg.seed)
+
+
+def with_base_model(cfg: ExperimentConfig) -> ExperimentConfig:
+    """With `base_model` set, the policy's architecture is the checkpoint's (`cfg.policy` keeps
+    its say on dtype and param_dtype only), validated as a configured one would be."""
+    if not cfg.base_model:
+        return cfg
+    p = cfg.policy
+    policy = hf.config_from_hf(hf.resolve(cfg.base_model), dtype=p.dtype,
+                               param_dtype=p.param_dtype)
+    cfg = dataclasses.replace(cfg, policy=policy)
+    validate_models(cfg)
+    return cfg
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     validate(cfg, jax.device_count())
     task = make_task(cfg)
+    cfg = with_base_model(cfg)
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
@@ -338,24 +371,35 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=jax.process_index() == 0))
     stages = cfg.stage_list
-    with jax.set_mesh(mesh):
-        if "sft" in stages:
-            sft = stage_sft(run)
-            save_params(run.path("sft"), sft)
-        else:
-            sft = load_params(run.path("sft"), run.policy_cfg, mesh)
-        if "rm" in stages:
-            rm = stage_rm(run, sft)
-            save_params(run.path("rm"), rm)
-        else:
-            rm = load_params(run.path("rm"), run.rm_cfg, mesh)
-        policy = None
-        if "rl" in stages:
-            policy = stage_rl(run, sft, rm)
-            save_params(run.path(cfg.algo), policy)
-        summary = final_table(run, sft, policy, rm)
-    run.logger.close()
-    return summary
+    if not cfg.resume:
+        for name in stages:
+            checkpoint.discard(cfg, name)
+
+    def stage(name, output, model_cfg, train):
+        """`train()` the stage and save its params to `<out_dir>/<output>`, or load them from
+        there if the stage is left out or finished in an earlier run."""
+        path = run.path(output)
+        done = (name in stages and cfg.resume and checkpoint.finished(cfg, name)
+                and os.path.isdir(path))
+        if done:
+            print(f"{name}: finished in an earlier run, loading {path}", file=sys.stderr)
+        if name not in stages or done:
+            return load_params(path, model_cfg, mesh)
+        checkpoint.stop_if_preempted(f"before the {name} stage")
+        params = train()
+        save_params(path, params)
+        return params
+
+    try:
+        with jax.set_mesh(mesh), checkpoint.handle_preemption():
+            sft = stage("sft", "sft", run.policy_cfg, lambda: stage_sft(run))
+            rm = stage("rm", "rm", run.rm_cfg, lambda: stage_rm(run, sft))
+            policy = (stage("rl", cfg.algo, run.policy_cfg, lambda: stage_rl(run, sft, rm))
+                      if "rl" in stages else None)
+            checkpoint.stop_if_preempted("before the final evaluation")
+            return final_table(run, sft, policy, rm)
+    finally:
+        run.logger.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_experiment(cfg)
+    try:
+        run_experiment(cfg)
+    except ConfigError as e:  # also: a checkpoint written with an incompatible config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except checkpoint.Preempted as e:
+        print(e, file=sys.stderr)
+        return checkpoint.EXIT_PREEMPTED
     return 0
 
 

@@ -90,7 +90,8 @@ def test_cached_decoding_matches_full_forward(family):
 
     # The compiled while_loop path: sampled log-probs equal the full forward's at every token.
     scfg = S.SamplingConfig(max_new_tokens=N)
-    out = S.generate(params, cfg, scfg, prompts, prompt_mask, jax.random.split(jax.random.key(2), B))
+    keys = jax.random.split(jax.random.key(2), B)
+    out = S.generate(params, cfg, scfg, prompts, prompt_mask, keys)
     full = log_softmax_full_forward(params, cfg, prompts, prompt_mask, out.tokens, out.mask)
     expected = jnp.take_along_axis(full, out.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out.logprobs, expected, atol=2e-5)
@@ -112,8 +113,8 @@ def test_greedy_matches_transformers_generate(tmp_path):
     def theirs(eos):
         with torch.no_grad():
             seqs = torch_model.generate(
-                input_ids=torch.as_tensor(np.asarray(prompts), dtype=torch.long),
-                attention_mask=torch.as_tensor(np.asarray(prompt_mask), dtype=torch.long),
+                input_ids=torch.tensor(np.array(prompts), dtype=torch.long),
+                attention_mask=torch.tensor(np.array(prompt_mask), dtype=torch.long),
                 do_sample=False, max_new_tokens=N, pad_token_id=pad,
                 eos_token_id=eos if eos is not None else cfg.vocab_size)  # vocab_size: never hit
         resp = seqs[:, P:].numpy()                 # shorter than N if all rows stopped early
@@ -191,7 +192,8 @@ def test_keys_determine_samples():
     assert (a[:, 0] != a[:, 1]).mean() > 0.5          # the two responses of a pair differ
     # The first tokens are `sample_token` at step 0 on the prompts' next-token logits.
     last = full_logits(params, cfg, prompts, prompt_mask)[:, -1]
-    first, _, _ = S.sample_token(scfg, jnp.repeat(last, n, 0), S.pair_keys(jax.random.key(0), B, n), 0)
+    keys = S.pair_keys(jax.random.key(0), B, n)
+    first, _, _ = S.sample_token(scfg, jnp.repeat(last, n, 0), keys, 0)
     np.testing.assert_array_equal(a[:, :, 0].reshape(-1), first)
 
 
@@ -244,7 +246,8 @@ def test_eos_and_length_limits_stop_rows_and_exit_early():
     np.testing.assert_array_equal(out.tokens, np.where(live, free_tokens, 0))
     assert out.tokens[0, lengths[0] - 1] == eos                     # EOS kept, masked 1
     np.testing.assert_allclose(out.logprobs, np.where(live, free.logprobs, 0.0), atol=1e-6)
-    assert (np.asarray(out.logprobs)[~live] == 0).all() and (np.asarray(out.raw_logprobs)[~live] == 0).all()
+    assert (np.asarray(out.logprobs)[~live] == 0).all()
+    assert (np.asarray(out.raw_logprobs)[~live] == 0).all()
     assert (np.asarray(out.logprobs)[live] < 0).all()
     assert int(out.num_steps) == lengths.max() < N                  # the loop exited early
 

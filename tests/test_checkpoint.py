@@ -1,0 +1,283 @@
+"""Long runs never lose work: a run killed (SIGKILL) or stopped (SIGTERM) at a random step and
+run again ends bit for bit where an uninterrupted run does; a corrupt newest checkpoint is
+skipped for the one before; non-finite updates are skipped, then stop the run; a checkpoint
+written with another model shape stops the resume naming the field.
+
+The runs are `python -m p3o_jax.train` subprocesses on a config smaller than test_pipeline's
+`tiny`, sharing a persistent XLA compilation cache (in .pytest_cache) so that only the first
+session pays the compiles.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from p3o_jax import learners
+from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
+from p3o_jax.config import from_args
+from p3o_jax.tasks import ToyRLHF
+from p3o_jax.train import main, run_experiment
+from p3o_jax.train_state import TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = {"sft": 8, "rm": 6, "rl": 4}
+ARGS = ["exp=toy", "eval_prompts=32", "log_every=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+        "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
+        f"sft.steps={STEPS['sft']}", "sft.batch_size=16",
+        "rm.n_pairs=160", f"rm.steps={STEPS['rm']}", "rm.batch_size=16",
+        f"rl.iterations={STEPS['rl']}", "rl.prompts_per_iter=16", "rl.epochs=1", "rl.minibatches=1",
+        "rl.optim.lr=3e-3", "rl.optim.warmup_steps=0",
+        "checkpoint.every_steps=2", "checkpoint.every_minutes=0"]
+RUN_TIMEOUT = 300
+
+
+def cli_args(out_dir, *extra) -> list[str]:
+    return [*ARGS, f"out_dir={out_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def env(pytestconfig):
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(pytestconfig.cache.mkdir("xla-cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+class Training:
+    """`python -m p3o_jax.train` in the background (output in `<out_dir>.log`); killed on exit
+    from the `with` block if still running, so no test leaves a process behind."""
+
+    def __init__(self, out_dir, env, *extra):
+        self.out_dir, self.log = out_dir, open(f"{out_dir}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "p3o_jax.train", *cli_args(out_dir, *extra)],
+                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def wait_until(self, target: tuple[str, int], timeout: float = RUN_TIMEOUT) -> None:
+        """Until the run has logged step `target` = (stage, step) or later, and has saved a
+        checkpoint."""
+        deadline = time.monotonic() + timeout
+        while not (progress(self.out_dir) >= position(*target) and checkpoints(self.out_dir)):
+            assert self.proc.poll() is None, f"the run ended early: {self.output()}"
+            assert time.monotonic() < deadline, f"no progress to {target}: {self.output()}"
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+
+def run_to_end(out_dir, env, *extra) -> str:
+    with Training(out_dir, env, *extra) as t:
+        rc = t.proc.wait(timeout=RUN_TIMEOUT)
+        assert rc == 0, t.output()
+        return t.output()
+
+
+def position(stage: str, step: int) -> int:
+    return list(STEPS).index(stage) * 1000 + step
+
+
+def progress(out_dir) -> int:
+    rows = metrics(out_dir)
+    return max((position(*k) for k in rows), default=-1)
+
+
+def metrics(out_dir) -> dict:
+    """(stage, step) -> metrics, without timings; a step run again after a kill logs again,
+    the last line counts."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.endswith("\n")]
+    return {(r["stage"], r["step"]): {k: v for k, v in r.items()
+                                      if k != "time" and not k.startswith("time_")} for r in rows}
+
+
+def checkpoints(out_dir) -> list[str]:
+    root = os.path.join(out_dir, "ckpt")
+    return [f"{stage}/{step}" for stage in (os.listdir(root) if os.path.isdir(root) else [])
+            for step in os.listdir(os.path.join(root, stage)) if step.isdigit()]
+
+
+def load(path):
+    with ocp.StandardCheckpointer() as ckpt:
+        return jax.device_get(ckpt.restore(os.path.abspath(path)))
+
+
+def assert_same_run(expected, actual):
+    """Final params of every stage bitwise equal, the same metrics at every step (NaN-free, so
+    == is exact), the same final table."""
+    for stage in ("sft", "rm", "p3o"):
+        a, b = load(os.path.join(expected, stage)), load(os.path.join(actual, stage))
+        assert jax.tree.structure(a) == jax.tree.structure(b), stage
+        differ = [jax.tree_util.keystr(k) for (k, x), y in
+                  zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))
+                  if not np.array_equal(x, y)]
+        assert not differ, f"{stage} params differ: {differ}"
+    assert metrics(expected) == metrics(actual)
+    with open(os.path.join(expected, "summary.json")) as f, \
+            open(os.path.join(actual, "summary.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def random_step(seed: int) -> tuple[str, int]:
+    """A step of any stage but the RL stage's last two (so that the run is still going when
+    the test acts on it)."""
+    steps = [(s, i) for s, n in STEPS.items() for i in range(n)][:-2]
+    return random.Random(seed).choice(steps)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("ckpt") / "reference"
+    run_to_end(out, env)
+    return out
+
+
+def test_kill9_then_rerun_matches_uninterrupted(reference, env, tmp_path):
+    seed = random.randrange(1 << 30)
+    target = random_step(seed)
+    out = tmp_path / "run"
+    with Training(out, env) as t:
+        t.wait_until(target)
+        t.proc.send_signal(signal.SIGKILL)
+        assert t.proc.wait(timeout=30) == -signal.SIGKILL
+    print(f"killed at {target} (seed {seed}); checkpoints: {sorted(checkpoints(out))}")
+    log = run_to_end(out, env)
+    assert "resuming at step" in log or "finished in an earlier run" in log, log
+    assert_same_run(reference, out)
+
+
+def test_sigterm_checkpoints_exits_and_resumes(reference, env, tmp_path):
+    seed = random.randrange(1 << 30)
+    target = random_step(seed)
+    out = tmp_path / "run"
+    with Training(out, env) as t:
+        t.wait_until(target)
+        sent = time.monotonic()
+        t.proc.send_signal(signal.SIGTERM)
+        assert t.proc.wait(timeout=60) == EXIT_PREEMPTED, t.output()
+        print(f"SIGTERM at {target} (seed {seed}): exited after {time.monotonic() - sent:.1f} s")
+        assert "stopped by a signal" in t.output()
+    stage, done = max(((c.split("/")[0], int(c.split("/")[1])) for c in checkpoints(out)),
+                      key=lambda c: position(*c))
+    log = run_to_end(out, env)
+    if done < STEPS[stage]:  # stopped inside a stage: it continues from the signal's checkpoint
+        assert f"{stage}: resuming at step {done} of {STEPS[stage]}" in log, log
+    assert_same_run(reference, out)
+
+
+def test_second_signal_exits_at_once(env):
+    script = textwrap.dedent("""
+        import os, signal, time
+        from p3o_jax.checkpoint import handle_preemption, preemption_requested
+        with handle_preemption():
+            os.kill(os.getpid(), signal.SIGTERM)
+            while not preemption_requested():
+                time.sleep(0.01)
+            print("stopping", flush=True)
+            time.sleep(60)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "stopping\n"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        assert time.monotonic() - sent < 5
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, env, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "p3o")  # the RL stage has to run again, from its checkpoints
+    newest = out / "ckpt" / "rl" / str(STEPS["rl"])
+    for f in (newest / "state" / "d").iterdir():  # the array data, cut in half
+        os.truncate(f, f.stat().st_size // 2)
+    log = run_to_end(out, env)
+    assert "does not read back" in log and "rl: resuming at step 2 of 4" in log, log
+    assert any(p.name.startswith(f"corrupt-{STEPS['rl']}-") for p in newest.parent.iterdir())
+    assert_same_run(reference, out)
+
+
+def test_changed_model_shape_stops_resume_naming_the_field(reference, tmp_path, capsys):
+    shutil.copytree(reference / "ckpt", tmp_path / "ckpt")
+    assert main(cli_args(tmp_path, "policy.d_model=64")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "ckpt/sft was written with policy.d_model=32" in err[0] \
+        and "this run has policy.d_model=64" in err[0], err
+
+
+def test_skip_nonfinite_keeps_the_state_exactly():
+    tx = optax.adam(0.1)
+    state = TrainState.create({"w": jnp.arange(3.0)}, tx)
+
+    def step(state, batch):
+        loss = jnp.sum(state.params["w"] * batch)
+        grads = {"w": batch}
+        return state.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    guarded = jax.jit(skip_nonfinite(step))
+    new, m = guarded(state, jnp.ones(3))
+    assert m["skipped_nonfinite"] == 0 and new.step == 1
+    for bad in (jnp.array([1.0, jnp.nan, 1.0]), jnp.array([jnp.inf, 0.0, 0.0])):
+        same, m = guarded(new, bad)
+        assert m["skipped_nonfinite"] == 1
+        assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), same, new)))
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """NaN loss and gradients at SFT steps 3 and 5, 6, 7 (test hook: a `poison` column in the
+    batch scales the loss by NaN): each update is skipped and logged, the third in a row stops
+    the run; every checkpoint holds a finite state that has not seen them."""
+    poisoned = {3, 5, 6, 7}
+    sft_batch, sft_loss = ToyRLHF.sft_batch, learners.sft_loss
+    monkeypatch.setattr(ToyRLHF, "sft_batch", lambda self, n, step: dict(
+        sft_batch(self, n, step), poison=np.full(n, step in poisoned, np.float32)))
+
+    def poisoned_loss(params, batch, cfg):
+        loss, m = sft_loss(params, batch, cfg)
+        return loss * jnp.where(batch["poison"].any(), jnp.nan, 1.0), m
+    monkeypatch.setattr(learners, "sft_loss", poisoned_loss)
+    cfg = from_args(cli_args(tmp_path, "stages=sft", "checkpoint.max_nonfinite=3"))
+    with pytest.raises(NonFiniteError, match="3 non-finite updates in a row"), \
+            pytest.warns(RuntimeWarning, match="update skipped"):
+        run_experiment(cfg)
+    rows = metrics(tmp_path)
+    assert [rows["sft", i]["skipped_nonfinite"] for i in range(8)] == [0, 0, 0, 1, 0, 1, 1, 1]
+    assert np.isnan(rows["sft", 3]["loss"]) and np.isfinite(rows["sft", 4]["loss"])
+    assert not (tmp_path / "sft").exists()
+    directory = tmp_path / "ckpt" / "sft"
+    manager = ocp.CheckpointManager(directory)
+    assert manager.all_steps() == [2, 4, 6]  # nothing saved at the failing step
+    for saved, updates in ((2, 2), (4, 3), (6, 4)):  # skipped steps did not update
+        r = manager.restore(saved, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                           meta=ocp.args.JsonRestore()))
+        assert int(r.state["step"]) == updates and r.meta["step"] == saved
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(r.state["params"]))
+    manager.close()

@@ -1,0 +1,150 @@
+"""Real-data tasks offline: `TextRLHF` on the upstream-format fixtures, the `smoke=true` runs of
+EXP=tldr and EXP=hh end to end (SFT -> RM -> P3O on 8 fake devices), and a bad upstream record
+stopping the run before anything compiles."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from p3o_jax import config as C
+from p3o_jax import hf
+from p3o_jax import model as M
+from p3o_jax import train
+from p3o_jax.data import DataError, fixtures
+from p3o_jax.tasks import TextRLHF
+
+
+def smoke_args(tmp_path, exp, *extra):
+    return [f"exp={exp}", "smoke=true", f"out_dir={tmp_path}", *extra]
+
+
+def records(path, stage):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["stage"] == stage]
+
+
+@pytest.fixture(scope="module")
+def tldr_task(tmp_path_factory):
+    """The smoke run's TL;DR task (no model involved)."""
+    cfg = C.from_args(smoke_args(tmp_path_factory.mktemp("tldr_task"), "tldr"))
+    return train.make_task(cfg), cfg
+
+
+def test_tldr_task_batches_are_static_and_addressed_by_step(tldr_task):
+    task, cfg = tldr_task
+    P, N = cfg.data.prompt_len, cfg.data.response_len
+    assert (P, N) == (task.prompt_len, task.response_len) and task.gold_reward is None
+    b = task.sft_batch(8, 3)
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+        k: ((8, P + N), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
+    again = train.make_task(cfg).sft_batch(8, 3)          # a resumed run: same batch at step 3
+    assert all((b[k] == again[k]).all() for k in b)
+    assert not (task.sft_batch(8, 4)["input_ids"] == b["input_ids"]).all()
+    for split in ("rm", "rl", "eval"):
+        ids, mask = task.prompts(6, split, start=5)
+        assert ids.shape == mask.shape == (6, P)
+        assert (mask[:, -1] == 1).all()                      # left-padded
+        texts = task.decode(ids, mask)
+        assert all(t.startswith("SUBREDDIT: r/") and t.endswith("\n\nTL;DR:") for t in texts)
+    eval_titles = {r["title"] for r in fixtures.TLDR_POSTS["test"]}
+    assert all(t.split("\n")[1][len("TITLE: "):] in eval_titles
+               for t in task.decode(*task.prompts(8, "eval")))
+
+
+def test_tldr_preferences_are_the_human_labels(tldr_task):
+    task, cfg = tldr_task
+    data = task.preference_data(6, sample=None, seed=0)
+    P, N = task.prompt_len, task.response_len
+    assert data["tokens"].shape == data["mask"].shape == (6, 2, P + N)
+    assert data["resp_mask"].shape == (6, 2, N) and "gold" not in data
+    labelled = {}
+    for recs in fixtures.COMPARISONS.values():
+        for r in recs:
+            if r["split"] == "train":
+                labelled[r["info"]["title"]] = (r["summaries"][r["choice"]]["text"].strip(),
+                                                r["summaries"][1 - r["choice"]]["text"].strip())
+    rm_prompts = task.decode(*task.prompts(6, "rm"))
+    for i in range(6):
+        prompt = task.decode(data["tokens"][i, :1, :P], data["mask"][i, :1, :P])[0]
+        assert prompt == rm_prompts[i]                       # "rm" prompts: the pairs' prompts
+        responses = task.decode(data["tokens"][i, :, P:], data["resp_mask"][i])
+        for text, label in zip(responses, labelled[prompt.split("\n")[1][len("TITLE: "):]]):
+            assert text and (" " + label).startswith(text)     # cut to N tokens
+
+
+def check_run(path, summary, algo="p3o"):
+    for stage in ("sft", "rm", "rl"):
+        logged = records(path, stage)
+        assert logged, f"stage {stage} logged nothing"
+        for r in logged:
+            assert all(np.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    rows = {r["policy"]: r for r in summary["rows"]}
+    assert set(rows) == {"sft", algo}
+    assert all(np.isfinite(v) for row in rows.values() for v in row.values()
+               if isinstance(v, float))
+    for name in ("sft", "rm", algo, "config.json", "summary.json", "preferences.npz", "tb"):
+        assert os.path.exists(os.path.join(path, name)), name
+
+
+def test_tldr_smoke_runs_every_stage(tmp_path, capsys):
+    assert train.main(smoke_args(tmp_path, "tldr")) == 0
+    summary = json.load(open(tmp_path / "summary.json"))
+    check_run(tmp_path, summary)
+    sft = records(tmp_path, "sft")
+    assert sft[-1]["loss"] < sft[0]["loss"]
+    assert "TL;DR:" in capsys.readouterr().out              # the decoded samples
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["smoke"] is True
+    prefs = np.load(tmp_path / "preferences.npz")
+    assert prefs["tokens"].shape == (80, 2, 96 + 16)
+
+
+def test_hh_smoke_from_a_saved_base_model(tmp_path):
+    """HH over two subsets, SFT starting from an HF folder: the policy config is the folder's."""
+    policy = C.smoke_config(C.load_experiment("hh")).policy
+    base = tmp_path / "base"
+    hf.save_pretrained(M.init_params(policy, jax.random.key(7)), policy, str(base))
+    args = smoke_args(tmp_path / "run", "hh", f"base_model={base}", "policy.d_model=16",
+                      "data.hh_subsets=helpful-base,harmless-base")
+    summary = train.run_experiment(C.from_args(args))
+    check_run(tmp_path / "run", summary)
+    with open(tmp_path / "run" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["policy"]["d_model"] == policy.d_model      # from base_model, not the override
+    assert saved["base_model"] == str(base)
+
+
+def test_bad_upstream_record_stops_the_run_before_compiling(tmp_path, monkeypatch):
+    manual = tmp_path / "upstream"
+    fixtures.write_upstream(manual, "tldr", ())
+    bad = dict(fixtures.COMPARISONS["batch3.json"][1], choice=2)
+    fixtures.write_jsonl(manual / "batch3.json", [fixtures.COMPARISONS["batch3.json"][0], bad])
+    monkeypatch.setattr(train, "initial_policy", lambda run: pytest.fail("got to SFT"))
+    cfg = C.from_args(smoke_args(tmp_path / "run", "tldr", f"data.manual_dir={manual}"))
+    with pytest.raises(DataError, match=r"batch3\.json:2: field 'choice' must be 0 or 1, got 2"):
+        train.run_experiment(cfg)
+    assert not os.path.exists(tmp_path / "run" / "sft")
+
+
+def test_smoke_config_keeps_explicit_overrides():
+    cfg = C.from_args(["exp=tldr", "sft.steps=7", "smoke=true", "out_dir=/tmp/o"])
+    assert (cfg.sft.steps, cfg.out_dir, cfg.base_model) == (7, "/tmp/o", "")
+    assert cfg.rl.iterations == 2 and cfg.data.prompt_len == 96
+    real = C.from_args(["exp=tldr"])
+    assert not real.smoke and real.base_model and real.data.prompt_len == 512
+
+
+@pytest.mark.parametrize("args, key", [
+    (["exp=hh", "data.hh_subsets=helpful-basic"], "data.hh_subsets"),
+    (["exp=tldr", "data.on_bad_record=ignore"], "data.on_bad_record"),
+    (["exp=tldr", "base_model="], "data.tokenizer"),
+    (["exp=tldr", "base_model=", "data.tokenizer=gpt2", "policy.max_len=256"], "data.response_len"),
+    (["exp=tldr", "data.prompt_len=0"], "data.prompt_len"),
+    (["exp=toy", "smoke=true"], "smoke"),
+])
+def test_data_config_errors_name_the_key(args, key, capsys):
+    assert train.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0], err
