@@ -19,8 +19,8 @@ gpt_neox, llama or qwen2 checkpoint with safetensors); the tokenizer follows unl
 Sharding: the default mesh (data=1, fsdp=-1, tensor=1) puts every device on `fsdp` (ZeRO-3
 style: batch and parameters split), which is right for one GPU (a 1x1x1 mesh), a TPU v4-8
 (4 chips) and a v5e-8 (8 chips) alike; batch sizes are multiples of 8. For >= 6.9B models
-on TPU add tensor parallelism, e.g. `mesh.fsdp=4 mesh.tensor=2` on a v5e-8; several hosts
-(e.g. a v4-32): `mesh.data=<hosts> mesh.fsdp=-1`.
+add tensor parallelism, e.g. `mesh.fsdp=4 mesh.tensor=2` on a v5e-8. Memory is lowered by
+smaller `sft.batch_size` / `rm.batch_size`, more `rl.minibatches`, fewer `eval_prompts`.
 """
 from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, RLConfig, RMConfig,
                             SFTConfig)

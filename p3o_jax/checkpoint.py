@@ -165,9 +165,10 @@ def skip_nonfinite(step_fn):
 # config compatibility
 
 # Fields that do not change what a stage computes: where and how often it writes, the final
-# evaluation, and how the work is split over devices (a checkpoint restores onto any mesh).
+# evaluation, how the work is split over devices (a checkpoint restores onto any mesh), and what
+# a bad data record does (with "raise" the run stopped before its first checkpoint).
 _NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "log_every",
-            "eval_prompts")
+            "eval_prompts", "data.on_bad_record")
 # Fields a stage does not read (those of later stages)...
 _UNREAD = {"sft": ("algo", "reward_model", "rm", "rl"), "rm": ("algo", "rl"), "rl": ()}
 # ...except the sampling settings the rm stage draws its preference pairs with.
@@ -176,7 +177,8 @@ _READ_ANYWAY = {"rm": ("rl.temperature", "rl.top_k", "rl.top_p", "rl.prompts_per
 
 def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict) and tree:
-        return {k: v for name, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{name}.").items()}
+        return {k: v for name, sub in tree.items()
+                for k, v in _flatten(sub, f"{prefix}{name}.").items()}
     return {prefix[:-1]: tree}
 
 
@@ -266,7 +268,7 @@ class StageCheckpoints:
             try:
                 saved = self.manager.restore(step, args=ocp.args.Composite(
                     config=ocp.args.JsonRestore())).config
-            except Exception as e:  # noqa: BLE001 - whatever the damage, try the one before
+            except Exception as e:  # whatever the damage: try the one before
                 self._move_aside(step, e)
                 continue
             if diff := config_differences(self.stage, saved, self.config):
@@ -277,7 +279,7 @@ class StageCheckpoints:
                     f"(use the same settings, another out_dir, or resume=false to start over)")
             try:
                 return self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self._move_aside(step, e)
         return None
 
@@ -322,7 +324,8 @@ class StageCheckpoints:
         else:
             self.nonfinite_streak = 0
         preempted = preemption_requested() or self.manager.reached_preemption(step)
-        self.manager.save(step, args=self._args(step, state, extra), force=preempted)
+        if preempted or self.manager.should_save(step):
+            self.manager.save(step, args=self._args(step, state, extra), force=True)
         if preempted:
             self.manager.wait_until_finished()
             raise Preempted(f"stopped by a signal after {self.stage} step {step - 1}, checkpoint "

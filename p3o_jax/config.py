@@ -117,7 +117,8 @@ class CheckpointConfig:
     """Per-stage checkpoints under `<out_dir>/ckpt/<stage>` (p3o_jax/checkpoint.py); a stage
     also saves on a signal and at its end."""
     every_steps: int = 100          # save every N steps (0: off)
-    every_minutes: float = 10.0     # save when M minutes have passed since the last save (0: off)
+    every_minutes: float = 10.0     # save after the first step, then whenever M minutes have
+                                    # passed since the last save (0: off)
     keep: int = 3                   # keep the last K checkpoints of each stage
     async_save: bool = True         # write in the background while training goes on
     max_nonfinite: int = 5          # stop after K non-finite updates in a row (each is skipped)
@@ -247,7 +248,7 @@ def validate(cfg: ExperimentConfig, n_devices: int) -> None:
     need(c.keep > 0, "checkpoint.keep", "must be > 0")
     need(c.max_nonfinite > 0, "checkpoint.max_nonfinite", "must be > 0")
     if cfg.task == "toy":
-        need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline already")
+        need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline")
         return
     d = cfg.data
     need(d.prompt_len > 0, "data.prompt_len", "must be > 0")

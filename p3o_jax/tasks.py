@@ -1,10 +1,10 @@
 """Tasks: where the pipeline's prompts, demonstrations and preference pairs come from.
 
 A task is any object with the attributes and methods of `Task`: `ToyRLHF` (the embedded
-synthetic task, with a gold reward) or `TextRLHF` (TL;DR and Anthropic HH, human labels). Batches are addressed by step
-(`sft_batch(batch_size, step)`, `prompts(n, split, start)`), so a resumed run asks for exactly
-the batches it would have seen. All arrays are numpy int32 with static shapes: prompts [n, P]
-left-padded, responses [n, N] right-padded, sequences [.., P + N].
+synthetic task, with a gold reward) or `TextRLHF` (TL;DR and Anthropic HH, human labels).
+Batches are addressed by step (`sft_batch(batch_size, step)`, `prompts(n, split, start)`), so
+a resumed run asks for exactly the batches it would have seen. All arrays are numpy int32 with
+static shapes: prompts [n, P] left-padded, responses [n, N] right-padded, sequences [.., P + N].
 """
 from __future__ import annotations
 

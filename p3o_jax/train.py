@@ -90,8 +90,8 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
     tx = make_optimizer(optim, steps)
     shardings = state_shardings(model_cfg, tx, run.mesh)
     state = create_state(params, tx, shardings)
-    step = jit_step(skip_nonfinite(learners.gradient_step(functools.partial(loss_fn, cfg=model_cfg))),
-                    shardings, batches(0), run.mesh)
+    loss = functools.partial(loss_fn, cfg=model_cfg)
+    step = jit_step(skip_nonfinite(learners.gradient_step(loss)), shardings, batches(0), run.mesh)
     with StageCheckpoints(run.cfg, stage, steps, run.task) as ckpt:
         state, meta = ckpt.restore(state)
         bar = tqdm(range(meta["step"], steps), desc=stage, initial=meta["step"], total=steps,

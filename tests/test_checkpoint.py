@@ -60,8 +60,9 @@ class Training:
 
     def __init__(self, out_dir, env, *extra):
         self.out_dir, self.log = out_dir, open(f"{out_dir}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "p3o_jax.train", *cli_args(out_dir, *extra)],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p3o_jax.train", *cli_args(out_dir, *extra)], cwd=ROOT, env=env,
+            stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self):
         return self
@@ -77,19 +78,19 @@ class Training:
         checkpoint."""
         deadline = time.monotonic() + timeout
         while not (progress(self.out_dir) >= position(*target) and checkpoints(self.out_dir)):
-            assert self.proc.poll() is None, f"the run ended early: {self.output()}"
-            assert time.monotonic() < deadline, f"no progress to {target}: {self.output()}"
+            assert self.proc.poll() is None, f"the run ended early: {self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no progress to {target}: {self.output()[-3000:]}"
             time.sleep(0.05)
 
     def output(self) -> str:
         with open(self.log.name) as f:
-            return f.read()[-3000:]
+            return f.read()
 
 
 def run_to_end(out_dir, env, *extra) -> str:
     with Training(out_dir, env, *extra) as t:
         rc = t.proc.wait(timeout=RUN_TIMEOUT)
-        assert rc == 0, t.output()
+        assert rc == 0, t.output()[-3000:]
         return t.output()
 
 
@@ -165,7 +166,7 @@ def test_kill9_then_rerun_matches_uninterrupted(reference, env, tmp_path):
         assert t.proc.wait(timeout=30) == -signal.SIGKILL
     print(f"killed at {target} (seed {seed}); checkpoints: {sorted(checkpoints(out))}")
     log = run_to_end(out, env)
-    assert "resuming at step" in log or "finished in an earlier run" in log, log
+    assert "resuming at step" in log or "finished in an earlier run" in log, log[-3000:]
     assert_same_run(reference, out)
 
 
@@ -177,14 +178,14 @@ def test_sigterm_checkpoints_exits_and_resumes(reference, env, tmp_path):
         t.wait_until(target)
         sent = time.monotonic()
         t.proc.send_signal(signal.SIGTERM)
-        assert t.proc.wait(timeout=60) == EXIT_PREEMPTED, t.output()
+        assert t.proc.wait(timeout=60) == EXIT_PREEMPTED, t.output()[-3000:]
         print(f"SIGTERM at {target} (seed {seed}): exited after {time.monotonic() - sent:.1f} s")
         assert "stopped by a signal" in t.output()
     stage, done = max(((c.split("/")[0], int(c.split("/")[1])) for c in checkpoints(out)),
                       key=lambda c: position(*c))
     log = run_to_end(out, env)
     if done < STEPS[stage]:  # stopped inside a stage: it continues from the signal's checkpoint
-        assert f"{stage}: resuming at step {done} of {STEPS[stage]}" in log, log
+        assert f"{stage}: resuming at step {done} of {STEPS[stage]}" in log, log[-3000:]
     assert_same_run(reference, out)
 
 
@@ -200,7 +201,7 @@ def test_second_signal_exits_at_once(env):
             time.sleep(60)
         """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.readline() == "stopping\n"
         sent = time.monotonic()
@@ -220,7 +221,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, env, tmp_pa
     for f in (newest / "state" / "d").iterdir():  # the array data, cut in half
         os.truncate(f, f.stat().st_size // 2)
     log = run_to_end(out, env)
-    assert "does not read back" in log and "rl: resuming at step 2 of 4" in log, log
+    assert "does not read back" in log and "rl: resuming at step 2 of 4" in log, log[-3000:]
     assert any(p.name.startswith(f"corrupt-{STEPS['rl']}-") for p in newest.parent.iterdir())
     assert_same_run(reference, out)
 
@@ -248,10 +249,20 @@ def test_skip_nonfinite_keeps_the_state_exactly():
     for bad in (jnp.array([1.0, jnp.nan, 1.0]), jnp.array([jnp.inf, 0.0, 0.0])):
         same, m = guarded(new, bad)
         assert m["skipped_nonfinite"] == 1
-        assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), same, new)))
+        assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                                                same, new)))
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+@pytest.fixture
+def quick_compiles():
+    """In-process runs that check the plumbing, not numerics: XLA's optimisations off."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch, quick_compiles):
     """NaN loss and gradients at SFT steps 3 and 5, 6, 7 (test hook: a `poison` column in the
     batch scales the loss by NaN): each update is skipped and logged, the third in a row stops
     the run; every checkpoint holds a finite state that has not seen them."""

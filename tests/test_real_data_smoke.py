@@ -3,17 +3,26 @@ EXP=tldr and EXP=hh end to end (SFT -> RM -> P3O on 8 fake devices), and a bad u
 stopping the run before anything compiles."""
 import json
 import os
+import re
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 from p3o_jax import config as C
-from p3o_jax import hf
+from p3o_jax import data, hf, train
 from p3o_jax import model as M
-from p3o_jax import train
 from p3o_jax.data import DataError, fixtures
-from p3o_jax.tasks import TextRLHF
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quick_compiles():
+    """These runs check the plumbing, not speed: XLA's optimisations off halves compile time."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def smoke_args(tmp_path, exp, *extra):
@@ -55,10 +64,10 @@ def test_tldr_task_batches_are_static_and_addressed_by_step(tldr_task):
 
 def test_tldr_preferences_are_the_human_labels(tldr_task):
     task, cfg = tldr_task
-    data = task.preference_data(6, sample=None, seed=0)
+    pairs = task.preference_data(6, sample=None, seed=0)
     P, N = task.prompt_len, task.response_len
-    assert data["tokens"].shape == data["mask"].shape == (6, 2, P + N)
-    assert data["resp_mask"].shape == (6, 2, N) and "gold" not in data
+    assert pairs["tokens"].shape == pairs["mask"].shape == (6, 2, P + N)
+    assert pairs["resp_mask"].shape == (6, 2, N) and "gold" not in pairs
     labelled = {}
     for recs in fixtures.COMPARISONS.values():
         for r in recs:
@@ -67,11 +76,28 @@ def test_tldr_preferences_are_the_human_labels(tldr_task):
                                                 r["summaries"][1 - r["choice"]]["text"].strip())
     rm_prompts = task.decode(*task.prompts(6, "rm"))
     for i in range(6):
-        prompt = task.decode(data["tokens"][i, :1, :P], data["mask"][i, :1, :P])[0]
+        prompt = task.decode(pairs["tokens"][i, :1, :P], pairs["mask"][i, :1, :P])[0]
         assert prompt == rm_prompts[i]                       # "rm" prompts: the pairs' prompts
-        responses = task.decode(data["tokens"][i, :, P:], data["resp_mask"][i])
+        responses = task.decode(pairs["tokens"][i, :, P:], pairs["resp_mask"][i])
         for text, label in zip(responses, labelled[prompt.split("\n")[1][len("TITLE: "):]]):
             assert text and (" " + label).startswith(text)     # cut to N tokens
+
+
+def test_read_batch_wraps_into_reshuffled_epochs():
+    """Index access over two concatenated sources: each epoch is one permutation of all."""
+    sources = [[{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "chosen": " a", "rejected": " b"}
+                for i in range(start, start + 3)] for start in (0, 3)]
+    tok = fixtures.tiny_tokenizer()
+    ds = data.make_examples(data.Concatenated(sources), tok, dataset="hh_rlhf", kind="prompt",
+                            prompt_len=16, response_len=4, seed=1,
+                            shard_options=grain.sharding.NoSharding())
+    b = data.read_batch(ds, 0, 12)
+    assert b["prompt_ids"].shape == (12, 16)
+    order = [int(re.search(r"q(\d+)", tok.decode(ids[m == 1])).group(1))
+             for ids, m in zip(b["prompt_ids"], b["prompt_mask"])]
+    assert sorted(order[:6]) == sorted(order[6:]) == list(range(6)) and order[:6] != order[6:]
+    tail = data.read_batch(ds, 4, 5)
+    assert (tail["prompt_ids"] == b["prompt_ids"][4:9]).all()
 
 
 def check_run(path, summary, algo="p3o"):
@@ -90,8 +116,8 @@ def check_run(path, summary, algo="p3o"):
 
 def test_tldr_smoke_runs_every_stage(tmp_path, capsys):
     assert train.main(smoke_args(tmp_path, "tldr")) == 0
-    summary = json.load(open(tmp_path / "summary.json"))
-    check_run(tmp_path, summary)
+    with open(tmp_path / "summary.json") as f:
+        check_run(tmp_path, json.load(f))
     sft = records(tmp_path, "sft")
     assert sft[-1]["loss"] < sft[0]["loss"]
     assert "TL;DR:" in capsys.readouterr().out              # the decoded samples
