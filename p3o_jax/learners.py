@@ -99,7 +99,7 @@ def gradient_step(minibatch_loss):
     def step(state, batch):
         (loss, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(
             state.params, batch)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return state.apply_gradients(grads), metrics
     return step
 

@@ -150,7 +150,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
-        """x: [B, T, D]; key_mask: [B, S]; cache: {"k", "v": [B, S, K, E]} or None."""
+        """x: [B, T, D]; key_mask: [B, S]; cache: {"k", "v": [B, K, S, E]} or None.
+
+        Keys and values are kept head-major ([B, K, S, E]), the layout the score and output
+        contractions read, so a decode step reads the cache in place instead of transposing it.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         H, K, E, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         zeros = nn.initializers.zeros
@@ -169,22 +173,23 @@ class Attention(nn.Module):
         k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
         T = x.shape[1]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # [B, K, T, E]
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 2)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 2)
             cache = {"k": k, "v": v}
-        kv_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+        kv_axes = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")
         k, v = constrain(k, kv_axes), constrain(v, kv_axes)
-        S = k.shape[1]
+        S = k.shape[2]
 
         q = q.reshape(q.shape[0], T, K, H // K, E)
-        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(dt)).astype(jnp.float32)
+        scores = jnp.einsum("btkge,bkse->bkgts", q, k.astype(dt)).astype(jnp.float32)
         scores = scores / math.sqrt(E)
         q_slot = cache_index + jnp.arange(T)[:, None]
         allowed = (jnp.arange(S)[None, :] <= q_slot)[None] & key_mask[:, None, :].astype(bool)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
+        out = jnp.einsum("bkgts,bkse->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
         out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         wo = _param(self, "wo", (H, E, D), ("heads", "head_dim", "embed"))
         y = jnp.einsum("bthe,hed->btd", out, wo.astype(dt))
@@ -328,7 +333,7 @@ def param_axes(cfg: ModelConfig) -> dict:
 def forward(params, cfg: ModelConfig, tokens, mask, cache=None, cache_index=0, positions=None):
     """Trunk forward. tokens: [B, T]; mask: [B, T] (or [B, S] key mask with a cache).
 
-    Without a cache, attention is causal over the T tokens. With a cache ([B, S, K, E] per
+    Without a cache, attention is causal over the T tokens. With a cache ([B, K, S, E] per
     layer), the T tokens are written at slots [cache_index, cache_index + T) and attend to every
     earlier slot whose `mask` entry is 1; pass `positions` then. Returns (hidden, cache).
     """
@@ -363,9 +368,9 @@ def sequence_reward(params, cfg: ModelConfig, tokens, mask):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> tuple:
-    """Preallocated KV cache: per layer {"k", "v": zeros [B, S, K, E]}."""
+    """Preallocated KV cache: per layer {"k", "v": zeros [B, K, S, E]} (head-major)."""
     dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                  for _ in range(cfg.n_layers))
 

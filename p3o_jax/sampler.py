@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from p3o_jax.model import ModelConfig, forward, init_cache, lm_logits, positions_from_mask
 from p3o_jax.sharding import constrain
 
-KV_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
+KV_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +79,7 @@ class SampleOutput(NamedTuple):
 class DecodeState(NamedTuple):
     """KV cache plus what the next decode step needs.
 
-    cache:     per layer {"k", "v": [B, S, K, E]}.
+    cache:     per layer {"k", "v": [B, K, S, E]}.
     key_mask:  int32 [B, S], 1 on cache slots holding real tokens.
     positions: int32 [B], position of the next token (= real tokens so far).
     index:     int32 [], cache slot of the next token.

@@ -144,7 +144,7 @@ def stage_rm(run: Run, sft_params):
     data = run.task.preference_data(
         n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), run.cfg.seed)
     np.savez(run.path("preferences.npz"), **data)
-    n_val = max(len(data["tokens"]) // 10, 1)
+    n_val = max(len(data["tokens"]) // 10 // c.batch_size, 1) * c.batch_size  # splits evenly
     train = {k: v[n_val:] for k, v in data.items()}
     rng = np.random.default_rng(run.cfg.seed)
     order = np.concatenate([rng.permutation(len(train["tokens"]))
@@ -250,6 +250,8 @@ def stage_rl(run: Run, sft_params, rm_params):
             t3 = time.perf_counter()
             metrics = {**roll, **metrics, "kl_coef": kl_coef, "time_generate": t1 - t0,
                        "time_score": t2 - t1, "time_update": t3 - t2}
+            if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
+                metrics["gold_reward"] = gold_of_samples(run, p, samples)
             m = run.logger.log("rl", it, metrics)
             bar.set_postfix(rm=f"{m['rm_reward']:.2f}", kl=f"{m['kl_k1']:.2f}")
             if ppo and rl.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019)
@@ -258,6 +260,14 @@ def stage_rl(run: Run, sft_params, rm_params):
             ckpt.end_step(it + 1, state, m, kl_coef=kl_coef)
         ckpt.finish(state, kl_coef=kl_coef)
     return policy_of(state.params)
+
+
+def gold_of_samples(run: Run, prompts, samples) -> float:
+    """Mean gold reward of sampled responses [B, K, N] (tasks that know it)."""
+    ids, mask, tokens, resp_mask = jax.device_get((prompts["ids"], prompts["mask"],
+                                                   samples.tokens, samples.mask))
+    return float(np.mean([run.task.gold_reward(ids, mask, tokens[:, k], resp_mask[:, k])
+                          for k in range(tokens.shape[1])]))
 
 
 def stage_dpo_offline(run: Run, sft_params):

@@ -16,7 +16,8 @@ def tiny(tmp_path, **over) -> C.ExperimentConfig:
         cfg, out_dir=str(tmp_path), eval_prompts=128, log_every=1,
         mesh=C.MeshConfig(data=2, fsdp=2, tensor=2),
         policy=dataclasses.replace(cfg.policy, d_model=32, n_layers=1, d_ff=64),
-        sft=dataclasses.replace(cfg.sft, steps=60, batch_size=32),
+        sft=dataclasses.replace(cfg.sft, steps=60, batch_size=32,
+                                optim=C.OptimConfig(lr=1e-2, warmup_steps=5)),
         rm=dataclasses.replace(cfg.rm, n_pairs=256, steps=40, batch_size=32),
         rl=dataclasses.replace(cfg.rl, iterations=12, prompts_per_iter=32, epochs=2,
                                minibatches=2, optim=C.OptimConfig(lr=3e-3, warmup_steps=0)))
