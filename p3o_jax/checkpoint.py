@@ -165,9 +165,10 @@ def skip_nonfinite(step_fn):
 # config compatibility
 
 # Fields that do not change what a stage computes: where and how often it writes, the final
-# evaluation, how the work is split over devices (a checkpoint restores onto any mesh), and what
-# a bad data record does (with "raise" the run stopped before its first checkpoint).
-_NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "log_every",
+# evaluation, how the work is split over devices and processes (a checkpoint restores onto any
+# mesh), and what a bad data record does (with "raise" the run stopped before its first
+# checkpoint).
+_NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "dist", "log_every",
             "eval_prompts", "data.on_bad_record")
 # Fields a stage does not read (those of later stages)...
 _UNREAD = {"sft": ("algo", "reward_model", "rm", "rl"), "rm": ("algo", "rl"), "rl": ()}

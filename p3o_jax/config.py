@@ -125,6 +125,21 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistConfig:
+    """Several processes in one run (p3o_jax/distributed.py). Under SLURM (`srun`), Open MPI
+    and on Cloud TPU VMs nothing needs setting: jax reads the coordinator and the process ids
+    from the cluster. Elsewhere give all three, here or as the environment variables
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
+    coordinator: str = ""           # host:port of process 0 ("": env, else the cluster's)
+    num_processes: int = 0          # 0: env, else the cluster's; 1: a single process, no set-up
+    process_id: int = -1            # -1: env, else the cluster's
+    init_timeout_s: int = 300       # how long processes wait for each other at start-up
+    check_memory: bool = False      # before compiling: stop if p3o_jax.memory_plan's estimate
+                                    # of a stage exceeds the per-device budget
+    hbm_gib: float = 0.0            # that budget in GiB; 0: the device's own limit (GPU/TPU)
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "toy"
     task: str = "toy"
@@ -146,6 +161,7 @@ class ExperimentConfig:
     rl: RLConfig = RLConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: bool = True             # continue each stage from its checkpoints; false: start over
+    dist: DistConfig = DistConfig()
 
     @property
     def rm_model(self) -> ModelConfig:

@@ -2,11 +2,11 @@
 errors, response length, and head-to-head win rates with ties."""
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from p3o_jax import losses
 from p3o_jax import model as M
+from p3o_jax.distributed import to_host
 from p3o_jax.rollout import score
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 
@@ -32,7 +32,7 @@ def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg
     samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
                 scfg.temperature)
-    first = lambda x: np.asarray(jax.device_get(x[:, 0]))
+    first = lambda x: to_host(x[:, 0])
     m = buf["resp_mask"]
     out = {
         "rm": first(buf["rewards"]),
@@ -43,8 +43,8 @@ def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg
         "mask": first(samples.mask),
     }
     if gold_fn is not None:
-        out["gold"] = np.asarray(gold_fn(np.asarray(prompts), np.asarray(prompt_mask),
-                                         out["tokens"], out["mask"]), np.float64)
+        out["gold"] = np.asarray(gold_fn(*to_host((prompts, prompt_mask)), out["tokens"],
+                                         out["mask"]), np.float64)
     return out
 
 

@@ -102,13 +102,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_batch(batch, mesh: Mesh):
-    """Place a pytree of host (numpy) arrays, global batch first, onto the mesh.
+    """Place this process's rows of a batch (a pytree of numpy arrays, batch first) onto the
+    mesh as global arrays, batch-sharded; scalars are replicated.
 
-    Works single- and multi-process: each process passes the *global* batch and keeps only the
-    shards its devices own (use `jax.make_array_from_process_local_data` for per-host input).
+    In a single process that is the whole batch. With several, each process passes only the
+    rows its devices hold, in order (`distributed.process_rows` says which; build them with
+    `distributed.local_rows`), and `jax.make_array_from_process_local_data` assembles the
+    global array: no process ever builds another's rows.
     """
     def place(x):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return jax.make_array_from_process_local_data(sharding, x)
     return jax.tree.map(place, batch)

@@ -33,7 +33,9 @@ class Task(Protocol):
     gold_reward: Callable | None   # (prompt_ids, prompt_mask, resp, resp_mask) -> [n], if known
 
     def sft_batch(self, batch_size: int, step: int) -> dict:
-        """input_ids, attention_mask, loss_mask: [batch_size, P + N] (loss_mask on targets)."""
+        """input_ids, attention_mask, loss_mask: [batch_size, P + N] (loss_mask on targets):
+        rows `step * batch_size ..` of one stream, so that a process can read its share of a
+        global batch as smaller batches (`train.sft_rows`)."""
 
     def prompts(self, n: int, split: str, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Prompts `start .. start + n - 1` of split "rm", "rl" or "eval"."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -26,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from p3o_jax import checkpoint, hf, learners
+from p3o_jax import checkpoint, distributed, hf, learners, memory_plan
 from p3o_jax import model as M
 from p3o_jax.checkpoint import StageCheckpoints, load_params, save_params, skip_nonfinite
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, validate, validate_models
 from p3o_jax.data import fixtures
+from p3o_jax.distributed import concat_rows, is_main_process, local_rows, to_host
 from p3o_jax.evaluate import evaluate_policy, summarize, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.rollout import response_logprobs, rollout_metrics, score
@@ -72,9 +74,16 @@ class Run:
             key = jax.random.fold_in(key, t)
         return key
 
+    def batch(self, n: int, read) -> dict:
+        """A global batch of `n` rows on the mesh, of which this process builds only the rows
+        its devices hold: `read(start, stop)` gives rows `start .. stop - 1` as numpy."""
+        return shard_batch(local_rows(self.mesh, n, read), self.mesh)
+
     def prompts(self, n: int, split: str, start: int = 0):
-        ids, mask = self.task.prompts(n, split, start)
-        return shard_batch({"ids": ids, "mask": mask}, self.mesh)
+        def read(a, b):
+            ids, mask = self.task.prompts(b - a, split, start + a)
+            return {"ids": ids, "mask": mask}
+        return self.batch(n, read)
 
 
 def init_sharded(model_cfg: M.ModelConfig, key, mesh):
@@ -86,7 +95,7 @@ def init_sharded(model_cfg: M.ModelConfig, key, mesh):
 # stages
 
 def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, steps, optim):
-    """Shared loop of SFT and reward modelling: `batches(i)` gives step i's host batch."""
+    """Shared loop of SFT and reward modelling: `batches(i)` gives step i's batch on the mesh."""
     tx = make_optimizer(optim, steps)
     shardings = state_shardings(model_cfg, tx, run.mesh)
     state = create_state(params, tx, shardings)
@@ -97,7 +106,7 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
         bar = tqdm(range(meta["step"], steps), desc=stage, initial=meta["step"], total=steps,
                    dynamic_ncols=True)
         for i in bar:
-            state, metrics = step(state, shard_batch(batches(i), run.mesh))
+            state, metrics = step(state, batches(i))
             if i % run.cfg.log_every == 0 or i == steps - 1 or metrics["skipped_nonfinite"]:
                 m = run.logger.log(stage, i, metrics)
                 bar.set_postfix(loss=f"{m['loss']:.3f}")
@@ -117,11 +126,23 @@ def initial_policy(run: Run):
     return params
 
 
+def sft_rows(task: Task, batch_size: int, step: int, start: int, stop: int) -> dict:
+    """Rows `start .. stop - 1` of SFT step `step`'s batch. `sft_batch(n, k)` is rows
+    `k * n .. (k + 1) * n - 1` of one stream, so the rows are read in blocks whose size
+    divides their offset: one block, `sft_batch(batch_size, step)` itself, in a single
+    process."""
+    first, count = step * batch_size + start, stop - start
+    size = math.gcd(first, count)
+    return concat_rows([task.sft_batch(size, (first + k) // size) for k in range(0, count, size)])
+
+
 def stage_sft(run: Run):
     c = run.cfg.sft
     params = initial_policy(run)
-    return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss,
-                            lambda i: run.task.sft_batch(c.batch_size, i), c.steps, c.optim)
+    batches = lambda i: run.batch(c.batch_size, functools.partial(sft_rows, run.task,
+                                                                  c.batch_size, i))
+    return train_supervised(run, "sft", params, run.policy_cfg, learners.sft_loss, batches,
+                            c.steps, c.optim)
 
 
 def sample_responses(run: Run, params, prompts, prompt_mask):
@@ -130,11 +151,11 @@ def sample_responses(run: Run, params, prompts, prompt_mask):
     chunk, out = run.cfg.rl.prompts_per_iter, []
     n = len(prompts) // chunk * chunk
     for start in range(0, n, chunk):
-        p = shard_batch({"ids": prompts[start:start + chunk], "mask": prompt_mask[start:start + chunk]},
-                        run.mesh)
+        p = run.batch(chunk, lambda a, b: {"ids": prompts[start + a:start + b],
+                                           "mask": prompt_mask[start + a:start + b]})
         s = sample_pairs(params, run.policy_cfg, run.sampling(), p["ids"], p["mask"],
                          run.key(2, start), n=2)
-        out.append(jax.device_get((s.tokens, s.mask)))
+        out.append(to_host((s.tokens, s.mask)))
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
@@ -143,7 +164,8 @@ def stage_rm(run: Run, sft_params):
     n_pairs = c.n_pairs // run.cfg.rl.prompts_per_iter * run.cfg.rl.prompts_per_iter
     data = run.task.preference_data(
         n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), run.cfg.seed)
-    np.savez(run.path("preferences.npz"), **data)
+    if is_main_process():
+        np.savez(run.path("preferences.npz"), **data)
     n_val = max(len(data["tokens"]) // 10 // c.batch_size, 1) * c.batch_size  # splits evenly
     train = {k: v[n_val:] for k, v in data.items()}
     rng = np.random.default_rng(run.cfg.seed)
@@ -152,15 +174,17 @@ def stage_rm(run: Run, sft_params):
 
     def batches(i):
         idx = order[i * c.batch_size:(i + 1) * c.batch_size]
-        return {"tokens": train["tokens"][idx], "mask": train["mask"][idx]}
+        return run.batch(c.batch_size, lambda a, b: {"tokens": train["tokens"][idx[a:b]],
+                                                     "mask": train["mask"][idx[a:b]]})
     init = sft_params if run.rm_cfg == run.policy_cfg else init_sharded(run.rm_cfg, run.key(3), run.mesh)
     params = train_supervised(run, "rm", init, run.rm_cfg, learners.reward_loss, batches,
                               c.steps, c.optim)
-    val = shard_batch({"tokens": data["tokens"][:n_val], "mask": data["mask"][:n_val]}, run.mesh)
-    r = jax.jit(lambda p, t, m: M.sequence_reward(p, run.rm_cfg, t.reshape(-1, t.shape[-1]),
-                                                  m.reshape(-1, m.shape[-1])))(
-        params, val["tokens"], val["mask"])
-    r = np.asarray(r).reshape(-1, 2)
+    reward = jax.jit(lambda p, t, m: M.sequence_reward(p, run.rm_cfg, t.reshape(-1, t.shape[-1]),
+                                                       m.reshape(-1, m.shape[-1])))
+    r = np.concatenate([  # the held-out pairs, a training batch at a time
+        to_host(reward(params, *run.batch(c.batch_size, lambda a, b: (
+            data["tokens"][s + a:s + b], data["mask"][s + a:s + b]))))
+        for s in range(0, n_val, c.batch_size)]).reshape(-1, 2)
     metrics = {"val_accuracy": win_rate(r[:, 0], r[:, 1])[0]}  # agreement with the labels
     if "gold" in data:  # and with the gold ordering (the annotator is noisy, gold is not)
         gold = data["gold"][:n_val]
@@ -264,8 +288,8 @@ def stage_rl(run: Run, sft_params, rm_params):
 
 def gold_of_samples(run: Run, prompts, samples) -> float:
     """Mean gold reward of sampled responses [B, K, N] (tasks that know it)."""
-    ids, mask, tokens, resp_mask = jax.device_get((prompts["ids"], prompts["mask"],
-                                                   samples.tokens, samples.mask))
+    ids, mask, tokens, resp_mask = to_host((prompts["ids"], prompts["mask"], samples.tokens,
+                                            samples.mask))
     return float(np.mean([run.task.gold_reward(ids, mask, tokens[:, k], resp_mask[:, k])
                           for k in range(tokens.shape[1])]))
 
@@ -284,9 +308,9 @@ def stage_dpo_offline(run: Run, sft_params):
     chunk = rl.prompts_per_iter
     n = n // chunk * chunk
     logp_ref = np.concatenate([
-        np.asarray(ref_logp(*shard_batch((data["tokens"][s:s + chunk], data["mask"][s:s + chunk]),
-                                         mesh))).reshape(chunk, 2, N)
-        for s in range(0, n, chunk)])
+        to_host(ref_logp(*run.batch(chunk, lambda a, b: (data["tokens"][s + a:s + b],
+                                                          data["mask"][s + a:s + b]))))
+        .reshape(chunk, 2, N) for s in range(0, n, chunk)])
     data = {"tokens": data["tokens"][:n], "mask": data["mask"][:n], "resp_mask": data["resp_mask"][:n],
             "logp_ref": logp_ref * data["resp_mask"][:n],
             "rewards": np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1))}
@@ -303,7 +327,7 @@ def stage_dpo_offline(run: Run, sft_params):
         for it in tqdm(range(meta["step"], steps), desc="rl:dpo_offline", initial=meta["step"],
                        total=steps, dynamic_ncols=True):
             idx = order[it * chunk:(it + 1) * chunk]
-            batch = shard_batch({k: v[idx] for k, v in data.items()}, mesh)
+            batch = run.batch(chunk, lambda a, b: {k: v[idx[a:b]] for k, v in data.items()})
             if update_jit is None:
                 update_jit = jit_step(update, shardings, batch, mesh)
             state, metrics = update_jit(state, batch)
@@ -318,8 +342,7 @@ def stage_dpo_offline(run: Run, sft_params):
 # evaluation and the final table
 
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
-    ids, mask = run.task.prompts(run.cfg.eval_prompts, "eval")
-    p = shard_batch({"ids": ids, "mask": mask}, run.mesh)
+    p = run.prompts(run.cfg.eval_prompts, "eval")
     ev = lambda params: evaluate_policy(params, sft_params, rm_params, run.policy_cfg, run.rm_cfg,
                                         p["ids"], p["mask"], run.key(5), run.sampling(),
                                         run.task.gold_reward)
@@ -333,13 +356,16 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
             row["win_gold"], row["win_gold_se"] = win_rate(r["gold"], results["sft"]["gold"])
         row["win_rm"], row["win_rm_se"] = win_rate(r["rm"], results["sft"]["rm"])
         rows.append(row)
+    summary = {"rows": rows}
+    ids, mask = to_host((p["ids"], p["mask"]))
+    if not is_main_process():
+        return summary
     columns = ["policy", "gold", "gold_se", "rm", "rm_se", "kl_k1", "kl_k1_se", "kl_k3", "length",
                "win_gold", "win_gold_se", "win_rm", "win_rm_se"]
     print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
     print("\nsamples from the final policy:")
     last = results[list(results)[-1]]
     print(run.task.format_samples(ids, mask, last["tokens"], last["mask"], n=3))
-    summary = {"rows": rows}
     with open(run.path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -375,11 +401,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
+    if cfg.dist.check_memory:
+        memory_plan.check_config(cfg, jax.device_count(), memory_plan.device_budget(cfg.dist))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    if is_main_process():
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=jax.process_index() == 0))
+    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()))
     stages = cfg.stage_list
     if not cfg.resume:
         for name in stages:
@@ -416,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = from_args(argv)
+        distributed.initialize(cfg.dist)  # before anything touches a device
         validate(cfg, jax.device_count())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

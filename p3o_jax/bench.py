@@ -1,0 +1,447 @@
+"""Performance of an RL iteration (workload W1), measured against the machine's own limits.
+
+    python -m p3o_jax.bench [--dtype bfloat16] [--only machine,iteration,torch,memory]
+    make bench ARGS="--dtype bfloat16"
+
+Workload W1: GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocab 8192, float32 compute;
+a policy, its frozen copy as the reference and a reward model of the same size. Per iteration
+16 prompts of 64 tokens, 2 responses each of exactly 48 tokens (EOS disabled), then one P3O
+update (one epoch of one minibatch, beta 0.05). An iteration runs four compiled programs, each
+timed up to `block_until_ready`: generate (`sampler.sample_pairs`), log-probs (old and
+reference, the training forward of `rollout.response_logprobs`), score (the reward model) and
+update (`learners.make_update` of `p3o_loss` under `train_state.jit_step`, state donated).
+
+Sections, one JSON line each (every line carries the load average, since the machine is often
+shared): `machine` (best float32/bfloat16 matmul rate over a few square sizes; memory bandwidth
+of a large copy and a large sum), `iteration` (stage times, medians over `--repeats` iterations
+after a compiling one; tokens/s; MFU), `torch` (transformers' PyTorch `generate` on the same
+weights and shapes), `memory` (peak resident memory of P3O and of PPO iterations, each in a
+fresh subprocess).
+
+Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
+is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
+B prompts, n responses each, P prompt tokens, N response tokens.
+
+    per token, trunk:           t    = 2 L (2 D H E + 2 D K E + m D F)       m = 2 (3 if gated)
+    one query over s keys:      a(s) = 4 L H E s                                 (q.k and p.v)
+    one position, LM head:      h    = 2 D V
+    prompt, once per prompt:    pre  = P t + sum_{s=1..P} a(s)
+    j response tokens after it: r(j) = sum_{i=1..j} (t + a(P + i))
+
+    generate    = B (pre + h) + B n (r(N-1) + (N-1) h)     prefill; decode feeds N-1 tokens
+    log-probs   = the same count, for the reference only   (the logits of every response token)
+    score (RM)  = B pre + B n r(N) + B n 2 D               reward head on the last token
+    update      = 3 x log-probs                            forward + backward of the policy
+    iteration   = generate + log-probs + score + update
+
+Old log-probs are a recomputation (the sampler had them, and at theta_old the update's own
+forward computes them again), so they are timed but add no model FLOPs; nor does a response's
+prompt computed once per response instead of once per prompt. MFU = model FLOPs / time / the
+best matmul rate measured in the same run. `executed_gflop` counts what the programs do run
+(every [B n, P + N] sequence in full, attention over every key slot, old log-probs), so
+`iteration_hfu` (hardware FLOPs utilisation) separates kernel efficiency from recomputation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p3o_jax import learners, rollout
+from p3o_jax import model as M
+from p3o_jax import sampler as S
+from p3o_jax.checkpoint import skip_nonfinite
+from p3o_jax.config import OptimConfig, RLConfig
+from p3o_jax.losses import kl_per_sequence
+from p3o_jax.sharding import make_mesh
+from p3o_jax.train_state import create_state, jit_step, make_optimizer, state_shardings
+
+SECTIONS = ("machine", "iteration", "torch", "memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Shapes and model of one benchmark workload; the defaults are W1."""
+    prompts: int = 16
+    responses: int = 2
+    prompt_len: int = 64
+    new_tokens: int = 48
+    layers: int = 4
+    d_model: int = 256
+    heads: int = 4
+    vocab: int = 8192
+    dtype: str = "float32"
+    beta: float = 0.05
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return "w1" if self == Workload() else "custom"
+
+    @property
+    def model(self) -> M.ModelConfig:
+        return M.ModelConfig(family="gpt2", vocab_size=self.vocab, d_model=self.d_model,
+                             n_layers=self.layers, n_heads=self.heads,
+                             max_len=self.prompt_len + self.new_tokens, dtype=self.dtype)
+
+    @property
+    def sampling(self) -> S.SamplingConfig:   # eos_id=None: every response has N tokens
+        return S.SamplingConfig(max_new_tokens=self.new_tokens, temperature=self.temperature,
+                                top_k=self.top_k, top_p=self.top_p)
+
+    @property
+    def rl(self) -> RLConfig:
+        return RLConfig(epochs=1, minibatches=1, beta=self.beta, temperature=self.temperature,
+                        optim=OptimConfig(lr=1e-5, warmup_steps=0))
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.prompts * self.responses * self.new_tokens
+
+
+def emit(section: str, **fields):
+    """One JSON line: the section, its fields, and the 1/5/15-minute load average."""
+    print(json.dumps(dict(section=section, **fields,
+                          loadavg=[round(x, 2) for x in os.getloadavg()])), flush=True)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn`, each synchronised, after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# the machine's limits
+
+def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
+    """FLOP/s of square matmuls, per size."""
+    matmul = jax.jit(jnp.matmul)
+    rates = {}
+    for n in sizes:
+        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+        rates[n] = 2 * n ** 3 / min(timed(lambda: matmul(a, a), repeats))
+    return rates
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Bytes/s of a large copy (read + write) and of a large sum (read)."""
+    x = jnp.ones((mib * 2 ** 20 // 4,), jnp.float32)
+    copy = jax.jit(lambda x: x + 1)
+    total = jax.jit(jnp.sum)
+    return {"copy": 2 * x.nbytes / min(timed(lambda: copy(x), repeats)),
+            "sum": x.nbytes / min(timed(lambda: total(x), repeats))}
+
+
+def machine_section() -> dict:
+    f32, bf16 = matmul_rate(jnp.float32), matmul_rate(jnp.bfloat16)
+    bw = memory_bandwidth()
+    limits = dict(matmul_f32=max(f32.values()), matmul_bf16=max(bf16.values()),
+                  bandwidth=max(bw.values()))
+    emit("machine", cpu_count=os.cpu_count(), backend=jax.default_backend(),
+         xla_flags=os.environ.get("XLA_FLAGS", ""),
+         **{"machine.matmul_gflops_f32": round(limits["matmul_f32"] / 1e9, 1),
+            "machine.matmul_gflops_f32_by_size": {n: round(r / 1e9, 1) for n, r in f32.items()},
+            "machine.matmul_gflops_bf16": round(limits["matmul_bf16"] / 1e9, 1),
+            "machine.matmul_gflops_bf16_by_size": {n: round(r / 1e9, 1) for n, r in bf16.items()},
+            "machine.copy_gbps": round(bw["copy"] / 1e9, 1),
+            "machine.sum_gbps": round(bw["sum"] / 1e9, 1)})
+    return limits
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (formula in the module docstring)
+
+def model_flops(w: Workload) -> dict:
+    cfg = w.model
+    L, D, H, K, E, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                           cfg.d_ff, cfg.vocab_size)
+    B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
+    t = 2 * L * (2 * D * H * E + 2 * D * K * E + (3 if cfg.family == "llama" else 2) * D * F)
+    a = lambda s: 4 * L * H * E * s
+    h = 2 * D * V
+    pre = P * t + sum(a(s) for s in range(1, P + 1))
+    r = lambda j: sum(t + a(P + i) for i in range(1, j + 1))
+    logprobs = B * (pre + h) + B * n * (r(N - 1) + (N - 1) * h)
+    score = B * pre + B * n * r(N) + B * n * 2 * D
+    model = dict(generate=logprobs, logprobs=logprobs, score=score, update=3 * logprobs)
+    model["iteration"] = sum(model.values())
+    # What the programs run: full [B n, P + N] sequences, every key slot, old log-probs too.
+    S_ = P + N
+    full = B * n * S_ * (t + a(S_))
+    executed = dict(generate=B * P * (t + a(S_)) + B * h + B * n * (N - 1) * (t + a(S_) + h),
+                    logprobs=2 * (full + B * n * N * h), score=full + B * n * 2 * D,
+                    update=3 * (full + B * n * N * h))
+    executed["iteration"] = sum(executed.values())
+    return {"model": model, "executed": executed}
+
+
+# ---------------------------------------------------------------------------------------------
+# the iteration
+
+def build_models(w: Workload, seed: int = 0):
+    """Policy, reference (a copy) and a reward model with a random reward head."""
+    cfg = w.model
+    policy = M.init_params(cfg, jax.random.key(seed))
+    rm = M.init_params(cfg, jax.random.key(seed + 1))
+    rm["reward_head"]["w"] = 0.02 * jax.random.normal(jax.random.key(seed + 2), (cfg.d_model,))
+    prompts = np.random.default_rng(seed).integers(1, cfg.vocab_size, (w.prompts, w.prompt_len))
+    return policy, jax.tree.map(jnp.copy, policy), rm, (
+        jnp.asarray(prompts, jnp.int32), jnp.ones((w.prompts, w.prompt_len), jnp.int32))
+
+
+class Iteration:
+    """The four compiled programs of one RL iteration and the state they update.
+
+    `algo="p3o"` is the timed iteration; `algo="ppo"` (a separate critic initialised from the
+    reward model, its values, GAE) exists to compare memory at the same shapes.
+    """
+
+    def __init__(self, w: Workload, algo: str = "p3o"):
+        self.w, self.algo = w, algo
+        cfg, rl = w.model, w.rl
+        policy, self.ref, self.rm, (self.prompts, self.prompt_mask) = build_models(w)
+        self.mesh = make_mesh()
+        tx = make_optimizer(rl.optim, 1000)
+        if algo == "ppo":
+            critic = dict(self.rm, value_head=self.rm["reward_head"])
+            params, cfgs = {"policy": policy, "critic": critic}, {"policy": cfg, "critic": cfg}
+            loss = functools.partial(learners.ppo_loss, cfg=cfg, critic_cfg=cfg, rl=rl)
+        else:
+            params, cfgs = policy, cfg
+            loss = functools.partial(learners.p3o_loss, cfg=cfg, rl=rl)
+        self.shardings = state_shardings(cfgs, tx, self.mesh)
+        self.state = create_state(params, tx, self.shardings)
+        self._update = skip_nonfinite(learners.make_update(loss, rl.epochs, rl.minibatches))
+        self.update = None   # compiled by `jit_step` once the first buffer gives the shapes
+        self.buffer = None
+
+    def policy(self, params):
+        return params["policy"] if self.algo == "ppo" else params
+
+    def generate(self, params, key):
+        return S.sample_pairs(self.policy(params), self.w.model, self.w.sampling, self.prompts,
+                              self.prompt_mask, key, n=self.w.responses)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def logprobs(self, params, ref, samples):
+        """Old and reference log-probs, entropy and sequence KL: the buffer of `rollout.score`
+        without the reward."""
+        cfg, P = self.w.model, self.w.prompt_len
+        tokens, mask = S.concat_prompt_response(self.prompts, self.prompt_mask, samples.tokens,
+                                                samples.mask)
+        ft, fm = rollout.flat(tokens), rollout.flat(mask)
+        resp_mask = samples.mask.astype(jnp.int32)
+        unflat = lambda x: x.reshape(*samples.mask.shape) * resp_mask
+        old, entropy = rollout.response_logprobs(self.policy(params), cfg, ft, fm, P,
+                                                 self.w.temperature, True)
+        ref_logp = rollout.response_logprobs(ref, cfg, ft, fm, P, self.w.temperature)
+        old, ref_logp, entropy = unflat(old), unflat(ref_logp), unflat(entropy)
+        return dict(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=old,
+                    logp_ref=ref_logp, entropy=entropy,
+                    seq_kl=kl_per_sequence(old, ref_logp, resp_mask, "k1"))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def score(self, params, rm, buffer):
+        """Reward-model score of every response (PPO: also the critic's values and GAE)."""
+        cfg = self.w.model
+        B, n, L = buffer["tokens"].shape
+        ft, fm = rollout.flat(buffer["tokens"]), rollout.flat(buffer["mask"])
+        buffer = dict(buffer, rewards=M.sequence_reward(rm, cfg, ft, fm).reshape(B, n))
+        if self.algo == "ppo":
+            values = learners.critic_values(params["critic"], cfg, ft, fm, self.w.prompt_len)
+            buffer = learners.ppo_advantages(buffer, values.reshape(B, n, -1), self.w.beta,
+                                             self.w.rl)
+        return buffer
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def merged_score(self, params, ref, rm, samples):
+        """`rollout.score` as `train.stage_rl` runs it: old, reference and reward forwards in
+        one program."""
+        cfg = self.w.model
+        return rollout.score(self.policy(params), ref, rm, cfg, cfg, self.prompts,
+                             self.prompt_mask, samples, self.w.temperature)
+
+    def step(self, it: int) -> dict:
+        """One iteration; returns the seconds each program took (the buffer it built stays in
+        `self.buffer`)."""
+        times, t = {}, time.perf_counter()
+
+        def done(stage, value):
+            nonlocal t
+            jax.block_until_ready(value)
+            now = time.perf_counter()
+            times[stage], t = now - t, now
+            return value
+
+        samples = done("generate", self.generate(self.state.params, jax.random.key(it)))
+        buffer = done("logprobs", self.logprobs(self.state.params, self.ref, samples))
+        buffer = done("score", self.score(self.state.params, self.rm, buffer))
+        buffer.pop("entropy")
+        if self.update is None:
+            self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
+        self.buffer = buffer
+        self.state, _ = done("update", self.update(self.state, buffer))
+        return times
+
+
+def iteration_section(w: Workload, limits: dict, repeats: int):
+    with jax.set_mesh(make_mesh()):
+        run = Iteration(w)
+        run.step(0)   # compiles every program
+        steps = [run.step(i + 1) for i in range(repeats)]
+        samples = run.generate(run.state.params, jax.random.key(0))
+        merged = statistics.median(timed(
+            lambda: run.merged_score(run.state.params, run.ref, run.rm, samples), repeats))
+    stages = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    total = [sum(s.values()) for s in steps]
+    iteration = statistics.median(total)
+    flops = model_flops(w)
+    peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
+    mfu = lambda f, s: round(f / s / peak, 3)
+    p = w.name
+    emit("iteration", workload=dataclasses.asdict(w), repeats=repeats, **{
+        f"{p}.iteration_s": round(iteration, 4),
+        f"{p}.iteration_times_s": [round(x, 4) for x in total],
+        **{f"{p}.{k}_s": round(v, 4) for k, v in stages.items()},
+        f"{p}.merged_logprobs_score_s": round(merged, 4),
+        f"{p}.generate_tokens_per_s": round(w.generated_tokens / stages["generate"], 1),
+        f"{p}.model_gflop": {k: round(v / 1e9, 2) for k, v in flops["model"].items()},
+        f"{p}.executed_gflop": {k: round(v / 1e9, 2) for k, v in flops["executed"].items()},
+        f"{p}.peak_gflops": round(peak / 1e9, 1),
+        **{f"{p}.{k}_mfu": mfu(flops["model"][k], v) for k, v in stages.items()},
+        f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
+        f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' PyTorch generate on the same weights and shapes
+
+def torch_section(w: Workload, repeats: int, threads: int, ours_tokens_per_s: float | None):
+    import torch
+    import transformers
+
+    from p3o_jax.hf import save_pretrained
+
+    torch.set_num_threads(threads)
+    policy, _, _, (prompts, prompt_mask) = build_models(w)
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(policy, w.model, d)
+        model = transformers.GPT2LMHeadModel.from_pretrained(
+            d, dtype=torch.bfloat16 if w.dtype == "bfloat16" else torch.float32).eval()
+    ids = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
+    attention_mask = torch.as_tensor(np.asarray(prompt_mask), dtype=torch.long)
+    B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
+
+    def generate():
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=attention_mask, do_sample=True,
+                                 num_return_sequences=n, max_new_tokens=N, min_new_tokens=N,
+                                 temperature=w.temperature, top_k=w.top_k, top_p=w.top_p,
+                                 pad_token_id=0, eos_token_id=None)
+        assert out.shape == (B * n, P + N)
+
+    generate()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate()
+        times.append(time.perf_counter() - t0)
+    tokens_per_s = w.generated_tokens / statistics.median(times)
+    fields = {f"{w.name}.torch_generate_tokens_per_s": round(tokens_per_s, 1),
+              f"{w.name}.torch_generate_s": round(statistics.median(times), 4)}
+    if ours_tokens_per_s:
+        fields[f"{w.name}.generate_speedup_vs_torch"] = round(ours_tokens_per_s / tokens_per_s, 2)
+    emit("torch", torch_version=torch.__version__, transformers_version=transformers.__version__,
+         threads=threads, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory, one fresh process per algorithm
+
+def memory_child(w: Workload, algo: str):
+    """Run in a fresh process: peak RSS of three iterations beyond the RSS after imports."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with jax.set_mesh(make_mesh()):
+        run = Iteration(w, algo)
+        for i in range(3):
+            run.step(i)
+        update = run.update.lower(run.state, run.buffer).compile().memory_analysis()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
+    print(json.dumps(dict(peak_mib=(peak - base) / 1024, state_mib=state_bytes / 2 ** 20,
+                          update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
+
+
+def memory_section(w: Workload):
+    workload = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(w).items()]
+    out = {}
+    for algo in ("p3o", "ppo"):
+        res = subprocess.run([sys.executable, "-m", "p3o_jax.bench", *workload,
+                              "--memory-child", algo], check=True, capture_output=True, text=True)
+        out[algo] = json.loads(res.stdout.strip().splitlines()[-1])
+    p = w.name
+    emit("memory", **{f"{p}.{algo}_{k}": round(v, 1) for algo, r in out.items()
+                      for k, v in r.items()},
+         **{f"{p}.p3o_saves_mib": round(out["ppo"]["peak_mib"] - out["p3o"]["peak_mib"], 1)})
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = Workload()
+    for f in dataclasses.fields(Workload):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name))
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
+    p.add_argument("--repeats", type=int, default=7, help="timed iterations (median)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+    p.add_argument("--memory-child", choices=("p3o", "ppo"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    w = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
+    return args, w
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, w = parse_args(argv)
+    if args.memory_child:
+        return memory_child(w, args.memory_child)
+    sections = args.only.split(",")
+    if unknown := set(sections) - set(SECTIONS):
+        raise SystemExit(f"--only: unknown sections {sorted(unknown)}; expected {SECTIONS}")
+    limits = machine_section() if {"machine", "iteration"} & set(sections) else None
+    ours = None
+    if "iteration" in sections:
+        stages = iteration_section(w, limits, args.repeats)
+        ours = w.generated_tokens / stages["generate"]
+    if "torch" in sections:
+        torch_section(w, args.repeats, args.threads, ours)
+    if "memory" in sections:
+        memory_section(w)
+
+
+if __name__ == "__main__":
+    main()
