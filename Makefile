@@ -35,6 +35,9 @@ train: $(VENV)/.runtime-$(ACCEL)
 test: $(VENV)/.test-$(ACCEL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+frontier: $(VENV)/.runtime-$(ACCEL)
+	$(PY) -m p3o_jax.frontier exp=$(EXP) $(ARGS)
+
 bench: $(VENV)/.test-$(ACCEL)
 	$(PY) -m p3o_jax.bench $(ARGS)
 

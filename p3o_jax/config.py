@@ -78,6 +78,10 @@ class RLConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    eval_every: int = 0             # > 0: evaluate on the eval prompts every N iterations and
+                                    # at the end ("eval" rows in metrics.jsonl; p3o_jax.frontier)
+    reward_offset: float = 0.0      # adds scale * delta(x) (a fixed N(0,1)-like value per prompt)
+                                    # to the RM's scores: the invariance experiment
     # P3O
     clip: str = "joint"             # separate (V1) | joint (V2)
     eps: float = 0.2

@@ -1,6 +1,9 @@
-"""Evaluation on held-out prompts: reward (RM and gold), KL to the reference with standard
-errors, response length, and head-to-head win rates with ties."""
+"""Evaluation on held-out prompts: reward (RM and gold), KL to the reference (k1 and k3) with
+standard errors, response length, and head-to-head win rates with ties, by a score
+(`win_rate`, `compare`) or by an external judge (`judge_win_rate`)."""
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -22,6 +25,24 @@ def win_rate(a, b) -> tuple[float, float]:
     """P(a beats b) on paired samples, ties counting one half; with its standard error."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return mean_se(np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0)))
+
+
+def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
+                   texts_b: Sequence[str], both_orders: bool = True) -> tuple[float, float]:
+    """Win rate of `texts_a` over `texts_b` (paired: same prompt at the same index) by
+    `judge(a, b)`, the probability in [0, 1] that `a` is preferred (0.5: a tie); with its
+    standard error over pairs. `both_orders` also asks `judge(b, a)` and averages
+    `judge(a, b)` with `1 - judge(b, a)`, cancelling a judge's bias for the first position.
+    Nothing remote is called here: an LLM judge is whatever callable is passed in."""
+    if len(texts_a) != len(texts_b):
+        raise ValueError(f"{len(texts_a)} texts against {len(texts_b)}: they must be paired")
+    def ask(first, second):
+        p = np.array([judge(x, y) for x, y in zip(first, second)], np.float64)
+        if np.any(~((p >= 0) & (p <= 1))):
+            raise ValueError("judge(a, b) must return a probability in [0, 1]")
+        return p
+    p = ask(texts_a, texts_b)
+    return mean_se((p + 1.0 - ask(texts_b, texts_a)) / 2 if both_orders else p)
 
 
 def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
@@ -54,4 +75,14 @@ def summarize(per_prompt: dict) -> dict:
     for k in ("gold", "rm", "kl_k1", "kl_k3", "length"):
         if k in per_prompt:
             row[k], row[k + "_se"] = mean_se(per_prompt[k])
+    return row
+
+
+def compare(per_prompt: dict, baseline: dict) -> dict:
+    """`summarize(per_prompt)` plus the win rates (with SE) of its responses over `baseline`'s on
+    the same prompts, by gold reward (if known) and by the reward model."""
+    row = summarize(per_prompt)
+    if "gold" in per_prompt:
+        row["win_gold"], row["win_gold_se"] = win_rate(per_prompt["gold"], baseline["gold"])
+    row["win_rm"], row["win_rm_se"] = win_rate(per_prompt["rm"], baseline["rm"])
     return row

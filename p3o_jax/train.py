@@ -33,7 +33,7 @@ from p3o_jax.checkpoint import StageCheckpoints, load_params, save_params, skip_
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, validate, validate_models
 from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, local_rows, to_host
-from p3o_jax.evaluate import evaluate_policy, summarize, win_rate
+from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.rollout import response_logprobs, rollout_metrics, score
 from p3o_jax.sampler import SamplingConfig, sample_pairs
@@ -213,10 +213,35 @@ def _scale_delta(buffer: dict, rl) -> dict:
     return dict(buffer, rewards=r / scale, seq_kl=l / scale)
 
 
+def prompt_offset(prompts, prompt_mask):
+    """delta(x): a fixed N(0, 1) draw per prompt [B, P] -> [B], keyed by a hash of its tokens
+    (weights per position counted from the right, so left padding does not change it)."""
+    weights = jax.random.bits(jax.random.key(0), prompts.shape[-1:], jnp.uint32)
+    h = jnp.sum(prompts.astype(jnp.uint32) * prompt_mask.astype(jnp.uint32) * weights, -1)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(jax.random.key(1), k)))(h)
+
+
+def policy_evaluator(run: Run, sft_params, rm_params):
+    """The eval prompts and `evaluate(params)`, the per-prompt results of `params` on them
+    (the same prompts and sampling key for every policy): `final_table` and `rl.eval_every`."""
+    p = run.prompts(run.cfg.eval_prompts, "eval")
+    return p, lambda params: evaluate_policy(params, sft_params, rm_params, run.policy_cfg,
+                                             run.rm_cfg, p["ids"], p["mask"], run.key(5),
+                                             run.sampling(), run.task.gold_reward)
+
+
+def eval_due(rl, step: int, total: int) -> bool:
+    """`rl.eval_every` says to evaluate after `step` of `total` steps (and at the start)."""
+    return rl.eval_every > 0 and (step % rl.eval_every == 0 or step == total)
+
+
 def stage_rl(run: Run, sft_params, rm_params):
     cfg, rl, mesh = run.cfg, run.cfg.rl, run.mesh
+    _, evaluate = policy_evaluator(run, sft_params, rm_params)
+    sft_eval = evaluate(sft_params) if rl.eval_every else None
+    log_eval = lambda step, params: run.logger.log("eval", step, compare(evaluate(params), sft_eval))
     if cfg.algo == "dpo_offline":
-        return stage_dpo_offline(run, sft_params)
+        return stage_dpo_offline(run, sft_params, log_eval)
     ppo = cfg.algo == "ppo"
     ref = sft_params
     if ppo:  # separate critic initialised from the reward model, value head <- reward head
@@ -233,10 +258,13 @@ def stage_rl(run: Run, sft_params, rm_params):
                                                  cfg.seed))
     scfg = run.sampling()
 
-    @jax.jit
-    def make_buffer(policy, critic, prompts, pmask, samples, kl_coef):
+    @jax.jit  # every model is an argument: a jit may not close over arrays of other processes
+    def make_buffer(policy, critic, ref, rm_params, prompts, pmask, samples, kl_coef):
         buf = score(policy, ref, rm_params, run.policy_cfg, run.rm_cfg, prompts, pmask, samples,
                     rl.temperature)
+        if rl.reward_offset:  # the same delta(x) for every response of a prompt
+            offset = rl.reward_offset * prompt_offset(prompts, pmask)
+            buf = dict(buf, rewards=buf["rewards"] + offset[:, None])
         if ppo:
             B, K, L = buf["tokens"].shape
             values = learners.critic_values(critic, run.rm_cfg, buf["tokens"].reshape(B * K, L),
@@ -251,6 +279,8 @@ def stage_rl(run: Run, sft_params, rm_params):
     with StageCheckpoints(cfg, "rl", rl.iterations, run.task) as ckpt:
         state, meta = ckpt.restore(state, kl_coef=rl.beta)
         kl_coef = meta["kl_coef"]
+        if rl.eval_every and meta["step"] == 0:
+            log_eval(0, policy_of(state.params))
         bar = tqdm(range(meta["step"], rl.iterations), desc=f"rl:{cfg.algo}",
                    initial=meta["step"], total=rl.iterations, dynamic_ncols=True)
         for it in bar:
@@ -261,8 +291,8 @@ def stage_rl(run: Run, sft_params, rm_params):
             jax.block_until_ready(samples)
             t1 = time.perf_counter()
             buffer, roll = make_buffer(policy_of(state.params),
-                                       state.params["critic"] if ppo else None,
-                                       p["ids"], p["mask"], samples, kl_coef)
+                                       state.params["critic"] if ppo else None, ref,
+                                       rm_params, p["ids"], p["mask"], samples, kl_coef)
             buffer = _scale_delta(buffer, rl) if cfg.algo == "p3o" else buffer
             buffer.pop("entropy")
             jax.block_until_ready(buffer)
@@ -281,6 +311,8 @@ def stage_rl(run: Run, sft_params, rm_params):
             if ppo and rl.target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019)
                 err = float(np.clip(m["kl_k1"] / rl.target_kl - 1, -0.2, 0.2))
                 kl_coef *= 1 + err * rl.prompts_per_iter * rl.n_samples / rl.kl_horizon
+            if eval_due(rl, it + 1, rl.iterations):
+                log_eval(it + 1, policy_of(state.params))
             ckpt.end_step(it + 1, state, m, kl_coef=kl_coef)
         ckpt.finish(state, kl_coef=kl_coef)
     return policy_of(state.params)
@@ -294,8 +326,9 @@ def gold_of_samples(run: Run, prompts, samples) -> float:
                           for k in range(tokens.shape[1])]))
 
 
-def stage_dpo_offline(run: Run, sft_params):
-    """DPO on the reward model's preference data (chosen first), `rl.dpo_epochs` passes."""
+def stage_dpo_offline(run: Run, sft_params, log_eval):
+    """DPO on the reward model's preference data (chosen first), `rl.dpo_epochs` passes;
+    `log_eval(step, params)` as `rl.eval_every` says, counting steps (prompt batches)."""
     rl, mesh = run.cfg.rl, run.mesh
     path = run.path("preferences.npz")
     if not os.path.exists(path):
@@ -303,13 +336,13 @@ def stage_dpo_offline(run: Run, sft_params):
     data = dict(np.load(path))
     n, N = len(data["tokens"]), data["resp_mask"].shape[-1]
     L = data["tokens"].shape[-1]
-    ref_logp = jax.jit(lambda t, m: response_logprobs(
-        sft_params, run.policy_cfg, t.reshape(-1, L), m.reshape(-1, L), L - N, rl.temperature))
+    ref_logp = jax.jit(lambda p, t, m: response_logprobs(
+        p, run.policy_cfg, t.reshape(-1, L), m.reshape(-1, L), L - N, rl.temperature))
     chunk = rl.prompts_per_iter
     n = n // chunk * chunk
     logp_ref = np.concatenate([
-        to_host(ref_logp(*run.batch(chunk, lambda a, b: (data["tokens"][s + a:s + b],
-                                                          data["mask"][s + a:s + b]))))
+        to_host(ref_logp(sft_params, *run.batch(chunk, lambda a, b: (data["tokens"][s + a:s + b],
+                                                                      data["mask"][s + a:s + b]))))
         .reshape(chunk, 2, N) for s in range(0, n, chunk)])
     data = {"tokens": data["tokens"][:n], "mask": data["mask"][:n], "resp_mask": data["resp_mask"][:n],
             "logp_ref": logp_ref * data["resp_mask"][:n],
@@ -324,6 +357,8 @@ def stage_dpo_offline(run: Run, sft_params):
     update_jit = None
     with StageCheckpoints(run.cfg, "rl", steps, run.task) as ckpt:
         state, meta = ckpt.restore(state)
+        if rl.eval_every and meta["step"] == 0:
+            log_eval(0, state.params)
         for it in tqdm(range(meta["step"], steps), desc="rl:dpo_offline", initial=meta["step"],
                        total=steps, dynamic_ncols=True):
             idx = order[it * chunk:(it + 1) * chunk]
@@ -333,6 +368,8 @@ def stage_dpo_offline(run: Run, sft_params):
             state, metrics = update_jit(state, batch)
             if it % run.cfg.log_every == 0 or it == steps - 1 or metrics["skipped_nonfinite"]:
                 run.logger.log("rl", it, metrics)
+            if eval_due(rl, it + 1, steps):
+                log_eval(it + 1, state.params)
             ckpt.end_step(it + 1, state, metrics)
         ckpt.finish(state)
     return state.params
@@ -342,20 +379,11 @@ def stage_dpo_offline(run: Run, sft_params):
 # evaluation and the final table
 
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
-    p = run.prompts(run.cfg.eval_prompts, "eval")
-    ev = lambda params: evaluate_policy(params, sft_params, rm_params, run.policy_cfg, run.rm_cfg,
-                                        p["ids"], p["mask"], run.key(5), run.sampling(),
-                                        run.task.gold_reward)
+    p, ev = policy_evaluator(run, sft_params, rm_params)
     results = {"sft": ev(sft_params)}
     if rl_params is not None:
         results[run.cfg.algo] = ev(rl_params)
-    rows = []
-    for name, r in results.items():
-        row = {"policy": name, **summarize(r)}
-        if "gold" in r:
-            row["win_gold"], row["win_gold_se"] = win_rate(r["gold"], results["sft"]["gold"])
-        row["win_rm"], row["win_rm_se"] = win_rate(r["rm"], results["sft"]["rm"])
-        rows.append(row)
+    rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
     summary = {"rows": rows}
     ids, mask = to_host((p["ids"], p["mask"]))
     if not is_main_process():

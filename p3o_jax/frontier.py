@@ -1,0 +1,326 @@
+"""The KL-reward frontier of P3O against its baselines, and the reward-offset invariance.
+
+    python -m p3o_jax.frontier [exp=toy] [quick=true] [key=value ...]   (`make frontier`)
+    python -m p3o_jax.frontier invariance=true [key=value ...]
+
+Per seed, SFT and the reward model are trained once (`run_experiment` with `stages=sft,rm` in
+`<out_dir>-frontier/seed<S>`; run again, the finished stages are reused). Every RL run -- a
+method at a beta -- then has its own folder below, linking that seed's `sft`, `rm` and
+`preferences.npz`, and runs `stages=rl` with `rl.eval_every`, so each run (and its checkpoints)
+resumes on its own. The "eval" rows of all runs (every checkpoint evaluated on the same held-out
+prompts) go to `<results>/frontier.jsonl`, the plot to `frontier.png` and the table of the final
+policies to `frontier.md`.
+
+beta is the KL coefficient of `max E[r] - beta KL`. P3O and PPO take it as `rl.beta`; for DPO
+(online and offline) it is `rl.dpo_beta`, the same coefficient in DPO's derivation (the optimum
+of that objective is pi_ref * exp(r / beta)), only with the reward model replaced by its
+preference labels.
+
+`invariance=true` runs P3O (V2) and PPO at `rl.beta=0.1` with and without `rl.reward_offset`
+(a random per-prompt shift delta(x) of the reward model's scores) and writes `invariance.png`,
+`invariance.jsonl` and `invariance.md` (the largest difference between the learning curves).
+
+Keys of this command (the others override the experiment's config): quick, invariance, seeds,
+betas, methods (comma-separated names of METHODS), offset (invariance), results (the folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from p3o_jax.config import ConfigError, ExperimentConfig, from_args, override
+from p3o_jax.logger import format_table
+from p3o_jax.train import make_task, prompt_offset, run_experiment
+
+METHODS = {
+    "P3O-V1": lambda b: {"algo": "p3o", "rl.clip": "separate", "rl.beta": b},
+    "P3O-V2": lambda b: {"algo": "p3o", "rl.clip": "joint", "rl.beta": b},
+    "PPO": lambda b: {"algo": "ppo", "rl.beta": b},
+    "DPO-online": lambda b: {"algo": "dpo", "rl.dpo_beta": b},
+    "DPO-offline": lambda b: {"algo": "dpo_offline", "rl.dpo_beta": b},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    betas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3)
+    methods: tuple[str, ...] = tuple(METHODS)
+    evals: int = 4                  # evaluations along each run, besides the one at its start
+    offset: float = 5.0             # invariance: rl.reward_offset
+    # config keys the sweep sets (the command line's keys come after, and win)
+    config: tuple[str, ...] = ("rl.iterations=40", "eval_prompts=256")
+
+
+FULL = Sweep()
+QUICK = Sweep(seeds=(0,), betas=(0.05, 0.3), config=("rl.iterations=16", "eval_prompts=128"))
+INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
+                   config=("rl.iterations=20", "eval_prompts=128"))
+LIST_KEYS = {"seeds": int, "betas": float, "methods": str}
+
+
+def parse(argv: list[str]) -> tuple[Sweep, str, bool, ExperimentConfig]:
+    """The sweep, the results folder, whether to run the invariance experiment, and the base
+    config (the experiment with the sweep's and the command line's overrides)."""
+    pairs = [a.partition("=")[::2] for a in argv]
+    own = {k: v for k, v in pairs if k in ("quick", "invariance", "results", "offset", *LIST_KEYS)}
+    truthy = lambda k: own.get(k, "false").lower() in ("1", "true", "yes", "on")
+    invariance = truthy("invariance")
+    sweep = INVARIANCE if invariance else QUICK if truthy("quick") else FULL
+    for key, kind in LIST_KEYS.items():
+        if key in own:
+            sweep = dataclasses.replace(sweep, **{key: tuple(kind(v) for v in own[key].split(","))})
+    if "offset" in own:
+        sweep = dataclasses.replace(sweep, offset=float(own["offset"]))
+    unknown = [m for m in sweep.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"config key 'methods': {unknown} not in {list(METHODS)}")
+    rest = [a for a in argv if a.partition("=")[0] not in own]
+    exp = [a for a in rest if a.startswith("exp=")]
+    cfg = from_args(exp + list(sweep.config) + [a for a in rest if not a.startswith("exp=")])
+    return sweep, own.get("results", "experiments/results"), invariance, cfg
+
+
+def overridden(cfg: ExperimentConfig, over: dict) -> ExperimentConfig:
+    for key, value in over.items():
+        cfg = override(cfg, key, str(value))
+    return cfg
+
+
+def seed_dir(cfg: ExperimentConfig, seed: int) -> str:
+    return os.path.join(cfg.out_dir.rstrip("/") + "-frontier", f"seed{seed}")
+
+
+def train_sft_rm(cfg: ExperimentConfig, seed: int) -> str:
+    """SFT and the reward model of `seed` (reused if finished): their folder."""
+    path = seed_dir(cfg, seed)
+    run_experiment(dataclasses.replace(cfg, seed=seed, out_dir=path, stages="sft,rm"))
+    return path
+
+
+def rl_run(cfg: ExperimentConfig, base: str, name: str, over: dict) -> list[dict]:
+    """One RL run in `<base>/<name>` on `base`'s SFT and RM: its metrics rows (the last row
+    logged for each stage and step, so a resumed run counts once)."""
+    path = os.path.join(base, name)
+    os.makedirs(path, exist_ok=True)
+    for shared in ("sft", "rm", "preferences.npz"):
+        link = os.path.join(path, shared)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join("..", shared), link)
+    run_experiment(overridden(dataclasses.replace(cfg, out_dir=path, stages="rl"), over))
+    rows = {}
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        for r in map(json.loads, f):
+            rows[r["stage"], r["step"]] = r
+    return list(rows.values())
+
+
+def rl_steps(cfg: ExperimentConfig) -> int:
+    """The steps of the rl stage: iterations, or for offline DPO its prompt batches."""
+    if cfg.algo != "dpo_offline":
+        return cfg.rl.iterations
+    chunk = cfg.rl.prompts_per_iter
+    return cfg.rl.dpo_epochs * (cfg.rm.n_pairs // chunk * chunk) // chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# the frontier
+
+def frontier(sweep: Sweep, cfg: ExperimentConfig) -> list[dict]:
+    """Every evaluation of every run: dicts with method, beta, seed, step, steps (the run's
+    total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy)."""
+    records = []
+    for seed in sweep.seeds:
+        base = train_sft_rm(cfg, seed)
+        for method in sweep.methods:
+            for beta in sweep.betas:
+                over = METHODS[method](beta)
+                steps = rl_steps(overridden(cfg, over))
+                over["rl.eval_every"] = max(steps // sweep.evals, 1)
+                rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
+                              f"{method}-beta{beta:g}", over)
+                records += [{"method": method, "beta": beta, "seed": seed, "step": r["step"],
+                             "steps": steps, "final": r["step"] == steps,
+                             **{k: v for k, v in r.items() if k not in ("stage", "step", "time")}}
+                            for r in sorted(rows, key=lambda r: r["step"]) if r["stage"] == "eval"]
+    return records
+
+
+def mean_and_se(values: list[float], ses: list[float]) -> tuple[float, float]:
+    """Mean over seeds with the SE across seeds; with one seed, that run's own SE over prompts."""
+    if len(values) == 1:
+        return values[0], ses[0]
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
+def final_rows(records: list[dict]) -> list[dict]:
+    """The table: SFT (the runs' start), then each method and beta's final policy."""
+    groups = {("SFT", ""): list({r["seed"]: r for r in records if r["step"] == 0}.values())}
+    for r in records:
+        if r["final"]:
+            groups.setdefault((r["method"], f"{r['beta']:g}"), []).append(r)
+    rows = []
+    for (method, beta), rs in groups.items():
+        row = {"policy": method, "beta": beta, "seeds": len(rs)}
+        for k in ("kl_k1", "kl_k3", "gold", "rm", "win_gold", "win_rm", "length"):
+            row[k], row[k + "_se"] = mean_and_se([r[k] for r in rs], [r[k + "_se"] for r in rs])
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [("policy", "policy"), ("beta", "beta"), ("seeds", "seeds"), ("kl_k1", "KL (k1)"),
+            ("kl_k3", "KL (k3)"), ("gold", "gold reward"), ("rm", "RM reward"),
+            ("win_gold", "gold win vs SFT"), ("win_rm", "RM win vs SFT"), ("length", "length")]
+    cell = lambda r, k: (f"{r[k]:.3f} ± {r[k + '_se']:.3f}" if k + "_se" in r else str(r[k]))
+    return format_table([{name: cell(r, k) for k, name in cols} for r in rows],
+                        [name for _, name in cols])
+
+
+def plot_frontier(records: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = final_rows(records)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, y, label in ((axes[0], "gold", "gold reward (hidden)"),
+                         (axes[1], "rm", "proxy reward (RM)")):
+        for method in METHODS:
+            pts = [r for r in records if r["method"] == method and r["step"] > 0]
+            if not pts:
+                continue
+            ax.scatter([r["kl_k1"] for r in pts], [r[y] for r in pts], s=10, alpha=0.25,
+                       color=colors[method])
+            fin = sorted((r for r in rows if r["policy"] == method), key=lambda r: r["kl_k1"])
+            ax.errorbar([r["kl_k1"] for r in fin], [r[y] for r in fin],
+                        xerr=[r["kl_k1_se"] for r in fin], yerr=[r[y + "_se"] for r in fin],
+                        marker="o", capsize=2, color=colors[method], label=method)
+            for r in fin:
+                ax.annotate(f"β={r['beta']}", (r["kl_k1"], r[y]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -9), color=colors[method])
+        sft = next(r for r in rows if r["policy"] == "SFT")
+        ax.scatter([sft["kl_k1"]], [sft[y]], marker="*", s=160, color="black", label="SFT", zorder=5)
+        ax.set_xlabel("KL(π || π_SFT) on eval prompts (k1, nats per response)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    seeds = sorted({r["seed"] for r in records})
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"KL–reward frontier (final policies: lines, ± SE; checkpoints along the runs: "
+                 f"dots; {len(seeds)} seed{'s' * (len(seeds) > 1)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the invariance experiment
+
+def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
+    """P3O-V2 and PPO at `sweep.betas[0]`, with and without `rl.reward_offset = sweep.offset`:
+    per-iteration rows (gold, KL, RM score minus the batch's mean offset) and, per method, the
+    largest absolute difference between the two runs' curves."""
+    seed, beta = sweep.seeds[0], sweep.betas[0]
+    base = train_sft_rm(cfg, seed)
+    task, chunk = make_task(cfg), cfg.rl.prompts_per_iter
+    records, diffs = [], {}
+    for method in sweep.methods:
+        curves = {}
+        for offset in (0.0, sweep.offset):
+            over = {**METHODS[method](beta), "rl.reward_offset": offset}
+            rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
+                          f"invariance-{method}-offset{offset:g}", over)
+            rl_rows = sorted((r for r in rows if r["stage"] == "rl"), key=lambda r: r["step"])
+            for r in rl_rows:
+                ids, mask = task.prompts(chunk, "rl", r["step"] * chunk)
+                shift = offset * float(np.mean(prompt_offset(ids, mask)))
+                records.append({"method": method, "offset": offset, "iteration": r["step"],
+                                "gold_reward": r["gold_reward"], "kl_k1": r["kl_k1"],
+                                "rm_reward_minus_offset": r["rm_reward"] - shift})
+            curves[offset] = records[-len(rl_rows):]
+        a, b = curves[0.0], curves[sweep.offset]
+        diffs[method] = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b))
+                         for k in ("gold_reward", "kl_k1", "rm_reward_minus_offset")}
+    return records, diffs
+
+
+def plot_invariance(records: list[dict], offset: float, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = (("gold_reward", "gold reward of the rollouts"),
+            ("rm_reward_minus_offset", "RM score − offset δ(x)"), ("kl_k1", "KL to SFT (k1)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colors = {"P3O-V2": "tab:blue", "PPO": "tab:red"}
+    for ax, (key, label) in zip(axes, keys):
+        for method in colors:
+            for off, style in ((0.0, "-"), (offset, "--")):
+                rs = [r for r in records if r["method"] == method and r["offset"] == off]
+                if rs:
+                    ax.plot([r["iteration"] for r in rs], [r[key] for r in rs], style,
+                            color=colors[method], lw=2.5 if off == 0 else 1.5,
+                            label=f"{method}, {'no offset' if off == 0 else f'offset {off:g}·δ(x)'}")
+        ax.set_xlabel("RL iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Adding a per-prompt offset δ(x) ~ N(0,1)·scale to the reward model: "
+                 "P3O's curves coincide, PPO's move")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sweep, results, inv, cfg = parse(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(results, exist_ok=True)
+    # the runs compile the same programs again and again: keep them across runs
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(
+        cfg.out_dir.rstrip("/") + "-frontier/jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    command = "python -m p3o_jax.frontier " + " ".join(argv)
+    if inv:
+        records, diffs = invariance(sweep, cfg)
+        write_jsonl(os.path.join(results, "invariance.jsonl"), records)
+        plot_invariance(records, sweep.offset, os.path.join(results, "invariance.png"))
+        table = format_table([{"method": m, **d} for m, d in diffs.items()],
+                             ["method", "gold_reward", "kl_k1", "rm_reward_minus_offset"])
+        text = (f"`{command}`\n\nLargest absolute difference between the per-iteration curves "
+                f"with and without `rl.reward_offset={sweep.offset:g}` ({cfg.rl.iterations} "
+                f"iterations, beta {sweep.betas[0]:g}, seed {sweep.seeds[0]}):\n\n{table}\n")
+        with open(os.path.join(results, "invariance.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return 0
+    records = frontier(sweep, cfg)
+    write_jsonl(os.path.join(results, "frontier.jsonl"), records)
+    plot_frontier(records, os.path.join(results, "frontier.png"))
+    text = (f"`{command}`\n\nFinal policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
+            f"across seeds (over prompts when there is one seed). Win rates against the SFT "
+            f"policy's response to the same prompt, ties counting 1/2.\n\n"
+            f"{markdown(final_rows(records))}\n")
+    with open(os.path.join(results, "frontier.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
