@@ -349,8 +349,8 @@ def torch_section(w: Workload, repeats: int, threads: int, ours_tokens_per_s: fl
         save_pretrained(policy, w.model, d)
         model = transformers.GPT2LMHeadModel.from_pretrained(
             d, dtype=torch.bfloat16 if w.dtype == "bfloat16" else torch.float32).eval()
-    ids = torch.as_tensor(np.asarray(prompts), dtype=torch.long)
-    attention_mask = torch.as_tensor(np.asarray(prompt_mask), dtype=torch.long)
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long)
+    attention_mask = torch.tensor(np.asarray(prompt_mask), dtype=torch.long)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
 
     def generate():

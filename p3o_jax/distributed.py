@@ -8,7 +8,8 @@ single process:
 - **Start-up.** `initialize(cfg.dist)` calls `jax.distributed.initialize` before anything
   touches a device. Under SLURM (`srun`), Open MPI and on Cloud TPU VMs jax finds the
   coordinator and the process ids itself; elsewhere they come from `dist.coordinator`,
-  `dist.num_processes`, `dist.process_id` or the environment variables `ENV` names.
+  `dist.num_processes`, `dist.process_id` or the environment variables `ENV` names
+  (`scripts/launch_local.py` sets those for N processes on one machine).
 - **Input.** A global batch is never built whole: each process builds the rows its own
   devices hold (`process_rows`, `local_rows`) and `sharding.shard_batch` assembles the global
   array with `jax.make_array_from_process_local_data`. Tasks address rows by index, so a
@@ -59,11 +60,12 @@ def managed_cluster() -> str | None:
 def initialize(cfg: DistConfig) -> None:
     """Join the other processes of the run (`jax.distributed.initialize`), if there are any.
 
-    Must run before anything touches a device; a no-op when already initialised. In order:
-    `dist.num_processes=1` means a single process; a coordinator (`dist.coordinator` or
-    `JAX_COORDINATOR_ADDRESS`) means an explicit set-up, which then needs the number of
-    processes and this one's id (flags or env); otherwise jax's own detection runs where
-    `managed_cluster()` finds a cluster, and a single process remains.
+    Must run before anything touches a device; a no-op when already initialised. Each of
+    `dist.coordinator`, `dist.num_processes`, `dist.process_id` left unset is read from its
+    environment variable (`ENV`). `num_processes=1` means a single process. In a cluster that
+    `managed_cluster()` recognises, jax fills in whatever is still unset; elsewhere a
+    coordinator makes an explicit set-up, which needs all three, and no coordinator means a
+    single process.
     """
     if jax.distributed.is_initialized():
         return
@@ -79,21 +81,26 @@ def initialize(cfg: DistConfig) -> None:
                                   f"{ENV[field]}={text!r} is not a number") from None
         return value
 
-    coordinator = setting("coordinator", "")
-    num_processes, process_id = setting("num_processes", 0), setting("process_id", -1)
+    num_processes = setting("num_processes", 0)
     if num_processes == 1:
         return
-    if coordinator:
+    coordinator, process_id = setting("coordinator", ""), setting("process_id", -1)
+    if not managed_cluster():
+        if not coordinator:
+            if num_processes > 1 or process_id >= 0:
+                raise ConfigError(f"config key 'dist.coordinator': needed for several "
+                                  f"processes outside SLURM, Open MPI and Cloud TPU; set it "
+                                  f"or {ENV['coordinator']}")
+            return
         if num_processes < 1:
             raise ConfigError(f"config key 'dist.num_processes': needed with a coordinator "
                               f"({coordinator}); set it or {ENV['num_processes']}")
         if not 0 <= process_id < num_processes:
             raise ConfigError(f"config key 'dist.process_id': {process_id} is not in "
                               f"0..{num_processes - 1}; set it or {ENV['process_id']}")
-        jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=cfg.init_timeout_s)
-    elif managed_cluster():
-        jax.distributed.initialize(initialization_timeout=cfg.init_timeout_s)
+    jax.distributed.initialize(coordinator or None, num_processes or None,
+                               process_id if process_id >= 0 else None,
+                               initialization_timeout=cfg.init_timeout_s)
 
 
 def process_rows(mesh, n: int) -> list[tuple[int, int]]:

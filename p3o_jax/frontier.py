@@ -200,7 +200,7 @@ def plot_frontier(records: list[dict], path: str) -> None:
             fin = sorted((r for r in rows if r["policy"] == method), key=lambda r: r["kl_k1"])
             ax.errorbar([r["kl_k1"] for r in fin], [r[y] for r in fin],
                         xerr=[r["kl_k1_se"] for r in fin], yerr=[r[y + "_se"] for r in fin],
-                        marker="o", capsize=2, color=colors[method], label=method)
+                        marker="o", capsize=2, elinewidth=0.8, color=colors[method], label=method)
             for r in fin:
                 ax.annotate(f"β={r['beta']}", (r["kl_k1"], r[y]), fontsize=7,
                             textcoords="offset points", xytext=(4, -9), color=colors[method])
