@@ -90,7 +90,10 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return "w1" if self == Workload() else "custom"
+        """Prefix of the output keys: `w1` (`w1_bfloat16` with that dtype) or `custom`."""
+        if dataclasses.replace(self, dtype="float32") != Workload():
+            return "custom"
+        return "w1" if self.dtype == "float32" else f"w1_{self.dtype}"
 
     @property
     def model(self) -> M.ModelConfig:
@@ -133,66 +136,89 @@ def timed(fn, repeats: int) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 # the machine's limits
 
-def matmul_rate(dtype, sizes=(512, 1024, 2048), repeats: int = 5) -> dict:
-    """FLOP/s of square matmuls, per size."""
+def matmul_rate(dtype, shapes, repeats: int = 7) -> dict:
+    """FLOP/s of [m, k] x [k, n] matmuls, per (m, k, n): the fastest of `repeats` calls."""
     matmul = jax.jit(jnp.matmul)
+    rng = np.random.default_rng(0)
     rates = {}
-    for n in sizes:
-        a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-        rates[n] = 2 * n ** 3 / min(timed(lambda: matmul(a, a), repeats))
+    for m, k, n in shapes:
+        a = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        b = jnp.asarray(rng.standard_normal((k, n)), dtype)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / min(timed(lambda: matmul(a, b), repeats))
     return rates
 
 
-def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
-    """Bytes/s of a large copy (read + write) and of a large sum (read)."""
+def memory_bandwidth(mib: int, repeats: int = 5) -> dict:
+    """Bytes/s of an in-place update (read + write) and of a sum (read) of `mib` MiB."""
     x = jnp.ones((mib * 2 ** 20 // 4,), jnp.float32)
-    copy = jax.jit(lambda x: x + 1)
+    nbytes = x.nbytes
     total = jax.jit(jnp.sum)
-    return {"copy": 2 * x.nbytes / min(timed(lambda: copy(x), repeats)),
-            "sum": x.nbytes / min(timed(lambda: total(x), repeats))}
+    read = nbytes / min(timed(lambda: total(x), repeats))
+    increment = jax.jit(lambda x: x + 1, donate_argnums=0)   # donated: no fresh output pages
+
+    def update():
+        nonlocal x
+        x = increment(x)
+        return x
+    return {"copy": 2 * nbytes / min(timed(update, repeats)), "sum": read}
 
 
-def machine_section() -> dict:
-    f32, bf16 = matmul_rate(jnp.float32), matmul_rate(jnp.bfloat16)
-    bw = memory_bandwidth()
+def machine_section(w: Workload) -> dict:
+    """The best matmul rate over square sizes and the workload's own trunk and LM-head shapes,
+    and the bandwidth of DRAM (512 MiB) and of a decode step's working set (48 MiB, which the
+    last-level cache may hold)."""
+    rows = w.prompts * w.responses
+    tokens, heads = rows * (w.prompt_len + w.new_tokens), rows * w.new_tokens
+    shapes = [(n, n, n) for n in (512, 1024, 2048)] + [
+        (tokens, w.d_model, 4 * w.d_model), (tokens, 4 * w.d_model, w.d_model),
+        (heads, w.d_model, w.vocab)]
+    f32, bf16 = matmul_rate(jnp.float32, shapes), matmul_rate(jnp.bfloat16, shapes)
+    dram, cached = memory_bandwidth(512), memory_bandwidth(48)
     limits = dict(matmul_f32=max(f32.values()), matmul_bf16=max(bf16.values()),
-                  bandwidth=max(bw.values()))
+                  bandwidth=max(cached.values()))
+    gflops = lambda rates: {k: round(v / 1e9, 1) for k, v in rates.items()}
     emit("machine", cpu_count=os.cpu_count(), backend=jax.default_backend(),
          xla_flags=os.environ.get("XLA_FLAGS", ""),
          **{"machine.matmul_gflops_f32": round(limits["matmul_f32"] / 1e9, 1),
-            "machine.matmul_gflops_f32_by_size": {n: round(r / 1e9, 1) for n, r in f32.items()},
+            "machine.matmul_gflops_f32_by_shape": gflops(f32),
             "machine.matmul_gflops_bf16": round(limits["matmul_bf16"] / 1e9, 1),
-            "machine.matmul_gflops_bf16_by_size": {n: round(r / 1e9, 1) for n, r in bf16.items()},
-            "machine.copy_gbps": round(bw["copy"] / 1e9, 1),
-            "machine.sum_gbps": round(bw["sum"] / 1e9, 1)})
+            "machine.matmul_gflops_bf16_by_shape": gflops(bf16),
+            "machine.copy_gbps_512mib": round(dram["copy"] / 1e9, 1),
+            "machine.sum_gbps_512mib": round(dram["sum"] / 1e9, 1),
+            "machine.copy_gbps_48mib": round(cached["copy"] / 1e9, 1),
+            "machine.sum_gbps_48mib": round(cached["sum"] / 1e9, 1)})
     return limits
 
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs (formula in the module docstring)
 
+def unit_flops(cfg: M.ModelConfig):
+    """(t, a, h): trunk FLOPs per token, attention FLOPs per key (a(s) = a s), LM head FLOPs
+    per position."""
+    L, D, H, K, E, F = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                        cfg.d_ff)
+    mlp = (3 if cfg.family == "llama" else 2) * D * F
+    return 2 * L * (2 * D * H * E + 2 * D * K * E + mlp), 4 * L * H * E, 2 * D * cfg.vocab_size
+
+
 def model_flops(w: Workload) -> dict:
-    cfg = w.model
-    L, D, H, K, E, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                           cfg.d_ff, cfg.vocab_size)
+    """{"model": ..., "executed": ...} FLOPs per stage and per iteration."""
+    t, a, h = unit_flops(w.model)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
-    t = 2 * L * (2 * D * H * E + 2 * D * K * E + (3 if cfg.family == "llama" else 2) * D * F)
-    a = lambda s: 4 * L * H * E * s
-    h = 2 * D * V
-    pre = P * t + sum(a(s) for s in range(1, P + 1))
-    r = lambda j: sum(t + a(P + i) for i in range(1, j + 1))
+    pre = P * t + a * P * (P + 1) // 2
+    r = lambda j: sum(t + a * (P + i) for i in range(1, j + 1))
     logprobs = B * (pre + h) + B * n * (r(N - 1) + (N - 1) * h)
-    score = B * pre + B * n * r(N) + B * n * 2 * D
+    score = B * pre + B * n * r(N) + B * n * 2 * w.d_model
     model = dict(generate=logprobs, logprobs=logprobs, score=score, update=3 * logprobs)
-    model["iteration"] = sum(model.values())
     # What the programs run: full [B n, P + N] sequences, every key slot, old log-probs too.
     S_ = P + N
-    full = B * n * S_ * (t + a(S_))
-    executed = dict(generate=B * P * (t + a(S_)) + B * h + B * n * (N - 1) * (t + a(S_) + h),
-                    logprobs=2 * (full + B * n * N * h), score=full + B * n * 2 * D,
+    full = B * n * S_ * (t + a * S_)
+    executed = dict(generate=B * P * (t + a * S_) + B * h + B * n * (N - 1) * (t + a * S_ + h),
+                    logprobs=2 * (full + B * n * N * h), score=full + B * n * 2 * w.d_model,
                     update=3 * (full + B * n * N * h))
-    executed["iteration"] = sum(executed.values())
-    return {"model": model, "executed": executed}
+    return {kind: dict(f, iteration=sum(f.values())) for kind, f in
+            (("model", model), ("executed", executed))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +264,12 @@ class Iteration:
     def policy(self, params):
         return params["policy"] if self.algo == "ppo" else params
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def prefill(self, params):
+        """The prefill part of `generate` alone (for the per-step decode time)."""
+        return S.prefill(self.policy(params), self.w.model, self.prompts, self.prompt_mask,
+                         self.w.new_tokens)
+
     def generate(self, params, key):
         return S.sample_pairs(self.policy(params), self.w.model, self.w.sampling, self.prompts,
                               self.prompt_mask, key, n=self.w.responses)
@@ -282,15 +314,15 @@ class Iteration:
                              self.prompt_mask, samples, self.w.temperature)
 
     def step(self, it: int) -> dict:
-        """One iteration; returns the seconds each program took (the buffer it built stays in
-        `self.buffer`)."""
-        times, t = {}, time.perf_counter()
+        """One iteration; returns the wall and the process CPU seconds of each program,
+        `<stage>` and `<stage>_cpu` (the buffer it built stays in `self.buffer`)."""
+        times, t, cpu = {}, time.perf_counter(), time.process_time()
 
         def done(stage, value):
-            nonlocal t
+            nonlocal t, cpu
             jax.block_until_ready(value)
-            now = time.perf_counter()
-            times[stage], t = now - t, now
+            now, now_cpu = time.perf_counter(), time.process_time()
+            times[stage], times[stage + "_cpu"], t, cpu = now - t, now_cpu - cpu, now, now_cpu
             return value
 
         samples = done("generate", self.generate(self.state.params, jax.random.key(it)))
@@ -300,11 +332,33 @@ class Iteration:
         if self.update is None:
             self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
         self.buffer = buffer
-        self.state, _ = done("update", self.update(self.state, buffer))
+        self.state, metrics = done("update", self.update(self.state, buffer))
+        if metrics["skipped_nonfinite"]:
+            raise FloatingPointError(f"iteration {it}: the update was skipped (non-finite)")
         return times
 
 
-def iteration_section(w: Workload, limits: dict, repeats: int):
+STAGES = ("generate", "logprobs", "score", "update")
+
+
+def decode_bounds(w: Workload, limits: dict) -> dict:
+    """Bytes and FLOPs of one decode step (every weight once, the whole KV cache) and the time
+    each would take at the measured bandwidth and matmul rate."""
+    cfg = w.model
+    rows, S_ = w.prompts * w.responses, w.prompt_len + w.new_tokens
+    weights = sum(x.size for k, x in jax.tree.leaves_with_path(
+        jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
+        if "pos_embed" not in jax.tree_util.keystr(k)) * jnp.dtype(cfg.param_dtype).itemsize
+    cache = 2 * cfg.n_layers * rows * cfg.n_kv_heads * S_ * cfg.head_dim * cfg.compute_dtype.itemsize
+    t, a, h = unit_flops(cfg)
+    flops = rows * (t + a * S_ + h)
+    peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
+    return dict(bytes=weights + cache, weight_bytes=weights, cache_bytes=cache,
+                bandwidth_s=(weights + cache) / limits["bandwidth"], compute_s=flops / peak)
+
+
+def iteration_section(w: Workload, limits: dict, repeats: int) -> float:
+    """Times the iteration; returns our generation tokens/s."""
     with jax.set_mesh(make_mesh()):
         run = Iteration(w)
         run.step(0)   # compiles every program
@@ -312,38 +366,49 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         samples = run.generate(run.state.params, jax.random.key(0))
         merged = statistics.median(timed(
             lambda: run.merged_score(run.state.params, run.ref, run.rm, samples), repeats))
-    stages = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
-    total = [sum(s.values()) for s in steps]
+        prefill = statistics.median(timed(lambda: run.prefill(run.state.params), repeats))
+    med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    total = [sum(s[k] for k in STAGES) for s in steps]
     iteration = statistics.median(total)
     flops = model_flops(w)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
     mfu = lambda f, s: round(f / s / peak, 3)
+    decode_step = (med["generate"] - prefill) / (w.new_tokens - 1)
+    bounds = decode_bounds(w, limits)
     p = w.name
     emit("iteration", workload=dataclasses.asdict(w), repeats=repeats, **{
         f"{p}.iteration_s": round(iteration, 4),
         f"{p}.iteration_times_s": [round(x, 4) for x in total],
-        **{f"{p}.{k}_s": round(v, 4) for k, v in stages.items()},
+        f"{p}.iteration_cpu_s": round(statistics.median(
+            sum(s[k + "_cpu"] for k in STAGES) for s in steps), 4),
+        **{f"{p}.{k}_s": round(v, 4) for k, v in med.items()},
         f"{p}.merged_logprobs_score_s": round(merged, 4),
-        f"{p}.generate_tokens_per_s": round(w.generated_tokens / stages["generate"], 1),
+        f"{p}.generate_tokens_per_s": round(w.generated_tokens / med["generate"], 1),
+        f"{p}.prefill_s": round(prefill, 4),
+        f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
+        f"{p}.decode_step_bytes_mb": round(bounds["bytes"] / 1e6, 1),
+        f"{p}.decode_step_weight_mb": round(bounds["weight_bytes"] / 1e6, 1),
+        f"{p}.decode_step_at_bandwidth_ms": round(1e3 * bounds["bandwidth_s"], 3),
+        f"{p}.decode_step_at_peak_flops_ms": round(1e3 * bounds["compute_s"], 3),
         f"{p}.model_gflop": {k: round(v / 1e9, 2) for k, v in flops["model"].items()},
         f"{p}.executed_gflop": {k: round(v / 1e9, 2) for k, v in flops["executed"].items()},
         f"{p}.peak_gflops": round(peak / 1e9, 1),
-        **{f"{p}.{k}_mfu": mfu(flops["model"][k], v) for k, v in stages.items()},
+        **{f"{p}.{k}_mfu": mfu(flops["model"][k], med[k]) for k in STAGES},
         f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
         f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
-    return stages
+    return w.generated_tokens / med["generate"]
 
 
 # ---------------------------------------------------------------------------------------------
 # transformers' PyTorch generate on the same weights and shapes
 
-def torch_section(w: Workload, repeats: int, threads: int, ours_tokens_per_s: float | None):
+def torch_section(w: Workload, repeats: int, threads: list[int], ours_tokens_per_s: float | None):
+    """Median tokens/s per PyTorch thread count; the best one is compared with ours."""
     import torch
     import transformers
 
     from p3o_jax.hf import save_pretrained
 
-    torch.set_num_threads(threads)
     policy, _, _, (prompts, prompt_mask) = build_models(w)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(policy, w.model, d)
@@ -361,19 +426,24 @@ def torch_section(w: Workload, repeats: int, threads: int, ours_tokens_per_s: fl
                                  pad_token_id=0, eos_token_id=None)
         assert out.shape == (B * n, P + N)
 
-    generate()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    by_threads = {}
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
         generate()
-        times.append(time.perf_counter() - t0)
-    tokens_per_s = w.generated_tokens / statistics.median(times)
-    fields = {f"{w.name}.torch_generate_tokens_per_s": round(tokens_per_s, 1),
-              f"{w.name}.torch_generate_s": round(statistics.median(times), 4)}
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate()
+            times.append(time.perf_counter() - t0)
+        by_threads[n_threads] = w.generated_tokens / statistics.median(times)
+    best = max(by_threads.values())
+    fields = {f"{w.name}.torch_generate_tokens_per_s": round(best, 1),
+              f"{w.name}.torch_generate_tokens_per_s_by_threads":
+                  {n: round(r, 1) for n, r in by_threads.items()}}
     if ours_tokens_per_s:
-        fields[f"{w.name}.generate_speedup_vs_torch"] = round(ours_tokens_per_s / tokens_per_s, 2)
+        fields[f"{w.name}.generate_speedup_vs_torch"] = round(ours_tokens_per_s / best, 2)
     emit("torch", torch_version=torch.__version__, transformers_version=transformers.__version__,
-         threads=threads, **fields)
+         **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,20 +456,29 @@ def memory_child(w: Workload, algo: str):
         run = Iteration(w, algo)
         for i in range(3):
             run.step(i)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         update = run.update.lower(run.state, run.buffer).compile().memory_analysis()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
     print(json.dumps(dict(peak_mib=(peak - base) / 1024, state_mib=state_bytes / 2 ** 20,
                           update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
 
 
 def memory_section(w: Workload):
+    """Each algorithm runs twice in a fresh process sharing a persistent compilation cache: the
+    first run fills the cache, the second (measured) loads its programs from it, so its peak
+    is the iteration's own memory and not the compiler's."""
     workload = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(w).items()]
     out = {}
-    for algo in ("p3o", "ppo"):
-        res = subprocess.run([sys.executable, "-m", "p3o_jax.bench", *workload,
-                              "--memory-child", algo], check=True, capture_output=True, text=True)
-        out[algo] = json.loads(res.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        for algo in ("p3o", "ppo"):
+            for _ in range(2):
+                res = subprocess.run([sys.executable, "-m", "p3o_jax.bench", *workload,
+                                      "--memory-child", algo], check=True, capture_output=True,
+                                     text=True, env=env)
+            out[algo] = json.loads(res.stdout.strip().splitlines()[-1])
     p = w.name
     emit("memory", **{f"{p}.{algo}_{k}": round(v, 1) for algo, r in out.items()
                       for k, v in r.items()},
@@ -417,7 +496,8 @@ def parse_args(argv):
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, default=7, help="timed iterations (median)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
+    p.add_argument("--torch-threads", default=",".join(sorted({"1", str(os.cpu_count())})),
+                   help="comma-separated PyTorch thread counts to try (the best is reported)")
     p.add_argument("--memory-child", choices=("p3o", "ppo"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     w = Workload(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Workload)})
@@ -432,13 +512,10 @@ def main(argv: list[str] | None = None):
     sections = args.only.split(",")
     if unknown := set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown sections {sorted(unknown)}; expected {SECTIONS}")
-    limits = machine_section() if {"machine", "iteration"} & set(sections) else None
-    ours = None
-    if "iteration" in sections:
-        stages = iteration_section(w, limits, args.repeats)
-        ours = w.generated_tokens / stages["generate"]
+    limits = machine_section(w) if {"machine", "iteration"} & set(sections) else None
+    ours = iteration_section(w, limits, args.repeats) if "iteration" in sections else None
     if "torch" in sections:
-        torch_section(w, args.repeats, args.threads, ours)
+        torch_section(w, args.repeats, [int(n) for n in args.torch_threads.split(",")], ours)
     if "memory" in sections:
         memory_section(w)
 

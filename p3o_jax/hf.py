@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from p3o_jax import model as M
+from p3o_jax.distributed import to_host
 from p3o_jax.sharding import logical_shardings
 
 SUPPORTED = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "qwen2": "llama"}
@@ -337,19 +338,12 @@ def _set(tree, path, value):
 # ---------------------------------------------------------------------------------------------
 # Saving
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x), np.float32)
-
-
 def save_pretrained(params, cfg: M.ModelConfig, directory: str) -> None:
     """Write `config.json` + `model.safetensors` that transformers' PyTorch classes load."""
     hf_config = config_to_hf(cfg)
     tensors = {}
     for m in _mappings(cfg):
-        parts = [_to_host(_get(params, p)) for p in m.ours]
+        parts = [np.asarray(to_host(_get(params, p)), np.float32) for p in m.ours]
         tensors[m.hf] = np.ascontiguousarray(m.to_hf(*parts))
     if jax.process_index() != 0:
         return

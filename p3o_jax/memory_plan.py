@@ -40,7 +40,10 @@ with n the sequences per device (the step's batch / (data x fsdp)). The model do
 rematerialise today, so `check` uses the no-remat numbers; the remat column says what a
 `jax.checkpoint` per block would buy. Peak of a stage = params + opt_state + frozen +
 max(kv_cache, scoring, grads + activations): sampling, scoring and the update take turns.
-XLA's own buffers, fragmentation and the runtime's reserve come on top: leave ~10-15%.
+XLA's own buffers, fragmentation and the runtime's reserve come on top: leave ~10-15%. For
+scale: XLA's memory analysis of a compiled float32 SFT step on CPU (GPT-NeoX, 4 layers, d_model
+256, 16 x 128 tokens) reports 375 MiB of temporaries where activations + gradients estimate
+292 MiB, the rest being the optimizer update's temporaries (~4x the params).
 
 Compiling instead of estimating: `jax.experimental.topologies.get_topology_desc` would let
 this CPU host AOT-compile the P3O step for a TPU topology and read its memory analysis, but
@@ -125,6 +128,7 @@ COMPONENTS = [f.name for f in dataclasses.fields(StagePlan)][1:]
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """The stages' plans on one mesh; `check` is what `dist.check_memory=true` runs."""
     mesh: dict                      # {"data": .., "fsdp": .., "tensor": ..}
     stages: tuple[StagePlan, ...]
 

@@ -11,6 +11,10 @@ Checkpoints go to `<out_dir>/ckpt/<stage>`; running the same command again conti
 last run stopped (p3o_jax/checkpoint.py). Exit codes: 0 done, 1 too many non-finite updates in
 a row, 2 bad config (or a checkpoint written with another one), 75 stopped by SIGTERM/SIGINT with
 a checkpoint saved (run again to continue), 143/130 a second SIGTERM/SIGINT (immediate exit).
+
+Several processes (TPU pod hosts, SLURM tasks, `scripts/launch_local.py`) run the same command
+as one run: `main` joins them first (`distributed.initialize`), each builds only its rows of
+every batch (`Run.batch`), and process 0 alone writes the files above (p3o_jax/distributed.py).
 """
 from __future__ import annotations
 
