@@ -12,11 +12,13 @@ reference, the training forward of `rollout.response_logprobs`), score (the rewa
 update (`learners.make_update` of `p3o_loss` under `train_state.jit_step`, state donated).
 
 Sections, one JSON line each (every line carries the load average, since the machine is often
-shared): `machine` (best float32/bfloat16 matmul rate over a few square sizes; memory bandwidth
-of a large copy and a large sum), `iteration` (stage times, medians over `--repeats` iterations
-after a compiling one; tokens/s; MFU), `torch` (transformers' PyTorch `generate` on the same
-weights and shapes), `memory` (peak resident memory of P3O and of PPO iterations, each in a
-fresh subprocess).
+shared): `machine` (the best float32/bfloat16 matmul rate over square sizes and the workload's
+own matmul shapes; the bandwidth of an in-place update and of a sum, at DRAM size and at a
+decode step's working-set size), `iteration` (stage times, medians over `--repeats` iterations
+after a compiling one, with their process CPU time; tokens/s; the decode step against its
+bandwidth and FLOP bounds; MFU), `torch` (transformers' PyTorch `generate` on the same weights
+and shapes, best over thread counts), `memory` (peak resident memory of a P3O and of a PPO
+iteration, each in a fresh process).
 
 Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
 is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
@@ -346,10 +348,9 @@ def decode_bounds(w: Workload, limits: dict) -> dict:
     each would take at the measured bandwidth and matmul rate."""
     cfg = w.model
     rows, S_ = w.prompts * w.responses, w.prompt_len + w.new_tokens
-    weights = sum(x.size for k, x in jax.tree.leaves_with_path(
-        jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
-        if "pos_embed" not in jax.tree_util.keystr(k)) * jnp.dtype(cfg.param_dtype).itemsize
-    cache = 2 * cfg.n_layers * rows * cfg.n_kv_heads * S_ * cfg.head_dim * cfg.compute_dtype.itemsize
+    weights = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
+    cache = (2 * cfg.n_layers * rows * cfg.n_kv_heads * S_ * cfg.head_dim
+             * cfg.compute_dtype.itemsize)
     t, a, h = unit_flops(cfg)
     flops = rows * (t + a * S_ + h)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
@@ -366,6 +367,12 @@ def iteration_section(w: Workload, limits: dict, repeats: int) -> float:
         samples = run.generate(run.state.params, jax.random.key(0))
         merged = statistics.median(timed(
             lambda: run.merged_score(run.state.params, run.ref, run.rm, samples), repeats))
+        # The split programs build exactly `rollout.score`'s buffer.
+        split = run.score(run.state.params, run.rm,
+                          run.logprobs(run.state.params, run.ref, samples))
+        tol = 1e-4 if w.dtype == "float32" else 5e-2
+        for k, v in run.merged_score(run.state.params, run.ref, run.rm, samples).items():
+            np.testing.assert_allclose(split[k], v, rtol=tol, atol=tol, err_msg=k)
         prefill = statistics.median(timed(lambda: run.prefill(run.state.params), repeats))
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     total = [sum(s[k] for k in STAGES) for s in steps]
