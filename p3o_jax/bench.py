@@ -7,9 +7,11 @@ Workload W1: GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocab 8192, flo
 a policy, its frozen copy as the reference and a reward model of the same size. Per iteration
 16 prompts of 64 tokens, 2 responses each of exactly 48 tokens (EOS disabled), then one P3O
 update (one epoch of one minibatch, beta 0.05). An iteration runs four compiled programs, each
-timed up to `block_until_ready`: generate (`sampler.sample_pairs`), log-probs (old and
-reference, the training forward of `rollout.response_logprobs`), score (the reward model) and
-update (`learners.make_update` of `p3o_loss` under `train_state.jit_step`, state donated).
+timed up to `block_until_ready`: generate (`sampler.sample_pairs`), log-probs (the reference's,
+`rollout.logprob_buffer`; the old ones come from the sampler unless `--recompute-old=true`),
+score (the reward model, `rollout.response_reward`) and update (`learners.make_update` of
+`p3o_loss` under `train_state.jit_step`, state donated). Scoring and the update run each prompt
+once for its n responses (`rollout.prompt_once_hidden`).
 
 Sections, one JSON line each (every line carries the load average, since the machine is often
 shared): `machine` (the best float32/bfloat16 matmul rate over square sizes and the workload's
@@ -37,11 +39,12 @@ B prompts, n responses each, P prompt tokens, N response tokens.
     iteration   = generate + log-probs + score + update
 
 Old log-probs are a recomputation (the sampler had them, and at theta_old the update's own
-forward computes them again), so they are timed but add no model FLOPs; nor does a response's
-prompt computed once per response instead of once per prompt. MFU = model FLOPs / time / the
-best matmul rate measured in the same run. `executed_gflop` counts what the programs do run
-(every [B n, P + N] sequence in full, attention over every key slot, old log-probs), so
-`iteration_hfu` (hardware FLOPs utilisation) separates kernel efficiency from recomputation.
+forward computes them again), so with `--recompute-old` they are timed but add no model FLOPs;
+nor would a response's prompt computed once per response instead of once per prompt. MFU =
+model FLOPs / time / the best matmul rate measured in the same run. `executed_gflop` counts what
+the programs do run (attention over every one of the P + N key slots, where the model count has
+the causal triangle; old log-probs if recomputed), so `iteration_hfu` (hardware FLOPs
+utilisation) separates kernel efficiency from recomputation.
 """
 from __future__ import annotations
 
@@ -50,7 +53,6 @@ import dataclasses
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,6 +91,7 @@ class Workload:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    recompute_old: bool = False     # recompute pi_old's log-probs (off: the sampler's are reused)
 
     @property
     def name(self) -> str:
@@ -213,12 +216,14 @@ def model_flops(w: Workload) -> dict:
     logprobs = B * (pre + h) + B * n * (r(N - 1) + (N - 1) * h)
     score = B * pre + B * n * r(N) + B * n * 2 * w.d_model
     model = dict(generate=logprobs, logprobs=logprobs, score=score, update=3 * logprobs)
-    # What the programs run: full [B n, P + N] sequences, every key slot, old log-probs too.
+    # What the programs run: attention over every key slot of the [P + N] cache, the LM head
+    # on every response token, old log-probs only if recomputed.
     S_ = P + N
-    full = B * n * S_ * (t + a * S_)
+    once = (B * P + B * n * N) * (t + a * S_)     # `rollout.prompt_once_hidden`
     executed = dict(generate=B * P * (t + a * S_) + B * h + B * n * (N - 1) * (t + a * S_ + h),
-                    logprobs=2 * (full + B * n * N * h), score=full + B * n * 2 * w.d_model,
-                    update=3 * (full + B * n * N * h))
+                    logprobs=(1 + w.recompute_old) * (once + B * n * N * h),
+                    score=once + B * n * (N + 1) * 2 * w.d_model,
+                    update=3 * (once + B * n * N * h))
     return {kind: dict(f, iteration=sum(f.values())) for kind, f in
             (("model", model), ("executed", executed))}
 
@@ -278,42 +283,22 @@ class Iteration:
 
     @functools.partial(jax.jit, static_argnums=0)
     def logprobs(self, params, ref, samples):
-        """Old and reference log-probs, entropy and sequence KL: the buffer of `rollout.score`
-        without the reward."""
-        cfg, P = self.w.model, self.w.prompt_len
-        tokens, mask = S.concat_prompt_response(self.prompts, self.prompt_mask, samples.tokens,
-                                                samples.mask)
-        ft, fm = rollout.flat(tokens), rollout.flat(mask)
-        resp_mask = samples.mask.astype(jnp.int32)
-        unflat = lambda x: x.reshape(*samples.mask.shape) * resp_mask
-        old, entropy = rollout.response_logprobs(self.policy(params), cfg, ft, fm, P,
-                                                 self.w.temperature, True)
-        ref_logp = rollout.response_logprobs(ref, cfg, ft, fm, P, self.w.temperature)
-        old, ref_logp, entropy = unflat(old), unflat(ref_logp), unflat(entropy)
-        return dict(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=old,
-                    logp_ref=ref_logp, entropy=entropy,
-                    seq_kl=kl_per_sequence(old, ref_logp, resp_mask, "k1"))
+        """`rollout.logprob_buffer`: reference log-probs (and old ones with `recompute_old`),
+        sequence KL."""
+        return rollout.logprob_buffer(self.policy(params), ref, self.w.model, self.prompts,
+                                      self.prompt_mask, samples, self.w.temperature,
+                                      self.w.recompute_old)
 
     @functools.partial(jax.jit, static_argnums=0)
     def score(self, params, rm, buffer):
         """Reward-model score of every response (PPO: also the critic's values and GAE)."""
-        cfg = self.w.model
-        B, n, L = buffer["tokens"].shape
-        ft, fm = rollout.flat(buffer["tokens"]), rollout.flat(buffer["mask"])
-        buffer = dict(buffer, rewards=M.sequence_reward(rm, cfg, ft, fm).reshape(B, n))
+        cfg, P = self.w.model, self.w.prompt_len
+        tokens, mask = buffer["tokens"], buffer["mask"]
+        buffer = dict(buffer, rewards=rollout.response_reward(rm, cfg, tokens, mask, P))
         if self.algo == "ppo":
-            values = learners.critic_values(params["critic"], cfg, ft, fm, self.w.prompt_len)
-            buffer = learners.ppo_advantages(buffer, values.reshape(B, n, -1), self.w.beta,
-                                             self.w.rl)
+            values = rollout.response_values(params["critic"], cfg, tokens, mask, P)
+            buffer = learners.ppo_advantages(buffer, values, self.w.beta, self.w.rl)
         return buffer
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def merged_score(self, params, ref, rm, samples):
-        """`rollout.score` as `train.stage_rl` runs it: old, reference and reward forwards in
-        one program."""
-        cfg = self.w.model
-        return rollout.score(self.policy(params), ref, rm, cfg, cfg, self.prompts,
-                             self.prompt_mask, samples, self.w.temperature)
 
     def step(self, it: int) -> dict:
         """One iteration; returns the wall and the process CPU seconds of each program,
@@ -358,21 +343,11 @@ def decode_bounds(w: Workload, limits: dict) -> dict:
                 bandwidth_s=(weights + cache) / limits["bandwidth"], compute_s=flops / peak)
 
 
-def iteration_section(w: Workload, limits: dict, repeats: int) -> float:
-    """Times the iteration; returns our generation tokens/s."""
+def iteration_section(w: Workload, limits: dict, repeats: int):
     with jax.set_mesh(make_mesh()):
         run = Iteration(w)
         run.step(0)   # compiles every program
         steps = [run.step(i + 1) for i in range(repeats)]
-        samples = run.generate(run.state.params, jax.random.key(0))
-        merged = statistics.median(timed(
-            lambda: run.merged_score(run.state.params, run.ref, run.rm, samples), repeats))
-        # The split programs build exactly `rollout.score`'s buffer.
-        split = run.score(run.state.params, run.rm,
-                          run.logprobs(run.state.params, run.ref, samples))
-        tol = 1e-4 if w.dtype == "float32" else 5e-2
-        for k, v in run.merged_score(run.state.params, run.ref, run.rm, samples).items():
-            np.testing.assert_allclose(split[k], v, rtol=tol, atol=tol, err_msg=k)
         prefill = statistics.median(timed(lambda: run.prefill(run.state.params), repeats))
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     total = [sum(s[k] for k in STAGES) for s in steps]
@@ -389,7 +364,6 @@ def iteration_section(w: Workload, limits: dict, repeats: int) -> float:
         f"{p}.iteration_cpu_s": round(statistics.median(
             sum(s[k + "_cpu"] for k in STAGES) for s in steps), 4),
         **{f"{p}.{k}_s": round(v, 4) for k, v in med.items()},
-        f"{p}.merged_logprobs_score_s": round(merged, 4),
         f"{p}.generate_tokens_per_s": round(w.generated_tokens / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
         f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
@@ -403,19 +377,22 @@ def iteration_section(w: Workload, limits: dict, repeats: int) -> float:
         **{f"{p}.{k}_mfu": mfu(flops["model"][k], med[k]) for k in STAGES},
         f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
         f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
-    return w.generated_tokens / med["generate"]
 
 
 # ---------------------------------------------------------------------------------------------
 # transformers' PyTorch generate on the same weights and shapes
 
-def torch_section(w: Workload, repeats: int, threads: list[int], ours_tokens_per_s: float | None):
-    """Median tokens/s per PyTorch thread count; the best one is compared with ours."""
+def torch_section(w: Workload, repeats: int, threads: list[int]):
+    """transformers' `generate` at each PyTorch thread count and our `sample_pairs`, on the same
+    weights, prompts and sampling settings, timed in alternation so that both see the same
+    load; medians of `repeats` rounds, and our speed-up over the best thread count."""
     import torch
     import transformers
 
     from p3o_jax.hf import save_pretrained
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     policy, _, _, (prompts, prompt_mask) = build_models(w)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(policy, w.model, d)
@@ -425,7 +402,8 @@ def torch_section(w: Workload, repeats: int, threads: list[int], ours_tokens_per
     attention_mask = torch.tensor(np.asarray(prompt_mask), dtype=torch.long)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
 
-    def generate():
+    def theirs(n_threads):
+        torch.set_num_threads(n_threads)
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=attention_mask, do_sample=True,
                                  num_return_sequences=n, max_new_tokens=N, min_new_tokens=N,
@@ -433,40 +411,49 @@ def torch_section(w: Workload, repeats: int, threads: list[int], ours_tokens_per
                                  pad_token_id=0, eos_token_id=None)
         assert out.shape == (B * n, P + N)
 
-    by_threads = {}
-    for n_threads in threads:
-        torch.set_num_threads(n_threads)
-        generate()
-        times = []
-        for _ in range(repeats):
+    ours = lambda: S.sample_pairs(policy, w.model, w.sampling, prompts, prompt_mask,
+                                  jax.random.key(0), n=n)
+    runs = {"ours": ours, **{t: functools.partial(theirs, t) for t in threads}}
+    times = {k: [] for k in runs}
+    for k, fn in runs.items():
+        jax.block_until_ready(fn())   # compile / warm up
+    for _ in range(repeats):
+        for k, fn in runs.items():
             t0 = time.perf_counter()
-            generate()
-            times.append(time.perf_counter() - t0)
-        by_threads[n_threads] = w.generated_tokens / statistics.median(times)
-    best = max(by_threads.values())
-    fields = {f"{w.name}.torch_generate_tokens_per_s": round(best, 1),
-              f"{w.name}.torch_generate_tokens_per_s_by_threads":
-                  {n: round(r, 1) for n, r in by_threads.items()}}
-    if ours_tokens_per_s:
-        fields[f"{w.name}.generate_speedup_vs_torch"] = round(ours_tokens_per_s / best, 2)
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t0)
+    rate = {k: w.generated_tokens / statistics.median(v) for k, v in times.items()}
+    best = max(rate[t] for t in threads)
+    p = w.name
     emit("torch", torch_version=torch.__version__, transformers_version=transformers.__version__,
-         **fields)
+         **{f"{p}.torch_generate_tokens_per_s": round(best, 1),
+            f"{p}.torch_generate_tokens_per_s_by_threads": {t: round(rate[t], 1) for t in threads},
+            f"{p}.generate_tokens_per_s_alongside": round(rate["ours"], 1),
+            f"{p}.generate_speedup_vs_torch": round(rate["ours"] / best, 2)})
 
 
 # ---------------------------------------------------------------------------------------------
 # peak memory, one fresh process per algorithm
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process image (Linux VmHWM). Not `ru_maxrss`: after a
+    fork + exec that starts from the parent's resident size, which would hide the child's."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def memory_child(w: Workload, algo: str):
-    """Run in a fresh process: peak RSS of three iterations beyond the RSS after imports."""
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Run in a fresh process: peak resident memory of three iterations beyond the peak after
+    imports, the train state's size and XLA's temporary buffers of the update."""
+    base = peak_rss_mib()
     with jax.set_mesh(make_mesh()):
         run = Iteration(w, algo)
         for i in range(3):
             run.step(i)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak_rss_mib()
         update = run.update.lower(run.state, run.buffer).compile().memory_analysis()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
-    print(json.dumps(dict(peak_mib=(peak - base) / 1024, state_mib=state_bytes / 2 ** 20,
+    print(json.dumps(dict(peak_mib=peak - base, state_mib=state_bytes / 2 ** 20,
                           update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
 
 
@@ -497,8 +484,10 @@ def memory_section(w: Workload):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = Workload()
+    flag = lambda v: v.lower() in ("1", "true", "yes", "on")
     for f in dataclasses.fields(Workload):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+        kind = type(getattr(defaults, f.name))
+        p.add_argument("--" + f.name.replace("_", "-"), type=flag if kind is bool else kind,
                        default=getattr(defaults, f.name))
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
@@ -520,9 +509,10 @@ def main(argv: list[str] | None = None):
     if unknown := set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown sections {sorted(unknown)}; expected {SECTIONS}")
     limits = machine_section(w) if {"machine", "iteration"} & set(sections) else None
-    ours = iteration_section(w, limits, args.repeats) if "iteration" in sections else None
+    if "iteration" in sections:
+        iteration_section(w, limits, args.repeats)
     if "torch" in sections:
-        torch_section(w, args.repeats, [int(n) for n in args.torch_threads.split(",")], ours)
+        torch_section(w, args.repeats, [int(n) for n in args.torch_threads.split(",")])
     if "memory" in sections:
         memory_section(w)
 

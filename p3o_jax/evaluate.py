@@ -3,8 +3,10 @@ standard errors, response length, and head-to-head win rates with ties, by a sco
 (`win_rate`, `compare`) or by an external judge (`judge_win_rate`)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from p3o_jax import losses
@@ -45,24 +47,27 @@ def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
     return mean_se((p + 1.0 - ask(texts_b, texts_a)) / 2 if both_orders else p)
 
 
-def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
-                    prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None) -> dict:
-    """Sample one response per prompt (two are drawn and the first kept, so that the program is
-    the one training compiled) and return per-prompt numpy arrays: rm, gold (if `gold_fn`),
-    kl_k1, kl_k3, length, plus tokens/mask of the responses."""
+@functools.partial(jax.jit, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
+def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
+                      rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig):
+    """One response per prompt (two drawn, the first kept: the draws of training's
+    `sample_pairs`) with its RM score, KL estimates and length, as [B] arrays; one program."""
     samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
                 scfg.temperature)
-    first = lambda x: to_host(x[:, 0])
     m = buf["resp_mask"]
-    out = {
-        "rm": first(buf["rewards"]),
-        "kl_k1": first(buf["seq_kl"]),
-        "kl_k3": first(losses.kl_per_sequence(buf["logp_old"], buf["logp_ref"], m, "k3")),
-        "length": first(m.sum(-1)),
-        "tokens": first(samples.tokens),
-        "mask": first(samples.mask),
-    }
+    kl_k3 = losses.kl_per_sequence(buf["logp_old"], buf["logp_ref"], m, "k3")
+    return {"rm": buf["rewards"], "kl_k1": buf["seq_kl"], "kl_k3": kl_k3, "length": m.sum(-1),
+            "tokens": samples.tokens, "mask": samples.mask}
+
+
+def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
+                    prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None) -> dict:
+    """Sample one response per prompt and return per-prompt numpy arrays: rm, gold (if
+    `gold_fn`), kl_k1, kl_k3, length, plus tokens/mask of the responses."""
+    out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask,
+                            key, scfg)
+    out = {k: to_host(v[:, 0]) for k, v in out.items()}
     if gold_fn is not None:
         out["gold"] = np.asarray(gold_fn(*to_host((prompts, prompt_mask)), out["tokens"],
                                          out["mask"]), np.float64)

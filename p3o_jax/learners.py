@@ -20,7 +20,7 @@ import optax
 from p3o_jax import losses
 from p3o_jax import model as M
 from p3o_jax.config import RLConfig
-from p3o_jax.rollout import flat, response_hidden, response_logprobs
+from p3o_jax.rollout import flat, response_logprobs, response_reward, response_values
 
 
 def sft_loss(params, batch, cfg: M.ModelConfig):
@@ -31,19 +31,22 @@ def sft_loss(params, batch, cfg: M.ModelConfig):
     return losses.sft_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
 
 
+def _prompt_len(batch) -> int:
+    """P of a batch of [P | N] sequences: tokens [B, K, P + N] and resp_mask [B, K, N]."""
+    return batch["tokens"].shape[-1] - batch["resp_mask"].shape[-1]
+
+
 def reward_loss(params, batch, cfg: M.ModelConfig):
-    """batch: tokens, mask [B, 2, L]; index 0 chosen, 1 rejected."""
-    r = M.sequence_reward(params, cfg, flat(batch["tokens"]), flat(batch["mask"]))
-    r = r.reshape(-1, 2)
+    """batch: tokens, mask [B, 2, L], resp_mask [B, 2, N]; index 0 chosen, 1 rejected."""
+    r = response_reward(params, cfg, batch["tokens"], batch["mask"], _prompt_len(batch))
     return losses.bradley_terry_loss(r[:, 0], r[:, 1])
 
 
 def _policy_logp(params, cfg, batch, temperature):
-    B, K, L = batch["tokens"].shape
-    N = batch["resp_mask"].shape[-1]
-    logp = response_logprobs(params, cfg, flat(batch["tokens"]), flat(batch["mask"]), L - N,
+    """[B, K, N] log-probs of the batch's responses, each prompt run once."""
+    logp = response_logprobs(params, cfg, batch["tokens"], batch["mask"], _prompt_len(batch),
                              temperature)
-    return logp.reshape(B, K, N) * batch["resp_mask"]
+    return logp * batch["resp_mask"]
 
 
 def p3o_loss(params, batch, cfg: M.ModelConfig, rl: RLConfig):
@@ -73,21 +76,14 @@ def ppo_advantages(buffer: dict, values_old, kl_coef, rl: RLConfig) -> dict:
     return dict(buffer, values_old=values_old, advantages=losses.whiten(adv, m), returns=ret)
 
 
-def critic_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
-    """Value of the state before each response token: [B, L] -> [B, N]."""
-    return M.value_scores(params, cfg, response_hidden(params, cfg, tokens, mask, prompt_len))
-
-
 def ppo_loss(params, batch, cfg: M.ModelConfig, critic_cfg: M.ModelConfig, rl: RLConfig):
     """params: {"policy", "critic"}; batch: buffer plus values_old, advantages, returns."""
-    B, K, L = batch["tokens"].shape
-    N = batch["resp_mask"].shape[-1]
     m = flat(batch["resp_mask"])
     logp = flat(_policy_logp(params["policy"], cfg, batch, rl.temperature))
     pl, pm = losses.ppo_policy_loss(logp, flat(batch["logp_old"]), flat(batch["advantages"]), m,
                                     rl.eps)
-    values = critic_values(params["critic"], critic_cfg, flat(batch["tokens"]),
-                           flat(batch["mask"]), L - N)
+    values = flat(response_values(params["critic"], critic_cfg, batch["tokens"], batch["mask"],
+                                  _prompt_len(batch)))
     vl, vm = losses.ppo_value_loss(values, flat(batch["values_old"]), flat(batch["returns"]), m,
                                    rl.value_clip)
     metrics = {**{f"policy_{k}": v for k, v in pm.items()}, **{f"value_{k}": v for k, v in vm.items()}}

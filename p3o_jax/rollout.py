@@ -1,7 +1,16 @@
-"""Rollout buffers: sample K responses per prompt from the current policy, then score them.
+"""Rollout buffers: the K sampled responses of each prompt, scored.
 
-Scoring uses the *training* forward (not the sampler's log-probs) at the sampling temperature,
-so that `logp_old` is exactly what the update recomputes at theta = theta_old.
+Every forward here runs each prompt through the trunk once (`prompt_once_hidden`): its keys and
+values are repeated over its K responses, which then attend to them as a decode step attends
+to the KV cache. On [P | N] sequences that saves (K - 1) P of every K (P + N) token positions,
+in scoring and in the update's forward and backward alike (gradients through the shared
+prompt sum over its responses). The results equal the full forward on each row up to float
+rounding (tests/test_rollout.py).
+
+`logp_old` is the sampler's own log-prob of each token at the sampling temperature, without
+top-k/top-p truncation (`SampleOutput.raw_logprobs`): the same numbers the training forward
+gives at theta_old, up to the rounding of the cached decode, so recomputing them is optional
+(`recompute_old=True`; worth it with bfloat16 compute, where the two paths round apart).
 
 Buffer layout (B prompts, K responses each, P prompt length, N response length, L = P + N):
 
@@ -27,42 +36,83 @@ def flat(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def response_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
-    """Trunk states that predict each response token: [B, L] -> [B, N, D]."""
-    hidden, _ = M.forward(params, cfg, tokens, mask)
-    return hidden[:, prompt_len - 1:-1]
+def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+    """Trunk states from each prompt's last token on: [B, K, L] -> [B, K, N + 1, D].
+
+    tokens, mask: [B, K, L] whose K rows share the first `prompt_len` entries (one prompt,
+    K responses). Index 0 is the prompt's last token (it predicts response token 0), index
+    j + 1 is response token j.
+    """
+    B, K, L = tokens.shape
+    P, N = prompt_len, L - prompt_len
+    prompt, prompt_mask = tokens[:, 0, :P], mask[:, 0, :P]
+    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, N)))
+    h_prompt, cache = M.forward(params, cfg, prompt, key_mask, M.init_cache(cfg, B, L), 0,
+                                positions=M.positions_from_mask(prompt_mask))
+    repeat = lambda x: jnp.repeat(x, K, axis=0)
+    resp_mask = flat(mask[:, :, P:])
+    positions = repeat(prompt_mask.sum(-1))[:, None] + M.positions_from_mask(resp_mask)
+    h_resp, _ = M.forward(params, cfg, flat(tokens[:, :, P:]), flat(mask),
+                          jax.tree.map(repeat, cache), P, positions=positions)
+    hidden = jnp.concatenate([repeat(h_prompt[:, -1:]), h_resp], 1)
+    return hidden.reshape(B, K, N + 1, hidden.shape[-1])
 
 
 def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
                       temperature: float = 1.0, with_entropy: bool = False):
-    """Per-token log-probs of the response part of [B, L] sequences: [B, N] (and entropy [B, N]).
+    """Per-token log-probs of the responses of [B, K, L] sequences: [B, K, N] (and entropy).
 
     The LM head runs on the N response positions only; log-probs are gathered logits minus
     logsumexp, never a full log-softmax.
     """
-    logits = M.lm_logits(params, cfg, response_hidden(params, cfg, tokens, mask, prompt_len))
-    logp = losses.token_logprobs(logits, tokens[:, prompt_len:], temperature)
+    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len)[:, :, :-1]
+    logits = M.lm_logits(params, cfg, flat(hidden)).reshape(*hidden.shape[:3], -1)
+    logp = losses.token_logprobs(logits, tokens[..., prompt_len:], temperature)
     if with_entropy:
         return logp, losses.entropy_from_logits(logits, temperature)
     return logp
 
 
-def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
-          prompts, prompt_mask, samples, temperature: float) -> dict:
-    """Build the buffer (see module docstring) from `sample_pairs` output [B, K, N]."""
-    B, K, N = samples.tokens.shape
+def response_reward(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+    """Reward-model score of each [B, K, L] sequence at its last real token: [B, K]."""
+    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len)
+    B, K = tokens.shape[:2]
+    last = jnp.concatenate([jnp.ones((B, K, 1), mask.dtype), mask[..., prompt_len:]], -1)
+    scores = M.reward_scores(params, cfg, hidden)                               # [B, K, N + 1]
+    return M.reward_at_last_token(flat(scores), flat(last)).reshape(B, K)
+
+
+def response_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+    """Value of the state before each response token: [B, K, L] -> [B, K, N]."""
+    return M.value_scores(params, cfg, prompt_once_hidden(params, cfg, tokens, mask,
+                                                          prompt_len)[:, :, :-1])
+
+
+def logprob_buffer(policy, ref, cfg: M.ModelConfig, prompts, prompt_mask, samples,
+                   temperature: float, recompute_old: bool = False) -> dict:
+    """The buffer without rewards, from `sample_pairs` output [B, K, N]: reference log-probs
+    (and the policy's, if `recompute_old`), sequence KL."""
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
-    ft, fm = flat(tokens), flat(mask)
     resp_mask = samples.mask.astype(jnp.int32)
-    unflat = lambda x: x.reshape(B, K, *x.shape[1:])
-    logp_old, entropy = response_logprobs(policy, policy_cfg, ft, fm, P, temperature, True)
-    logp_ref = response_logprobs(ref, policy_cfg, ft, fm, P, temperature)
-    logp_old, logp_ref, entropy = (unflat(x) * resp_mask for x in (logp_old, logp_ref, entropy))
-    rewards = unflat(M.sequence_reward(reward_model, rm_cfg, ft, fm))
+    if recompute_old:
+        logp_old, entropy = response_logprobs(policy, cfg, tokens, mask, P, temperature, True)
+    else:
+        logp_old, entropy = samples.raw_logprobs, samples.entropy
+    logp_ref = response_logprobs(ref, cfg, tokens, mask, P, temperature)
+    logp_old, logp_ref, entropy = (x * resp_mask for x in (logp_old, logp_ref, entropy))
     return dict(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
-                logp_ref=logp_ref, entropy=entropy, rewards=rewards,
+                logp_ref=logp_ref, entropy=entropy,
                 seq_kl=losses.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"))
+
+
+def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
+          prompts, prompt_mask, samples, temperature: float, recompute_old: bool = False) -> dict:
+    """The buffer (see module docstring) from `sample_pairs` output [B, K, N]."""
+    buf = logprob_buffer(policy, ref, policy_cfg, prompts, prompt_mask, samples, temperature,
+                         recompute_old)
+    return dict(buf, rewards=response_reward(reward_model, rm_cfg, buf["tokens"], buf["mask"],
+                                             prompts.shape[-1]))
 
 
 def rollout_metrics(buffer: dict) -> dict:

@@ -67,13 +67,16 @@ class SampleOutput(NamedTuple):
     logprobs:     float32 [..., N], log-prob of each token under the distribution it was drawn
                   from (after temperature, top-k, top-p; 0 for greedy); 0 where mask = 0.
     raw_logprobs: float32 [..., N], log_softmax(logits / temperature) at the token, without
-                  truncation (temperature 1 for greedy); 0 where mask = 0.
+                  truncation (temperature 1 for greedy); 0 where mask = 0. These are the
+                  policy's log-probs that training needs (`rollout.score` reuses them).
+    entropy:      float32 [..., N], entropy of that untruncated distribution; 0 where mask = 0.
     num_steps:    int32 [], sampling steps run (= longest response; < N on early exit).
     """
     tokens: jax.Array
     mask: jax.Array
     logprobs: jax.Array
     raw_logprobs: jax.Array
+    entropy: jax.Array
     num_steps: jax.Array
 
 
@@ -163,6 +166,7 @@ def _last(hit):
 def _inverse_cdf(probs, uniforms):
     """Index drawn from each row of unnormalised probs [B, M] (zeros are never drawn), given
     uniforms [B] in [0, 1): the first entry whose cumulative mass exceeds `uniform * total`.
+    Returns (index int32 [B], total [B]).
 
     Two-level search, about sqrt(M) wide at each level, instead of a cumulative sum over all M
     entries (a multi-pass reduce-window on CPU, as costly as the LM head at decode): the block
@@ -179,32 +183,42 @@ def _inverse_cdf(probs, uniforms):
     within = jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0]            # [B, block]
     target = target - (_take(cdf, b) - _take(mass, b))
     i = _first((jnp.cumsum(within, -1) > target[:, None]) & (within > 0), _last(within > 0))
-    return (b * block + i).astype(jnp.int32)
+    return (b * block + i).astype(jnp.int32), cdf[:, -1]
 
 
 def sample_token(scfg: SamplingConfig, logits, keys, step):
     """Draw one token per row from logits [B, V] with keys [B] at decode step `step`.
 
-    Returns (tokens int32 [B], logprobs [B] under the truncated distribution, raw_logprobs [B]).
-    Sampling is by inverse CDF from one uniform per row (far cheaper on CPU than Gumbel noise
-    over the vocabulary); top-k takes a partial sort of k candidates, top-p a sort-free mask.
+    Returns (tokens int32 [B], logprobs [B] under the truncated distribution, raw_logprobs [B],
+    entropy [B] of the untruncated distribution). Sampling is by inverse CDF from one uniform
+    per row (far cheaper on CPU than Gumbel noise over the vocabulary); top-k takes a partial
+    sort of k candidates, top-p a sort-free mask.
     """
+    scaled = logits if scfg.greedy else logits / scfg.temperature
+    top = jnp.max(scaled, -1, keepdims=True)
+    unnormalised = jnp.exp(scaled - top)
+    total = jnp.sum(unnormalised, -1)
+    log_z = top[:, 0] + jnp.log(total)
+    entropy = log_z - jnp.sum(unnormalised * scaled, -1) / total
     if scfg.greedy:
         tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-        return tokens, jnp.zeros(tokens.shape), _take(jax.nn.log_softmax(logits), tokens)
-    scaled = logits / scfg.temperature
-    raw = jax.nn.log_softmax(scaled)
+        return tokens, jnp.zeros(tokens.shape), _take(scaled, tokens) - log_z, entropy
+    uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+    if not scfg.top_k and scfg.top_p == 1:
+        choice, _ = _inverse_cdf(unnormalised, uniforms)
+        raw = _take(scaled, choice) - log_z
+        return choice, raw, raw, entropy
     candidates, indices = scaled, None
     if scfg.top_k:
         candidates, indices = jax.lax.top_k(scaled, min(scfg.top_k, logits.shape[-1]))
-    logp = jax.nn.log_softmax(candidates) if scfg.top_k else raw
     if scfg.top_p < 1:
-        keep = nucleus_mask(jnp.exp(logp), scfg.top_p)
-        logp = jax.nn.log_softmax(jnp.where(keep, candidates, -jnp.inf))
-    uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
-    choice = _inverse_cdf(jnp.exp(logp), uniforms)
+        keep = nucleus_mask(jnp.exp(jax.nn.log_softmax(candidates)), scfg.top_p)
+        candidates = jnp.where(keep, candidates, -jnp.inf)
+    # The draw's pass over the unnormalised probabilities also gives their normaliser.
+    choice, kept = _inverse_cdf(jnp.exp(candidates - top), uniforms)
+    logp = _take(candidates, choice) - top[:, 0] - jnp.log(kept)
     tokens = choice if indices is None else _take(indices, choice).astype(jnp.int32)
-    return tokens, _take(logp, choice), _take(raw, tokens)
+    return tokens, logp, _take(scaled, tokens) - log_z, entropy
 
 
 def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, keys,
@@ -213,20 +227,21 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
     B, N = keys.shape[0], scfg.max_new_tokens
     limit = jnp.full((B,), N, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, N)
     batch = lambda x: constrain(x, ("act_batch", None))
-    out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)),
-                       batch(jnp.zeros((B, N), jnp.int32)), batch(jnp.zeros((B, N))),
-                       batch(jnp.zeros((B, N))), jnp.asarray(0, jnp.int32))
+    zeros = lambda dtype=jnp.float32: batch(jnp.zeros((B, N), dtype))
+    out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
+                       zeros(), zeros(), zeros(), jnp.asarray(0, jnp.int32))
 
     def emit(state, out, done):
         """Sample step `out.num_steps` for the rows not yet done; write it to the outputs."""
         t = out.num_steps
-        tokens, logprobs, raw = sample_token(scfg, state.logits, keys, t)
+        tokens, logprobs, raw, entropy = sample_token(scfg, state.logits, keys, t)
         active = ~done
         tokens = jnp.where(active, tokens, scfg.pad_id)
         write = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], t, 1)
+        live = lambda x: jnp.where(active, x, 0.0)
         out = SampleOutput(write(out.tokens, tokens), write(out.mask, active.astype(jnp.int32)),
-                           write(out.logprobs, jnp.where(active, logprobs, 0.0)),
-                           write(out.raw_logprobs, jnp.where(active, raw, 0.0)), t + 1)
+                           write(out.logprobs, live(logprobs)), write(out.raw_logprobs, live(raw)),
+                           write(out.entropy, live(entropy)), t + 1)
         done = done | (t + 1 >= limit)
         if scfg.eos_id is not None:
             done = done | (tokens == scfg.eos_id)
@@ -288,8 +303,7 @@ def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt
         max_lengths = repeat(max_lengths)
     out = _decode(params, cfg, scfg, state, pair_keys(key, B, n), max_lengths)
     split = lambda x: x.reshape(B, n, *x.shape[1:])
-    return out._replace(tokens=split(out.tokens), mask=split(out.mask),
-                        logprobs=split(out.logprobs), raw_logprobs=split(out.raw_logprobs))
+    return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"})
 
 
 def concat_prompt_response(prompt, prompt_mask, response, response_mask):

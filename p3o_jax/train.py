@@ -39,7 +39,8 @@ from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, local_rows, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
-from p3o_jax.rollout import response_logprobs, rollout_metrics, score
+from p3o_jax.rollout import (response_logprobs, response_reward, response_values,
+                             rollout_metrics, score)
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 from p3o_jax.sharding import make_mesh, shard_batch
 from p3o_jax.tasks import Task, TextRLHF, ToyRLHF
@@ -178,17 +179,17 @@ def stage_rm(run: Run, sft_params):
 
     def batches(i):
         idx = order[i * c.batch_size:(i + 1) * c.batch_size]
-        return run.batch(c.batch_size, lambda a, b: {"tokens": train["tokens"][idx[a:b]],
-                                                     "mask": train["mask"][idx[a:b]]})
+        return run.batch(c.batch_size, lambda a, b: {
+            k: train[k][idx[a:b]] for k in ("tokens", "mask", "resp_mask")})
     init = sft_params if run.rm_cfg == run.policy_cfg else init_sharded(run.rm_cfg, run.key(3), run.mesh)
     params = train_supervised(run, "rm", init, run.rm_cfg, learners.reward_loss, batches,
                               c.steps, c.optim)
-    reward = jax.jit(lambda p, t, m: M.sequence_reward(p, run.rm_cfg, t.reshape(-1, t.shape[-1]),
-                                                       m.reshape(-1, m.shape[-1])))
+    P = data["tokens"].shape[-1] - data["resp_mask"].shape[-1]
+    reward = jax.jit(lambda p, t, m: response_reward(p, run.rm_cfg, t, m, P))
     r = np.concatenate([  # the held-out pairs, a training batch at a time
         to_host(reward(params, *run.batch(c.batch_size, lambda a, b: (
             data["tokens"][s + a:s + b], data["mask"][s + a:s + b]))))
-        for s in range(0, n_val, c.batch_size)]).reshape(-1, 2)
+        for s in range(0, n_val, c.batch_size)])
     metrics = {"val_accuracy": win_rate(r[:, 0], r[:, 1])[0]}  # agreement with the labels
     if "gold" in data:  # and with the gold ordering (the annotator is noisy, gold is not)
         gold = data["gold"][:n_val]
@@ -265,15 +266,14 @@ def stage_rl(run: Run, sft_params, rm_params):
     @jax.jit  # every model is an argument: a jit may not close over arrays of other processes
     def make_buffer(policy, critic, ref, rm_params, prompts, pmask, samples, kl_coef):
         buf = score(policy, ref, rm_params, run.policy_cfg, run.rm_cfg, prompts, pmask, samples,
-                    rl.temperature)
+                    rl.temperature, rl.recompute_logp_old)
         if rl.reward_offset:  # the same delta(x) for every response of a prompt
             offset = rl.reward_offset * prompt_offset(prompts, pmask)
             buf = dict(buf, rewards=buf["rewards"] + offset[:, None])
         if ppo:
-            B, K, L = buf["tokens"].shape
-            values = learners.critic_values(critic, run.rm_cfg, buf["tokens"].reshape(B * K, L),
-                                            buf["mask"].reshape(B * K, L), L - samples.tokens.shape[-1])
-            buf = learners.ppo_advantages(buf, values.reshape(B, K, -1), kl_coef, rl)
+            values = response_values(critic, run.rm_cfg, buf["tokens"], buf["mask"],
+                                     prompts.shape[-1])
+            buf = learners.ppo_advantages(buf, values, kl_coef, rl)
         return buf, rollout_metrics(buf)
 
     update_jit = None
@@ -340,8 +340,8 @@ def stage_dpo_offline(run: Run, sft_params, log_eval):
     data = dict(np.load(path))
     n, N = len(data["tokens"]), data["resp_mask"].shape[-1]
     L = data["tokens"].shape[-1]
-    ref_logp = jax.jit(lambda p, t, m: response_logprobs(
-        p, run.policy_cfg, t.reshape(-1, L), m.reshape(-1, L), L - N, rl.temperature))
+    ref_logp = jax.jit(lambda p, t, m: response_logprobs(p, run.policy_cfg, t, m, L - N,
+                                                         rl.temperature))
     chunk = rl.prompts_per_iter
     n = n // chunk * chunk
     logp_ref = np.concatenate([

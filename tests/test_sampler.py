@@ -156,8 +156,8 @@ def test_sampling_frequencies_match_distribution(temperature, top_k, top_p):
     n = 20000
     scfg = S.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     draw = jax.jit(S.sample_token, static_argnums=0)
-    tokens, logprobs, raw = map(np.asarray, draw(scfg, jnp.tile(logits, (n, 1)),
-                                                 S.pair_keys(jax.random.key(6), 1, n), 0))
+    tokens, logprobs, raw, entropy = map(np.asarray, draw(scfg, jnp.tile(logits, (n, 1)),
+                                                          S.pair_keys(jax.random.key(6), 1, n), 0))
 
     logits = np.asarray(logits, np.float64)
     expected = truncated_probs(logits, temperature, top_k, top_p)
@@ -176,6 +176,9 @@ def test_sampling_frequencies_match_distribution(temperature, top_k, top_p):
     np.testing.assert_allclose(logprobs, np.log(expected[tokens]), atol=1e-5)
     log_z = np.log(np.exp(logits / temperature).sum())
     np.testing.assert_allclose(raw, (logits / temperature - log_z)[tokens], atol=1e-5)
+    # Entropy of the untruncated softmax(logits / T), whatever the truncation.
+    p = np.exp(logits / temperature - log_z)
+    np.testing.assert_allclose(entropy, -(p * np.log(p)).sum(), rtol=1e-5)
 
 
 def test_keys_determine_samples():
@@ -193,7 +196,7 @@ def test_keys_determine_samples():
     # The first tokens are `sample_token` at step 0 on the prompts' next-token logits.
     last = full_logits(params, cfg, prompts, prompt_mask)[:, -1]
     keys = S.pair_keys(jax.random.key(0), B, n)
-    first, _, _ = S.sample_token(scfg, jnp.repeat(last, n, 0), keys, 0)
+    first, *_ = S.sample_token(scfg, jnp.repeat(last, n, 0), keys, 0)
     np.testing.assert_array_equal(a[:, :, 0].reshape(-1), first)
 
 
@@ -248,6 +251,7 @@ def test_eos_and_length_limits_stop_rows_and_exit_early():
     np.testing.assert_allclose(out.logprobs, np.where(live, free.logprobs, 0.0), atol=1e-6)
     assert (np.asarray(out.logprobs)[~live] == 0).all()
     assert (np.asarray(out.raw_logprobs)[~live] == 0).all()
+    assert (np.asarray(out.entropy)[~live] == 0).all() and (np.asarray(out.entropy)[live] > 0).all()
     assert (np.asarray(out.logprobs)[live] < 0).all()
     assert int(out.num_steps) == lengths.max() < N                  # the loop exited early
 
