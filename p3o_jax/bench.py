@@ -78,6 +78,7 @@ SECTIONS = ("machine", "iteration", "torch", "memory")
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """Shapes and model of one benchmark workload; the defaults are W1."""
+    family: str = "gpt2"
     prompts: int = 16
     responses: int = 2
     prompt_len: int = 64
@@ -102,7 +103,7 @@ class Workload:
 
     @property
     def model(self) -> M.ModelConfig:
-        return M.ModelConfig(family="gpt2", vocab_size=self.vocab, d_model=self.d_model,
+        return M.ModelConfig(family=self.family, vocab_size=self.vocab, d_model=self.d_model,
                              n_layers=self.layers, n_heads=self.heads,
                              max_len=self.prompt_len + self.new_tokens, dtype=self.dtype)
 

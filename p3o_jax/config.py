@@ -222,6 +222,8 @@ def override(cfg, key: str, text: str, _prefix: str = ""):
     else:
         value = _parse(full, text, hints[head])
     try:
+        if hasattr(cfg, "rebased"):   # ModelConfig: head_dim, d_ff, ... follow d_model etc.
+            return cfg.rebased(**{head: value})
         return dataclasses.replace(cfg, **{head: value})
     except ValueError as e:  # a dataclass's own validation (e.g. ModelConfig)
         raise ConfigError(f"config key {full!r}: {e}") from None

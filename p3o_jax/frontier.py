@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -49,7 +50,7 @@ METHODS = {
 @dataclasses.dataclass(frozen=True)
 class Sweep:
     seeds: tuple[int, ...] = (0, 1, 2)
-    betas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.3)
+    betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
     methods: tuple[str, ...] = tuple(METHODS)
     evals: int = 4                  # evaluations along each run, besides the one at its start
     offset: float = 5.0             # invariance: rl.reward_offset
@@ -58,7 +59,7 @@ class Sweep:
 
 
 FULL = Sweep()
-QUICK = Sweep(seeds=(0,), betas=(0.05, 0.3), config=("rl.iterations=16", "eval_prompts=128"))
+QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_prompts=128"))
 INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
                    config=("rl.iterations=20", "eval_prompts=128"))
 LIST_KEYS = {"seeds": int, "betas": float, "methods": str}
@@ -296,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out_dir.rstrip("/") + "-frontier/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     command = "python -m p3o_jax.frontier " + " ".join(argv)
+    start = time.perf_counter()
+    took = lambda: f"{(time.perf_counter() - start) / 60:.1f} minutes on {os.cpu_count()} CPU cores"
     if inv:
         records, diffs = invariance(sweep, cfg)
         write_jsonl(os.path.join(results, "invariance.jsonl"), records)
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                              ["method", "gold_reward", "kl_k1", "rm_reward_minus_offset"])
         text = (f"`{command}`\n\nLargest absolute difference between the per-iteration curves "
                 f"with and without `rl.reward_offset={sweep.offset:g}` ({cfg.rl.iterations} "
-                f"iterations, beta {sweep.betas[0]:g}, seed {sweep.seeds[0]}):\n\n{table}\n")
+                f"iterations, beta {sweep.betas[0]:g}, seed {sweep.seeds[0]}; {took()}):\n\n"
+                f"{table}\n")
         with open(os.path.join(results, "invariance.md"), "w") as f:
             f.write(text)
         print(text)
@@ -312,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     records = frontier(sweep, cfg)
     write_jsonl(os.path.join(results, "frontier.jsonl"), records)
     plot_frontier(records, os.path.join(results, "frontier.png"))
-    text = (f"`{command}`\n\nFinal policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
+    text = (f"`{command}` ({took()}, SFT and RM included)\n\n"
+            f"Final policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
             f"across seeds (over prompts when there is one seed). Win rates against the SFT "
             f"policy's response to the same prompt, ties counting 1/2.\n\n"
             f"{markdown(final_rows(records))}\n")

@@ -66,23 +66,9 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"model.family: unknown family {self.family!r}; expected one of {FAMILIES}")
-        defaults = {
-            "gpt2": dict(activation="gelu_new", parallel_residual=False, tie_embeddings=True,
-                         qkv_bias=True, out_bias=True, mlp_bias=True),
-            "gpt_neox": dict(activation="gelu", parallel_residual=True, tie_embeddings=False,
-                             qkv_bias=True, out_bias=True, mlp_bias=True),
-            "llama": dict(activation="silu", parallel_residual=False, tie_embeddings=False,
-                          qkv_bias=False, out_bias=False, mlp_bias=False),
-        }[self.family]
-        for k, v in defaults.items():
+        for k, v in self.derived_defaults().items():
             if getattr(self, k) is None:
                 object.__setattr__(self, k, v)
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.d_ff is None:
-            object.__setattr__(self, "d_ff", 4 * self.d_model)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_kv_heads={self.n_kv_heads}")
@@ -91,6 +77,26 @@ class ModelConfig:
                              f"{sorted(ACTIVATIONS)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype: unsupported {self.dtype!r}")
+
+    def derived_defaults(self) -> dict:
+        """The values the `None` fields take, from `family`, `d_model` and `n_heads`."""
+        return dict(n_kv_heads=self.n_heads, head_dim=self.d_model // self.n_heads,
+                    d_ff=4 * self.d_model, **{
+            "gpt2": dict(activation="gelu_new", parallel_residual=False, tie_embeddings=True,
+                         qkv_bias=True, out_bias=True, mlp_bias=True),
+            "gpt_neox": dict(activation="gelu", parallel_residual=True, tie_embeddings=False,
+                             qkv_bias=True, out_bias=True, mlp_bias=True),
+            "llama": dict(activation="silu", parallel_residual=False, tie_embeddings=False,
+                          qkv_bias=False, out_bias=False, mlp_bias=False),
+        }[self.family])
+
+    def rebased(self, **changes) -> "ModelConfig":
+        """`dataclasses.replace` that re-derives the fields still at their derived defaults:
+        `rebased(d_model=256)` of a d_model-128 config gets head_dim and d_ff from 256, while
+        fields set to something else keep their values."""
+        derived = self.derived_defaults()
+        unset = {k: None for k, v in derived.items() if getattr(self, k) == v and k not in changes}
+        return dataclasses.replace(self, **unset, **changes)
 
     @property
     def rotary_dim(self) -> int:

@@ -65,31 +65,34 @@ def logical_to_spec(axes: Sequence[str | None]) -> P:
     return nn.logical_to_mesh_axes(tuple(axes), LOGICAL_RULES)
 
 
-def logical_shardings(logical_specs, mesh: Mesh, shapes=None):
-    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`.
+def fitted_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape) -> P:
+    """`logical_to_spec(axes)` with every dimension that its mesh axes do not divide left
+    unsharded (e.g. GPT-2's vocabulary of 50257 over `tensor`, or a batch of 1)."""
+    dims = []
+    for size, names in zip(shape, logical_to_spec(axes)):
+        group = (names,) if isinstance(names, str) else (names or ())
+        dims.append(names if size % math.prod(mesh_shape[a] for a in group) == 0 else None)
+    return P(*dims)
 
-    With `shapes` (a matching pytree of arrays or ShapeDtypeStructs), a dimension that its mesh
-    axes do not divide (e.g. GPT-2's vocabulary of 50257 over `tensor`) stays unsharded.
-    """
+
+def logical_shardings(logical_specs, mesh: Mesh, shapes=None):
+    """Map a pytree of logical PartitionSpecs to NamedShardings on `mesh`; with `shapes` (a
+    matching pytree of arrays or ShapeDtypeStructs), as fitted by `fitted_spec`."""
     is_spec = lambda x: isinstance(x, P)
     if shapes is None:
         return jax.tree.map(lambda s: NamedSharding(mesh, logical_to_spec(s)), logical_specs,
                             is_leaf=is_spec)
-
-    def fit(spec, shape):
-        dims = []
-        for size, axes in zip(shape.shape, logical_to_spec(spec)):
-            names = (axes,) if isinstance(axes, str) else (axes or ())
-            dims.append(axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None)
-        return NamedSharding(mesh, P(*dims))
-    return jax.tree.map(fit, logical_specs, shapes, is_leaf=is_spec)
+    return jax.tree.map(lambda s, x: NamedSharding(mesh, fitted_spec(s, x.shape, mesh.shape)),
+                        logical_specs, shapes, is_leaf=is_spec)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside `jax.set_mesh`."""
-    if jax.sharding.get_abstract_mesh().empty:
+    """Sharding constraint by logical names (dimensions the mesh does not divide stay
+    unsharded); a no-op outside `jax.set_mesh`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+    return jax.lax.with_sharding_constraint(x, fitted_spec(axes, x.shape, mesh.shape))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

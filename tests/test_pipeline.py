@@ -89,10 +89,21 @@ def test_baselines_end_to_end(trained, algo, tmp_path):
     (["sft.batch_size=30", "mesh.tensor=2"], "sft.batch_size"),
     (["mesh.fsdp=3"], "mesh"),
     (["algo=trpo"], "algo"),
-    (["policy.n_heads=3", "mesh.tensor=2", "mesh.fsdp=1"], "policy"),
+    (["policy.n_heads=3", "mesh.tensor=2", "mesh.fsdp=4"], "policy"),
     (["rl"], "rl"),
 ])
 def test_config_errors_name_the_key(args, key, capsys):
     assert main(["exp=toy", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
+
+
+def test_model_overrides_rederive_defaulted_fields():
+    """`policy.d_model=...` moves head_dim and d_ff with it unless they were set otherwise."""
+    base = C.load_experiment("toy").policy                       # d_model 128, d_ff 512 = 4 x 128
+    p = C.from_args(["exp=toy", "policy.d_model=256"]).policy
+    assert (p.d_model, p.head_dim, p.d_ff) == (256, 256 // base.n_heads, 1024)
+    p = C.from_args(["exp=toy", "policy.d_ff=300", "policy.d_model=256"]).policy
+    assert (p.head_dim, p.d_ff) == (256 // base.n_heads, 300)
+    p = C.from_args(["exp=toy", "policy.family=llama"]).policy
+    assert (p.activation, p.tie_embeddings, p.qkv_bias) == ("silu", False, False)
