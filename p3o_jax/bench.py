@@ -68,7 +68,6 @@ from p3o_jax import model as M
 from p3o_jax import sampler as S
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.config import OptimConfig, RLConfig
-from p3o_jax.losses import kl_per_sequence
 from p3o_jax.sharding import make_mesh
 from p3o_jax.train_state import create_state, jit_step, make_optimizer, state_shardings
 

@@ -21,7 +21,8 @@ preference labels.
 `invariance.jsonl` and `invariance.md` (the largest difference between the learning curves).
 
 Keys of this command (the others override the experiment's config): quick, invariance, seeds,
-betas, methods (comma-separated names of METHODS), offset (invariance), results (the folder).
+betas, methods (comma-separated names of METHODS), offset (invariance), results (the folder:
+experiments/results by default, experiments/results/quick with quick=true).
 """
 from __future__ import annotations
 
@@ -84,7 +85,8 @@ def parse(argv: list[str]) -> tuple[Sweep, str, bool, ExperimentConfig]:
     rest = [a for a in argv if a.partition("=")[0] not in own]
     exp = [a for a in rest if a.startswith("exp=")]
     cfg = from_args(exp + list(sweep.config) + [a for a in rest if not a.startswith("exp=")])
-    return sweep, own.get("results", "experiments/results"), invariance, cfg
+    default = "experiments/results" + ("/quick" if truthy("quick") and not invariance else "")
+    return sweep, own.get("results", default), invariance, cfg
 
 
 def overridden(cfg: ExperimentConfig, over: dict) -> ExperimentConfig:
@@ -178,20 +180,25 @@ def markdown(rows: list[dict]) -> str:
     cols = [("policy", "policy"), ("beta", "beta"), ("seeds", "seeds"), ("kl_k1", "KL (k1)"),
             ("kl_k3", "KL (k3)"), ("gold", "gold reward"), ("rm", "RM reward"),
             ("win_gold", "gold win vs SFT"), ("win_rm", "RM win vs SFT"), ("length", "length")]
-    cell = lambda r, k: (f"{r[k]:.3f} ± {r[k + '_se']:.3f}" if k + "_se" in r else str(r[k]))
+    cell = lambda r, k: (f"{round(r[k], 3) + 0.0:.3f} ± {r[k + '_se']:.3f}"  # + 0.0: no "-0.000"
+                         if k + "_se" in r else str(r[k]))
     return format_table([{name: cell(r, k) for k, name in cols} for r in rows],
                         [name for _, name in cols])
 
 
-def plot_frontier(records: list[dict], path: str) -> None:
+def plot_frontier(records: list[dict], path: str, zoom_kl: float = 1.5) -> None:
+    """Gold reward vs KL (all of it, and zoomed on KL <= `zoom_kl` where the methods crowd)
+    and proxy (RM) reward vs KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = final_rows(records)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, y, label in ((axes[0], "gold", "gold reward (hidden)"),
-                         (axes[1], "rm", "proxy reward (RM)")):
+    panels = ((axes[0], "gold", "gold reward (hidden)", None),
+              (axes[1], "gold", f"gold reward, KL <= {zoom_kl:g}", zoom_kl),
+              (axes[2], "rm", "proxy reward (RM)", None))
+    for ax, y, label, zoom in panels:
         for method in METHODS:
             pts = [r for r in records if r["method"] == method and r["step"] > 0]
             if not pts:
@@ -207,6 +214,12 @@ def plot_frontier(records: list[dict], path: str) -> None:
                             textcoords="offset points", xytext=(4, -9), color=colors[method])
         sft = next(r for r in rows if r["policy"] == "SFT")
         ax.scatter([sft["kl_k1"]], [sft[y]], marker="*", s=160, color="black", label="SFT", zorder=5)
+        if zoom is not None:
+            near = [r[y] for r in rows if r["policy"] != "SFT" and r["kl_k1"] <= zoom]
+            if near:
+                ax.set_xlim(min(r["kl_k1"] for r in rows if r["policy"] != "SFT") - 0.1, zoom)
+                ax.set_ylim(min(near) - 0.1, max(near) + 0.1)
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("KL(π || π_SFT) on eval prompts (k1, nats per response)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -215,7 +228,7 @@ def plot_frontier(records: list[dict], path: str) -> None:
     fig.suptitle(f"KL–reward frontier (final policies: lines, ± SE; checkpoints along the runs: "
                  f"dots; {len(seeds)} seed{'s' * (len(seeds) > 1)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -20,6 +20,27 @@ class MetricsLogger:
             os.makedirs(directory, exist_ok=True)
             self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
 
+    def rewind(self, stage: str, step: int) -> None:
+        """A stage resumed at `step`: drop its rows from `step` on (steps a killed run logged
+        after its last checkpoint, about to be run again), the "eval" rows it logged after
+        `step` (all of them when it restarts from 0) and a torn last line, so that every step
+        appears once. The file is replaced atomically."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.directory, "metrics.jsonl")
+        self._file.close()
+        with open(path) as f:
+            lines = [line for line in f if line.endswith("\n")]
+
+        def redone(r):
+            return ((r["stage"] == stage and r["step"] >= step)
+                    or (stage == "rl" and r["stage"] == "eval" and (r["step"] > step or step == 0)))
+        keep = [line for line in lines if not redone(json.loads(line))]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+        self._file = open(path, "a")
+
     def log(self, stage: str, step: int, metrics: dict) -> dict:
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         if not self.enabled:

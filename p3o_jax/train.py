@@ -91,6 +91,12 @@ class Run:
         return self.batch(n, read)
 
 
+def progress(desc: str, start: int, total: int):
+    """Steps `start .. total - 1` behind a progress bar (process 0's only)."""
+    return tqdm(range(start, total), desc=desc, initial=start, total=total, dynamic_ncols=True,
+                disable=not is_main_process())
+
+
 def init_sharded(model_cfg: M.ModelConfig, key, mesh):
     return jax.jit(lambda k: M.init_params(model_cfg, k),
                    out_shardings=param_shardings(model_cfg, mesh))(key)
@@ -108,8 +114,8 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
     step = jit_step(skip_nonfinite(learners.gradient_step(loss)), shardings, batches(0), run.mesh)
     with StageCheckpoints(run.cfg, stage, steps, run.task) as ckpt:
         state, meta = ckpt.restore(state)
-        bar = tqdm(range(meta["step"], steps), desc=stage, initial=meta["step"], total=steps,
-                   dynamic_ncols=True)
+        run.logger.rewind(stage, meta["step"])
+        bar = progress(stage, meta["step"], steps)
         for i in bar:
             state, metrics = step(state, batches(i))
             if i % run.cfg.log_every == 0 or i == steps - 1 or metrics["skipped_nonfinite"]:
@@ -169,8 +175,9 @@ def stage_rm(run: Run, sft_params):
     n_pairs = c.n_pairs // run.cfg.rl.prompts_per_iter * run.cfg.rl.prompts_per_iter
     data = run.task.preference_data(
         n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), run.cfg.seed)
-    if is_main_process():
-        np.savez(run.path("preferences.npz"), **data)
+    if is_main_process():  # atomically: offline DPO and the frontier's runs read it later
+        np.savez(run.path("preferences.tmp.npz"), **data)
+        os.replace(run.path("preferences.tmp.npz"), run.path("preferences.npz"))
     n_val = max(len(data["tokens"]) // 10 // c.batch_size, 1) * c.batch_size  # splits evenly
     train = {k: v[n_val:] for k, v in data.items()}
     rng = np.random.default_rng(run.cfg.seed)
@@ -282,11 +289,11 @@ def stage_rl(run: Run, sft_params, rm_params):
     # optimizer step: the iteration (and PPO's KL coefficient) is all a checkpoint adds to state.
     with StageCheckpoints(cfg, "rl", rl.iterations, run.task) as ckpt:
         state, meta = ckpt.restore(state, kl_coef=rl.beta)
+        run.logger.rewind("rl", meta["step"])
         kl_coef = meta["kl_coef"]
         if rl.eval_every and meta["step"] == 0:
             log_eval(0, policy_of(state.params))
-        bar = tqdm(range(meta["step"], rl.iterations), desc=f"rl:{cfg.algo}",
-                   initial=meta["step"], total=rl.iterations, dynamic_ncols=True)
+        bar = progress(f"rl:{cfg.algo}", meta["step"], rl.iterations)
         for it in bar:
             p = run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
             t0 = time.perf_counter()
@@ -361,10 +368,10 @@ def stage_dpo_offline(run: Run, sft_params, log_eval):
     update_jit = None
     with StageCheckpoints(run.cfg, "rl", steps, run.task) as ckpt:
         state, meta = ckpt.restore(state)
+        run.logger.rewind("rl", meta["step"])
         if rl.eval_every and meta["step"] == 0:
             log_eval(0, state.params)
-        for it in tqdm(range(meta["step"], steps), desc="rl:dpo_offline", initial=meta["step"],
-                       total=steps, dynamic_ncols=True):
+        for it in progress("rl:dpo_offline", meta["step"], steps):
             idx = order[it * chunk:(it + 1) * chunk]
             batch = run.batch(chunk, lambda a, b: {k: v[idx[a:b]] for k, v in data.items()})
             if update_jit is None:

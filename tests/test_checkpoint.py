@@ -103,16 +103,20 @@ def progress(out_dir) -> int:
     return max((position(*k) for k in rows), default=-1)
 
 
-def metrics(out_dir) -> dict:
-    """(stage, step) -> metrics, without timings; a step run again after a kill logs again,
-    the last line counts."""
+def metric_rows(out_dir) -> list[dict]:
+    """The complete lines of metrics.jsonl (a kill -9 may leave a torn last one)."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return {}
+        return []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.endswith("\n")]
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def metrics(out_dir) -> dict:
+    """(stage, step) -> metrics, without timings (the last line of a step counts)."""
     return {(r["stage"], r["step"]): {k: v for k, v in r.items()
-                                      if k != "time" and not k.startswith("time_")} for r in rows}
+                                      if k != "time" and not k.startswith("time_")}
+            for r in metric_rows(out_dir)}
 
 
 def checkpoints(out_dir) -> list[str]:
@@ -137,6 +141,9 @@ def assert_same_run(expected, actual):
                   if not np.array_equal(x, y)]
         assert not differ, f"{stage} params differ: {differ}"
     assert metrics(expected) == metrics(actual)
+    # a resumed stage drops the rows it is about to log again: every step once, in order
+    order = lambda d: [(r["stage"], r["step"]) for r in metric_rows(d)]
+    assert order(actual) == order(expected)
     with open(os.path.join(expected, "summary.json")) as f, \
             open(os.path.join(actual, "summary.json")) as g:
         assert json.load(f) == json.load(g)

@@ -1,0 +1,94 @@
+"""The frontier and invariance commands end to end on a tiny toy config, and the sweep's table
+maths (means over seeds with their SE, the SFT row) on hand-made records."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from p3o_jax import frontier as F
+from p3o_jax.config import ConfigError
+
+TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
+        "sft.steps=60", "sft.batch_size=32", "sft.optim.lr=1e-2", "rm.n_pairs=256",
+        "rm.steps=40", "rm.batch_size=32", "rm.optim.lr=3e-3", "rl.prompts_per_iter=32",
+        "rl.epochs=2", "rl.optim.lr=3e-3", "rl.optim.warmup_steps=0"]
+
+
+@pytest.fixture(autouse=True)
+def keep_compilation_cache_config():
+    """`frontier.main` points JAX's persistent compilation cache at its run folder: restore."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+def record(method, beta, seed, step, steps, **metrics):
+    row = {"method": method, "beta": beta, "seed": seed, "step": step, "steps": steps,
+           "final": step == steps}
+    for k in ("kl_k1", "kl_k3", "gold", "rm", "win_gold", "win_rm", "length"):
+        row[k], row[k + "_se"] = metrics.get(k, 0.0), 0.1
+    return row
+
+
+def test_final_rows_average_seeds_with_their_se():
+    records = [record("P3O-V2", 0.1, s, 0, 4, gold=1.0) for s in (0, 1, 2)]
+    records += [record("P3O-V2", 0.1, s, 2, 4, gold=9.0) for s in (0, 1, 2)]   # not final
+    records += [record("P3O-V2", 0.1, s, 4, 4, gold=g, kl_k1=k)
+                for s, g, k in ((0, 2.0, 0.5), (1, 3.0, 0.7), (2, 4.0, 0.9))]
+    records += [record("PPO", 0.1, 0, 4, 4, gold=5.0)]
+    rows = {r["policy"]: r for r in F.final_rows(records)}
+    assert set(rows) == {"SFT", "P3O-V2", "PPO"}
+    assert rows["SFT"]["seeds"] == 3 and rows["SFT"]["gold"] == 1.0
+    p3o = rows["P3O-V2"]
+    assert p3o["seeds"] == 3 and p3o["gold"] == pytest.approx(3.0)
+    assert p3o["gold_se"] == pytest.approx(1.0 / np.sqrt(3))          # std 1 over 3 seeds
+    assert p3o["kl_k1"] == pytest.approx(0.7) and p3o["kl_k1_se"] == pytest.approx(0.2 / np.sqrt(3))
+    # one seed: its own SE over prompts
+    assert rows["PPO"]["gold"] == 5.0 and rows["PPO"]["gold_se"] == 0.1
+
+
+def test_parse_sweeps_and_errors():
+    sweep, results, inv, cfg = F.parse(["quick=true", "betas=0.1,1", "rl.epochs=3"])
+    assert sweep.betas == (0.1, 1.0) and sweep.seeds == F.QUICK.seeds and not inv
+    assert cfg.rl.epochs == 3 and cfg.rl.iterations == 16      # the sweep's own setting
+    sweep, _, inv, cfg = F.parse(["invariance=true", "rl.iterations=5"])
+    assert inv and sweep.methods == ("P3O-V2", "PPO") and cfg.rl.iterations == 5
+    with pytest.raises(ConfigError, match="methods"):
+        F.parse(["methods=P3O-V2,TRPO"])
+
+
+def test_frontier_end_to_end(tmp_path):
+    results = tmp_path / "results"
+    args = [*TINY, f"out_dir={tmp_path}/run", f"results={results}", "seeds=0", "betas=0.1",
+            "methods=P3O-V2,DPO-offline", "rl.iterations=4", "rl.dpo_epochs=1"]
+    assert F.main(args) == 0
+    assert (results / "frontier.png").stat().st_size > 10_000
+    table = (results / "frontier.md").read_text()
+    assert "| P3O-V2 | 0.1 |" in table and "| DPO-offline | 0.1 |" in table
+    rows = [json.loads(line) for line in (results / "frontier.jsonl").read_text().splitlines()]
+    p3o = [r for r in rows if r["method"] == "P3O-V2"]
+    assert [r["step"] for r in p3o] == [0, 1, 2, 3, 4] and p3o[-1]["final"]
+    assert all(np.isfinite(r["gold"]) and 0 <= r["win_gold"] <= 1 for r in rows)
+    # A second call reuses every finished stage and run, and reproduces the table.
+    assert F.main(args) == 0
+    assert (results / "frontier.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]
+
+
+def test_invariance_end_to_end(tmp_path):
+    """With a per-prompt offset on the reward, P3O's curves are unchanged up to rounding and
+    PPO's are not."""
+    results = tmp_path / "results"
+    assert F.main([*TINY, f"out_dir={tmp_path}/run", f"results={results}", "invariance=true",
+                   "rl.iterations=4"]) == 0
+    rows = [json.loads(line) for line in (results / "invariance.jsonl").read_text().splitlines()]
+    curve = lambda m, off: np.array([[r["gold_reward"], r["kl_k1"], r["rm_reward_minus_offset"]]
+                                     for r in rows if r["method"] == m and r["offset"] == off])
+    p3o = np.abs(curve("P3O-V2", 0.0) - curve("P3O-V2", 5.0)).max()
+    ppo = np.abs(curve("PPO", 0.0) - curve("PPO", 5.0)).max()
+    assert curve("P3O-V2", 0.0).shape == (4, 3)
+    assert p3o < 1e-3 < ppo, (p3o, ppo)
+    assert os.path.getsize(results / "invariance.png") > 10_000
