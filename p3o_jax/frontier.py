@@ -4,7 +4,8 @@
     python -m p3o_jax.frontier invariance=true [key=value ...]
 
 Per seed, SFT and the reward model are trained once (`run_experiment` with `stages=sft,rm` in
-`<out_dir>-frontier/seed<S>`; run again, the finished stages are reused). Every RL run -- a
+`<out_dir>-frontier/seed<S>`, `<out_dir>-frontier-quick/seed<S>` for the quick sweep; run again,
+the finished stages are reused). Every RL run -- a
 method at a beta -- then has its own folder below, linking that seed's `sft`, `rm` and
 `preferences.npz`, and runs `stages=rl` with `rl.eval_every`, so each run (and its checkpoints)
 resumes on its own. The "eval" rows of all runs (every checkpoint evaluated on the same held-out
@@ -57,10 +58,12 @@ class Sweep:
     offset: float = 5.0             # invariance: rl.reward_offset
     # config keys the sweep sets (the command line's keys come after, and win)
     config: tuple[str, ...] = ("rl.iterations=40", "eval_prompts=256")
+    folder: str = "frontier"        # runs go to <out_dir>-<folder>/seed<S>/<method>-beta<beta>
 
 
 FULL = Sweep()
-QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_prompts=128"))
+QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_prompts=128"),
+              folder="frontier-quick")
 INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
                    config=("rl.iterations=20", "eval_prompts=128"))
 LIST_KEYS = {"seeds": int, "betas": float, "methods": str}
@@ -95,13 +98,9 @@ def overridden(cfg: ExperimentConfig, over: dict) -> ExperimentConfig:
     return cfg
 
 
-def seed_dir(cfg: ExperimentConfig, seed: int) -> str:
-    return os.path.join(cfg.out_dir.rstrip("/") + "-frontier", f"seed{seed}")
-
-
-def train_sft_rm(cfg: ExperimentConfig, seed: int) -> str:
+def train_sft_rm(cfg: ExperimentConfig, seed: int, folder: str) -> str:
     """SFT and the reward model of `seed` (reused if finished): their folder."""
-    path = seed_dir(cfg, seed)
+    path = os.path.join(f"{cfg.out_dir.rstrip('/')}-{folder}", f"seed{seed}")
     run_experiment(dataclasses.replace(cfg, seed=seed, out_dir=path, stages="sft,rm"))
     return path
 
@@ -139,7 +138,7 @@ def frontier(sweep: Sweep, cfg: ExperimentConfig) -> list[dict]:
     total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy)."""
     records = []
     for seed in sweep.seeds:
-        base = train_sft_rm(cfg, seed)
+        base = train_sft_rm(cfg, seed, sweep.folder)
         for method in sweep.methods:
             for beta in sweep.betas:
                 over = METHODS[method](beta)
@@ -240,7 +239,7 @@ def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
     per-iteration rows (gold, KL, RM score minus the batch's mean offset) and, per method, the
     largest absolute difference between the two runs' curves."""
     seed, beta = sweep.seeds[0], sweep.betas[0]
-    base = train_sft_rm(cfg, seed)
+    base = train_sft_rm(cfg, seed, sweep.folder)
     task, chunk = make_task(cfg), cfg.rl.prompts_per_iter
     records, diffs = [], {}
     for method in sweep.methods:

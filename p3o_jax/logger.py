@@ -64,7 +64,7 @@ class MetricsLogger:
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
     """A markdown table; floats with 3 decimals."""
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    cell = lambda v: f"{round(v, 3) + 0.0:.3f}" if isinstance(v, float) else str(v)  # no -0.000
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
