@@ -20,7 +20,7 @@ def config() -> ExperimentConfig:
         seed=0,
         eval_prompts=512,
         policy=ModelConfig(family="gpt2", vocab_size=132, d_model=128, n_layers=2, n_heads=4,
-                           d_ff=512, max_len=64),
+                           max_len=64),
         toy=ToyTaskConfig(seed=0, post_len_min=16, post_len_max=16, keywords_per_post_min=3,
                           keywords_per_post_max=3, prompt_len=20, response_len=10,
                           demo_noise=0.5),

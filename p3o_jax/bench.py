@@ -219,7 +219,7 @@ def model_flops(w: Workload) -> dict:
     # What the programs run: attention over every key slot of the [P + N] cache, the LM head
     # on every response token, old log-probs only if recomputed.
     S_ = P + N
-    once = (B * P + B * n * N) * (t + a * S_)     # `rollout.prompt_once_hidden`
+    once = B * P * (t + a * P) + B * n * N * (t + a * S_)     # `rollout.prompt_once_hidden`
     executed = dict(generate=B * P * (t + a * S_) + B * h + B * n * (N - 1) * (t + a * S_ + h),
                     logprobs=(1 + w.recompute_old) * (once + B * n * N * h),
                     score=once + B * n * (N + 1) * 2 * w.d_model,

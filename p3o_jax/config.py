@@ -82,9 +82,10 @@ class RLConfig:
                                     # at the end ("eval" rows in metrics.jsonl; p3o_jax.frontier)
     reward_offset: float = 0.0      # adds scale * delta(x) (a fixed N(0,1)-like value per prompt)
                                     # to the RM's scores: the invariance experiment
-    recompute_logp_old: bool = False  # False: pi_old's log-probs are the sampler's; True: a
-                                      # training forward recomputes them (bfloat16: the cached
-                                      # decode and the full forward round apart)
+    recompute_logp_old: bool | None = None  # False: pi_old's log-probs are the sampler's; True:
+                                    # a training forward recomputes them; None: recompute unless
+                                    # the policy computes in float32 (in bfloat16 the cached
+                                    # decode and the full forward round apart)
     # P3O
     clip: str = "joint"             # separate (V1) | joint (V2)
     eps: float = 0.2

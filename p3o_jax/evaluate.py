@@ -51,10 +51,12 @@ def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
 def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
                       rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig):
     """One response per prompt (two drawn, the first kept: the draws of training's
-    `sample_pairs`) with its RM score, KL estimates and length, as [B] arrays; one program."""
+    `sample_pairs`) with its RM score, KL estimates and length, as [B] arrays; one program.
+    The policy's log-probs are recomputed by the same forward as the reference's, so that the
+    KL of a policy to itself is exactly 0, whatever the dtype."""
     samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
-                scfg.temperature)
+                scfg.temperature, recompute_old=True)
     m = buf["resp_mask"]
     kl_k3 = losses.kl_per_sequence(buf["logp_old"], buf["logp_ref"], m, "k3")
     return {"rm": buf["rewards"], "kl_k1": buf["seq_kl"], "kl_k3": kl_k3, "length": m.sum(-1),

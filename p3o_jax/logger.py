@@ -32,10 +32,15 @@ class MetricsLogger:
         with open(path) as f:
             lines = [line for line in f if line.endswith("\n")]
 
-        def redone(r):
-            return ((r["stage"] == stage and r["step"] >= step)
-                    or (stage == "rl" and r["stage"] == "eval" and (r["step"] > step or step == 0)))
-        keep = [line for line in lines if not redone(json.loads(line))]
+        def keep(line):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:   # a torn line that a later run appended to
+                return False
+            return not ((r["stage"] == stage and r["step"] >= step)
+                        or (stage == "rl" and r["stage"] == "eval"
+                            and (r["step"] > step or step == 0)))
+        keep = [line for line in lines if keep(line)]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)

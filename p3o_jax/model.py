@@ -66,9 +66,11 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"model.family: unknown family {self.family!r}; expected one of {FAMILIES}")
-        for k, v in self.derived_defaults().items():
-            if getattr(self, k) is None:
-                object.__setattr__(self, k, v)
+        derived = {k: v for k, v in self.derived_defaults().items() if getattr(self, k) is None}
+        for k, v in derived.items():
+            object.__setattr__(self, k, v)
+        # not a dataclass field: it stays out of ==, hash and asdict (the saved config)
+        object.__setattr__(self, "_derived", frozenset(derived))
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_kv_heads={self.n_kv_heads}")
@@ -91,11 +93,10 @@ class ModelConfig:
         }[self.family])
 
     def rebased(self, **changes) -> "ModelConfig":
-        """`dataclasses.replace` that re-derives the fields still at their derived defaults:
-        `rebased(d_model=256)` of a d_model-128 config gets head_dim and d_ff from 256, while
-        fields set to something else keep their values."""
-        derived = self.derived_defaults()
-        unset = {k: None for k, v in derived.items() if getattr(self, k) == v and k not in changes}
+        """`dataclasses.replace` that derives again the fields this config derived (left None
+        when it was built): `rebased(d_model=256)` of a d_model-128 config gets head_dim and d_ff
+        from 256; fields that were given keep their values."""
+        unset = {k: None for k in self._derived if k not in changes}
         return dataclasses.replace(self, **unset, **changes)
 
     @property
@@ -229,22 +230,28 @@ class MLP(nn.Module):
 
 
 @jax.custom_vjp
-def stored_cotangent(x):
-    """Identity whose backward writes the residual stream's gradient to memory.
-
-    Without it XLA:CPU fuses each layer's norm backward into every consumer below it,
-    recomputing the chain once per consumer (measured: a third of a GPT-2 backward). It drops
-    `optimization_barrier` before fusion, so the barrier is a conditional that cannot be folded
-    (both branches return the gradient unchanged unless it is NaN, where -g is NaN as well)."""
+def _stored_cotangent(x):
     return x
 
 
 def _stored_cotangent_bwd(_, g):
     first = g.reshape(-1)[0]
-    return (jax.lax.cond(first == first, lambda g: g, lambda g: -g, g),)
+    return (jax.lax.cond(first == first, lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
 
 
-stored_cotangent.defvjp(lambda x: (x, None), _stored_cotangent_bwd)
+_stored_cotangent.defvjp(lambda x: (x, None), _stored_cotangent_bwd)
+
+
+def stored_cotangent(x):
+    """Identity whose backward (on CPU) writes the residual stream's gradient to memory.
+
+    Without it XLA:CPU fuses each layer's norm backward into every consumer below it,
+    recomputing the chain once per consumer (measured: a third of a GPT-2 backward). XLA:CPU
+    drops `optimization_barrier` before fusion, so the barrier is a conditional that cannot be
+    folded: the gradient passes unchanged unless its first entry is NaN, in which case all of it
+    is NaN (an update that the non-finite check skips anyway). Other backends skip it: a
+    conditional there costs a device-to-host sync."""
+    return _stored_cotangent(x) if jax.default_backend() == "cpu" else x
 
 
 class Block(nn.Module):
@@ -388,7 +395,8 @@ def logits(params, cfg: ModelConfig, tokens, mask):
 
 
 def sequence_reward(params, cfg: ModelConfig, tokens, mask):
-    """Reward-model score of each row, read at its last real token: [B]."""
+    """Reward-model score of each row, read at its last real token: [B]. (Training scores
+    [prompt | response] pairs with `rollout.response_reward`, each prompt run once.)"""
     hidden, _ = forward(params, cfg, tokens, mask)
     return reward_at_last_token(reward_scores(params, cfg, hidden), mask)
 

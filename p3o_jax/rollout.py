@@ -46,14 +46,15 @@ def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int
     B, K, L = tokens.shape
     P, N = prompt_len, L - prompt_len
     prompt, prompt_mask = tokens[:, 0, :P], mask[:, 0, :P]
-    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, N)))
-    h_prompt, cache = M.forward(params, cfg, prompt, key_mask, M.init_cache(cfg, B, L), 0,
+    h_prompt, cache = M.forward(params, cfg, prompt, prompt_mask, M.init_cache(cfg, B, P), 0,
                                 positions=M.positions_from_mask(prompt_mask))
     repeat = lambda x: jnp.repeat(x, K, axis=0)
+    # each response's keys and values go to slots P .. L - 1 of its copy of the prompt's cache
+    cache = jax.tree.map(lambda c: repeat(jnp.pad(c, ((0, 0), (0, 0), (0, N), (0, 0)))), cache)
     resp_mask = flat(mask[:, :, P:])
     positions = repeat(prompt_mask.sum(-1))[:, None] + M.positions_from_mask(resp_mask)
-    h_resp, _ = M.forward(params, cfg, flat(tokens[:, :, P:]), flat(mask),
-                          jax.tree.map(repeat, cache), P, positions=positions)
+    h_resp, _ = M.forward(params, cfg, flat(tokens[:, :, P:]), flat(mask), cache, P,
+                          positions=positions)
     hidden = jnp.concatenate([repeat(h_prompt[:, -1:]), h_resp], 1)
     return hidden.reshape(B, K, N + 1, hidden.shape[-1])
 

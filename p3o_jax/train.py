@@ -269,11 +269,13 @@ def stage_rl(run: Run, sft_params, rm_params):
     update = skip_nonfinite(learners.make_update(_loss_for(run), rl.epochs, rl.minibatches,
                                                  cfg.seed))
     scfg = run.sampling()
+    recompute_old = (run.policy_cfg.dtype != "float32" if rl.recompute_logp_old is None
+                     else rl.recompute_logp_old)
 
     @jax.jit  # every model is an argument: a jit may not close over arrays of other processes
     def make_buffer(policy, critic, ref, rm_params, prompts, pmask, samples, kl_coef):
         buf = score(policy, ref, rm_params, run.policy_cfg, run.rm_cfg, prompts, pmask, samples,
-                    rl.temperature, rl.recompute_logp_old)
+                    rl.temperature, recompute_old)
         if rl.reward_offset:  # the same delta(x) for every response of a prompt
             offset = rl.reward_offset * prompt_offset(prompts, pmask)
             buf = dict(buf, rewards=buf["rewards"] + offset[:, None])
@@ -354,7 +356,7 @@ def stage_dpo_offline(run: Run, sft_params, log_eval):
     logp_ref = np.concatenate([
         to_host(ref_logp(sft_params, *run.batch(chunk, lambda a, b: (data["tokens"][s + a:s + b],
                                                                       data["mask"][s + a:s + b]))))
-        .reshape(chunk, 2, N) for s in range(0, n, chunk)])
+        for s in range(0, n, chunk)])
     data = {"tokens": data["tokens"][:n], "mask": data["mask"][:n], "resp_mask": data["resp_mask"][:n],
             "logp_ref": logp_ref * data["resp_mask"][:n],
             "rewards": np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1))}

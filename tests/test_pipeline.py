@@ -99,11 +99,17 @@ def test_config_errors_name_the_key(args, key, capsys):
 
 
 def test_model_overrides_rederive_defaulted_fields():
-    """`policy.d_model=...` moves head_dim and d_ff with it unless they were set otherwise."""
-    base = C.load_experiment("toy").policy                       # d_model 128, d_ff 512 = 4 x 128
+    """`policy.d_model=...` moves head_dim and d_ff with it unless they were set, in the
+    experiment or on the command line, in either order."""
+    base = C.load_experiment("toy").policy                       # d_model 128, d_ff derived
     p = C.from_args(["exp=toy", "policy.d_model=256"]).policy
     assert (p.d_model, p.head_dim, p.d_ff) == (256, 256 // base.n_heads, 1024)
-    p = C.from_args(["exp=toy", "policy.d_ff=300", "policy.d_model=256"]).policy
-    assert (p.head_dim, p.d_ff) == (256 // base.n_heads, 300)
+    for args in (["policy.d_ff=300", "policy.d_model=256"], ["policy.d_model=256", "policy.d_ff=300"]):
+        p = C.from_args(["exp=toy", *args]).policy
+        assert (p.head_dim, p.d_ff) == (256 // base.n_heads, 300)
+    p = C.from_args(["exp=toy", "policy.head_dim=16", "policy.d_model=256"]).policy
+    assert (p.head_dim, p.d_ff) == (16, 1024)
+    p = C.from_args(["exp=toy", "policy.n_heads=8", "policy.n_kv_heads=2", "policy.n_heads=4"]).policy
+    assert (p.n_heads, p.n_kv_heads) == (4, 2)
     p = C.from_args(["exp=toy", "policy.family=llama"]).policy
     assert (p.activation, p.tie_embeddings, p.qkv_bias) == ("silu", False, False)

@@ -1,6 +1,8 @@
 """Rollout scoring: the prompt-once forward equals the full forward on every row (values and
 gradients, all families, left-padded prompts, right-padded responses), and the sampler's
 log-probs equal the training forward's, so `logp_old` need not be recomputed."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -91,3 +93,17 @@ def test_sampler_logprobs_are_the_training_forwards():
     for k in recomputed:
         np.testing.assert_allclose(reused[k], recomputed[k], atol=2e-5, err_msg=k)
     assert float(jnp.abs(recomputed["seq_kl"]).max()) > 0.1    # policy and reference differ
+
+
+def test_recomputed_kl_of_a_policy_to_itself_is_exactly_zero():
+    """Evaluation recomputes pi_old's log-probs with the reference's forward: KL(pi || pi) is 0
+    to the bit, in float32 and bfloat16 (the sampler's own log-probs round differently)."""
+    for dtype in ("float32", "bfloat16"):
+        cfg = dataclasses.replace(FAMILIES["llama"], dtype=dtype)
+        policy = random_params(cfg, seed=10)
+        prompts, prompt_mask = left_padded_prompts(2, P, cfg.vocab_size, [6, 3], seed=11)
+        scfg = S.SamplingConfig(max_new_tokens=N)
+        samples = S.sample_pairs(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(12))
+        buf = R.score(policy, policy, policy, cfg, cfg, prompts, prompt_mask, samples, 1.0,
+                      recompute_old=True)
+        np.testing.assert_array_equal(buf["seq_kl"], 0.0)
