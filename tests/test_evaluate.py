@@ -85,4 +85,3 @@ def test_reward_offset_leaves_p3o_delta_unchanged():
     assert not np.allclose(shifted, rewards)
     np.testing.assert_allclose(losses.p3o_delta(shifted, seq_kl, 0.1),
                                losses.p3o_delta(rewards, seq_kl, 0.1), atol=1e-5)
-
