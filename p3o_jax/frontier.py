@@ -296,6 +296,13 @@ def write_jsonl(path: str, records: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+def write_report(path: str, text: str) -> None:
+    """The markdown summary: to `path` and to the terminal."""
+    with open(path, "w") as f:
+        f.write(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -321,9 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"with and without `rl.reward_offset={sweep.offset:g}` ({cfg.rl.iterations} "
                 f"iterations, beta {sweep.betas[0]:g}, seed {sweep.seeds[0]}; {took()}):\n\n"
                 f"{table}\n")
-        with open(os.path.join(results, "invariance.md"), "w") as f:
-            f.write(text)
-        print(text)
+        write_report(os.path.join(results, "invariance.md"), text)
         return 0
     records = frontier(sweep, cfg)
     write_jsonl(os.path.join(results, "frontier.jsonl"), records)
@@ -333,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             f"across seeds (over prompts when there is one seed). Win rates against the SFT "
             f"policy's response to the same prompt, ties counting 1/2.\n\n"
             f"{markdown(final_rows(records))}\n")
-    with open(os.path.join(results, "frontier.md"), "w") as f:
-        f.write(text)
-    print(text)
+    write_report(os.path.join(results, "frontier.md"), text)
     return 0
 
 
