@@ -4,30 +4,35 @@ Each comparison builds both variants in one process and times them in alternatio
 machine is a shared VM whose speed drifts by 20% between minutes; alternating keeps that drift
 out of the ratio), reporting medians and minima over `--repeats` rounds.
 
-    .venv/bin/python bench/ab.py [--only prompt_once,logp_old,stored_cotangent,eval] [--repeats 9]
+    .venv/bin/python bench/ab.py [only=prompt_once,logp_old,stored_cotangent,eval] [repeats=9]
 
 - prompt_once:      the update (one P3O step) with each prompt run once for its responses
                     (`rollout.prompt_once_hidden`) vs the full [P + N] forward of every row.
-- logp_old:         the log-prob program with pi_old's log-probs taken from the sampler vs
-                    recomputed by a training forward (`rollout.logprob_buffer(recompute_old)`).
+- logp_old:         the scoring program with pi_old's log-probs taken from the sampler vs
+                    recomputed by a training forward (`rollout.score(recompute_old)`).
 - stored_cotangent: the update with `model.stored_cotangent` vs without it (identity).
 - eval:             one evaluation of 256 prompts (`evaluate.evaluate_policy`) compiled as one
                     program vs dispatched op by op (as it was before it was jitted).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
 import statistics
+import sys
 import time
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import bench, evaluate, learners, losses, rollout
+from p3o_jax import evaluate, ops, rollout
 from p3o_jax import model as M
+from p3o_jax.checks import Positive, SubsetOf
+from p3o_jax.cli import bench
+from p3o_jax.config import tool_args
 from p3o_jax.sharding import make_mesh
 
 COMPARISONS = ("prompt_once", "logp_old", "stored_cotangent", "eval")
@@ -58,7 +63,7 @@ def full_row_logprobs(params, cfg, tokens, mask, prompt_len, temperature=1.0):
     B, K, L = tokens.shape
     hidden, _ = M.forward(params, cfg, rollout.flat(tokens), rollout.flat(mask))
     logits = M.lm_logits(params, cfg, hidden[:, prompt_len - 1:-1])
-    logp = losses.token_logprobs(logits, rollout.flat(tokens)[:, prompt_len:], temperature)
+    logp = ops.token_logprobs(logits, rollout.flat(tokens)[:, prompt_len:], temperature)
     return logp.reshape(B, K, L - prompt_len)
 
 
@@ -67,31 +72,33 @@ def update_runner(w: bench.Workload):
     this is called; returns a callable running one update on a fixed buffer."""
     run = bench.Iteration(w)
     run.step(0)
-    buffer = run.buffer
+    samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0))
+    buffer, _ = run.rl.score(run.state.params, run.ref, run.rm, run.prompts, samples, run.carry)
+    buffer = buffer.replace(entropy=None)
 
     def update():
-        run.state, metrics = run.update(run.state, buffer)
+        run.state, metrics = run.rl.update(run.state, buffer)
         return run.state
     return update
 
 
 def prompt_once(w, repeats):
-    real = learners.response_logprobs
+    real = rollout.response_logprobs
     variants = {}
     for name, fn in (("full_rows", full_row_logprobs), ("prompt_once", real)):
-        learners.response_logprobs = fn
+        rollout.response_logprobs = fn
         variants[name] = update_runner(w)
-    learners.response_logprobs = real
+    rollout.response_logprobs = real
     emit("prompt_once", "full_rows", "prompt_once", alternate(variants, repeats))
 
 
 def logp_old(w, repeats):
-    policy, ref, _, (prompts, mask) = bench.build_models(w)
+    policy, ref, rm, (prompts, mask) = bench.build_models(w)
     samples = bench.S.sample_pairs(policy, w.model, w.sampling, prompts, mask,
                                    jax.random.key(0), n=w.responses)
-    program = jax.jit(rollout.logprob_buffer, static_argnums=(2, 6, 7))
-    variants = {name: functools.partial(program, policy, ref, w.model, prompts, mask, samples,
-                                        w.temperature, recompute)
+    program = jax.jit(rollout.score, static_argnums=(3, 4, 8, 9))
+    variants = {name: functools.partial(program, policy, ref, rm, w.model, w.model, prompts,
+                                        mask, samples, w.temperature, recompute)
                 for name, recompute in (("recomputed", True), ("from_sampler", False))}
     emit("logp_old", "recomputed", "from_sampler", alternate(variants, repeats))
 
@@ -117,18 +124,21 @@ def eval_program(w, repeats):
     emit("eval", "op_by_op", "one_program", alternate(variants, max(repeats // 3, 2)))
 
 
+@dataclasses.dataclass(frozen=True)
+class ABArgs:
+    only: Annotated[str, SubsetOf(*COMPARISONS)] = ",".join(COMPARISONS)
+    repeats: Annotated[int, Positive] = 9
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default=",".join(COMPARISONS))
-    p.add_argument("--repeats", type=int, default=9)
-    args = p.parse_args()
+    args, rest = tool_args(sys.argv[1:], ABArgs())
+    if rest:
+        raise SystemExit(f"unknown keys {rest}; expected only=..., repeats=...")
     w = bench.Workload()
     runs = {"prompt_once": prompt_once, "logp_old": logp_old,
             "stored_cotangent": stored_cotangent, "eval": eval_program}
     with jax.set_mesh(make_mesh()):
         for name in args.only.split(","):
-            if name not in runs:
-                raise SystemExit(f"--only: unknown comparison {name!r}; expected {COMPARISONS}")
             runs[name](w, args.repeats)
 
 

@@ -16,8 +16,8 @@ rate, 4 epochs per rollout buffer, beta 0.05, eps 0.2, temperature 1, top-k 0, t
 Larger models and sharding: as in experiments/tldr.py (`base_model=...`; the default mesh
 puts all devices on fsdp for one GPU, a TPU v4-8 or a v5e-8; `mesh.tensor=2` for >= 6.9B).
 """
-from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, RLConfig, RMConfig,
-                            SFTConfig)
+from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, P3OConfig, RLConfig,
+                            RMConfig, SFTConfig)
 from p3o_jax.model import ModelConfig
 
 
@@ -39,9 +39,9 @@ def config() -> ExperimentConfig:
         # ~1 epoch of 160k pairs (n_pairs / 10 held out; multiples of 8 throughout)
         rm=RMConfig(n_pairs=160_000, steps=4500, batch_size=32,
                     optim=OptimConfig(lr=1e-5, warmup_steps=100, decay="cosine")),
+        p3o=P3OConfig(clip="joint", eps=0.2, ratio_bound=10.0),
         rl=RLConfig(iterations=1000, prompts_per_iter=64, n_samples=2, epochs=4, minibatches=4,
-                    beta=0.05, clip="joint", eps=0.2, ratio_bound=10.0, temperature=1.0,
-                    top_k=0, top_p=1.0,
+                    beta=0.05, temperature=1.0, top_k=0, top_p=1.0,
                     optim=OptimConfig(lr=3e-6, warmup_steps=10, decay="constant", b1=0.9,
                                       b2=0.95)),
     )

@@ -22,8 +22,8 @@ style: batch and parameters split), which is right for one GPU (a 1x1x1 mesh), a
 add tensor parallelism, e.g. `mesh.fsdp=4 mesh.tensor=2` on a v5e-8. Memory is lowered by
 smaller `sft.batch_size` / `rm.batch_size`, more `rl.minibatches`, fewer `eval_prompts`.
 """
-from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, RLConfig, RMConfig,
-                            SFTConfig)
+from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, P3OConfig, RLConfig,
+                            RMConfig, SFTConfig)
 from p3o_jax.model import ModelConfig
 
 
@@ -46,9 +46,9 @@ def config() -> ExperimentConfig:
         rm=RMConfig(n_pairs=92_160, steps=2592, batch_size=32,
                     optim=OptimConfig(lr=1e-5, warmup_steps=100, decay="cosine")),
         # 1000 rollouts of 64 prompts x 2 samples (~half an epoch of the posts)
+        p3o=P3OConfig(clip="joint", eps=0.2, ratio_bound=10.0),
         rl=RLConfig(iterations=1000, prompts_per_iter=64, n_samples=2, epochs=4, minibatches=4,
-                    beta=0.05, clip="joint", eps=0.2, ratio_bound=10.0, temperature=1.0,
-                    top_k=0, top_p=1.0,
+                    beta=0.05, temperature=1.0, top_k=0, top_p=1.0,
                     optim=OptimConfig(lr=3e-6, warmup_steps=10, decay="constant", b1=0.9,
                                       b2=0.95)),
     )

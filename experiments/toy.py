@@ -6,7 +6,8 @@ the summary's last token, and a fixed prompt length lets its position embedding 
 length, so a 2-layer reward model can tell a full summary from a one-keyword one. With variable
 posts it learned "shorter is better" and P3O exploited that (see README, "The embedded task").
 """
-from p3o_jax.config import ExperimentConfig, OptimConfig, RLConfig, RMConfig, SFTConfig
+from p3o_jax.config import (ExperimentConfig, OptimConfig, P3OConfig, RLConfig, RMConfig,
+                            SFTConfig)
 from p3o_jax.model import ModelConfig
 from p3o_jax.toy_task import ToyTaskConfig
 
@@ -28,7 +29,7 @@ def config() -> ExperimentConfig:
                       optim=OptimConfig(lr=1e-3, warmup_steps=20, decay="cosine")),
         rm=RMConfig(n_pairs=8192, steps=500, batch_size=64, annotator_temperature=0.5,
                     optim=OptimConfig(lr=3e-4, warmup_steps=20, decay="cosine")),
+        p3o=P3OConfig(clip="joint", eps=0.2, ratio_bound=10.0),
         rl=RLConfig(iterations=80, prompts_per_iter=64, n_samples=2, epochs=4, minibatches=1,
-                    beta=0.1, clip="joint", eps=0.2, ratio_bound=10.0,
-                    optim=OptimConfig(lr=1e-4, warmup_steps=5, decay="constant")),
+                    beta=0.1, optim=OptimConfig(lr=1e-4, warmup_steps=5, decay="constant")),
     )

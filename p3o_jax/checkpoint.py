@@ -1,15 +1,15 @@
 """Long runs never lose work: checkpoints, exact resume, preemption, non-finite updates.
 
 Each stage's loop checkpoints into its own orbax `CheckpointManager` under
-`<out_dir>/ckpt/<stage>/<step>/` (`step` = steps done):
+`<out_dir>/ckpt/<stage>/<step>/` (`step` = steps done); RL checkpoints belong to their algorithm
+(`ckpt/p3o`, `ckpt/ppo`, ...), so baselines run beside each other on the same SFT and RM:
 
 - `state`:  the TrainState (params, optimizer state, optimizer step);
 - `meta`:   JSON: `step` (the loop position, which is also the data position: batches and prompts
-  are addressed by step), `total`, the streak of non-finite updates, loop extras such as PPO's
-  adaptive `kl_coef`, and `data`, the task's iterator state when the task has one (a task with a
-  stateful iterator exposes `get_state() -> JSON` and `set_state(state)`). No RNG state is saved:
-  every key is derived from the seed and the step (the RL loop's from seed + iteration, update
-  shuffles from seed + optimizer step), so the step is enough;
+  are addressed by step), `total`, the streak of non-finite updates, and the loop's carry
+  (PPO's adaptive `kl_coef`). No RNG state is saved: every key is derived from the seed and the
+  step (the RL loop's from seed + iteration, update shuffles from seed + optimizer step), so the
+  step is enough;
 - `config`: the run's config, compared with the current one on resume.
 
 Saves happen every `checkpoint.every_steps` steps and/or every `checkpoint.every_minutes`
@@ -53,7 +53,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from p3o_jax import model as M
-from p3o_jax.config import ConfigError, ExperimentConfig
+from p3o_jax.algos import ALGORITHMS
+from p3o_jax.checks import ConfigError
 from p3o_jax.train_state import param_shardings
 
 EXIT_PREEMPTED = 75   # sysexits EX_TEMPFAIL: stopped on a signal, a checkpoint is saved; run again
@@ -170,10 +171,17 @@ def skip_nonfinite(step_fn):
 # checkpoint).
 _NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "dist", "log_every",
             "eval_prompts", "data.on_bad_record")
-# Fields a stage does not read (those of later stages)...
-_UNREAD = {"sft": ("algo", "reward_model", "rm", "rl"), "rm": ("algo", "rl"), "rl": ()}
+# Fields a stage does not read (those of later stages, and the other algorithms' settings)...
+_ALGO_SETTINGS = tuple({a.settings for a in ALGORITHMS.values() if a.settings})
+_UNREAD = {"sft": ("algo", "reward_model", "rm", "rl") + _ALGO_SETTINGS,
+           "rm": ("algo", "rl") + _ALGO_SETTINGS, "rl": ()}
 # ...except the sampling settings the rm stage draws its preference pairs with.
 _READ_ANYWAY = {"rm": ("rl.temperature", "rl.top_k", "rl.top_p", "rl.prompts_per_iter")}
+
+
+def _unread(stage: str, algo: str) -> tuple[str, ...]:
+    own = ALGORITHMS[algo].settings
+    return _UNREAD[stage] + (tuple(s for s in _ALGO_SETTINGS if s != own) if stage == "rl" else ())
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -189,12 +197,13 @@ def _under(key: str, prefixes) -> bool:
 
 def config_differences(stage: str, saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(field, saved value, current value) for every field `stage` depends on that differs."""
+    unread = _unread(stage, current["algo"])
     saved, current = _flatten(saved), _flatten(current)
     absent = "<absent>"
     return [(k, saved.get(k, absent), current.get(k, absent))
             for k in sorted(saved.keys() | current.keys())
             if not _under(k, _NEUTRAL)
-            and (not _under(k, _UNREAD[stage]) or k in _READ_ANYWAY.get(stage, ()))
+            and (not _under(k, unread) or k in _READ_ANYWAY.get(stage, ()))
             and saved.get(k, absent) != current.get(k, absent)]
 
 
@@ -206,18 +215,19 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def stage_directory(cfg: ExperimentConfig, stage: str) -> str:
-    return os.path.abspath(os.path.join(cfg.out_dir, "ckpt", stage))
+def stage_directory(cfg, stage: str) -> str:
+    """`<out_dir>/ckpt/<stage>`; the rl stage's is named after its algorithm."""
+    return os.path.abspath(os.path.join(cfg.out_dir, "ckpt", cfg.algo if stage == "rl" else stage))
 
 
-def discard(cfg: ExperimentConfig, stage: str) -> None:
+def discard(cfg, stage: str) -> None:
     """Delete a stage's checkpoints (`resume=false`)."""
     if jax.process_index() == 0:
         shutil.rmtree(stage_directory(cfg, stage), ignore_errors=True)
     _sync(f"discard {stage}")
 
 
-def finished(cfg: ExperimentConfig, stage: str) -> bool:
+def finished(cfg, stage: str) -> bool:
     """Whether `stage` ran to its end under a compatible config (else CheckpointMismatch)."""
     with StageCheckpoints(cfg, stage) as ckpt:
         found = ckpt.newest(meta=ocp.args.JsonRestore())
@@ -225,11 +235,11 @@ def finished(cfg: ExperimentConfig, stage: str) -> bool:
 
 
 class StageCheckpoints:
-    """The checkpoints of one stage's loop. Use as a context manager (waits for a background
-    save and closes the manager), `restore` before the loop, `end_step` after each step,
-    `finish` after the last:
+    """The checkpoints of one stage's loop (`cfg`: the run's ExperimentConfig). Use as a context
+    manager (waits for a background save and closes the manager), `restore` before the loop,
+    `end_step` after each step, `finish` after the last (p3o_jax/stage.py's `stage_loop`):
 
-        with StageCheckpoints(cfg, "sft", steps, task) as ckpt:
+        with StageCheckpoints(cfg, "sft", steps) as ckpt:
             state, meta = ckpt.restore(state)
             for i in range(meta["step"], steps):
                 state, metrics = step(state, batch(i))
@@ -237,10 +247,9 @@ class StageCheckpoints:
             ckpt.finish(state)
     """
 
-    def __init__(self, cfg: ExperimentConfig, stage: str, total_steps: int | None = None,
-                 task=None):
+    def __init__(self, cfg, stage: str, total_steps: int | None = None):
         c = cfg.checkpoint
-        self.stage, self.total, self.task = stage, total_steps, task
+        self.stage, self.total = stage, total_steps
         self.config = json.loads(json.dumps(dataclasses.asdict(cfg)))
         self.directory = stage_directory(cfg, stage)
         self.max_nonfinite, self.nonfinite_streak = c.max_nonfinite, 0
@@ -303,8 +312,6 @@ class StageCheckpoints:
             return state, {"step": 0, **defaults}
         meta = found.meta
         self.nonfinite_streak = meta["nonfinite_streak"]
-        if "data" in meta:
-            self.task.set_state(meta["data"])
         print(f"{self.stage}: resuming at step {meta['step']} of {meta['total']} from "
               f"{self.directory}", file=sys.stderr)
         return found.state, {**defaults, **meta}
@@ -341,7 +348,5 @@ class StageCheckpoints:
     def _args(self, step: int, state, extra: dict):
         meta = {"step": step, "total": self.total, "nonfinite_streak": self.nonfinite_streak,
                 **extra}
-        if hasattr(self.task, "get_state"):
-            meta["data"] = self.task.get_state()
         return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
                                   config=ocp.args.JsonSave(self.config))

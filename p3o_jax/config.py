@@ -1,119 +1,103 @@
 """Experiment configuration: one dataclass tree, every hyper-parameter in one place.
 
 An experiment is a Python file `experiments/<name>.py` with a `config() -> ExperimentConfig`.
-The command line overrides any field with `key=value`, dotted for nested fields:
+Every command (train, frontier, bench, memory plan) takes the same grammar: `key=value`,
+dotted for nested fields, values parsed by the field's type (tuples comma-separated):
 
-    python -m p3o_jax.train exp=toy algo=ppo rl.beta=0.1 policy.d_model=128 stages=rl
+    python -m p3o_jax.cli.train exp=toy algo=ppo rl.beta=0.1 policy.d_model=128 stages=rl
 
-Values are parsed by the field's type; an unknown key, a value of the wrong type or an
-impossible batch/mesh split stops the run before anything is compiled, with one line naming the
-key (`ConfigError`). `smoke=true` shrinks a real-data experiment to an offline run of a minute
-(`smoke_config`); the other keys on the command line still apply on top of it.
+A field states what a valid value is beside its type (`Annotated[int, Positive]`,
+p3o_jax/checks.py). `from_args` parses and checks every field; `resolve` then derives, once,
+what depends on the machine and the checkpoint (mesh sizes, the base model's architecture,
+whether to recompute pi_old's log-probs) and checks what spans several fields (batches over
+the mesh, lengths over positions). Both run before any checkpoint is read or anything compiles,
+and stop at the first problem with a `ConfigError`: one line naming the key (exit 2).
+`smoke=true` shrinks a real-data experiment to an offline run of a minute (`smoke_config`); the
+other keys on the command line still apply on top of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
+import types
 import typing
+from typing import Annotated
 
+from p3o_jax import hf
+from p3o_jax.algos import ALGORITHMS
+from p3o_jax.algos.dpo import DPOConfig
+from p3o_jax.algos.p3o import P3OConfig
+from p3o_jax.algos.ppo import PPOConfig
+from p3o_jax.algos.reward_model import RMConfig
+from p3o_jax.algos.sft import SFTConfig
+from p3o_jax.checks import (Check, ConfigError, ExistingDir, ModelSource, NonNegative, OneOf, Pattern,
+                            Positive, Range, SubsetOf, WritableDir, field_checks)
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
 from p3o_jax.model import ModelConfig
 from p3o_jax.toy_task import ToyTaskConfig
+from p3o_jax.train_state import OptimConfig
 
-ALGOS = ("p3o", "ppo", "dpo", "dpo_offline")
 STAGES = ("sft", "rm", "rl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
+@dataclasses.dataclass(frozen=True)
+class AxisSize(Check):
+    """A mesh axis: a positive size, or -1 for all the devices the other axes leave."""
+
+    def problem(self, value):
+        return None if value == -1 or value > 0 else f"must be > 0 or -1 (the rest), got {value}"
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = 1
-    fsdp: int = -1          # -1: all remaining devices
-    tensor: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-3
-    warmup_steps: int = 10
-    decay: str = "constant"     # constant | cosine | linear
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.95
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SFTConfig:
-    steps: int = 400
-    batch_size: int = 64
-    optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=20, decay="cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class RMConfig:
-    n_pairs: int = 4096             # SFT-policy sample pairs labelled by the simulated annotator
-    steps: int = 300
-    batch_size: int = 64
-    annotator_temperature: float = 1.0
-    optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=20, decay="cosine")
+    data: Annotated[int, AxisSize()] = 1
+    fsdp: Annotated[int, AxisSize()] = -1       # -1: all remaining devices
+    tensor: Annotated[int, AxisSize()] = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Shared by P3O, PPO and online DPO: the rollout loop and the KL-regularised objective."""
-    iterations: int = 100
-    prompts_per_iter: int = 64
-    n_samples: int = 2              # responses per prompt (P3O/DPO use pairs; k > 2 averages pairs)
-    epochs: int = 4
-    minibatches: int = 1
-    beta: float = 0.05
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eval_every: int = 0             # > 0: evaluate on the eval prompts every N iterations and
-                                    # at the end ("eval" rows in metrics.jsonl; p3o_jax.frontier)
-    reward_offset: float = 0.0      # adds scale * delta(x) (a fixed N(0,1)-like value per prompt)
-                                    # to the RM's scores: the invariance experiment
+    """The RL loop every online algorithm shares: rollouts, the KL-regularised objective's
+    beta, the update's epochs and minibatches. Each algorithm's own settings are its config
+    group (`p3o`, `ppo`, `dpo`)."""
+    iterations: Annotated[int, Positive] = 100
+    prompts_per_iter: Annotated[int, Positive] = 64
+    n_samples: Annotated[int, Range(2)] = 2     # responses per prompt (k > 2: all pairs)
+    epochs: Annotated[int, Positive] = 4
+    minibatches: Annotated[int, Positive] = 1
+    beta: Annotated[float, NonNegative] = 0.05  # KL coefficient (PPO: its starting value)
+    temperature: Annotated[float, Positive] = 1.0
+    top_k: Annotated[int, NonNegative] = 0
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    eval_every: Annotated[int, NonNegative] = 0  # > 0: evaluate on the eval prompts every N
+                                    # iterations and at the end ("eval:<algo>" rows)
+    reward_offset: Annotated[float, NonNegative] = 0.0  # adds scale * delta(x), a fixed
+                                    # N(0,1)-like value per prompt, to the RM's scores: the
+                                    # invariance experiment (rl.prompt_offset)
     recompute_logp_old: bool | None = None  # False: pi_old's log-probs are the sampler's; True:
                                     # a training forward recomputes them; None: recompute unless
                                     # the policy computes in float32 (in bfloat16 the cached
                                     # decode and the full forward round apart)
-    # P3O
-    clip: str = "joint"             # separate (V1) | joint (V2)
-    eps: float = 0.2
-    ratio_bound: float = 10.0
-    delta_norm: str = "none"        # none | batch_std  (both keep reward-shift invariance)
-    # PPO
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip: float = 0.2
-    vf_coef: float = 0.5
-    target_kl: float = 0.0          # > 0: adaptive KL controller (Ziegler et al.)
-    kl_horizon: float = 10000.0
-    # DPO (online and offline)
-    dpo_beta: float = 0.1
-    dpo_epochs: int = 1             # offline DPO: passes over the preference data
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Real data (task=tldr|hh): the TFDS datasets of `p3o_jax.data` and the tokenizer."""
-    data_dir: str = ""              # where the datasets are built (once); "" = TFDS's default
-    manual_dir: str = ""            # upstream files placed by hand; "" = download what's missing
-    hh_subsets: str = ",".join(HH_SUBSETS)    # task=hh: comma-separated, read as one dataset
-    tokenizer: str = ""             # HF name or local folder; "" = base_model's
-    prompt_len: int = 512           # P: TL;DR posts are cut to fit, HH keeps the last P tokens
-    response_len: int = 53          # N: generated tokens; SFT/RM targets keep their first N
-    on_bad_record: str = "raise"    # raise (file:line) | skip (logged and counted)
+    data_dir: Annotated[str, WritableDir()] = ""    # where the datasets are built (once);
+                                                    # "" = TFDS's default
+    manual_dir: Annotated[str, ExistingDir()] = ""  # upstream files placed by hand
+    hh_subsets: Annotated[str, SubsetOf(*HH_SUBSETS)] = ",".join(HH_SUBSETS)  # task=hh
+    tokenizer: Annotated[str, ModelSource()] = ""   # HF name or local folder; "" = base_model's
+    prompt_len: Annotated[int, Positive] = 512      # P: TL;DR posts are cut to fit, HH keeps
+                                                    # the last P tokens
+    response_len: Annotated[int, Positive] = 53     # N: generated tokens; SFT/RM targets keep
+                                                    # their first N
+    on_bad_record: Annotated[str, OneOf(*ON_BAD_RECORD)] = "raise"  # raise (file:line) | skip
 
     @property
     def hh_subset_list(self) -> tuple[str, ...]:
@@ -124,12 +108,12 @@ class DataConfig:
 class CheckpointConfig:
     """Per-stage checkpoints under `<out_dir>/ckpt/<stage>` (p3o_jax/checkpoint.py); a stage
     also saves on a signal and at its end."""
-    every_steps: int = 100          # save every N steps (0: off)
-    every_minutes: float = 10.0     # save after the first step, then whenever M minutes have
-                                    # passed since the last save (0: off)
-    keep: int = 3                   # keep the last K checkpoints of each stage
-    async_save: bool = True         # write in the background while training goes on
-    max_nonfinite: int = 5          # stop after K non-finite updates in a row (each is skipped)
+    every_steps: Annotated[int, NonNegative] = 100      # save every N steps (0: off)
+    every_minutes: Annotated[float, NonNegative] = 10.0  # after the first step, then whenever
+                                                        # M minutes have passed (0: off)
+    keep: Annotated[int, Positive] = 3                  # the last K checkpoints of a stage
+    async_save: bool = True                             # write while training goes on
+    max_nonfinite: Annotated[int, Positive] = 5         # stop after K skipped updates in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,28 +122,28 @@ class DistConfig:
     and on Cloud TPU VMs nothing needs setting: jax reads the coordinator and the process ids
     from the cluster. Elsewhere give all three, here or as the environment variables
     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
-    coordinator: str = ""           # host:port of process 0 ("": env, else the cluster's)
-    num_processes: int = 0          # 0: env, else the cluster's; 1: a single process, no set-up
-    process_id: int = -1            # -1: env, else the cluster's
-    init_timeout_s: int = 300       # how long processes wait for each other at start-up
+    coordinator: Annotated[str, Pattern(r"|[\w.-]+:\d+", "host:port")] = ""   # "": env/cluster
+    num_processes: Annotated[int, NonNegative] = 0  # 0: env, else the cluster's; 1: no set-up
+    process_id: Annotated[int, Range(-1)] = -1      # -1: env, else the cluster's
+    init_timeout_s: Annotated[int, Positive] = 300  # how long processes wait for each other
     check_memory: bool = False      # before compiling: stop if p3o_jax.memory_plan's estimate
                                     # of a stage exceeds the per-device budget
-    hbm_gib: float = 0.0            # that budget in GiB; 0: the device's own limit (GPU/TPU)
+    hbm_gib: Annotated[float, NonNegative] = 0.0    # that budget in GiB; 0: the device's own
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "toy"
-    task: str = "toy"
-    algo: str = "p3o"
-    stages: str = "sft,rm,rl"
-    seed: int = 0
-    out_dir: str = "runs/toy"
-    eval_prompts: int = 512
-    log_every: int = 10
+    name: Annotated[str, Pattern(r"[\w.-]+", "a name of letters, digits, '.', '_', '-'")] = "toy"
+    task: Annotated[str, OneOf("toy", "tldr", "hh")] = "toy"
+    algo: Annotated[str, OneOf(*ALGORITHMS)] = "p3o"
+    stages: Annotated[str, SubsetOf(*STAGES)] = "sft,rm,rl"
+    seed: Annotated[int, NonNegative] = 0
+    out_dir: Annotated[str, WritableDir()] = "runs/toy"
+    eval_prompts: Annotated[int, Positive] = 512
+    log_every: Annotated[int, Positive] = 10
     policy: ModelConfig = ModelConfig()       # with base_model: only dtype, param_dtype used
     reward_model: ModelConfig | None = None   # None: same architecture as the policy
-    base_model: str = ""            # HF name or local folder SFT starts from; "" = from scratch
+    base_model: Annotated[str, ModelSource()] = ""  # HF name or local folder SFT starts from
     smoke: bool = False             # tiny offline run of a real-data experiment (smoke_config)
     mesh: MeshConfig = MeshConfig()
     toy: ToyTaskConfig = ToyTaskConfig()
@@ -167,6 +151,9 @@ class ExperimentConfig:
     sft: SFTConfig = SFTConfig()
     rm: RMConfig = RMConfig()
     rl: RLConfig = RLConfig()
+    p3o: P3OConfig = P3OConfig()
+    ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: bool = True             # continue each stage from its checkpoints; false: start over
     dist: DistConfig = DistConfig()
@@ -179,17 +166,34 @@ class ExperimentConfig:
     def stage_list(self) -> tuple[str, ...]:
         return tuple(s for s in self.stages.split(",") if s)
 
+    @property
+    def prompt_len(self) -> int:
+        return self.toy.prompt_len if self.task == "toy" else self.data.prompt_len
+
+    @property
+    def response_len(self) -> int:
+        return self.toy.response_len if self.task == "toy" else self.data.response_len
+
+    @property
+    def recompute_old(self) -> bool:
+        """Whether the RL loop recomputes pi_old's log-probs (`rl.recompute_logp_old`)."""
+        if self.rl.recompute_logp_old is None:
+            return self.policy.dtype != "float32"
+        return self.rl.recompute_logp_old
+
 
 # ---------------------------------------------------------------------------------------------
-# overrides
+# key=value
 
 def _parse(key: str, text: str, kind):
     origin = typing.get_origin(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
         if text.lower() == "none":
             return None
-        kind = args[0]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return tuple(_parse(key, t, item) for t in text.split(",") if t)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
@@ -230,82 +234,113 @@ def override(cfg, key: str, text: str, _prefix: str = ""):
         raise ConfigError(f"config key {full!r}: {e}") from None
 
 
+def key_values(argv: list[str]) -> list[tuple[str, str]]:
+    """`key=value` arguments as pairs (a leading `--` is allowed)."""
+    pairs = []
+    for a in argv:
+        key, sep, value = a.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"argument {a!r}: expected key=value")
+        pairs.append((key, value))
+    return pairs
+
+
+def tool_args(argv: list[str], tool):
+    """Split a command line between a tool's own settings (`tool`, a dataclass; its fields are
+    set from the matching keys) and the rest, returned as `key=value` strings for `from_args`."""
+    own = {f.name for f in dataclasses.fields(tool)}
+    rest = []
+    for key, value in key_values(argv):
+        if key.partition(".")[0] in own:
+            tool = override(tool, key, value)
+        else:
+            rest.append(f"{key}={value}")
+    check_fields(tool)
+    return tool, rest
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
 def need(ok, key: str, msg: str) -> None:
     """Raise `ConfigError` naming `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"config key {key!r}: {msg}")
 
 
-def validate(cfg: ExperimentConfig, n_devices: int) -> None:
-    """Checks that need no compile: enums, positive sizes, batch/mesh divisibility, and the
-    models' (`validate_models`; with `base_model`, once its config is read)."""
-    need(cfg.algo in ALGOS, "algo", f"{cfg.algo!r} is not one of {ALGOS}")
-    need(all(s in STAGES for s in cfg.stage_list), "stages", f"{cfg.stages!r}: stages are {STAGES}")
-    need(cfg.task in ("toy", "tldr", "hh"), "task", f"{cfg.task!r} is not toy, tldr or hh")
-    need(cfg.rl.clip in ("separate", "joint"), "rl.clip", f"{cfg.rl.clip!r}: separate or joint")
-    need(cfg.rl.delta_norm in ("none", "batch_std"), "rl.delta_norm", "none or batch_std")
-    need(cfg.rl.n_samples >= 2, "rl.n_samples", "needs at least 2 responses per prompt")
-    need(cfg.rl.eps > 0, "rl.eps", "must be > 0")
-    need(cfg.rl.ratio_bound > 1, "rl.ratio_bound", "must be > 1")
-    need(cfg.rl.temperature > 0, "rl.temperature", "must be > 0")
-    m = cfg.mesh
-    sizes = [m.data, m.fsdp, m.tensor]
-    need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh",
-         f"sizes must be positive with at most one -1, got {sizes}")
+def check_fields(cfg, prefix: str = "") -> None:
+    """Every field of the dataclass tree `cfg` against its `Annotated` checks."""
+    for name, checks in field_checks(type(cfg)).items():
+        value, key = getattr(cfg, name), prefix + name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, key + ".")
+        elif value is not None:
+            for check in checks:
+                for item in value if isinstance(value, tuple) else (value,):
+                    if problem := check.problem(item):
+                        raise ConfigError(f"config key {key!r}: {problem}")
+
+
+def mesh_sizes(mesh: MeshConfig, n_devices: int) -> MeshConfig:
+    """`mesh` with its -1 axis resolved over `n_devices`; ConfigError if it does not fit."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    need(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {sizes}")
     fixed = 1
     for s in sizes:
-        fixed *= s if s > 0 else 1
+        fixed *= max(s, 1)
     need(n_devices % fixed == 0 and (-1 in sizes or fixed == n_devices), "mesh",
          f"data*fsdp*tensor={fixed} does not fit {n_devices} devices")
-    batch_ways = m.data * (m.fsdp if m.fsdp > 0 else n_devices // fixed)
-    for key, b in (("sft.batch_size", cfg.sft.batch_size), ("rm.batch_size", cfg.rm.batch_size),
-                   ("rl.prompts_per_iter", cfg.rl.prompts_per_iter)):
-        need(b > 0 and b % batch_ways == 0, key, f"{b} is not divisible by data*fsdp={batch_ways}")
-    mb = cfg.rl.prompts_per_iter // max(cfg.rl.minibatches, 1)
-    need(cfg.rl.minibatches > 0 and cfg.rl.prompts_per_iter % cfg.rl.minibatches == 0,
-         "rl.minibatches", f"must divide rl.prompts_per_iter={cfg.rl.prompts_per_iter}")
-    need(mb % batch_ways == 0, "rl.minibatches",
-         f"minibatch of {mb} prompts is not divisible by data*fsdp={batch_ways}")
-    if not cfg.base_model:
-        validate_models(cfg)
-    c = cfg.checkpoint
-    need(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0: off)")
-    need(c.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0 (0: off)")
-    need(c.keep > 0, "checkpoint.keep", "must be > 0")
-    need(c.max_nonfinite > 0, "checkpoint.max_nonfinite", "must be > 0")
+    sizes = [n_devices // fixed if s == -1 else s for s in sizes]
+    return MeshConfig(*sizes)
+
+
+def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
+    """The config a run uses, derived once: the mesh over `n_devices`, the base model's
+    architecture (`base_model`'s config.json; `policy` keeps its say on dtype and param_dtype
+    only), and the checks across fields. Nothing is read but that config.json."""
+    check_fields(cfg)
+    cfg = dataclasses.replace(cfg, mesh=mesh_sizes(cfg.mesh, n_devices))
     if cfg.task == "toy":
         need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline")
-        return
-    d = cfg.data
-    need(d.prompt_len > 0, "data.prompt_len", "must be > 0")
-    need(d.response_len > 0, "data.response_len", "must be > 0")
-    need(d.on_bad_record in ON_BAD_RECORD, "data.on_bad_record", f"one of {ON_BAD_RECORD}")
-    need(d.tokenizer or cfg.base_model or cfg.smoke, "data.tokenizer",
-         "set it (an HF name or local folder) or base_model")
-    if cfg.task == "hh":
-        unknown = [s for s in d.hh_subset_list if s not in HH_SUBSETS]
-        need(d.hh_subset_list and not unknown, "data.hh_subsets",
-             f"{d.hh_subsets!r}: comma-separated subsets of {HH_SUBSETS}")
-
-
-def validate_models(cfg: ExperimentConfig) -> None:
-    """The checks that need the models' architecture: heads over `mesh.tensor`, and prompt +
-    response within the policy's positions."""
+    else:
+        need(cfg.data.tokenizer or cfg.base_model or cfg.smoke, "data.tokenizer",
+             "set it (an HF name or local folder) or base_model")
+    need(cfg.stage_list, "stages", "name at least one of sft, rm, rl")
+    m = cfg.mesh
+    batch_ways = m.data * m.fsdp
+    for key, b in (("sft.batch_size", cfg.sft.batch_size), ("rm.batch_size", cfg.rm.batch_size),
+                   ("rl.prompts_per_iter", cfg.rl.prompts_per_iter)):
+        need(b % batch_ways == 0, key, f"{b} is not divisible by data*fsdp={batch_ways}")
+    rl = cfg.rl
+    need(rl.prompts_per_iter % rl.minibatches == 0, "rl.minibatches",
+         f"must divide rl.prompts_per_iter={rl.prompts_per_iter}")
+    mb = rl.prompts_per_iter // rl.minibatches
+    need(mb % batch_ways == 0, "rl.minibatches",
+         f"minibatch of {mb} prompts is not divisible by data*fsdp={batch_ways}")
+    if cfg.base_model:
+        try:   # reads config.json (a local folder, or the hub into its cache)
+            policy = hf.config_from_hf(hf.resolve(cfg.base_model), dtype=cfg.policy.dtype,
+                                       param_dtype=cfg.policy.param_dtype)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config key 'base_model': {e}") from None
+        cfg = dataclasses.replace(cfg, policy=policy)
     for name, model in (("policy", cfg.policy), ("reward_model", cfg.rm_model)):
-        need(model.n_heads % cfg.mesh.tensor == 0, f"{name}.n_heads",
-             f"{model.n_heads} is not divisible by mesh.tensor={cfg.mesh.tensor}")
-    if cfg.task != "toy":
-        length = cfg.data.prompt_len + cfg.data.response_len
-        need(length <= cfg.policy.max_len, "data.response_len",
-             f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
+        need(model.n_heads % m.tensor == 0, f"{name}.n_heads",
+             f"{model.n_heads} is not divisible by mesh.tensor={m.tensor}")
+    length = cfg.prompt_len + cfg.response_len
+    need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
+         f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
+    return cfg
 
+
+# ---------------------------------------------------------------------------------------------
+# building a config
 
 def load_experiment(name_or_path: str) -> ExperimentConfig:
     """`toy` -> experiments/toy.py; or a path to any .py file with `config()`."""
     path = name_or_path
     if not path.endswith(".py"):
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        path = os.path.join(root, "experiments", f"{name_or_path}.py")
+        path = os.path.join(ROOT, "experiments", f"{name_or_path}.py")
     if not os.path.exists(path):
         raise ConfigError(f"config key 'exp': no experiment file {path}")
     spec = importlib.util.spec_from_file_location(f"experiment_{os.path.basename(path)[:-3]}", path)
@@ -335,15 +370,13 @@ def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
     )
 
 
-def from_args(args: list[str]) -> ExperimentConfig:
-    """Build the config from `exp=NAME key=value ...` (with `smoke=true`: on `smoke_config`)."""
-    pairs = []
-    for a in args:
-        key, sep, value = a.lstrip("-").partition("=")
-        if not sep:
-            raise ConfigError(f"argument {a!r}: expected key=value")
-        pairs.append((key, value))
-    exp = next((v for k, v in pairs if k == "exp"), "toy")
+def from_args(argv: list[str]) -> ExperimentConfig:
+    """The config of `exp=NAME key=value ...` (with `smoke=true`: on `smoke_config`), every
+    field checked. `exp` may be given once."""
+    pairs = key_values(argv)
+    exps = [v for k, v in pairs if k == "exp"]
+    need(len(exps) <= 1, "exp", f"given {len(exps)} times ({', '.join(exps)}); give it once")
+    exp = exps[0] if exps else "toy"
 
     def build(base: ExperimentConfig) -> ExperimentConfig:
         for key, value in pairs:
@@ -351,4 +384,7 @@ def from_args(args: list[str]) -> ExperimentConfig:
                 base = override(base, key, value)
         return base
     cfg = build(load_experiment(exp))
-    return build(smoke_config(load_experiment(exp))) if cfg.smoke else cfg
+    if cfg.smoke:
+        cfg = build(smoke_config(load_experiment(exp)))
+    check_fields(cfg)
+    return cfg

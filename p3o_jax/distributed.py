@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from p3o_jax.config import ConfigError, DistConfig
+from p3o_jax.checks import ConfigError
 from p3o_jax.sharding import batch_sharding
 
 # The environment variables an explicit set-up may come from, by DistConfig field.
@@ -57,8 +57,9 @@ def managed_cluster() -> str | None:
     return None
 
 
-def initialize(cfg: DistConfig) -> None:
-    """Join the other processes of the run (`jax.distributed.initialize`), if there are any.
+def initialize(cfg) -> None:
+    """Join the other processes of the run (`jax.distributed.initialize`), if there are any;
+    `cfg` is the run's `config.DistConfig`.
 
     Must run before anything touches a device; a no-op when already initialised. Each of
     `dist.coordinator`, `dist.num_processes`, `dist.process_id` left unset is read from its

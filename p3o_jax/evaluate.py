@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from p3o_jax import losses
 from p3o_jax import model as M
+from p3o_jax import ops
 from p3o_jax.distributed import to_host
 from p3o_jax.rollout import score
 from p3o_jax.sampler import SamplingConfig, sample_pairs
@@ -57,9 +57,9 @@ def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
     samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
                 scfg.temperature, recompute_old=True)
-    m = buf["resp_mask"]
-    kl_k3 = losses.kl_per_sequence(buf["logp_old"], buf["logp_ref"], m, "k3")
-    return {"rm": buf["rewards"], "kl_k1": buf["seq_kl"], "kl_k3": kl_k3, "length": m.sum(-1),
+    m = buf.resp_mask
+    kl_k3 = ops.kl_per_sequence(buf.logp_old, buf.logp_ref, m, "k3")
+    return {"rm": buf.rewards, "kl_k1": buf.seq_kl, "kl_k3": kl_k3, "length": m.sum(-1),
             "tokens": samples.tokens, "mask": samples.mask}
 
 

@@ -20,11 +20,11 @@ class MetricsLogger:
             os.makedirs(directory, exist_ok=True)
             self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
 
-    def rewind(self, stage: str, step: int) -> None:
+    def rewind(self, stage: str, step: int, eval_stage: str | None = None) -> None:
         """A stage resumed at `step`: drop its rows from `step` on (steps a killed run logged
-        after its last checkpoint, about to be run again), the "eval" rows it logged after
-        `step` (all of them when it restarts from 0) and a torn last line, so that every step
-        appears once. The file is replaced atomically."""
+        after its last checkpoint, about to be run again), the `eval_stage` rows it logged
+        after `step` (all of them when it restarts from 0) and a torn last line, so that every
+        step appears once. The file is replaced atomically."""
         if not self.enabled:
             return
         path = os.path.join(self.directory, "metrics.jsonl")
@@ -38,8 +38,7 @@ class MetricsLogger:
             except json.JSONDecodeError:   # a torn line that a later run appended to
                 return False
             return not ((r["stage"] == stage and r["step"] >= step)
-                        or (stage == "rl" and r["stage"] == "eval"
-                            and (r["step"] > step or step == 0)))
+                        or (r["stage"] == eval_stage and (r["step"] > step or step == 0)))
         keep = [line for line in lines if keep(line)]
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)

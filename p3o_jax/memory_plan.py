@@ -1,8 +1,5 @@
-"""Memory plans: bytes per device of each stage of a run, before anything is compiled.
-
-    python -m p3o_jax.memory_plan                                  # presets x TPU slices
-    python -m p3o_jax.memory_plan --model pythia-6.9b --slice v5e-16 mesh.tensor=2
-    python -m p3o_jax.memory_plan exp=tldr --slice v4-8 rl.minibatches=8 [key=value ...]
+"""Memory plans: bytes per device of each stage of a run, before anything is compiled
+(the command: p3o_jax/cli/memory_plan.py).
 
 `make_plan(cfg, n_devices)` lays the run's mesh (`cfg.mesh`, -1 resolved) out as a
 `jax.sharding.AbstractMesh`, so no device is needed, and for each stage adds up what one
@@ -15,7 +12,8 @@ device holds:
 - `frozen`: models held but not trained, exact likewise: the SFT policy during RM; the
   reference (the SFT policy) and the reward model during RL; all three at the evaluation.
 - `kv_cache`: sampling. Exact shard shapes of `model.init_cache`'s [rows, P + N, kv heads,
-  head dim] per layer (k and v, compute dtype), rows over `data` x `fsdp`, kv heads over
+  head dim] per layer (k and v, compute dtype; `model.KV_CACHE_AXES`), rows over `data` x
+  `fsdp`, kv heads over
   `tensor`: the prompts' cache plus the one repeated per response (`sampler.sample_pairs`).
 - `scoring`: forward passes without gradients (rollout scoring, RM validation, evaluation):
   one layer's activations plus the logits, see below.
@@ -53,11 +51,9 @@ on that topology's mesh checks these numbers.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
-import sys
 
 import flax.linen as nn
 import jax
@@ -65,40 +61,12 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType
 
 from p3o_jax import model as M
-from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, OptimConfig, from_args
+from p3o_jax.algos import ALGORITHMS
+from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, mesh_sizes
 from p3o_jax.sharding import MESH_AXES, logical_shardings
-from p3o_jax.train_state import TrainState, make_optimizer
+from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
 
 GIB = 2 ** 30
-# model.init_cache's layout [rows, S, kv heads, head dim], as Attention constrains k and v.
-CACHE_AXES = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")
-
-# Architectures of the hub checkpoints (their config.json), for plans without a download.
-MODELS = {
-    "pythia-410m": M.ModelConfig(family="gpt_neox", vocab_size=50304, d_model=1024,
-                                 n_layers=24, n_heads=16, d_ff=4096, max_len=2048,
-                                 rotary_pct=0.25),
-    "pythia-1b": M.ModelConfig(family="gpt_neox", vocab_size=50304, d_model=2048, n_layers=16,
-                               n_heads=8, d_ff=8192, max_len=2048, rotary_pct=0.25),
-    "pythia-2.8b": M.ModelConfig(family="gpt_neox", vocab_size=50304, d_model=2560,
-                                 n_layers=32, n_heads=32, d_ff=10240, max_len=2048,
-                                 rotary_pct=0.25),
-    "pythia-6.9b": M.ModelConfig(family="gpt_neox", vocab_size=50432, d_model=4096,
-                                 n_layers=32, n_heads=32, d_ff=16384, max_len=2048,
-                                 rotary_pct=0.25),
-    "llama-7b": M.ModelConfig(family="llama", vocab_size=32000, d_model=4096, n_layers=32,
-                              n_heads=32, d_ff=11008, max_len=4096),
-}
-
-# name: (chips, HBM GiB per chip, hosts). TPU names count TensorCores for v4/v5p (2 per chip)
-# and chips for v5e.
-SLICES = {
-    "v4-8": (4, 32, 1), "v4-16": (8, 32, 2), "v4-32": (16, 32, 4), "v4-64": (32, 32, 8),
-    "v5e-4": (4, 16, 1), "v5e-8": (8, 16, 1), "v5e-16": (16, 16, 4), "v5e-32": (32, 16, 8),
-    "v5p-8": (4, 95, 1), "v5p-16": (8, 95, 2),
-    "a100-80gb-x8": (8, 80, 1), "h100-x8": (8, 80, 1), "h100-x16": (16, 80, 2),
-}
-
 
 class MemoryPlanError(ConfigError):
     """A configuration whose estimated memory exceeds the per-device budget."""
@@ -160,10 +128,8 @@ class Plan:
 
 def abstract_mesh(mesh_cfg, n_devices: int) -> AbstractMesh:
     """The (data, fsdp, tensor) mesh of `mesh_cfg` over `n_devices`, without devices."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = n_devices // math.prod(s for s in sizes if s != -1)
-    return AbstractMesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    m = mesh_sizes(mesh_cfg, n_devices)
+    return AbstractMesh((m.data, m.fsdp, m.tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def shard_bytes(shapes, shardings) -> int:
@@ -209,9 +175,10 @@ def _state_layout(model_cfgs: tuple[M.ModelConfig, ...], optim: OptimConfig):
 
 
 def kv_cache_bytes(cfg: M.ModelConfig, rows: int, length: int, mesh) -> int:
-    """Bytes per device of `model.init_cache(cfg, rows, length)` sharded by `CACHE_AXES`."""
-    shape = jax.ShapeDtypeStruct((rows, length, cfg.n_kv_heads, cfg.head_dim), cfg.compute_dtype)
-    sharding = logical_shardings(jax.sharding.PartitionSpec(*CACHE_AXES), mesh, shape)
+    """Bytes per device of `model.init_cache(cfg, rows, length)`, sharded as the sampler
+    constrains it (`model.KV_CACHE_AXES`)."""
+    shape = jax.eval_shape(lambda: M.init_cache(cfg, rows, length)[0]["k"])
+    sharding = logical_shardings(jax.sharding.PartitionSpec(*M.KV_CACHE_AXES), mesh, shape)
     return 2 * cfg.n_layers * shard_bytes(shape, sharding)
 
 
@@ -253,12 +220,12 @@ def _trained(model_cfgs: tuple, optim: OptimConfig, mesh) -> dict:
 
 def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", "eval")) -> Plan:
     """Per-device memory of `stages` of the run `cfg` on `n_devices` devices (the policy's
-    architecture must be concrete: resolve `base_model` first, as `train.with_base_model`)."""
+    architecture must be concrete: resolve `base_model` first, `config.resolve`)."""
     mesh = abstract_mesh(cfg.mesh, n_devices)
     pol, rmc, rl = cfg.policy, cfg.rm_model, cfg.rl
-    P, N = ((cfg.toy.prompt_len, cfg.toy.response_len) if cfg.task == "toy"
-            else (cfg.data.prompt_len, cfg.data.response_len))
-    L = P + N
+    algo = ALGORITHMS[cfg.algo]
+    N = cfg.response_len
+    L = cfg.prompt_len + N
     sft_p, rm_p = params_bytes(pol, mesh), params_bytes(rmc, mesh)
     cache = lambda prompts, k: (kv_cache_bytes(pol, prompts * k, L, mesh)
                                 + kv_cache_bytes(pol, prompts, L, mesh))
@@ -275,15 +242,15 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
             scoring=scoring(rmc, 2 * cfg.rm.batch_size, 0),  # the held-out pairs
             **_step(rmc, 2 * cfg.rm.batch_size, L, 0, mesh))
     if "rl" in stages:
-        trained = (pol, rmc) if cfg.algo == "ppo" else (pol,)
-        if cfg.algo == "dpo_offline":  # reference log-probs, then DPO on the stored pairs
+        trained = (pol, rmc) if algo.critic else (pol,)
+        if algo.offline:  # reference log-probs, then DPO on the stored pairs
             seqs, kv = 2 * rl.prompts_per_iter, 0
             step = _step(pol, seqs // rl.minibatches, L, N, mesh)
         else:
             seqs, kv = rl.prompts_per_iter * rl.n_samples, cache(rl.prompts_per_iter,
                                                                  rl.n_samples)
             step = _step(pol, seqs // rl.minibatches, L, N, mesh)
-            if cfg.algo == "ppo":  # the critic's forward and backward too
+            if algo.critic:  # the critic's forward and backward too
                 critic = _step(rmc, seqs // rl.minibatches, L, 0, mesh)
                 step = {k: v + critic[k] for k, v in step.items()}
         plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh), frozen=sft_p + rm_p,
@@ -305,8 +272,6 @@ def check_config(cfg: ExperimentConfig, n_devices: int, hbm_bytes: int) -> Plan:
 
 def device_budget(dist: DistConfig) -> int:
     """Bytes per device a run may use: `dist.hbm_gib`, else the device's own limit."""
-    if dist.hbm_gib < 0:
-        raise ConfigError(f"config key 'dist.hbm_gib': must be >= 0, got {dist.hbm_gib}")
     if dist.hbm_gib:
         return int(dist.hbm_gib * GIB)
     stats = jax.devices()[0].memory_stats() or {}
@@ -314,84 +279,3 @@ def device_budget(dist: DistConfig) -> int:
         raise ConfigError("config key 'dist.hbm_gib': this device reports no memory limit; "
                           "give the per-device budget in GiB")
     return stats["bytes_limit"]
-
-
-def with_preset(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
-    """`cfg` with the policy (and reward model) of preset `name`, its dtypes kept."""
-    policy = dataclasses.replace(MODELS[name], dtype=cfg.policy.dtype,
-                                 param_dtype=cfg.policy.param_dtype)
-    return dataclasses.replace(cfg, policy=policy, reward_model=None, base_model="")
-
-
-def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b", "llama-7b"),
-             slices=("v4-8", "v4-32", "v5e-8", "v5e-16")) -> str:
-    """A markdown table: `exp`'s settings with each preset on each slice, FSDP over all chips
-    or over half of them x tensor parallelism 2. The RL stage's components, then the peak
-    of the worst stage of the run and whether it fits the chips' HBM."""
-    base = from_args([f"exp={exp}"])
-    gib = lambda b: f"{b / GIB:.1f}"
-    lines = ["| model | slice (chips x GiB) | fsdp x tensor | params | opt state | ref + RM | "
-             "KV cache | P3O act. | act. remat | RL peak | worst stage: peak / remat | fits |",
-             "|---" * 12 + "|"]
-    for name in models:
-        cfg = with_preset(base, name)
-        for slice_name in slices:
-            chips, hbm, _ = SLICES[slice_name]
-            for t in (1, 2):
-                mesh = dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=t)
-                plan = make_plan(dataclasses.replace(cfg, mesh=mesh), chips)
-                rl = next(s for s in plan.stages if s.stage == "rl")
-                worst = max(plan.stages, key=StagePlan.peak)
-                fits = ("yes" if plan.peak() <= hbm * GIB else
-                        "with remat" if plan.peak(remat=True) <= hbm * GIB else "no")
-                lines.append(
-                    f"| {name} | {slice_name} ({chips} x {hbm}) | {chips // t} x {t} | "
-                    f"{gib(rl.params)} | {gib(rl.opt_state)} | {gib(rl.frozen)} | "
-                    f"{gib(rl.kv_cache)} | {gib(rl.activations)} | {gib(rl.activations_remat)} | "
-                    f"{gib(rl.peak())} | {worst.stage}: {gib(plan.peak())} / "
-                    f"{gib(plan.peak(remat=True))} | {fits} |")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m p3o_jax.memory_plan", description=__doc__.split("\n\n")[0],
-        epilog="Without arguments: the overview table (EXP=tldr's batches).")
-    parser.add_argument("overrides", nargs="*",
-                        help="exp=NAME (default tldr) and key=value, as for train")
-    parser.add_argument("--model", choices=MODELS, help="a preset architecture")
-    parser.add_argument("--slice", choices=SLICES, help="devices and HBM per device")
-    parser.add_argument("--devices", type=int, help="number of devices (instead of --slice)")
-    parser.add_argument("--hbm-gib", type=float, help="GiB per device (instead of --slice)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not (args.overrides or args.model or args.slice or args.devices):
-        print(overview())
-        return 0
-    try:
-        exp = [] if any(a.startswith("exp=") for a in args.overrides) else ["exp=tldr"]
-        cfg = from_args(exp + args.overrides)
-        if args.model:
-            cfg = with_preset(cfg, args.model)
-        elif cfg.base_model:
-            from p3o_jax.train import with_base_model  # reads the checkpoint's config.json
-            cfg = with_base_model(cfg)
-        chips, hbm, hosts = SLICES[args.slice] if args.slice else (args.devices or 1, 0, 1)
-        hbm = args.hbm_gib or hbm
-        plan = make_plan(cfg, chips)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    where = f"{args.slice} ({hosts} hosts)" if args.slice else f"{chips} devices"
-    print(f"{where}, mesh {plan.mesh}; GiB per device:\n{plan.table()}")
-    if hbm:
-        try:
-            plan.check(int(hbm * GIB))
-        except MemoryPlanError as e:
-            print(f"does not fit: {e}", file=sys.stderr)
-            return 1
-        print(f"fits in {hbm} GiB per device (peak {plan.peak() / GIB:.2f} GiB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Annotated
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from p3o_jax.losses import last_token_index
+from p3o_jax.checks import OneOf, Positive, Probability, field_checks
+from p3o_jax.ops import last_token_index
 from p3o_jax.sharding import constrain
 
 FAMILIES = ("gpt2", "gpt_neox", "llama")
+KV_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")  # [B, K, S, E]
+DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -42,30 +47,33 @@ ACTIVATIONS = {
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters; `family` picks the defaults of the table above."""
-    family: str = "gpt2"
-    vocab_size: int = 256
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int | None = None       # None: = n_heads (no GQA)
-    head_dim: int | None = None         # None: d_model // n_heads
-    d_ff: int | None = None             # None: 4 * d_model
-    max_len: int = 1024                 # learned position table size (gpt2)
-    norm_eps: float = 1e-5
-    activation: str | None = None       # None: family default
-    rotary_pct: float = 1.0             # fraction of head_dim that is rotated (gpt_neox: 0.25)
-    rope_theta: float = 10000.0
+    family: Annotated[str, OneOf(*FAMILIES)] = "gpt2"
+    vocab_size: Annotated[int, Positive] = 256
+    d_model: Annotated[int, Positive] = 64
+    n_layers: Annotated[int, Positive] = 2
+    n_heads: Annotated[int, Positive] = 4
+    n_kv_heads: Annotated[int | None, Positive] = None   # None: = n_heads (no GQA)
+    head_dim: Annotated[int | None, Positive] = None     # None: d_model // n_heads
+    d_ff: Annotated[int | None, Positive] = None         # None: 4 * d_model
+    max_len: Annotated[int, Positive] = 1024             # learned position table size (gpt2)
+    norm_eps: Annotated[float, Positive] = 1e-5
+    activation: Annotated[str | None, OneOf(*ACTIVATIONS)] = None   # None: family default
+    rotary_pct: Annotated[float, Probability] = 1.0      # fraction of head_dim rotated
+    rope_theta: Annotated[float, Positive] = 10000.0
     parallel_residual: bool | None = None
     tie_embeddings: bool | None = None
     qkv_bias: bool | None = None
     out_bias: bool | None = None
     mlp_bias: bool | None = None
-    dtype: str = "float32"              # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"
+    dtype: Annotated[str, OneOf(*DTYPES)] = "float32"    # compute dtype
+    param_dtype: Annotated[str, OneOf(*DTYPES)] = "float32"
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"model.family: unknown family {self.family!r}; expected one of {FAMILIES}")
+        for key, checks in field_checks(ModelConfig).items():    # before anything is derived
+            value = getattr(self, key)
+            for check in checks if value is not None else ():
+                if problem := check.problem(value):
+                    raise ValueError(f"model.{key}: {problem}")
         derived = {k: v for k, v in self.derived_defaults().items() if getattr(self, k) is None}
         for k, v in derived.items():
             object.__setattr__(self, k, v)
@@ -74,11 +82,6 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_kv_heads={self.n_kv_heads}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation: unknown {self.activation!r}; expected one of "
-                             f"{sorted(ACTIVATIONS)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype: unsupported {self.dtype!r}")
 
     def derived_defaults(self) -> dict:
         """The values the `None` fields take, from `family`, `d_model` and `n_heads`."""
@@ -185,8 +188,7 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 2)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 2)
             cache = {"k": k, "v": v}
-        kv_axes = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")
-        k, v = constrain(k, kv_axes), constrain(v, kv_axes)
+        k, v = constrain(k, KV_CACHE_AXES), constrain(v, KV_CACHE_AXES)
         S = k.shape[2]
 
         q = q.reshape(q.shape[0], T, K, H // K, E)

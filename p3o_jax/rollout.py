@@ -12,7 +12,8 @@ top-k/top-p truncation (`SampleOutput.raw_logprobs`): the same numbers the train
 gives at theta_old, up to the rounding of the cached decode, so recomputing them is optional
 (`recompute_old=True`; worth it with bfloat16 compute, where the two paths round apart).
 
-Buffer layout (B prompts, K responses each, P prompt length, N response length, L = P + N):
+Buffer layout (`Rollout`; B prompts, K responses each, P prompt length, N response length,
+L = P + N):
 
     tokens, mask        int32   [B, K, L]   left-padded prompt | right-padded response
     resp_mask           int32   [B, K, N]   1 on generated tokens (EOS included)
@@ -23,10 +24,11 @@ Buffer layout (B prompts, K responses each, P prompt length, N response length, 
 """
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import losses
+from p3o_jax import ops
 from p3o_jax import model as M
 from p3o_jax.sampler import concat_prompt_response
 
@@ -68,9 +70,9 @@ def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
     """
     hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len)[:, :, :-1]
     logits = M.lm_logits(params, cfg, flat(hidden)).reshape(*hidden.shape[:3], -1)
-    logp = losses.token_logprobs(logits, tokens[..., prompt_len:], temperature)
+    logp = ops.token_logprobs(logits, tokens[..., prompt_len:], temperature)
     if with_entropy:
-        return logp, losses.entropy_from_logits(logits, temperature)
+        return logp, ops.entropy_from_logits(logits, temperature)
     return logp
 
 
@@ -89,41 +91,66 @@ def response_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
                                                           prompt_len)[:, :, :-1])
 
 
-def logprob_buffer(policy, ref, cfg: M.ModelConfig, prompts, prompt_mask, samples,
-                   temperature: float, recompute_old: bool = False) -> dict:
-    """The buffer without rewards, from `sample_pairs` output [B, K, N]: reference log-probs
-    (and the policy's, if `recompute_old`), sequence KL."""
+def policy_logprobs(params, cfg: M.ModelConfig, batch: "Rollout", temperature: float):
+    """[B, K, N] log-probs of the batch's responses under `params` (0 on pads), each prompt run
+    once: what every RL loss differentiates."""
+    logp = response_logprobs(params, cfg, batch.tokens, batch.mask, batch.prompt_len,
+                             temperature)
+    return logp * batch.resp_mask
+
+
+@flax.struct.dataclass
+class Rollout:
+    """The rollout buffer (module docstring): what sampling and scoring produce and an
+    algorithm's `prepare` completes. Fields an algorithm does not use stay None."""
+    tokens: jax.Array                       # int32 [B, K, L]
+    mask: jax.Array                         # int32 [B, K, L]
+    resp_mask: jax.Array                    # int32 [B, K, N]
+    logp_ref: jax.Array                     # float32 [B, K, N]
+    rewards: jax.Array                      # float32 [B, K]
+    logp_old: jax.Array | None = None       # float32 [B, K, N]   (None: offline data)
+    seq_kl: jax.Array | None = None         # float32 [B, K]
+    entropy: jax.Array | None = None        # float32 [B, K, N]   (dropped before the update)
+    advantages: jax.Array | None = None     # the algorithm's: P3O's Delta [B, pairs], PPO's
+                                            # GAE [B, K, N]
+    values_old: jax.Array | None = None     # PPO: the critic's values at rollout [B, K, N]
+    returns: jax.Array | None = None        # PPO: GAE returns [B, K, N]
+
+    @property
+    def prompt_len(self) -> int:
+        """P of the [P | N] sequences (static: shapes are known at trace time)."""
+        return self.tokens.shape[-1] - self.resp_mask.shape[-1]
+
+
+def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
+          prompts, prompt_mask, samples, temperature: float,
+          recompute_old: bool = False) -> Rollout:
+    """The buffer from prompts [B, P] and `sample_pairs` output [B, K, N]: reference log-probs
+    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward model's scores."""
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
     resp_mask = samples.mask.astype(jnp.int32)
     if recompute_old:
-        logp_old, entropy = response_logprobs(policy, cfg, tokens, mask, P, temperature, True)
+        logp_old, entropy = response_logprobs(policy, policy_cfg, tokens, mask, P, temperature,
+                                              True)
     else:
         logp_old, entropy = samples.raw_logprobs, samples.entropy
-    logp_ref = response_logprobs(ref, cfg, tokens, mask, P, temperature)
+    logp_ref = response_logprobs(ref, policy_cfg, tokens, mask, P, temperature)
     logp_old, logp_ref, entropy = (x * resp_mask for x in (logp_old, logp_ref, entropy))
-    return dict(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
-                logp_ref=logp_ref, entropy=entropy,
-                seq_kl=losses.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"))
+    return Rollout(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
+                   logp_ref=logp_ref, entropy=entropy,
+                   seq_kl=ops.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"),
+                   rewards=response_reward(reward_model, rm_cfg, tokens, mask, P))
 
 
-def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
-          prompts, prompt_mask, samples, temperature: float, recompute_old: bool = False) -> dict:
-    """The buffer (see module docstring) from `sample_pairs` output [B, K, N]."""
-    buf = logprob_buffer(policy, ref, policy_cfg, prompts, prompt_mask, samples, temperature,
-                         recompute_old)
-    return dict(buf, rewards=response_reward(reward_model, rm_cfg, buf["tokens"], buf["mask"],
-                                             prompts.shape[-1]))
-
-
-def rollout_metrics(buffer: dict) -> dict:
+def rollout_metrics(buffer: Rollout) -> dict:
     """Scalars every RL algorithm logs per iteration."""
-    m = buffer["resp_mask"]
-    kl3 = losses.kl_per_sequence(buffer["logp_old"], buffer["logp_ref"], m, "k3")
+    m = buffer.resp_mask
+    kl3 = ops.kl_per_sequence(buffer.logp_old, buffer.logp_ref, m, "k3")
     return {
-        "rm_reward": jnp.mean(buffer["rewards"]),
-        "kl_k1": jnp.mean(buffer["seq_kl"]),
+        "rm_reward": jnp.mean(buffer.rewards),
+        "kl_k1": jnp.mean(buffer.seq_kl),
         "kl_k3": jnp.mean(kl3),
-        "entropy": losses.masked_mean(buffer["entropy"], m),
+        "entropy": ops.masked_mean(buffer.entropy, m),
         "response_length": jnp.mean(jnp.sum(m, -1)),
     }

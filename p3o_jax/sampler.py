@@ -26,10 +26,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from p3o_jax.model import ModelConfig, forward, init_cache, lm_logits, positions_from_mask
+from p3o_jax.model import (KV_CACHE_AXES, ModelConfig, forward, init_cache, lm_logits,
+                           positions_from_mask)
 from p3o_jax.sharding import constrain
-
-KV_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +103,7 @@ def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int)
         raise ValueError(f"sampler: prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
                          f"the position table (model.max_len={cfg.max_len})")
     prompt_mask = prompt_mask.astype(jnp.int32)
-    cache = jax.tree.map(lambda c: constrain(c, KV_AXES), init_cache(cfg, B, S))
+    cache = jax.tree.map(lambda c: constrain(c, KV_CACHE_AXES), init_cache(cfg, B, S))
     key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
     hidden, cache = forward(params, cfg, prompts, key_mask, cache, 0,
                             positions=positions_from_mask(prompt_mask))
@@ -296,7 +295,7 @@ def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens)
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = state._replace(
-        cache=jax.tree.map(lambda c: constrain(repeat(c), KV_AXES), state.cache),
+        cache=jax.tree.map(lambda c: constrain(repeat(c), KV_CACHE_AXES), state.cache),
         key_mask=repeat(state.key_mask), positions=repeat(state.positions),
         logits=repeat(state.logits))
     if max_lengths is not None:

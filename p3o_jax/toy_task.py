@@ -48,10 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Annotated
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from p3o_jax.checks import NonNegative, Positive, Probability
 
 PAD, EOS, BOS = "<pad>", "<eos>", "<bos>"
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -72,22 +75,22 @@ absent from the post; insert a repeat of a named keyword; append 2-4 filler word
 class ToyTaskConfig:
     """Every knob of the toy task. Defaults give a 132-word vocabulary."""
 
-    seed: int = 0
-    n_topics: int = 8
-    keywords_per_topic: int = 8
-    n_filler: int = 64
-    post_len_min: int = 10
-    post_len_max: int = 20
-    keywords_per_post_min: int = 2
-    keywords_per_post_max: int = 3
-    demo_noise: float = 0.5  # fraction of SFT demos that carry mistakes
-    max_mistakes: int = 2  # a noisy demo carries 1..max_mistakes distinct mistakes
-    prompt_len: int = 24  # >= post_len_max + 2 (<bos> and tldr)
-    response_len: int = 10
-    kw_reward: float = 1.0
-    foreign_penalty: float = 1.0
-    eos_bonus: float = 1.0
-    length_penalty: float = 0.5
+    seed: Annotated[int, NonNegative] = 0
+    n_topics: Annotated[int, Positive] = 8
+    keywords_per_topic: Annotated[int, Positive] = 8
+    n_filler: Annotated[int, Positive] = 64
+    post_len_min: Annotated[int, Positive] = 10
+    post_len_max: Annotated[int, Positive] = 20
+    keywords_per_post_min: Annotated[int, Positive] = 2
+    keywords_per_post_max: Annotated[int, Positive] = 3
+    demo_noise: Annotated[float, Probability] = 0.5   # fraction of SFT demos with mistakes
+    max_mistakes: Annotated[int, Positive] = 2  # a noisy demo carries 1..max_mistakes mistakes
+    prompt_len: Annotated[int, Positive] = 24   # >= post_len_max + 2 (<bos> and tldr)
+    response_len: Annotated[int, Positive] = 10
+    kw_reward: Annotated[float, NonNegative] = 1.0
+    foreign_penalty: Annotated[float, NonNegative] = 1.0
+    eos_bonus: Annotated[float, NonNegative] = 1.0
+    length_penalty: Annotated[float, NonNegative] = 0.5
 
     def __post_init__(self):
         if not 1 <= self.keywords_per_post_min <= self.keywords_per_post_max:

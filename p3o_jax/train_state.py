@@ -1,13 +1,14 @@
-"""Train state, optimizer and the one way every step is compiled: `jax.jit` with explicit
-in/out shardings and the state donated.
+"""Train state, optimizer, the update scan, and the one way every step is compiled: `jax.jit`
+with explicit in/out shardings and the state donated.
 
-A train step is a pure function `(state, batch) -> (state, metrics)`; `state` is any pytree of
-`TrainState`s (PPO carries a policy and a critic), `batch` a dict of arrays whose first axis is
-the (global) batch.
+A train step is a pure function `(state, batch) -> (state, metrics)`; `state` is a
+`TrainState` whose params are one model or a dict of them (RL: `{"policy"}`, PPO adds
+`{"critic"}`), `batch` a pytree of arrays whose first axis is the (global) batch.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Annotated, Any
 
 import flax
 import flax.linen as nn
@@ -16,8 +17,20 @@ import jax.numpy as jnp
 import optax
 
 from p3o_jax import model as M
-from p3o_jax.config import OptimConfig
+from p3o_jax.checks import NonNegative, OneOf, Positive, Range
 from p3o_jax.sharding import batch_sharding, logical_shardings, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: Annotated[float, Positive] = 1e-3
+    warmup_steps: Annotated[int, NonNegative] = 10
+    decay: Annotated[str, OneOf("constant", "cosine", "linear")] = "constant"
+    weight_decay: Annotated[float, NonNegative] = 0.0
+    b1: Annotated[float, Range(0, 1, hi_open=True)] = 0.9
+    b2: Annotated[float, Range(0, 1, hi_open=True)] = 0.95
+    grad_clip: Annotated[float, NonNegative] = 1.0    # global norm; 0: off
+    grad_accum: Annotated[int, Positive] = 1           # micro-steps per update (optax.MultiSteps)
 
 
 @flax.struct.dataclass
@@ -53,6 +66,36 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
     )
     return optax.MultiSteps(tx, cfg.grad_accum) if cfg.grad_accum > 1 else tx
+
+
+def gradient_step(minibatch_loss):
+    """step(state, batch) -> (state, metrics): one optimizer step on
+    `minibatch_loss(params, batch) -> (loss, metrics)`."""
+    def step(state, batch):
+        (loss, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(
+            state.params, batch)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+        return state.apply_gradients(grads), metrics
+    return step
+
+
+def make_update(minibatch_loss, epochs: int, minibatches: int, seed: int = 0):
+    """update(state, buffer) -> (state, metrics): E epochs x M shuffled minibatches, one scan.
+
+    Shuffles are drawn from `fold_in(seed, state.step)`, so the update is a pure function of
+    (state, buffer) and a resumed run repeats it exactly. Metrics are averaged over the steps.
+    """
+    step = gradient_step(minibatch_loss)
+
+    def update(state, buffer):
+        B = jax.tree.leaves(buffer)[0].shape[0]
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        perms = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, epochs)])
+        perms = perms.reshape(epochs * minibatches, B // minibatches)
+        state, metrics = jax.lax.scan(
+            lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], buffer)), state, perms)
+        return state, jax.tree.map(jnp.mean, metrics)
+    return update
 
 
 def _boxed_params(model_cfgs):

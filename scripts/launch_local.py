@@ -2,7 +2,7 @@
 """Run one command as N cooperating JAX processes on this machine (what the tests use).
 
     python scripts/launch_local.py -n 2 --devices-per-process 2 -- \\
-        python -m p3o_jax.train exp=toy mesh.fsdp=2 mesh.tensor=2
+        python -m p3o_jax.cli.train exp=toy mesh.fsdp=2 mesh.tensor=2
 
 Each process gets `JAX_COORDINATOR_ADDRESS` (127.0.0.1 and a free port), `JAX_NUM_PROCESSES`
 and `JAX_PROCESS_ID`, which `p3o_jax.distributed.initialize` reads, and its own devices: by

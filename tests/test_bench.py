@@ -7,42 +7,50 @@ import json
 import jax
 import pytest
 
-from p3o_jax import bench, rollout
+from p3o_jax import rollout
 from p3o_jax import sampler as S
+from p3o_jax.cli import bench
+from p3o_jax.rl import RLIteration
+from p3o_jax.sharding import make_mesh
 
 TINY = bench.Workload(prompts=8, prompt_len=16, new_tokens=8, layers=2, d_model=64, heads=2,
                       vocab=512)
 
 
-def xla_flops(fn, *args) -> float:
-    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+def xla_flops(compiled) -> float:
+    return compiled.cost_analysis()["flops"]
 
 
 def test_executed_flops_formula_matches_xla_cost_analysis():
-    """`model_flops(...)["executed"]` counts the matmuls the log-prob and score programs run
-    (prompt once per pair); XLA's count adds the elementwise work on top, a few percent here.
-    A program that ran every [P + N] row in full would count ~25% more."""
+    """`model_flops(...)["executed"]` counts the matmuls the training loop's scoring program
+    runs (the reference's log-probs and the reward model, prompt once per pair); XLA's count
+    adds the elementwise work on top, a few percent here. A program that ran every [P + N] row
+    in full would count ~25% more."""
     w = TINY
-    policy, ref, rm, (prompts, mask) = bench.build_models(w)
-    samples = S.sample_pairs(policy, w.model, w.sampling, prompts, mask, jax.random.key(0))
-    tokens, full_mask = S.concat_prompt_response(prompts, mask, samples.tokens, samples.mask)
+    with jax.set_mesh(make_mesh()):
+        run = bench.Iteration(w)
+        samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0))
+        score = RLIteration.score.lower(run.rl, run.state.params, run.ref, run.rm, run.prompts,
+                                        samples, run.carry).compile()
     executed = bench.model_flops(w)["executed"]
-    logprobs = xla_flops(lambda p: rollout.response_logprobs(p, w.model, tokens, full_mask,
-                                                             w.prompt_len), ref)
-    score = xla_flops(lambda p: rollout.response_reward(p, w.model, tokens, full_mask,
-                                                        w.prompt_len), rm)
-    assert 1.0 <= logprobs / executed["logprobs"] < 1.1
-    assert 1.0 <= score / executed["score"] < 1.1
+    devices = run.rl.mesh.size     # the compiled program's count is per device (batch split)
+    assert 1.0 <= xla_flops(score) * devices / executed["score"] < 1.1
+    # the reference's log-probs alone, against their share of the formula
+    tokens, mask = S.concat_prompt_response(run.prompts["ids"], run.prompts["mask"],
+                                            samples.tokens, samples.mask)
+    logprobs = jax.jit(lambda p: rollout.response_logprobs(p, w.model, tokens, mask,
+                                                           w.prompt_len)).lower(run.ref).compile()
+    assert 1.0 <= xla_flops(logprobs) / (executed["update"] / 3) < 1.1
     model = bench.model_flops(w)["model"]
     assert model["iteration"] == sum(model[k] for k in bench.STAGES)
-    assert model["update"] == 3 * model["logprobs"]
+    assert model["update"] == 3 * model["generate"]
 
 
 def test_iteration_section_prints_split_and_mfu():
     out = io.StringIO()
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in vars(TINY).items()]
+    args = [f"{k}={v}" for k, v in vars(TINY).items()]
     with contextlib.redirect_stdout(out):
-        bench.main([*args, "--only", "iteration", "--repeats", "2"])
+        assert bench.main([*args, "only=iteration", "repeats=2"]) == 0
     machine, iteration = (json.loads(line) for line in out.getvalue().splitlines())
     assert machine["section"] == "machine" and machine["machine.matmul_gflops_f32"] > 0
     p = iteration
@@ -52,3 +60,11 @@ def test_iteration_section_prints_split_and_mfu():
     assert sum(stages) == pytest.approx(p["custom.iteration_s"], rel=0.3)
     assert 0 < p["custom.iteration_mfu"] <= p["custom.iteration_hfu"] < 1.5
     assert p["custom.generate_tokens_per_s"] > 0
+
+
+def test_bench_takes_the_key_value_grammar(capsys):
+    assert bench.main(["layers=two"]) == 2
+    assert bench.main(["only=iteration,gpu"]) == 2
+    assert bench.main(["rl.beta=0.1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "'layers'" in err[0] and "'only'" in err[1] and "'rl.beta'" in err[2], err

@@ -24,15 +24,18 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from p3o_jax import learners
+from p3o_jax.algos import sft
 from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
 from p3o_jax.config import from_args
 from p3o_jax.tasks import ToyRLHF
-from p3o_jax.train import main, run_experiment
+from p3o_jax.cli.train import main
+from p3o_jax.pipeline import run_experiment
 from p3o_jax.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {"sft": 8, "rm": 6, "rl": 4}
+# metrics labels and checkpoint folders -> stage: the RL stage's are named after its algorithm
+STAGE_OF = {"sft": "sft", "rm": "rm", "rl:p3o": "rl", "p3o": "rl"}
 ARGS = ["exp=toy", "eval_prompts=32", "log_every=1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
         "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
         f"sft.steps={STEPS['sft']}", "sft.batch_size=16",
@@ -55,13 +58,13 @@ def env(pytestconfig):
 
 
 class Training:
-    """`python -m p3o_jax.train` in the background (output in `<out_dir>.log`); killed on exit
+    """`python -m p3o_jax.cli.train` in the background (output in `<out_dir>.log`); killed on exit
     from the `with` block if still running, so no test leaves a process behind."""
 
     def __init__(self, out_dir, env, *extra):
         self.out_dir, self.log = out_dir, open(f"{out_dir}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "p3o_jax.train", *cli_args(out_dir, *extra)], cwd=ROOT, env=env,
+            [sys.executable, "-m", "p3o_jax.cli.train", *cli_args(out_dir, *extra)], cwd=ROOT, env=env,
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self):
@@ -95,7 +98,7 @@ def run_to_end(out_dir, env, *extra) -> str:
 
 
 def position(stage: str, step: int) -> int:
-    return list(STEPS).index(stage) * 1000 + step
+    return list(STEPS).index(STAGE_OF.get(stage, stage)) * 1000 + step
 
 
 def progress(out_dir) -> int:
@@ -188,8 +191,8 @@ def test_sigterm_checkpoints_exits_and_resumes(reference, env, tmp_path):
         assert t.proc.wait(timeout=60) == EXIT_PREEMPTED, t.output()[-3000:]
         print(f"SIGTERM at {target} (seed {seed}): exited after {time.monotonic() - sent:.1f} s")
         assert "stopped by a signal" in t.output()
-    stage, done = max(((c.split("/")[0], int(c.split("/")[1])) for c in checkpoints(out)),
-                      key=lambda c: position(*c))
+    stage, done = max(((STAGE_OF[c.split("/")[0]], int(c.split("/")[1]))
+                       for c in checkpoints(out)), key=lambda c: position(*c))
     log = run_to_end(out, env)
     if done < STEPS[stage]:  # stopped inside a stage: it continues from the signal's checkpoint
         assert f"{stage}: resuming at step {done} of {STEPS[stage]}" in log, log[-3000:]
@@ -224,7 +227,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(reference, env, tmp_pa
     out = tmp_path / "run"
     shutil.copytree(reference, out)
     shutil.rmtree(out / "p3o")  # the RL stage has to run again, from its checkpoints
-    newest = out / "ckpt" / "rl" / str(STEPS["rl"])
+    newest = out / "ckpt" / "p3o" / str(STEPS["rl"])
     for f in (newest / "state" / "d").iterdir():  # the array data, cut in half
         os.truncate(f, f.stat().st_size // 2)
     log = run_to_end(out, env)
@@ -274,14 +277,14 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     batch scales the loss by NaN): each update is skipped and logged, the third in a row stops
     the run; every checkpoint holds a finite state that has not seen them."""
     poisoned = {3, 5, 6, 7}
-    sft_batch, sft_loss = ToyRLHF.sft_batch, learners.sft_loss
+    sft_batch, sft_loss = ToyRLHF.sft_batch, sft.loss
     monkeypatch.setattr(ToyRLHF, "sft_batch", lambda self, n, step: dict(
         sft_batch(self, n, step), poison=np.full(n, step in poisoned, np.float32)))
 
     def poisoned_loss(params, batch, cfg):
         loss, m = sft_loss(params, batch, cfg)
         return loss * jnp.where(batch["poison"].any(), jnp.nan, 1.0), m
-    monkeypatch.setattr(learners, "sft_loss", poisoned_loss)
+    monkeypatch.setattr(sft, "loss", poisoned_loss)
     cfg = from_args(cli_args(tmp_path, "stages=sft", "checkpoint.max_nonfinite=3"))
     with pytest.raises(NonFiniteError, match="3 non-finite updates in a row"), \
             pytest.warns(RuntimeWarning, match="update skipped"):

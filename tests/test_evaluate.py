@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p3o_jax import losses
+from p3o_jax import ops
+from p3o_jax.algos import p3o
 from p3o_jax.evaluate import compare, judge_win_rate, mean_se, summarize, win_rate
-from p3o_jax.train import prompt_offset
+from p3o_jax.rl import prompt_offset
 
 
 def test_mean_se():
@@ -19,8 +20,8 @@ def test_kl_estimates_k1_k3():
     logp = jnp.array([[-1.0, -2.0, -9.0]])
     ref = jnp.array([[-1.5, -1.8, -1.0]])
     mask = jnp.array([[1, 1, 0]])
-    k1 = losses.kl_per_sequence(logp, ref, mask, "k1")
-    k3 = losses.kl_per_sequence(logp, ref, mask, "k3")
+    k1 = ops.kl_per_sequence(logp, ref, mask, "k1")
+    k3 = ops.kl_per_sequence(logp, ref, mask, "k3")
     assert float(k1[0]) == pytest.approx(0.3, abs=1e-6)
     # k3 = (r - 1) - log r with r = pi_ref / pi = exp(-log ratio): never negative per token
     expected = sum(np.expm1(-d) + d for d in (0.5, -0.2))
@@ -83,5 +84,5 @@ def test_reward_offset_leaves_p3o_delta_unchanged():
     seq_kl = jnp.array([[0.2, 0.1], [0.0, 0.4], [0.3, 0.3]])
     shifted = rewards + 10.0 * prompt_offset(ids, mask)[:, None]
     assert not np.allclose(shifted, rewards)
-    np.testing.assert_allclose(losses.p3o_delta(shifted, seq_kl, 0.1),
-                               losses.p3o_delta(rewards, seq_kl, 0.1), atol=1e-5)
+    np.testing.assert_allclose(p3o.p3o_delta(shifted, seq_kl, 0.1),
+                               p3o.p3o_delta(rewards, seq_kl, 0.1), atol=1e-5)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from p3o_jax import frontier as F
+from p3o_jax.cli import frontier as F
 from p3o_jax.config import ConfigError
 
 TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
@@ -64,7 +64,7 @@ def test_parse_sweeps_and_errors():
 def test_frontier_end_to_end(tmp_path):
     results = tmp_path / "results"
     args = [*TINY, f"out_dir={tmp_path}/run", f"results={results}", "seeds=0", "betas=0.1",
-            "methods=P3O-V2,DPO-offline", "rl.iterations=4", "rl.dpo_epochs=1"]
+            "methods=P3O-V2,DPO-offline", "rl.iterations=4", "dpo.epochs=1"]
     assert F.main(args) == 0
     assert (results / "frontier.png").stat().st_size > 10_000
     table = (results / "frontier.md").read_text()

@@ -1,7 +1,7 @@
 """Several processes, one run: the same results as one process, checkpoints that move between
 process counts, shardings that follow the rule table, and memory plans that match the arrays.
 
-The multi-process runs are `scripts/launch_local.py` launches of `python -m p3o_jax.train`:
+The multi-process runs are `scripts/launch_local.py` launches of `python -m p3o_jax.cli.train`:
 two processes of two fake CPU devices each on 127.0.0.1 (gloo collectives), on a (data 1,
 fsdp 2, tensor 2) mesh, so each process builds half of every batch. The one-process runs use
 the same mesh over four devices. Three runs, in order:
@@ -40,7 +40,8 @@ from p3o_jax.distributed import initialize, local_rows, process_rows
 from p3o_jax.sharding import LOGICAL_RULES, logical_shardings, make_mesh
 from p3o_jax.tasks import ToyRLHF
 from p3o_jax.toy_task import ToyTaskConfig
-from p3o_jax.train import init_sharded, main, sft_rows
+from p3o_jax.cli.train import main
+from p3o_jax.pipeline import init_sharded, sft_rows
 from p3o_jax.train_state import create_state, make_optimizer, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,9 +82,9 @@ def run(command: list[str], env: dict, log: str) -> str:
 
 
 def train(out_dir, env, processes: int) -> str:
-    """`python -m p3o_jax.train` on the mesh (1, 2, 2): one process of 4 devices, or two of
+    """`python -m p3o_jax.cli.train` on the mesh (1, 2, 2): one process of 4 devices, or two of
     2; returns process 0's output."""
-    command = [sys.executable, "-m", "p3o_jax.train", *ARGS, f"out_dir={out_dir}"]
+    command = [sys.executable, "-m", "p3o_jax.cli.train", *ARGS, f"out_dir={out_dir}"]
     if processes == 1:
         return run(command, dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
                    f"{out_dir}.log")
@@ -157,7 +158,7 @@ def one_process(two_processes, env):
     cut_back(out, "sft", "sft", 2)
     for output in ("rm", "p3o"):
         shutil.rmtree(out / output)
-    for stage in ("rm", "rl"):
+    for stage in ("rm", "p3o"):
         shutil.rmtree(out / "ckpt" / stage)
     log = train(out, env, processes=1)
     assert "sft: resuming at step 2 of 4" in log, log[-3000:]
@@ -174,7 +175,7 @@ def test_two_processes_match_one_and_checkpoints_move_over(two_processes, one_pr
 def test_one_process_checkpoint_resumes_in_two(two_processes, one_process, env):
     out = one_process.parent / "again"
     shutil.copytree(one_process, out, ignore=shutil.ignore_patterns("tb"))
-    cut_back(out, "rl", "p3o", 2)
+    cut_back(out, "p3o", "p3o", 2)
     log = train(out, env, processes=2)
     assert "rl: resuming at step 2 of 4" in log, log[-3000:]
     assert_same_run(two_processes, out)
@@ -336,7 +337,7 @@ def test_memory_plan_matches_the_sharded_arrays():
     rows = rl.prompts_per_iter * rl.n_samples
     cache_shape = jax.eval_shape(lambda: M.init_cache(pol, rows, L)[0]["k"])
     cache = jax.jit(lambda: M.init_cache(pol, rows, L), out_shardings=logical_shardings(
-        P(*memory_plan.CACHE_AXES), mesh, cache_shape))()
+        P(*M.KV_CACHE_AXES), mesh, cache_shape))()
     assert params["embed"].sharding.spec == P(None, "fsdp")
     for device in jax.devices():
         p = _device_bytes(params, device)

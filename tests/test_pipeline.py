@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from p3o_jax import config as C
-from p3o_jax.train import main, run_experiment
+from p3o_jax.cli.train import main
+from p3o_jax.pipeline import run_experiment
 
 
 def tiny(tmp_path, **over) -> C.ExperimentConfig:
@@ -21,8 +22,9 @@ def tiny(tmp_path, **over) -> C.ExperimentConfig:
         rm=dataclasses.replace(cfg.rm, n_pairs=256, steps=40, batch_size=32,
                                optim=C.OptimConfig(lr=3e-3, warmup_steps=5)),
         rl=dataclasses.replace(cfg.rl, iterations=12, prompts_per_iter=32, epochs=2,
-                               minibatches=2, delta_norm="batch_std", beta=0.01,
-                               optim=C.OptimConfig(lr=3e-3, warmup_steps=0)))
+                               minibatches=2, beta=0.01,
+                               optim=C.OptimConfig(lr=3e-3, warmup_steps=0)),
+        p3o=dataclasses.replace(cfg.p3o, delta_norm="batch_std"))
     for k, v in over.items():
         cfg = C.override(cfg, k, str(v))
     return cfg
@@ -41,7 +43,7 @@ def trained(tmp_path_factory):
 
 
 def _check_rl(path, summary, algo):
-    rl = metrics(path, "rl")
+    rl = metrics(path, f"rl:{algo}")
     assert rl, "no RL metrics logged"
     for r in rl:
         assert all(np.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
@@ -69,16 +71,18 @@ def test_p3o_end_to_end(trained):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dpo", "dpo_offline"])
-def test_baselines_end_to_end(trained, algo, tmp_path):
+def test_baselines_end_to_end(trained, algo):
+    """Each baseline runs beside P3O in the same out_dir, on its SFT and RM stages (README's
+    `make train ARGS="stages=rl algo=ppo"` after `make train`): RL checkpoints, params and
+    metrics belong to their algorithm."""
     path, _ = trained
-    for name in ("sft", "rm", "preferences.npz"):
-        os.symlink(os.path.join(path, name), os.path.join(tmp_path, name))
-    summary = run_experiment(tiny(tmp_path, algo=algo, stages="rl"))
+    summary = run_experiment(tiny(path, algo=algo, stages="rl"))
+    assert os.path.isdir(os.path.join(path, algo)) and os.path.isdir(path / "ckpt" / algo)
     if algo == "dpo_offline":  # offline DPO optimises the preference data, not the RM: just finite
         rows = {r["policy"]: r for r in summary["rows"]}
-        assert np.isfinite(rows[algo]["gold"]) and metrics(tmp_path, "rl")
+        assert np.isfinite(rows[algo]["gold"]) and metrics(path, "rl:dpo_offline")
     else:
-        rl = _check_rl(tmp_path, summary, algo)
+        rl = _check_rl(path, summary, algo)
         if algo == "ppo":
             assert "value_loss" in rl[-1] and "policy_clip_frac" in rl[-1]
 

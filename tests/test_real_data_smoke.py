@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from p3o_jax import config as C
-from p3o_jax import data, hf, train
+from p3o_jax import data, hf, pipeline
+from p3o_jax.cli.train import main
 from p3o_jax import model as M
 from p3o_jax.data import DataError, fixtures
 
@@ -38,7 +39,7 @@ def records(path, stage):
 def tldr_task(tmp_path_factory):
     """The smoke run's TL;DR task (no model involved)."""
     cfg = C.from_args(smoke_args(tmp_path_factory.mktemp("tldr_task"), "tldr"))
-    return train.make_task(cfg), cfg
+    return pipeline.make_task(cfg), cfg
 
 
 def test_tldr_task_batches_are_static_and_addressed_by_step(tldr_task):
@@ -48,7 +49,7 @@ def test_tldr_task_batches_are_static_and_addressed_by_step(tldr_task):
     b = task.sft_batch(8, 3)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
         k: ((8, P + N), np.int32) for k in ("input_ids", "attention_mask", "loss_mask")}
-    again = train.make_task(cfg).sft_batch(8, 3)          # a resumed run: same batch at step 3
+    again = pipeline.make_task(cfg).sft_batch(8, 3)          # a resumed run: same batch at step 3
     assert all((b[k] == again[k]).all() for k in b)
     assert not (task.sft_batch(8, 4)["input_ids"] == b["input_ids"]).all()
     for split in ("rm", "rl", "eval"):
@@ -101,7 +102,7 @@ def test_read_batch_wraps_into_reshuffled_epochs():
 
 
 def check_run(path, summary, algo="p3o"):
-    for stage in ("sft", "rm", "rl"):
+    for stage in ("sft", "rm", f"rl:{algo}"):
         logged = records(path, stage)
         assert logged, f"stage {stage} logged nothing"
         for r in logged:
@@ -115,7 +116,7 @@ def check_run(path, summary, algo="p3o"):
 
 
 def test_tldr_smoke_runs_every_stage(tmp_path, capsys):
-    assert train.main(smoke_args(tmp_path, "tldr")) == 0
+    assert main(smoke_args(tmp_path, "tldr")) == 0
     with open(tmp_path / "summary.json") as f:
         check_run(tmp_path, json.load(f))
     sft = records(tmp_path, "sft")
@@ -134,7 +135,7 @@ def test_hh_smoke_from_a_saved_base_model(tmp_path):
     hf.save_pretrained(M.init_params(policy, jax.random.key(7)), policy, str(base))
     args = smoke_args(tmp_path / "run", "hh", f"base_model={base}", "policy.d_model=16",
                       "data.hh_subsets=helpful-base,harmless-base")
-    summary = train.run_experiment(C.from_args(args))
+    summary = pipeline.run_experiment(C.from_args(args))
     check_run(tmp_path / "run", summary)
     with open(tmp_path / "run" / "config.json") as f:
         saved = json.load(f)
@@ -150,7 +151,7 @@ def test_bad_upstream_record_stops_the_run_before_compiling(tmp_path, monkeypatc
     monkeypatch.setattr(train, "initial_policy", lambda run: pytest.fail("got to SFT"))
     cfg = C.from_args(smoke_args(tmp_path / "run", "tldr", f"data.manual_dir={manual}"))
     with pytest.raises(DataError, match=r"batch3\.json:2: field 'choice' must be 0 or 1, got 2"):
-        train.run_experiment(cfg)
+        pipeline.run_experiment(cfg)
     assert not os.path.exists(tmp_path / "run" / "sft")
 
 
@@ -171,6 +172,6 @@ def test_smoke_config_keeps_explicit_overrides():
     (["exp=toy", "smoke=true"], "smoke"),
 ])
 def test_data_config_errors_name_the_key(args, key, capsys):
-    assert train.main(args) == 2
+    assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err

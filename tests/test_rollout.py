@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p3o_jax import losses
+from p3o_jax import ops
 from p3o_jax import model as M
 from p3o_jax import rollout as R
 from p3o_jax import sampler as S
@@ -70,7 +70,7 @@ def test_prompt_once_gradient_matches_full_rows(family):
     def full(p):
         hidden = full_hidden(p, cfg, tokens, mask)[:, :, :-1].reshape(B * K, N, -1)
         logits = M.lm_logits(p, cfg, hidden).reshape(B, K, N, -1)
-        logp = losses.token_logprobs(logits, tokens[..., P:], 0.7)
+        logp = ops.token_logprobs(logits, tokens[..., P:], 0.7)
         return jnp.sum(weights * resp_mask * logp)
 
     (v1, g1), (v2, g2) = jax.value_and_grad(once)(params), jax.value_and_grad(full)(params)
@@ -90,9 +90,9 @@ def test_sampler_logprobs_are_the_training_forwards():
     score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
     reused = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, False)
     recomputed = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, True)
-    for k in recomputed:
-        np.testing.assert_allclose(reused[k], recomputed[k], atol=2e-5, err_msg=k)
-    assert float(jnp.abs(recomputed["seq_kl"]).max()) > 0.1    # policy and reference differ
+    chex.assert_trees_all_close(reused, recomputed, atol=2e-5)
+    chex.assert_shape(recomputed.rewards, (4, 2))
+    assert float(jnp.abs(recomputed.seq_kl).max()) > 0.1    # policy and reference differ
 
 
 def test_recomputed_kl_of_a_policy_to_itself_is_exactly_zero():
@@ -106,4 +106,4 @@ def test_recomputed_kl_of_a_policy_to_itself_is_exactly_zero():
         samples = S.sample_pairs(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(12))
         buf = R.score(policy, policy, policy, cfg, cfg, prompts, prompt_mask, samples, 1.0,
                       recompute_old=True)
-        np.testing.assert_array_equal(buf["seq_kl"], 0.0)
+        np.testing.assert_array_equal(buf.seq_kl, 0.0)

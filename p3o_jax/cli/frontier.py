@@ -1,7 +1,7 @@
 """The KL-reward frontier of P3O against its baselines, and the reward-offset invariance.
 
-    python -m p3o_jax.frontier [exp=toy] [quick=true] [key=value ...]   (`make frontier`)
-    python -m p3o_jax.frontier invariance=true [key=value ...]
+    python -m p3o_jax.cli.frontier [exp=toy] [quick=true] [key=value ...]   (`make frontier`)
+    python -m p3o_jax.cli.frontier invariance=true [key=value ...]
 
 Per seed, SFT and the reward model are trained once (`run_experiment` with `stages=sft,rm` in
 `<out_dir>-frontier/seed<S>`, `<out_dir>-frontier-quick/seed<S>` for the quick sweep; run again,
@@ -13,7 +13,7 @@ prompts) go to `<results>/frontier.jsonl`, the plot to `frontier.png` and the ta
 policies to `frontier.md`.
 
 beta is the KL coefficient of `max E[r] - beta KL`. P3O and PPO take it as `rl.beta`; for DPO
-(online and offline) it is `rl.dpo_beta`, the same coefficient in DPO's derivation (the optimum
+(online and offline) it is `dpo.beta`, the same coefficient in DPO's derivation (the optimum
 of that objective is pi_ref * exp(r / beta)), only with the reward model replaced by its
 preference labels.
 
@@ -32,20 +32,24 @@ import json
 import os
 import sys
 import time
+from typing import Annotated
 
 import jax
 import numpy as np
 
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, override
+from p3o_jax.algos import ALGORITHMS
+from p3o_jax.checks import NonNegative, OneOf
+from p3o_jax.config import ConfigError, ExperimentConfig, from_args, override, tool_args
 from p3o_jax.logger import format_table
-from p3o_jax.train import make_task, prompt_offset, run_experiment
+from p3o_jax.pipeline import make_task, offline_steps, run_experiment
+from p3o_jax.rl import prompt_offset
 
 METHODS = {
-    "P3O-V1": lambda b: {"algo": "p3o", "rl.clip": "separate", "rl.beta": b},
-    "P3O-V2": lambda b: {"algo": "p3o", "rl.clip": "joint", "rl.beta": b},
+    "P3O-V1": lambda b: {"algo": "p3o", "p3o.clip": "separate", "rl.beta": b},
+    "P3O-V2": lambda b: {"algo": "p3o", "p3o.clip": "joint", "rl.beta": b},
     "PPO": lambda b: {"algo": "ppo", "rl.beta": b},
-    "DPO-online": lambda b: {"algo": "dpo", "rl.dpo_beta": b},
-    "DPO-offline": lambda b: {"algo": "dpo_offline", "rl.dpo_beta": b},
+    "DPO-online": lambda b: {"algo": "dpo", "dpo.beta": b},
+    "DPO-offline": lambda b: {"algo": "dpo_offline", "dpo.beta": b},
 }
 
 
@@ -66,30 +70,33 @@ QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_pr
               folder="frontier-quick")
 INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
                    config=("rl.iterations=20", "eval_prompts=128"))
-LIST_KEYS = {"seeds": int, "betas": float, "methods": str}
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierArgs:
+    """This command's own keys (every other key overrides the experiment's config)."""
+    quick: bool = False
+    invariance: bool = False
+    results: str = ""               # "": experiments/results (quick: experiments/results/quick)
+    seeds: Annotated[tuple[int, ...] | None, NonNegative] = None   # None: the sweep's (all
+                                                                   # three: comma-separated)
+    betas: tuple[float, ...] | None = None
+    methods: Annotated[tuple[str, ...] | None, OneOf(*METHODS)] = None
+    offset: Annotated[float | None, NonNegative] = None            # invariance: rl.reward_offset
 
 
 def parse(argv: list[str]) -> tuple[Sweep, str, bool, ExperimentConfig]:
     """The sweep, the results folder, whether to run the invariance experiment, and the base
     config (the experiment with the sweep's and the command line's overrides)."""
-    pairs = [a.partition("=")[::2] for a in argv]
-    own = {k: v for k, v in pairs if k in ("quick", "invariance", "results", "offset", *LIST_KEYS)}
-    truthy = lambda k: own.get(k, "false").lower() in ("1", "true", "yes", "on")
-    invariance = truthy("invariance")
-    sweep = INVARIANCE if invariance else QUICK if truthy("quick") else FULL
-    for key, kind in LIST_KEYS.items():
-        if key in own:
-            sweep = dataclasses.replace(sweep, **{key: tuple(kind(v) for v in own[key].split(","))})
-    if "offset" in own:
-        sweep = dataclasses.replace(sweep, offset=float(own["offset"]))
-    unknown = [m for m in sweep.methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"config key 'methods': {unknown} not in {list(METHODS)}")
-    rest = [a for a in argv if a.partition("=")[0] not in own]
+    args, rest = tool_args(argv, FrontierArgs())
+    sweep = INVARIANCE if args.invariance else QUICK if args.quick else FULL
+    given = {"seeds": args.seeds, "betas": args.betas, "offset": args.offset,
+             "methods": args.methods}
+    sweep = dataclasses.replace(sweep, **{k: v for k, v in given.items() if v is not None})
     exp = [a for a in rest if a.startswith("exp=")]
     cfg = from_args(exp + list(sweep.config) + [a for a in rest if not a.startswith("exp=")])
-    default = "experiments/results" + ("/quick" if truthy("quick") and not invariance else "")
-    return sweep, own.get("results", default), invariance, cfg
+    default = "experiments/results" + ("/quick" if args.quick and not args.invariance else "")
+    return sweep, args.results or default, args.invariance, cfg
 
 
 def overridden(cfg: ExperimentConfig, over: dict) -> ExperimentConfig:
@@ -123,11 +130,8 @@ def rl_run(cfg: ExperimentConfig, base: str, name: str, over: dict) -> list[dict
 
 
 def rl_steps(cfg: ExperimentConfig) -> int:
-    """The steps of the rl stage: iterations, or for offline DPO its prompt batches."""
-    if cfg.algo != "dpo_offline":
-        return cfg.rl.iterations
-    chunk = cfg.rl.prompts_per_iter
-    return cfg.rl.dpo_epochs * (cfg.rm.n_pairs // chunk * chunk) // chunk
+    """The steps of the rl stage: iterations, or for an offline algorithm its batches."""
+    return offline_steps(cfg) if ALGORITHMS[cfg.algo].offline else cfg.rl.iterations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +153,8 @@ def frontier(sweep: Sweep, cfg: ExperimentConfig) -> list[dict]:
                 records += [{"method": method, "beta": beta, "seed": seed, "step": r["step"],
                              "steps": steps, "final": r["step"] == steps,
                              **{k: v for k, v in r.items() if k not in ("stage", "step", "time")}}
-                            for r in sorted(rows, key=lambda r: r["step"]) if r["stage"] == "eval"]
+                            for r in sorted(rows, key=lambda r: r["step"])
+                            if r["stage"].startswith("eval:")]
     return records
 
 
@@ -248,7 +253,8 @@ def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
             over = {**METHODS[method](beta), "rl.reward_offset": offset}
             rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
                           f"invariance-{method}-offset{offset:g}", over)
-            rl_rows = sorted((r for r in rows if r["stage"] == "rl"), key=lambda r: r["step"])
+            rl_rows = sorted((r for r in rows if r["stage"].startswith("rl:")),
+                             key=lambda r: r["step"])
             for r in rl_rows:
                 ids, mask = task.prompts(chunk, "rl", r["step"] * chunk)
                 shift = offset * float(np.mean(prompt_offset(ids, mask)))
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(
         cfg.out_dir.rstrip("/") + "-frontier/jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    command = "python -m p3o_jax.frontier " + " ".join(argv)
+    command = "python -m p3o_jax.cli.frontier " + " ".join(argv)
     start = time.perf_counter()
     took = lambda: f"{(time.perf_counter() - start) / 60:.1f} minutes on {os.cpu_count()} CPU cores"
     if inv:

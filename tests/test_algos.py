@@ -1,12 +1,14 @@
-"""Tests for p3o_jax.losses.
+"""Tests for the objectives of p3o_jax.algos (P3O, PPO, DPO, reward model, SFT) and the shared
+primitives of p3o_jax.ops.
 
 The P3O invariance, gradient and clipping tests and GAE run with and without jit (chex
 variants); the rest runs under jit.
 Where exactness matters tests run in float64 inside a local ``jax.enable_x64`` scope; the rest
 of the test session stays float32.
-Expected values come from the formulas in /work/shared/P3O.md, written out with numpy / math.
+Expected values come from the formulas in docs/P3O.md, written out with numpy / math.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -19,7 +21,8 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from p3o_jax import losses
+from p3o_jax import ops
+from p3o_jax.algos import dpo, p3o, ppo, reward_model, sft
 
 CLIP_MODES = ("separate", "joint")
 BETA = 0.05
@@ -74,18 +77,19 @@ def make_rollout(seed, batch=4, k=2, length=5, vocab=4):
 
 
 def policy_logps(theta, tokens):
-    return losses.token_logprobs(theta, tokens)
+    return ops.token_logprobs(theta, tokens)
 
 
 def p3o_objective(ro, rewards, clip, k_form):
     """theta -> (loss, metrics) on the rollout, via p3o_loss_k (k_form) or p3o_delta + p3o_loss (K = 2)."""
     logp_old = policy_logps(ro.theta_old, ro.tokens)
     if k_form:
-        return lambda theta: losses.p3o_loss_k(
-            policy_logps(theta, ro.tokens), logp_old, ro.mask, rewards, ro.seq_kl, BETA, clip=clip
+        delta = p3o.pairwise_delta(rewards, ro.seq_kl, BETA)
+        return lambda theta: p3o.p3o_loss_k(
+            policy_logps(theta, ro.tokens), logp_old, ro.mask, delta, clip=clip
         )
-    delta = losses.p3o_delta(rewards, ro.seq_kl, BETA)
-    return lambda theta: losses.p3o_loss(policy_logps(theta, ro.tokens), logp_old, ro.mask, delta, clip=clip)
+    delta = p3o.p3o_delta(rewards, ro.seq_kl, BETA)
+    return lambda theta: p3o.p3o_loss(policy_logps(theta, ro.tokens), logp_old, ro.mask, delta, clip=clip)
 
 
 class P3OPropertiesTest(chex.TestCase):
@@ -125,9 +129,9 @@ class P3OPropertiesTest(chex.TestCase):
 
         @self.variant
         def grad(scores):
-            rewards = losses.ppo_token_rewards(logp_old, logp_ref, mask, scores, BETA)
-            advantages, _ = losses.gae(rewards, values, mask)
-            loss = lambda theta: losses.ppo_policy_loss(
+            rewards = ppo.token_rewards(logp_old, logp_ref, mask, scores, BETA)
+            advantages, _ = ppo.gae(rewards, values, mask)
+            loss = lambda theta: ppo.policy_loss(
                 policy_logps(theta.reshape(rows, length, vocab), tokens), logp_old, advantages, mask
             )[0]
             return jax.grad(loss)(ro.theta)
@@ -192,7 +196,7 @@ class P3OPropertiesTest(chex.TestCase):
 
         @self.variant
         def neg_grad(t):
-            loss = lambda t: losses.p3o_loss(
+            loss = lambda t: p3o.p3o_loss(
                 logp(t), logp(theta_old), mask, delta, clip=clip, eps=1e6, ratio_bound=1e6
             )[0]
             return -jax.grad(loss)(t)
@@ -236,7 +240,7 @@ class P3OPropertiesTest(chex.TestCase):
         log_rhos[cases, responses] = np.log(rhos)
         logp = logp_old + (log_rhos[..., None] / mask.sum(-1, keepdims=True)) * mask
 
-        loss = lambda lp: losses.p3o_loss(lp, logp_old, mask, deltas, clip="separate")[0]
+        loss = lambda lp: p3o.p3o_loss(lp, logp_old, mask, deltas, clip="separate")[0]
         grads = self.variant(jax.grad(loss))(logp)[cases, responses]
         real = mask[cases, responses] > 0
         np.testing.assert_array_equal(grads[~real], 0.0)
@@ -255,7 +259,7 @@ class P3OPropertiesTest(chex.TestCase):
         logp = logp_old.copy()
         logp[:, 0] += dus[:, None] / 3  # log rho1 = u - u_old, log rho2 = 0
 
-        loss = lambda lp: losses.p3o_loss(lp, logp_old, mask, deltas, clip="joint")[0]
+        loss = lambda lp: p3o.p3o_loss(lp, logp_old, mask, deltas, clip="joint")[0]
         grads = self.variant(jax.grad(loss))(logp)
         for case, grad, zero in zip(self.JOINT_CASES, grads, expect_zero):
             if zero:
@@ -272,12 +276,13 @@ class P3OPropertiesTest(chex.TestCase):
         logp = policy_logps(ro.theta, ro.tokens)
 
         def pair_loss(i, j):
-            delta = losses.p3o_delta(ro.rewards[:, [i, j]], ro.seq_kl[:, [i, j]], BETA)
+            delta = p3o.p3o_delta(ro.rewards[:, [i, j]], ro.seq_kl[:, [i, j]], BETA)
             pick = lambda x: x[:, [i, j]]
-            return losses.p3o_loss(pick(logp), pick(logp_old), pick(ro.mask), delta, clip=clip)[0]
+            return p3o.p3o_loss(pick(logp), pick(logp_old), pick(ro.mask), delta, clip=clip)[0]
 
         loss_k = self.variant(
-            lambda lp, lpo, m, r, kl: losses.p3o_loss_k(lp, lpo, m, r, kl, BETA, clip=clip)[0]
+            lambda lp, lpo, m, r, kl: p3o.p3o_loss_k(lp, lpo, m, p3o.pairwise_delta(r, kl, BETA),
+                                                     clip=clip)[0]
         )
         expected = np.mean([pair_loss(0, 1), pair_loss(0, 2), pair_loss(1, 2)])
         np.testing.assert_allclose(loss_k(logp, logp_old, ro.mask, ro.rewards, ro.seq_kl), expected, rtol=1e-12)
@@ -297,15 +302,15 @@ class P3OPropertiesTest(chex.TestCase):
         logp_old = policy_logps(jnp.asarray(ro.theta_old, jnp.float32), ro.tokens)
         logp = policy_logps(jnp.asarray(ro.theta, jnp.float32), ro.tokens)
         rewards, seq_kl = jnp.asarray(ro.rewards, jnp.float32), jnp.asarray(ro.seq_kl, jnp.float32)
-        delta = losses.p3o_delta(rewards, seq_kl, BETA)
+        delta = p3o.p3o_delta(rewards, seq_kl, BETA)
         chex.assert_shape(delta, (4,))
-        np.testing.assert_allclose(losses.p3o_delta(rewards, seq_kl, BETA, scale=2.0), delta / 2, rtol=1e-6)
-        loss, metrics = jax.jit(functools.partial(losses.p3o_loss, clip=clip))(logp, logp_old, ro.mask, delta)
+        np.testing.assert_allclose(p3o.pairwise_delta(rewards, seq_kl, BETA)[:, 0], delta, rtol=1e-6)
+        loss, metrics = jax.jit(functools.partial(p3o.p3o_loss, clip=clip))(logp, logp_old, ro.mask, delta)
         chex.assert_shape(loss, ())
         chex.assert_type(loss, jnp.float32)
         chex.assert_tree_all_finite((loss, metrics))
         log_rho = np.asarray(
-            losses.sequence_logprob(logp, ro.mask) - losses.sequence_logprob(logp_old, ro.mask)
+            ops.sequence_logprob(logp, ro.mask) - ops.sequence_logprob(logp_old, ro.mask)
         )
         np.testing.assert_allclose(metrics["rho_max"], np.exp(log_rho).max(), rtol=1e-5)
         np.testing.assert_allclose(metrics["log_rho_mean"], log_rho.mean(), rtol=1e-5, atol=1e-6)
@@ -339,7 +344,7 @@ class TokenPPOTest(chex.TestCase):
         values = np.full(mask.shape, -3.0)
         rewards[0, real], values[0, real] = self.REWARDS, self.VALUES
 
-        advantages, returns = self.variant(functools.partial(losses.gae, gamma=gamma, lam=lam))(rewards, values, mask)
+        advantages, returns = self.variant(functools.partial(ppo.gae, gamma=gamma, lam=lam))(rewards, values, mask)
         chex.assert_shape((advantages, returns), mask.shape)
         expected = self.hand_gae(self.REWARDS, self.VALUES, gamma, lam)
         np.testing.assert_allclose(advantages[0, real], expected, rtol=1e-12)
@@ -350,7 +355,7 @@ class TokenPPOTest(chex.TestCase):
     @chex.variants(with_jit=True)
     def test_last_token_index(self):
         mask = np.array([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
-        index = self.variant(losses.last_token_index)(mask)
+        index = self.variant(ops.last_token_index)(mask)
         np.testing.assert_array_equal(index, [2, 4, 3, -1])
 
     @chex.variants(with_jit=True)
@@ -359,7 +364,7 @@ class TokenPPOTest(chex.TestCase):
         logp_old = np.array([[-1.0, -2.0, -0.5, 9.0], [9.0, -1.0, -1.5, -2.0]], np.float32)
         logp_ref = np.array([[-1.5, -1.0, -0.5, 0.0], [0.0, -2.0, -1.0, -2.5]], np.float32)
         scores = np.array([2.0, -3.0], np.float32)
-        rewards = self.variant(functools.partial(losses.ppo_token_rewards, beta=0.1))(logp_old, logp_ref, mask, scores)
+        rewards = self.variant(functools.partial(ppo.token_rewards, beta=0.1))(logp_old, logp_ref, mask, scores)
         expected = [
             [-0.1 * 0.5, -0.1 * -1.0, -0.1 * 0.0 + 2.0, 0.0],
             [0.0, -0.1 * 1.0, -0.1 * -0.5, -0.1 * 0.5 - 3.0],
@@ -372,7 +377,7 @@ class TokenPPOTest(chex.TestCase):
         logp_old = np.full((1, 4), -1.0)
         advantages = np.array([[1.0, 1.0, 1.0, 5.0]])
         mask = np.array([[1.0, 1.0, 1.0, 0.0]])
-        loss, metrics = self.variant(losses.ppo_policy_loss)(logp_old + log_ratio, logp_old, advantages, mask)
+        loss, metrics = self.variant(ppo.policy_loss)(logp_old + log_ratio, logp_old, advantages, mask)
         # max(-A rho, -A clip(rho, 0.8, 1.2)) per real token: -1.2, -1.1, -0.5
         np.testing.assert_allclose(loss, (-1.2 - 1.1 - 0.5) / 3, rtol=1e-5)
         np.testing.assert_allclose(metrics["clip_frac"], 2 / 3, rtol=1e-6)
@@ -385,15 +390,15 @@ class TokenPPOTest(chex.TestCase):
         values_old = np.array([[0.5, 0.0, 0.0]])
         returns = np.array([[0.0, 1.0, 2.0]])
         mask = np.array([[1.0, 1.0, 0.0]])
-        loss, metrics = self.variant(losses.ppo_value_loss)(values, values_old, returns, mask)
+        loss, metrics = self.variant(ppo.value_loss)(values, values_old, returns, mask)
         # token 0: clipped value 0.7 -> max(1.0, 0.49) = 1.0; token 1: max(1, 1) = 1
         np.testing.assert_allclose(loss, 0.5 * (1.0 + 1.0) / 2, rtol=1e-6)
         np.testing.assert_allclose(metrics["value_clip_frac"], 0.0)
         returns_far = np.array([[3.0, 1.0, 2.0]])  # token 0: the clipped 0.7 is further from 3 than 1.0
-        loss, metrics = self.variant(losses.ppo_value_loss)(values, values_old, returns_far, mask)
+        loss, metrics = self.variant(ppo.value_loss)(values, values_old, returns_far, mask)
         np.testing.assert_allclose(loss, 0.5 * (2.3**2 + 1.0) / 2, rtol=1e-6)
         np.testing.assert_allclose(metrics["value_clip_frac"], 0.5)
-        unclipped = self.variant(functools.partial(losses.ppo_value_loss, value_clip=None))
+        unclipped = self.variant(functools.partial(ppo.value_loss, value_clip=None))
         loss, _ = unclipped(values, values_old, returns_far, mask)
         np.testing.assert_allclose(loss, 0.5 * (2.0**2 + 1.0) / 2, rtol=1e-6)
 
@@ -401,20 +406,24 @@ class TokenPPOTest(chex.TestCase):
     def test_whiten(self):
         x = np.array([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, 5.0, 6.0]], np.float32)
         mask = np.array([[1, 1, 1, 0], [1, 0, 1, 1]], np.float32)
-        white = self.variant(losses.whiten)(x, mask)
+        white = self.variant(ops.whiten)(x, mask)
         real = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
         expected = (real - real.mean()) / real.std()
         np.testing.assert_allclose(white[mask > 0], expected, rtol=1e-5)
         np.testing.assert_array_equal(white[mask == 0], 0.0)
 
     def test_kl_controllers(self):
-        update = jax.jit(losses.update_kl_controller)
-        adaptive = losses.adaptive_kl_controller(0.1, target=6.0, horizon=1000.0)
-        up = update(adaptive, 12.0, 100)  # error clipped to +0.2
-        np.testing.assert_allclose(up.kl_coef, 0.1 * (1 + 0.2 * 100 / 1000), rtol=1e-6)
-        down = update(adaptive, 5.7, 100)  # error 5.7 / 6 - 1 = -0.05
-        np.testing.assert_allclose(down.kl_coef, 0.1 * (1 - 0.05 * 100 / 1000), rtol=1e-6)
-        np.testing.assert_allclose(update(losses.fixed_kl_controller(0.1), 12.0, 100).kl_coef, 0.1)
+        up = ppo.adaptive_kl_coef(0.1, 12.0, 6.0, 1000.0, 100)  # error clipped to +0.2
+        np.testing.assert_allclose(up, 0.1 * (1 + 0.2 * 100 / 1000), rtol=1e-6)
+        down = ppo.adaptive_kl_coef(0.1, 5.7, 6.0, 1000.0, 100)  # error 5.7 / 6 - 1 = -0.05
+        np.testing.assert_allclose(down, 0.1 * (1 - 0.05 * 100 / 1000), rtol=1e-12)
+        # the loop's carry: fixed while ppo.target_kl is 0, adapted otherwise
+        from p3o_jax.config import ExperimentConfig, PPOConfig, RLConfig
+        cfg = ExperimentConfig(rl=RLConfig(prompts_per_iter=25, n_samples=4))
+        self.assertEqual(ppo.next_carry({"kl_coef": 0.1}, {"kl_k1": 12.0}, cfg), {"kl_coef": 0.1})
+        cfg = dataclasses.replace(cfg, ppo=PPOConfig(target_kl=6.0, kl_horizon=1000.0))
+        np.testing.assert_allclose(ppo.next_carry({"kl_coef": 0.1}, {"kl_k1": 12.0}, cfg)["kl_coef"],
+                                   0.1 * (1 + 0.2 * 100 / 1000), rtol=1e-12)
 
 
 class PreferenceAndSFTLossTest(chex.TestCase):
@@ -424,7 +433,7 @@ class PreferenceAndSFTLossTest(chex.TestCase):
         beta = 0.1
         policy_chosen, policy_rejected = np.array([-3.0, -6.0]), np.array([-5.0, -4.0])
         ref_chosen, ref_rejected = np.array([-4.0, -5.0]), np.array([-4.5, -5.0])
-        loss, metrics = self.variant(functools.partial(losses.dpo_loss, beta=beta, label_smoothing=label_smoothing))(
+        loss, metrics = self.variant(functools.partial(dpo.dpo_loss, beta=beta, label_smoothing=label_smoothing))(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected
         )
         # h = (pc - pr) - (rc - rr): (2 - 0.5) = 1.5 and (-2 - 0) = -2
@@ -442,17 +451,17 @@ class PreferenceAndSFTLossTest(chex.TestCase):
     def test_order_pair_by_score(self):
         scores = np.array([[1.0, 2.0], [3.0, 0.0], [1.0, 1.0]])
         seq_logps = np.array([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])
-        chosen, rejected = jax.jit(losses.order_pair_by_score)(scores, seq_logps)
+        chosen, rejected = jax.jit(dpo.order_pair_by_score)(scores, seq_logps)
         np.testing.assert_array_equal(chosen, [-2.0, -3.0, -5.0])
         np.testing.assert_array_equal(rejected, [-1.0, -4.0, -6.0])
         token_logps = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
-        chosen, _ = losses.order_pair_by_score(scores, token_logps)
+        chosen, _ = dpo.order_pair_by_score(scores, token_logps)
         np.testing.assert_array_equal(chosen, token_logps[[0, 1, 2], [1, 0, 0]])
 
     @chex.variants(with_jit=True)
     def test_bradley_terry_hand_example(self):
         r_chosen, r_rejected = np.array([1.0, 0.0, 2.0]), np.array([0.0, 0.0, 3.0])
-        loss, metrics = self.variant(losses.bradley_terry_loss)(r_chosen, r_rejected)
+        loss, metrics = self.variant(reward_model.bradley_terry_loss)(r_chosen, r_rejected)
         expected = np.mean([-np_log_sigmoid(m) for m in (1.0, 0.0, -1.0)])
         np.testing.assert_allclose(loss, expected, rtol=1e-6)
         np.testing.assert_allclose(metrics["accuracy"], (1 + 0.5 + 0) / 3, rtol=1e-6)  # a tie counts 0.5
@@ -467,15 +476,15 @@ class PreferenceAndSFTLossTest(chex.TestCase):
         mask = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
         temperature = 0.7
 
-        logps = self.variant(functools.partial(losses.token_logprobs, temperature=temperature))(logits, targets)
+        logps = self.variant(functools.partial(ops.token_logprobs, temperature=temperature))(logits, targets)
         log_softmax = np.log(np_softmax(logits / temperature))
         np.testing.assert_allclose(logps, np.take_along_axis(log_softmax, targets[..., None], -1)[..., 0], rtol=1e-12)
 
-        entropy = self.variant(losses.entropy_from_logits)(logits)
+        entropy = self.variant(ops.entropy_from_logits)(logits)
         probs = np_softmax(logits)
         np.testing.assert_allclose(entropy, -(probs * np.log(probs)).sum(-1), rtol=1e-12)
 
-        loss, metrics = self.variant(losses.sft_loss)(logits, targets, mask)
+        loss, metrics = self.variant(sft.sft_loss)(logits, targets, mask)
         nll = -np.take_along_axis(np.log(probs), targets[..., None], -1)[..., 0]
         np.testing.assert_allclose(loss, nll[mask > 0].mean(), rtol=1e-12)  # per real token, not per row
         self.assertEqual(int(metrics["num_tokens"]), 4)
@@ -484,7 +493,7 @@ class PreferenceAndSFTLossTest(chex.TestCase):
 
     def test_token_logprobs_upcasts_bfloat16(self):
         logits = jnp.asarray(np.random.default_rng(10).normal(size=(2, 4, 7)), jnp.bfloat16)
-        logps = losses.token_logprobs(logits, jnp.zeros((2, 4), jnp.int32))
+        logps = ops.token_logprobs(logits, jnp.zeros((2, 4), jnp.int32))
         chex.assert_type(logps, jnp.float32)
         chex.assert_shape(logps, (2, 4))
         chex.assert_tree_all_finite(logps)
@@ -500,15 +509,15 @@ class KLEstimatorTest(chex.TestCase):
         d = logp - logp_ref
         expected = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) - 1 + d}
         for kind, want in expected.items():
-            per_token = self.variant(functools.partial(losses.kl_per_token, kind=kind))(logp, logp_ref)
+            per_token = self.variant(functools.partial(ops.kl_per_token, kind=kind))(logp, logp_ref)
             np.testing.assert_allclose(per_token, want, rtol=1e-12)
-            per_seq = self.variant(functools.partial(losses.kl_per_sequence, kind=kind))(logp, logp_ref, mask)
+            per_seq = self.variant(functools.partial(ops.kl_per_sequence, kind=kind))(logp, logp_ref, mask)
             np.testing.assert_allclose(per_seq, (want * mask).sum(-1), rtol=1e-12)
 
     def test_k3_is_finite_and_nonnegative_for_extreme_ratios(self):
         logp = jnp.array([0.0, -200.0, -1e-3, -80.0])
         logp_ref = jnp.array([-200.0, 0.0, 0.0, -80.0])
-        k3 = losses.kl_per_token(logp, logp_ref, "k3")
+        k3 = ops.kl_per_token(logp, logp_ref, "k3")
         chex.assert_tree_all_finite(k3)
         self.assertTrue(bool(jnp.all(k3 >= 0)))
 
@@ -516,29 +525,29 @@ class KLEstimatorTest(chex.TestCase):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: losses.p3o_loss(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.ones((2, 3, 4)), jnp.zeros(2)),
+        (lambda: p3o.p3o_loss(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.ones((2, 3, 4)), jnp.zeros(2)),
          r"logp must have shape \[B, 2, T\]"),
-        (lambda: losses.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 5)), jnp.ones((2, 2, 4)), jnp.zeros(2)),
+        (lambda: p3o.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 5)), jnp.ones((2, 2, 4)), jnp.zeros(2)),
          r"equal shapes.*logp_old\(2, 2, 5\)"),
-        (lambda: losses.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 4)), jnp.ones((2, 2, 4)), jnp.zeros(3)),
+        (lambda: p3o.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 4)), jnp.ones((2, 2, 4)), jnp.zeros(3)),
          r"delta must have shape \[B\]"),
-        (lambda: losses.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 4)), jnp.ones((2, 2, 4)), jnp.zeros(2),
+        (lambda: p3o.p3o_loss(jnp.zeros((2, 2, 4)), jnp.zeros((2, 2, 4)), jnp.ones((2, 2, 4)), jnp.zeros(2),
                                  clip="both"),
          r"clip must be one of"),
-        (lambda: losses.p3o_loss_k(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.ones((2, 3, 4)),
-                                   jnp.zeros((2, 2)), jnp.zeros((2, 2)), BETA),
-         r"rewards must have shape \[B, K\]"),
-        (lambda: losses.p3o_delta(jnp.zeros((4,)), jnp.zeros((4,)), BETA), r"rewards must have shape \[B, 2\]"),
-        (lambda: losses.kl_per_token(jnp.zeros(3), jnp.zeros(3), "k4"), r"kind must be one of"),
-        (lambda: losses.gae(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3))), r"equal shapes"),
-        (lambda: losses.gae(jnp.zeros(3), jnp.zeros(3), jnp.ones(3)), r"rewards must have shape \[B, T\]"),
-        (lambda: losses.ppo_token_rewards(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros(3), 0.1),
+        (lambda: p3o.p3o_loss_k(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)), jnp.ones((2, 3, 4)),
+                                jnp.zeros((2, 2))),
+         r"delta must have shape \[B, pairs\]"),
+        (lambda: p3o.p3o_delta(jnp.zeros((4,)), jnp.zeros((4,)), BETA), r"rewards must have shape \[B, 2\]"),
+        (lambda: ops.kl_per_token(jnp.zeros(3), jnp.zeros(3), "k4"), r"kind must be one of"),
+        (lambda: ppo.gae(jnp.zeros((2, 3)), jnp.zeros((2, 4)), jnp.ones((2, 3))), r"equal shapes"),
+        (lambda: ppo.gae(jnp.zeros(3), jnp.zeros(3), jnp.ones(3)), r"rewards must have shape \[B, T\]"),
+        (lambda: ppo.token_rewards(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.zeros(3), 0.1),
          r"scores must have shape \[B\]"),
-        (lambda: losses.dpo_loss(jnp.zeros(2), jnp.zeros(3), jnp.zeros(2), jnp.zeros(2)), r"equal shapes"),
-        (lambda: losses.bradley_terry_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1))), r"r_chosen must have shape \[B\]"),
-        (lambda: losses.token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32)), r"logits must have shape"),
-        (lambda: losses.sequence_logprob(jnp.zeros((2, 3)), jnp.ones((2, 4))), r"equal shapes"),
-        (lambda: jax.jit(losses.whiten)(jnp.zeros((2, 3)), jnp.ones((3, 2))), r"equal shapes"),  # under jit too
+        (lambda: dpo.dpo_loss(jnp.zeros(2), jnp.zeros(3), jnp.zeros(2), jnp.zeros(2)), r"equal shapes"),
+        (lambda: reward_model.bradley_terry_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1))), r"r_chosen must have shape \[B\]"),
+        (lambda: ops.token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32)), r"logits must have shape"),
+        (lambda: ops.sequence_logprob(jnp.zeros((2, 3)), jnp.ones((2, 4))), r"equal shapes"),
+        (lambda: jax.jit(ops.whiten)(jnp.zeros((2, 3)), jnp.ones((3, 2))), r"equal shapes"),  # under jit too
     ],
 )
 def test_bad_shapes_raise(call, message):

@@ -1,0 +1,147 @@
+"""What a valid config value is, stated beside the field it constrains.
+
+A config field carries its constraint as `typing.Annotated` metadata,
+
+    lr: Annotated[float, Positive] = 1e-3
+    clip: Annotated[str, OneOf("separate", "joint")] = "joint"
+
+and `config.validate` walks the whole tree once, before anything reads a checkpoint or
+compiles, turning the first violation into one line that names the dotted key. `None` (an
+optional field left unset) and, for paths, `""` (unset) always pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key (the commands exit 2)."""
+
+
+class Check:
+    def problem(self, value) -> str | None:
+        """Why `value` is invalid, or None if it is fine."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Range(Check):
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False           # lo itself excluded
+    hi_open: bool = False
+
+    def problem(self, value):
+        low_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        high_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        if low_ok and high_ok:
+            return None
+        low = "" if self.lo is None else ("(" if self.lo_open else "[") + f"{self.lo:g}"
+        high = "" if self.hi is None else f"{self.hi:g}" + (")" if self.hi_open else "]")
+        if self.hi is None:
+            return f"must be {'>' if self.lo_open else '>='} {self.lo:g}, got {value}"
+        if self.lo is None:
+            return f"must be {'<' if self.hi_open else '<='} {self.hi:g}, got {value}"
+        return f"must be in {low}, {high}, got {value}"
+
+
+Positive = Range(0, lo_open=True)
+NonNegative = Range(0)
+Probability = Range(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf(Check):
+    choices: tuple
+
+    def __init__(self, *choices):
+        object.__setattr__(self, "choices", choices)
+
+    def problem(self, value):
+        return None if value in self.choices else f"{value!r} is not one of {self.choices}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetOf(Check):
+    """A comma-separated, non-empty list of `choices`."""
+    choices: tuple
+
+    def __init__(self, *choices):
+        object.__setattr__(self, "choices", choices)
+
+    def problem(self, value):
+        items = [s for s in value.split(",") if s]
+        bad = [s for s in items if s not in self.choices]
+        if not items or bad:
+            return f"{value!r}: expected comma-separated values of {self.choices}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern(Check):
+    regex: str
+    what: str
+
+    def problem(self, value):
+        return None if re.fullmatch(self.regex, value) else f"{value!r} is not {self.what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExistingDir(Check):
+    """A local folder that must exist (`""`: unset)."""
+
+    def problem(self, value):
+        if value and not os.path.isdir(os.path.expanduser(value)):
+            return f"no such folder: {value}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class WritableDir(Check):
+    """A folder this process can create (if missing) and write to (`""`: unset)."""
+
+    def problem(self, value):
+        if not value:
+            return None
+        path = os.path.abspath(os.path.expanduser(value))
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            return f"{existing} is not a folder"
+        if not os.access(existing, os.W_OK | os.X_OK) or existing.startswith(("/proc", "/sys")):
+            return f"cannot write under {existing}"
+        return None
+
+
+HUB_ID = r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?"
+
+
+def is_local_path(text: str) -> bool:
+    """Whether `text` names a local folder rather than a hub repository id: it exists, or it
+    starts like a path (/, ./, ../, ~)."""
+    return os.path.exists(os.path.expanduser(text)) or text.startswith(("/", ".", "~"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource(Check):
+    """A hub repository id ("org/name") or an existing local folder (`""`: unset)."""
+
+    def problem(self, value):
+        if not value:
+            return None
+        if is_local_path(value):
+            return None if os.path.isdir(os.path.expanduser(value)) else f"no such folder: {value}"
+        return None if re.fullmatch(HUB_ID, value) else (
+            f"{value!r} is neither a local folder nor a hub id like 'org/name'")
+
+
+def field_checks(cls) -> dict[str, tuple[Check, ...]]:
+    """{field name: its checks} of a dataclass whose hints use `Annotated[type, Check...]`."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: tuple(m for m in getattr(hints[f.name], "__metadata__", ())
+                          if isinstance(m, Check))
+            for f in dataclasses.fields(cls)}

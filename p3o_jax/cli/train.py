@@ -1,0 +1,38 @@
+"""Train: SFT -> reward model -> RL, then the evaluation table (p3o_jax/pipeline.py).
+
+    python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
+
+Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
+(also a checkpoint written with an incompatible one); 75 stopped by SIGTERM/SIGINT with a
+checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
+(immediate exit).
+"""
+from __future__ import annotations
+
+import sys
+
+from p3o_jax import checkpoint, distributed
+from p3o_jax.config import ConfigError, from_args
+from p3o_jax.pipeline import run_experiment
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = from_args(argv)
+        distributed.initialize(cfg.dist)  # before anything touches a device
+        run_experiment(cfg)               # resolves the config before anything else
+    except ConfigError as e:  # also: a checkpoint written with an incompatible config
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except checkpoint.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except checkpoint.Preempted as e:
+        print(e, file=sys.stderr)
+        return checkpoint.EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

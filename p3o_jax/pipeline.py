@@ -1,0 +1,332 @@
+"""The RLHF pipeline: SFT -> reward model -> RL (any algorithm of `p3o_jax.algos`), then the
+evaluation table. `run_experiment(cfg)` is the library's entry point; `p3o_jax.cli.train` its
+command line.
+
+Stages run in order (`stages=sft,rm,rl`); a stage left out is loaded from `<out_dir>/<stage>`
+(RL's from `<out_dir>/<algo>`). Each stage writes its params there, metrics go to
+`<out_dir>/metrics.jsonl` and TensorBoard (`<out_dir>/tb`), the config to
+`<out_dir>/config.json`, and the final table to `<out_dir>/summary.json` and stdout.
+Checkpoints go to `<out_dir>/ckpt/<stage>` (RL: `ckpt/<algo>`); running the same command again
+continues where the last run stopped (p3o_jax/checkpoint.py).
+
+Several processes (TPU pod hosts, SLURM tasks, `scripts/launch_local.py`) run the same command
+as one run: each builds only its rows of every batch (`Run.batch`), and process 0 alone writes
+the files above (p3o_jax/distributed.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+
+import jax
+import numpy as np
+
+from p3o_jax import checkpoint, hf, memory_plan
+from p3o_jax import model as M
+from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
+from p3o_jax.checkpoint import load_params, save_params, skip_nonfinite
+from p3o_jax.config import ConfigError, ExperimentConfig, resolve
+from p3o_jax.data import fixtures
+from p3o_jax.distributed import concat_rows, is_main_process, to_host
+from p3o_jax.evaluate import compare, evaluate_policy, win_rate
+from p3o_jax.logger import MetricsLogger, format_table
+from p3o_jax.rl import RLIteration, initial_params, rl_optimizer
+from p3o_jax.rollout import response_logprobs, response_reward
+from p3o_jax.sampler import sample_pairs
+from p3o_jax.sharding import make_mesh
+from p3o_jax.stage import Run, stage_loop
+from p3o_jax.tasks import Task, TextRLHF, ToyRLHF
+from p3o_jax.train_state import (create_state, gradient_step, jit_step, make_optimizer,
+                                 param_shardings, state_shardings)
+
+
+def init_sharded(model_cfg: M.ModelConfig, key, mesh):
+    return jax.jit(lambda k: M.init_params(model_cfg, k),
+                   out_shardings=param_shardings(model_cfg, mesh))(key)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT and the reward model
+
+def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, steps, optim):
+    """SFT and reward modelling: `steps` optimizer steps of `loss_fn(params, batch, cfg)`,
+    `batches(i)` giving step i's batch on the mesh."""
+    tx = make_optimizer(optim, steps)
+    shardings = state_shardings(model_cfg, tx, run.mesh)
+    state = create_state(params, tx, shardings)
+    loss = functools.partial(loss_fn, cfg=model_cfg)
+    update = jit_step(skip_nonfinite(gradient_step(loss)), shardings, batches(0), run.mesh)
+
+    def step(i, state, carry):
+        return *update(state, batches(i)), carry
+    return stage_loop(run, stage, stage, state, steps, step).params
+
+
+def initial_policy(run: Run):
+    """SFT's starting params: `base_model`'s weights (its architecture is already
+    `cfg.policy`, see `config.resolve`), or `cfg.policy` initialised at random."""
+    cfg = run.cfg
+    if not cfg.base_model:
+        return init_sharded(cfg.policy, run.key(1), run.mesh)
+    _, params = hf.load_pretrained(cfg.base_model, run.mesh, dtype=cfg.policy.dtype,
+                                   param_dtype=cfg.policy.param_dtype)
+    return params
+
+
+def sft_rows(task: Task, batch_size: int, step: int, start: int, stop: int) -> dict:
+    """Rows `start .. stop - 1` of SFT step `step`'s batch. `sft_batch(n, k)` is rows
+    `k * n .. (k + 1) * n - 1` of one stream, so the rows are read in blocks whose size
+    divides their offset: one block, `sft_batch(batch_size, step)` itself, in a single
+    process."""
+    first, count = step * batch_size + start, stop - start
+    size = math.gcd(first, count)
+    return concat_rows([task.sft_batch(size, (first + k) // size) for k in range(0, count, size)])
+
+
+def stage_sft(run: Run):
+    c = run.cfg.sft
+    batches = lambda i: run.batch(c.batch_size, functools.partial(sft_rows, run.task,
+                                                                  c.batch_size, i))
+    return train_supervised(run, "sft", initial_policy(run), run.cfg.policy, sft.loss, batches,
+                            c.steps, c.optim)
+
+
+def sample_responses(run: Run, params, prompts, prompt_mask):
+    """Two responses per prompt from `params`, in chunks of `rl.prompts_per_iter` prompts:
+    numpy [n, 2, N] tokens and mask (n rounded down to whole chunks)."""
+    chunk, out = run.cfg.rl.prompts_per_iter, []
+    n = len(prompts) // chunk * chunk
+    for start in range(0, n, chunk):
+        p = run.batch(chunk, lambda a, b: {"ids": prompts[start + a:start + b],
+                                           "mask": prompt_mask[start + a:start + b]})
+        s = sample_pairs(params, run.cfg.policy, run.sampling, p["ids"], p["mask"],
+                         run.key(2, start), n=2)
+        out.append(to_host((s.tokens, s.mask)))
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+
+
+def stage_rm(run: Run, sft_params):
+    cfg, c = run.cfg, run.cfg.rm
+    n_pairs = c.n_pairs // cfg.rl.prompts_per_iter * cfg.rl.prompts_per_iter
+    data = run.task.preference_data(
+        n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), cfg.seed)
+    if is_main_process():  # atomically: offline DPO and the frontier's runs read it later
+        np.savez(run.path("preferences.tmp.npz"), **data)
+        os.replace(run.path("preferences.tmp.npz"), run.path("preferences.npz"))
+    n_val = max(len(data["tokens"]) // 10 // c.batch_size, 1) * c.batch_size  # splits evenly
+    train = {k: v[n_val:] for k, v in data.items()}
+    rng = np.random.default_rng(cfg.seed)
+    order = np.concatenate([rng.permutation(len(train["tokens"]))
+                            for _ in range(c.steps * c.batch_size // len(train["tokens"]) + 1)])
+
+    def batches(i):
+        idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+        return run.batch(c.batch_size, lambda a, b: {
+            k: train[k][idx[a:b]] for k in ("tokens", "mask", "resp_mask")})
+    init = (sft_params if cfg.rm_model == cfg.policy
+            else init_sharded(cfg.rm_model, run.key(3), run.mesh))
+    params = train_supervised(run, "rm", init, cfg.rm_model, reward_model.loss, batches,
+                              c.steps, c.optim)
+    P = data["tokens"].shape[-1] - data["resp_mask"].shape[-1]
+    reward = jax.jit(lambda p, t, m: response_reward(p, cfg.rm_model, t, m, P))
+    r = np.concatenate([  # the held-out pairs, a training batch at a time
+        to_host(reward(params, *run.batch(c.batch_size, lambda a, b: (
+            data["tokens"][s + a:s + b], data["mask"][s + a:s + b]))))
+        for s in range(0, n_val, c.batch_size)])
+    metrics = {"val_accuracy": win_rate(r[:, 0], r[:, 1])[0]}  # agreement with the labels
+    if "gold" in data:  # and with the gold ordering (the annotator is noisy, gold is not)
+        gold = data["gold"][:n_val]
+        metrics["val_gold_agreement"] = win_rate(
+            np.sign(r[:, 0] - r[:, 1]) * np.sign(gold[:, 0] - gold[:, 1]), 0.0)[0]
+    run.logger.log("rm", c.steps, metrics)
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# RL
+
+def policy_evaluator(run: Run, sft_params, rm_params):
+    """The eval prompts and `evaluate(policy_params)`, the per-prompt results of a policy on
+    them (the same prompts and sampling key for every policy): `final_table` and
+    `rl.eval_every`."""
+    p = run.prompts(run.cfg.eval_prompts, "eval")
+    return p, lambda params: evaluate_policy(params, sft_params, rm_params, run.cfg.policy,
+                                             run.cfg.rm_model, p["ids"], p["mask"], run.key(5),
+                                             run.sampling, run.task.gold_reward)
+
+
+def eval_along(run: Run, sft_params, rm_params, total: int):
+    """`evaluate(step, state)` for `stage_loop`: every `rl.eval_every` steps and at the end,
+    the policy against the SFT policy on the eval prompts; None when not due or off."""
+    every = run.cfg.rl.eval_every
+    if not every:
+        return None
+    _, evaluate = policy_evaluator(run, sft_params, rm_params)
+    sft_eval = evaluate(sft_params)
+    return lambda step, state: (compare(evaluate(state.params["policy"]), sft_eval)
+                                if step % every == 0 or step == total else None)
+
+
+def gold_of_samples(run: Run, prompts, samples) -> float:
+    """Mean gold reward of sampled responses [B, K, N] (tasks that know it)."""
+    ids, mask, tokens, resp_mask = to_host((prompts["ids"], prompts["mask"], samples.tokens,
+                                            samples.mask))
+    return float(np.mean([run.task.gold_reward(ids, mask, tokens[:, k], resp_mask[:, k])
+                          for k in range(tokens.shape[1])]))
+
+
+def stage_rl(run: Run, sft_params, rm_params):
+    """Online RL: `rl.iterations` of `RLIteration` (sample -> score -> prepare -> update),
+    prompts and sampling keys addressed by the iteration, the algorithm's carry checkpointed."""
+    cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
+    if algo.offline:
+        return stage_offline(run, sft_params, rm_params)
+    iteration = RLIteration(cfg, run.mesh, run.sampling)
+    state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
+
+    def step(it, state, carry):
+        prompts = run.prompts(cfg.rl.prompts_per_iter, "rl", start=it * cfg.rl.prompts_per_iter)
+        state, samples, metrics = iteration(state, carry, sft_params, rm_params, prompts,
+                                            run.key(4, it))
+        if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
+            metrics["gold_reward"] = gold_of_samples(run, prompts, samples)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        return state, metrics, algo.next_carry(carry, metrics, cfg)
+
+    state = stage_loop(run, "rl", f"rl:{algo.name}", state, cfg.rl.iterations, step,
+                       carry=algo.init_carry(cfg), log_every=1, show=("rm_reward", "kl_k1"),
+                       evaluate=eval_along(run, sft_params, rm_params, cfg.rl.iterations))
+    return state.params["policy"]
+
+
+def offline_steps(cfg: ExperimentConfig) -> int:
+    """Steps of an offline algorithm: `dpo.epochs` passes of `rl.prompts_per_iter` pairs over
+    the `rm.n_pairs` preference pairs."""
+    chunk = cfg.rl.prompts_per_iter
+    return cfg.dpo.epochs * (cfg.rm.n_pairs // chunk * chunk) // chunk
+
+
+def stage_offline(run: Run, sft_params, rm_params):
+    """Offline DPO on the reward model's preference data (chosen first): the reference's
+    log-probs once, then `offline_steps` updates of `rl.prompts_per_iter` pairs."""
+    cfg, mesh = run.cfg, run.mesh
+    path = run.path("preferences.npz")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: offline DPO needs the preference data the rm stage writes")
+    data = dict(np.load(path))
+    chunk = cfg.rl.prompts_per_iter
+    n = len(data["tokens"]) // chunk * chunk
+    data = {k: data[k][:n] for k in ("tokens", "mask", "resp_mask")}
+    P = data["tokens"].shape[-1] - data["resp_mask"].shape[-1]
+    ref_logp = jax.jit(lambda p, t, m: response_logprobs(p, cfg.policy, t, m, P,
+                                                         cfg.rl.temperature))
+    logp_ref = np.concatenate([
+        to_host(ref_logp(sft_params, *run.batch(chunk, lambda a, b: (data["tokens"][s + a:s + b],
+                                                                      data["mask"][s + a:s + b]))))
+        for s in range(0, n, chunk)])
+    buffer = dpo.preference_rollout(data, logp_ref)
+    steps = offline_steps(cfg)
+    # each chunk of pairs is used once (`dpo.epochs` passes over the data instead of epochs
+    # over a rollout buffer): the update of `RLIteration` with rl.epochs = 1
+    once = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, epochs=1))
+    iteration = RLIteration(once, mesh, run.sampling, rl_optimizer(once, steps * cfg.rl.minibatches))
+    state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
+    rng = np.random.default_rng(cfg.seed)
+    order = np.concatenate([rng.permutation(n) for _ in range(cfg.dpo.epochs)])
+
+    def step(it, state, carry):
+        idx = order[it * chunk:(it + 1) * chunk]
+        batch = run.batch(chunk, lambda a, b: jax.tree.map(lambda x: x[idx[a:b]], buffer))
+        if iteration.update is None:
+            iteration.update = jit_step(iteration._update, iteration.shardings, batch, mesh)
+        return *iteration.update(state, batch), carry
+
+    state = stage_loop(run, "rl", "rl:dpo_offline", state, steps, step,
+                       evaluate=eval_along(run, sft_params, rm_params, steps))
+    return state.params["policy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and the final table
+
+def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
+    p, ev = policy_evaluator(run, sft_params, rm_params)
+    results = {"sft": ev(sft_params)}
+    if rl_params is not None:
+        results[run.cfg.algo] = ev(rl_params)
+    rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
+    summary = {"rows": rows}
+    ids, mask = to_host((p["ids"], p["mask"]))
+    if not is_main_process():
+        return summary
+    columns = ["policy", "gold", "gold_se", "rm", "rm_se", "kl_k1", "kl_k1_se", "kl_k3", "length",
+               "win_gold", "win_gold_se", "win_rm", "win_rm_se"]
+    print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
+    print("\nsamples from the final policy:")
+    last = results[list(results)[-1]]
+    print(run.task.format_samples(ids, mask, last["tokens"], last["mask"], n=3))
+    with open(run.path("summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def make_task(cfg: ExperimentConfig) -> Task:
+    """The task of `cfg.task`. Real data is built here, before anything compiles; with
+    `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`."""
+    if cfg.task == "toy":
+        return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
+    data_cfg = (fixtures.smoke_data(cfg.data, cfg.task, os.path.join(cfg.out_dir, "smoke_data"))
+                if cfg.smoke else cfg.data)
+    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model, cfg.seed)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    """Every stage of `cfg` (checked and resolved first), then the evaluation table."""
+    cfg = resolve(cfg, jax.device_count())
+    task = make_task(cfg)
+    if cfg.policy.vocab_size < task.vocab_size:
+        raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
+                          f"vocabulary of {task.vocab_size}")
+    if cfg.dist.check_memory:
+        memory_plan.check_config(cfg, jax.device_count(), memory_plan.device_budget(cfg.dist))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if is_main_process():
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()))
+    stages = cfg.stage_list
+    if not cfg.resume:
+        for name in stages:
+            checkpoint.discard(cfg, name)
+
+    def stage(name, output, model_cfg, train):
+        """`train()` the stage and save its params to `<out_dir>/<output>`, or load them from
+        there if the stage is left out or finished in an earlier run."""
+        path = run.path(output)
+        done = (name in stages and cfg.resume and checkpoint.finished(cfg, name)
+                and os.path.isdir(path))
+        if done:
+            print(f"{name}: finished in an earlier run, loading {path}", file=sys.stderr)
+        if name not in stages or done:
+            return load_params(path, model_cfg, mesh)
+        checkpoint.stop_if_preempted(f"before the {name} stage")
+        params = train()
+        save_params(path, params)
+        return params
+
+    try:
+        with jax.set_mesh(mesh), checkpoint.handle_preemption():
+            sft_params = stage("sft", "sft", cfg.policy, lambda: stage_sft(run))
+            rm_params = stage("rm", "rm", cfg.rm_model, lambda: stage_rm(run, sft_params))
+            policy = (stage("rl", cfg.algo, cfg.policy,
+                            lambda: stage_rl(run, sft_params, rm_params))
+                      if "rl" in stages else None)
+            checkpoint.stop_if_preempted("before the final evaluation")
+            return final_table(run, sft_params, policy, rm_params)
+    finally:
+        run.logger.close()

@@ -1,0 +1,99 @@
+"""What every stage shares: the run's context (`Run`) and the one stage loop,
+restore -> step -> log -> checkpoint -> finish, that SFT, the reward model, online RL and
+offline DPO all run (`stage_loop`)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+from tqdm.auto import tqdm
+
+from p3o_jax.checkpoint import StageCheckpoints
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.distributed import is_main_process, local_rows
+from p3o_jax.logger import MetricsLogger
+from p3o_jax.sampler import SamplingConfig
+from p3o_jax.sharding import shard_batch
+from p3o_jax.tasks import Task
+
+
+@dataclasses.dataclass
+class Run:
+    """What every stage needs: the resolved config, mesh, task, logger."""
+    cfg: ExperimentConfig
+    mesh: jax.sharding.Mesh
+    task: Task
+    logger: MetricsLogger
+
+    def path(self, name: str) -> str:
+        return os.path.abspath(os.path.join(self.cfg.out_dir, name))
+
+    @functools.cached_property
+    def sampling(self) -> SamplingConfig:
+        """How RL, the reward model's pairs and evaluation sample (`rl.*` and the task's)."""
+        rl = self.cfg.rl
+        return SamplingConfig(max_new_tokens=self.task.response_len,
+                              temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                              eos_id=self.task.eos_id, pad_id=self.task.pad_id)
+
+    def key(self, *tags: int) -> jax.Array:
+        key = jax.random.key(self.cfg.seed)
+        for t in tags:
+            key = jax.random.fold_in(key, t)
+        return key
+
+    def batch(self, n: int, read):
+        """A global batch of `n` rows on the mesh, of which this process builds only the rows
+        its devices hold: `read(start, stop)` gives rows `start .. stop - 1` as numpy."""
+        return shard_batch(local_rows(self.mesh, n, read), self.mesh)
+
+    def prompts(self, n: int, split: str, start: int = 0) -> dict:
+        """Prompts `start .. start + n - 1` of `split`: {"ids", "mask"} [n, P] on the mesh."""
+        def read(a, b):
+            ids, mask = self.task.prompts(b - a, split, start + a)
+            return {"ids": ids, "mask": mask}
+        return self.batch(n, read)
+
+
+def progress(desc: str, start: int, total: int):
+    """Steps `start .. total - 1` behind a progress bar (process 0's only)."""
+    return tqdm(range(start, total), desc=desc, initial=start, total=total, dynamic_ncols=True,
+                disable=not is_main_process())
+
+
+def stage_loop(run: Run, stage: str, label: str, state, total: int, step, *, carry=None,
+               log_every: int | None = None, evaluate=None, show=("loss",)):
+    """Run `step(i, state, carry) -> (state, metrics, carry)` for i in 0 .. total - 1 from the
+    stage's newest checkpoint, log metrics under `label` (every `log_every` steps, the last, and
+    any skipped update; default `cfg.log_every`), checkpoint with the carry, and finish.
+
+    `carry`: JSON-able scalars the loop threads through and checkpoints (PPO's `kl_coef`).
+    `evaluate(step, state) -> metrics or None`: asked at step 0 of a fresh start and after
+    every step (None: not due); its rows are logged as `eval:<label's algorithm>`.
+    Returns the final state.
+    """
+    log_every = log_every or run.cfg.log_every
+    eval_label = "eval:" + label.partition(":")[2] if evaluate is not None else None
+
+    def log_eval(i, state):
+        if evaluate is not None and (metrics := evaluate(i, state)) is not None:
+            run.logger.log(eval_label, i, metrics)
+
+    with StageCheckpoints(run.cfg, stage, total) as ckpt:
+        state, meta = ckpt.restore(state, **(carry or {}))
+        carry = {k: meta[k] for k in carry or {}}
+        run.logger.rewind(label, meta["step"], eval_label)
+        if meta["step"] == 0:
+            log_eval(0, state)
+        bar = progress(label, meta["step"], total)
+        for i in bar:
+            state, metrics, carry = step(i, state, carry)
+            if i % log_every == 0 or i == total - 1 or metrics["skipped_nonfinite"]:
+                m = run.logger.log(label, i, metrics)
+                bar.set_postfix({k: f"{m[k]:.3f}" for k in show if k in m})
+            log_eval(i + 1, state)
+            ckpt.end_step(i + 1, state, metrics, **carry)
+        ckpt.finish(state, **carry)
+    return state
