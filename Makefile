@@ -2,7 +2,7 @@
 # Each creates .venv on first use (and again whenever a requirements file changes).
 #   ACCEL=cpu|cuda|tpu  picks the jax extra (default cpu)
 #   EXP=toy|tldr|hh     picks experiments/$(EXP).py (default toy: offline, CPU, minutes)
-#   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo p3o.beta=0.1"
+#   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo rl.beta=0.1"
 ACCEL ?= cpu
 EXP ?= toy
 ARGS ?=
@@ -30,16 +30,16 @@ $(VENV)/.test-$(ACCEL): requirements-test.txt $(VENV)/.runtime-$(ACCEL)
 	touch $@
 
 train: $(VENV)/.runtime-$(ACCEL)
-	$(PY) -m p3o_jax.train exp=$(EXP) $(ARGS)
+	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
 test: $(VENV)/.test-$(ACCEL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 frontier: $(VENV)/.runtime-$(ACCEL)
-	$(PY) -m p3o_jax.frontier exp=$(EXP) $(ARGS)
+	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
 
 bench: $(VENV)/.test-$(ACCEL)
-	$(PY) -m p3o_jax.bench $(ARGS)
+	$(PY) -m p3o_jax.cli.bench $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -2,7 +2,7 @@
 
 Each comparison builds both variants in one process and times them in alternation (the
 machine is a shared VM whose speed drifts by 20% between minutes; alternating keeps that drift
-out of the ratio), reporting medians and minima over `--repeats` rounds.
+out of the ratio), reporting medians and minima over `repeats` rounds.
 
     .venv/bin/python bench/ab.py [only=prompt_once,logp_old,stored_cotangent,eval] [repeats=9]
 

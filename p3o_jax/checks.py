@@ -64,13 +64,8 @@ class OneOf(Check):
         return None if value in self.choices else f"{value!r} is not one of {self.choices}"
 
 
-@dataclasses.dataclass(frozen=True)
-class SubsetOf(Check):
+class SubsetOf(OneOf):
     """A comma-separated, non-empty list of `choices`."""
-    choices: tuple
-
-    def __init__(self, *choices):
-        object.__setattr__(self, "choices", choices)
 
     def problem(self, value):
         items = [s for s in value.split(",") if s]

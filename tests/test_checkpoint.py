@@ -3,7 +3,7 @@ run again ends bit for bit where an uninterrupted run does; a corrupt newest che
 skipped for the one before; non-finite updates are skipped, then stop the run; a checkpoint
 written with another model shape stops the resume naming the field.
 
-The runs are `python -m p3o_jax.train` subprocesses on a config smaller than test_pipeline's
+The runs are `python -m p3o_jax.cli.train` subprocesses on a config smaller than test_pipeline's
 `tiny`, sharing a persistent XLA compilation cache (in .pytest_cache) so that only the first
 session pays the compiles.
 """

@@ -148,7 +148,7 @@ def test_bad_upstream_record_stops_the_run_before_compiling(tmp_path, monkeypatc
     fixtures.write_upstream(manual, "tldr", ())
     bad = dict(fixtures.COMPARISONS["batch3.json"][1], choice=2)
     fixtures.write_jsonl(manual / "batch3.json", [fixtures.COMPARISONS["batch3.json"][0], bad])
-    monkeypatch.setattr(train, "initial_policy", lambda run: pytest.fail("got to SFT"))
+    monkeypatch.setattr(pipeline, "initial_policy", lambda run: pytest.fail("got to SFT"))
     cfg = C.from_args(smoke_args(tmp_path / "run", "tldr", f"data.manual_dir={manual}"))
     with pytest.raises(DataError, match=r"batch3\.json:2: field 'choice' must be 0 or 1, got 2"):
         pipeline.run_experiment(cfg)

@@ -18,7 +18,7 @@ Every workload field is a key (`layers=12 d_model=768 ...`), plus `only`, `repea
 Sections, one JSON line each (every line carries the load average, since the machine is often
 shared): `machine` (the best float32/bfloat16 matmul rate over square sizes and the workload's
 own matmul shapes; the bandwidth of an in-place update and of a sum, at DRAM size and at a
-decode step's working-set size), `iteration` (stage times, medians over `--repeats` iterations
+decode step's working-set size), `iteration` (stage times, medians over `repeats` iterations
 after a compiling one; tokens/s; the decode step against its
 bandwidth and FLOP bounds; MFU), `torch` (transformers' PyTorch `generate` on the same weights
 and shapes, best over thread counts), `memory` (peak resident memory of a P3O and of a PPO
