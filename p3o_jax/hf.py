@@ -267,6 +267,14 @@ def _t(w):
     return np.ascontiguousarray(w.T)
 
 
+def _lm_head_name(cfg: M.ModelConfig) -> str:
+    return "embed_out.weight" if cfg.family == "gpt_neox" else "lm_head.weight"
+
+
+def _is_lm_head(m: Mapping) -> bool:
+    return m.ours[0][0] in ("lm_head", "lm_head_bias")
+
+
 def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
     D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out: list[Mapping] = []
@@ -334,8 +342,6 @@ def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
                 out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
                 out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
         norm(("final_norm",), "gpt_neox.final_layer_norm")
-        if not cfg.tie_embeddings:
-            out.append(_one(("lm_head",), "embed_out.weight", _t, _t))
     elif cfg.family == "gptj":
         out.append(_one(("embed",), "transformer.wte.weight"))
         for i in range(cfg.n_layers):
@@ -348,8 +354,6 @@ def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
                 out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
                 out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
         norm(("final_norm",), "transformer.ln_f")
-        out.append(_one(("lm_head",), "lm_head.weight", _t, _t))
-        out.append(_one(("lm_head_bias",), "lm_head.bias"))
     else:  # llama, qwen2/3, mistral, gemma2/3
         gemma = cfg.family == "gemma"
         out.append(_one(("embed",), "model.embed_tokens.weight"))
@@ -374,8 +378,10 @@ def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
                 if cfg.mlp_bias:
                     out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
         norm(("final_norm",), "model.norm")
-        if not cfg.tie_embeddings:
-            out.append(_one(("lm_head",), "lm_head.weight", _t, _t))
+    if not cfg.tie_embeddings:
+        out.append(_one(("lm_head",), _lm_head_name(cfg), _t, _t))
+    if cfg.lm_head_bias:
+        out.append(_one(("lm_head_bias",), "lm_head.bias"))
     return out
 
 
@@ -512,11 +518,11 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
     for m in _mappings(cfg):
         key = reader.find(m.hf)
         if key is None:
-            if m.ours[0][0].startswith("lm_head") and role == "reward":
+            if _is_lm_head(m) and role == "reward":
                 _set(params, m.ours[0], place(m.ours[0], np.zeros(_get(shapes, m.ours[0]).shape)))
                 continue
             hint = (f": {architectures} is a reward model without an LM head; load it with "
-                    "role='reward'" if score is not None and m.hf.startswith("lm_head") else "")
+                    "role='reward'" if score is not None and _is_lm_head(m) else "")
             raise HFFormatError(f"{reader.origin}: missing tensor {m.hf!r}{hint}")
         used.add(key)
         for p, arr in zip(m.ours, convert(m, key)):
@@ -526,7 +532,7 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
     params["value_head"] = jax.tree.map(
         lambda s, sh: jax.numpy.zeros(s.shape, s.dtype, device=sh),
         shapes["value_head"], shardings["value_head"])
-    tied_head = reader.find("lm_head.weight")
+    tied_head = reader.find(_lm_head_name(cfg))
     if cfg.tie_embeddings and tied_head not in used and tied_head is not None and np.array_equal(
             reader.get(tied_head), reader.get(reader.find(_mappings(cfg)[0].hf))):
         used.add(tied_head)  # a tied LM head stored anyway
@@ -578,7 +584,7 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=Non
                              "last token that is not the pad token")
         hf_config.update(architectures=[SUPPORTED[hf_config["model_type"]][2]],
                          id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-        mappings = [m for m in mappings if not m.hf.startswith("lm_head.")]  # it has no LM head
+        mappings = [m for m in mappings if not _is_lm_head(m)]  # the class has no LM head
         head = to_host(params["reward_head"])
         tensors["score.weight"] = np.asarray(head["w"], np.float32)[None]
         if float(head["b"]) != 0:
