@@ -93,7 +93,7 @@ def test_sharded_index_is_read(saved, tmp_path):
     chex.assert_trees_all_equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_sharded_forward_equals_single_device(family, tmp_path):
     assert jax.device_count() == 8
     save_torch_model(family, tmp_path)
