@@ -95,7 +95,8 @@ def _rope(hf, raw: dict, file: str) -> dict:
 
 def _rope_fields(rope: dict) -> dict:
     """ModelConfig fields of one standardised rope_parameters dict."""
-    scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    scaling = {k: v for k, v in rope.items()
+               if k not in ("rope_theta", "partial_rotary_factor", "type")}  # type: legacy rope_type
     if scaling.get("rope_type", "default") == "default":
         scaling = {}
     return dict(rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling)
