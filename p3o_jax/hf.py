@@ -455,7 +455,7 @@ def resolve(path_or_repo: str) -> str:
 
 
 # Tensors transformers recomputes rather than loads (old checkpoints stored them).
-_BUFFERS = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|embed_positions)$")
+_BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|embed_positions)$")
 
 
 def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **config_overrides):
@@ -475,7 +475,8 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
     path = resolve(path_or_repo)
     cfg = config_from_hf(path, **config_overrides)
     config_file = os.path.join(path, "config.json")
-    architectures = _read_json(config_file).get("architectures") or []
+    raw_config = _read_json(config_file)
+    architectures = raw_config.get("architectures") or []
     reader = _SafetensorsReader(path)
     axes = M.param_axes(cfg)
     shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
@@ -505,18 +506,19 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
 
     score, reward_w = reader.find("score.weight"), np.zeros(cfg.d_model)
     if score is not None:
-        labels = len(_read_json(config_file).get("id2label") or {0: 0})
+        labels = len(raw_config.get("id2label") or {0: 0})
         if labels != 1:
             raise HFFormatError(f"{config_file}: num_labels={labels} (id2label); a reward model "
                                 "needs exactly one score ('score.weight' [1, d_model])")
-        (reward_w,) = convert(Mapping("score.weight", (("reward_head", "w"),),
-                                      lambda w: (w[0],) if w.shape[0] == 1 else (w,), None), score)
+        one_row = lambda w: (w[0],) if w.shape == (1, cfg.d_model) else ()  # noqa: E731
+        (reward_w,) = convert(Mapping("score.weight", (("reward_head", "w"),), one_row, None),
+                              score)
     elif role == "reward":
         raise HFFormatError(f"{reader.origin}: no tensor 'score.weight': not a reward model "
                             f"(architectures {architectures}); role='reward' needs a "
                             "*ForSequenceClassification checkpoint")
-    used, params = {score} - {None}, {}
-    for m in _mappings(cfg):
+    used, params, mappings = {score} - {None}, {}, _mappings(cfg)
+    for m in mappings:
         key = reader.find(m.hf)
         if key is None:
             if _is_lm_head(m) and role == "reward":
@@ -534,8 +536,9 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
         lambda s, sh: jax.numpy.zeros(s.shape, s.dtype, device=sh),
         shapes["value_head"], shardings["value_head"])
     tied_head = reader.find(_lm_head_name(cfg))
-    if cfg.tie_embeddings and tied_head not in used and tied_head is not None and np.array_equal(
-            reader.get(tied_head), reader.get(reader.find(_mappings(cfg)[0].hf))):
+    embed = next(reader.find(m.hf) for m in mappings if m.ours == (("embed",),))
+    if cfg.tie_embeddings and tied_head is not None and np.array_equal(reader.get(tied_head),
+                                                                       reader.get(embed)):
         used.add(tied_head)  # a tied LM head stored anyway
     ignored = sorted(k for k in reader.files if k not in used and not _BUFFERS.search(k))
     if ignored:
