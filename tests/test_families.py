@@ -186,3 +186,20 @@ def test_ignored_tensors_are_named(llama_dir, tmp_path):
     _copy(llama_dir, tmp_path, {**tensors, "model.layers.0.mlp.extra.weight": np.ones(3, np.float32)})
     with pytest.warns(UserWarning, match=r"ignored 1 tensor.*model\.layers\.0\.mlp\.extra\.weight"):
         hf.load_pretrained(str(tmp_path))
+
+
+def test_reward_export_takes_the_tokenizer_pad_id(tmp_path):
+    from p3o_jax.data.fixtures import tiny_tokenizer
+    save_torch_model("gpt_neox", tmp_path / "rm", reward=True)
+    cfg, params = hf.load_pretrained(str(tmp_path / "rm"), role="reward")
+    with pytest.raises(ValueError, match="pad_token_id"):
+        hf.save_pretrained(params, cfg, str(tmp_path / "nopad"), as_reward_model=True)
+    params["reward_head"]["b"] = jnp.asarray(0.5)
+    tokenizer = tiny_tokenizer(300)
+    with pytest.warns(UserWarning, match="reward head bias 0.5"):
+        hf.save_pretrained(params, cfg, str(tmp_path / "out"), tokenizer=tokenizer,
+                           as_reward_model=True)
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "out")).pad_token_id == \
+        tokenizer.pad_token_id
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == \
+        tokenizer.vocab_size
