@@ -122,9 +122,14 @@ class ModelConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"model.rope_scaling: rope_type {rope_type!r} is not supported; "
                              f"expected one of {ROPE_TYPES}")
-        if any(not 0 <= i < self.n_layers for i in self.sliding_layers):
-            raise ValueError(f"model.sliding_layers: {self.sliding_layers} not all in "
-                             f"[0, {self.n_layers})")
+        try:
+            rope_frequencies(self)
+        except KeyError as e:
+            raise ValueError(f"model.rope_scaling: rope_type {rope_type!r} needs {e}") from None
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers) or (
+                self.sliding_layers and not self.sliding_window):
+            raise ValueError(f"model.sliding_layers: {self.sliding_layers} needs a "
+                             f"sliding_window and layers in [0, {self.n_layers})")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype: unsupported {self.dtype!r}")
 

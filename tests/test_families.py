@@ -203,3 +203,19 @@ def test_reward_export_takes_the_tokenizer_pad_id(tmp_path):
         tokenizer.pad_token_id
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).vocab_size == \
         tokenizer.vocab_size
+
+
+def test_model_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"model\.rope_scaling: rope_type 'llama3' needs "
+                                         r"'low_freq_factor'"):
+        M.ModelConfig(family="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match=r"model\.rope_scaling: rope_type 'dynamic'"):
+        M.ModelConfig(family="llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"model\.sliding_layers"):
+        M.ModelConfig(family="gemma", sliding_layers=[0])
+    # JSON (lists, dicts) and tuples give one hashable config
+    a = M.ModelConfig(family="gemma", sliding_window=4, sliding_layers=[0],
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    b = M.ModelConfig(family="gemma", sliding_window=4, sliding_layers=(0,),
+                      rope_scaling=[["factor", 2.0], ["rope_type", "linear"]])
+    assert a == b and hash(a) == hash(b)
