@@ -119,7 +119,7 @@ def test_sharded_forward_equals_single_device(family, tmp_path):
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(reference), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gptj", "gemma3"])
 def test_bfloat16_compute_is_close(family, tmp_path):
     save_torch_model(family, tmp_path)
     cfg, params = hf.load_pretrained(str(tmp_path))
