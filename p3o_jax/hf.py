@@ -419,7 +419,10 @@ class _SafetensorsReader:
             self.origin = single
             self.files = {k: single for k in self._handle(single).keys()}
         else:
-            raise HFFormatError(f"{path}: no model.safetensors or model.safetensors.index.json")
+            bins = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
+            hint = f" (found {', '.join(bins)}: only safetensors are read)" if bins else ""
+            raise HFFormatError(f"{path}: no model.safetensors or model.safetensors.index.json"
+                                + hint)
 
     def _handle(self, file: str):
         if file not in self._open:

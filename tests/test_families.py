@@ -219,3 +219,9 @@ def test_model_config_errors_name_the_field():
     b = M.ModelConfig(family="gemma", sliding_window=4, sliding_layers=(0,),
                       rope_scaling=[["factor", 2.0], ["rope_type", "linear"]])
     assert a == b and hash(a) == hash(b)
+
+
+def test_pytorch_bin_only_folder_is_named(llama_dir, tmp_path):
+    _copy(llama_dir, tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0")
+    _one_line_error(tmp_path, r"no model\.safetensors.*found pytorch_model\.bin: only safetensors")
