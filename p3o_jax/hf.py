@@ -128,21 +128,21 @@ def config_from_hf(path: str, **overrides) -> M.ModelConfig:
         if family == "gptj":
             rotary_dim = hf.rotary_dim or hf.n_embd // hf.n_head
             kw.update(rotary_pct=rotary_dim / (hf.n_embd // hf.n_head))
-        return M.ModelConfig(family=family, **dict(kw, **overrides))
-    rope = _rope(hf, raw, file)
-    common = dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size,
+    else:
+        rope = _rope(hf, raw, file)
+        kw = dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size,
                   n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
                   d_ff=hf.intermediate_size, max_len=hf.max_position_embeddings,
                   tie_embeddings=hf.tie_word_embeddings)
     if family == "gpt_neox":
-        kw = dict(common, **_rope_fields(rope), activation=hf.hidden_act,
-                  norm_eps=hf.layer_norm_eps, rotary_pct=rope.get("partial_rotary_factor", 1.0),
+        kw.update(**_rope_fields(rope), activation=hf.hidden_act, norm_eps=hf.layer_norm_eps,
+                  rotary_pct=rope.get("partial_rotary_factor", 1.0),
                   parallel_residual=hf.use_parallel_residual,
                   qkv_bias=hf.attention_bias, out_bias=hf.attention_bias)
-        return M.ModelConfig(family=family, **dict(kw, **overrides))
-    window = getattr(hf, "sliding_window", None)
-    layer_types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
-    common.update(norm_eps=hf.rms_norm_eps, n_kv_heads=hf.num_key_value_heads,
+    elif family in ("llama", "gemma"):
+        window = getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+        kw.update(norm_eps=hf.rms_norm_eps, n_kv_heads=hf.num_key_value_heads,
                   head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
                   sliding_window=window,
                   sliding_layers=[i for i, t in enumerate(layer_types)
@@ -154,21 +154,24 @@ def config_from_hf(path: str, **overrides) -> M.ModelConfig:
             raise HFFormatError(f"{file}: rope_parameters.sliding_attention.rope_type "
                                 f"{local['rope_type']!r} is not supported (only the global "
                                 "layers' RoPE may be scaled)")
-        kw = dict(common, **_rope_fields(rope.get("full_attention", rope)),
+        kw.update(**_rope_fields(rope.get("full_attention", rope)),
                   activation=hf.hidden_activation, qk_norm=gemma3,
                   rope_local_theta=local.get("rope_theta") if gemma3 else None,
                   query_pre_attn_scalar=hf.query_pre_attn_scalar,
                   attn_softcap=hf.attn_logit_softcapping,
                   final_softcap=hf.final_logit_softcapping,
                   qkv_bias=hf.attention_bias, out_bias=hf.attention_bias)
+    elif family == "llama":
+        qwen2 = model_type == "qwen2"
+        kw.update(**_rope_fields(rope), activation=hf.hidden_act,
+                  qk_norm=model_type == "qwen3",
+                  qkv_bias=True if qwen2 else getattr(hf, "attention_bias", False),
+                  out_bias=False if qwen2 else getattr(hf, "attention_bias", False),
+                  mlp_bias=getattr(hf, "mlp_bias", False))
+    try:
         return M.ModelConfig(family=family, **dict(kw, **overrides))
-    qwen2 = model_type == "qwen2"
-    kw = dict(common, **_rope_fields(rope), activation=hf.hidden_act,
-              qk_norm=model_type == "qwen3",
-              qkv_bias=True if qwen2 else getattr(hf, "attention_bias", False),
-              out_bias=False if qwen2 else getattr(hf, "attention_bias", False),
-              mlp_bias=getattr(hf, "mlp_bias", False))
-    return M.ModelConfig(family=family, **dict(kw, **overrides))
+    except ValueError as e:  # e.g. heads not a multiple of kv heads
+        raise HFFormatError(f"{file}: {e}") from e
 
 
 def _llama_model_type(cfg: M.ModelConfig) -> str:
