@@ -1,28 +1,32 @@
-"""Hugging Face interop: read and write `config.json` + safetensors for the three families.
+"""Hugging Face interop: read and write `config.json` + safetensors for every family.
 
 `load_pretrained` reads a local folder (or a hub name, resolved through `huggingface_hub`),
 maps each HF tensor to our layout one at a time from the memory-mapped safetensors file and
 places it straight onto the mesh with `jax.make_array_from_callback`, so no device ever holds an
-unsharded copy. `save_pretrained` writes a folder that transformers' PyTorch classes load.
+unsharded copy. `save_pretrained` writes a folder that transformers' PyTorch classes load, as a
+causal LM or (`as_reward_model=True`) as `*ForSequenceClassification`.
 
 Layout map (ours <- HF), per layer; D d_model, H/K heads, E head dim, F MLP width:
 
-| ours                   | gpt2 (Conv1D: [in, out])   | gpt_neox ([out, in])          | llama / qwen2 ([out, in]) |
-|------------------------|----------------------------|-------------------------------|---------------------------|
-| attn.wq/wk/wv [D,H,E]  | c_attn.weight [D, 3D]      | query_key_value [H*3*E, D]    | q/k/v_proj [H*E, D]       |
-| attn.wo [H,E,D]        | c_proj.weight [D, D]       | dense [D, D]                  | o_proj [D, H*E]           |
-| mlp.w_in [D,F]         | c_fc.weight                | dense_h_to_4h [F, D]          | gate_proj (activated)     |
-| mlp.w_up [D,F]         | -                          | -                             | up_proj                   |
-| mlp.w_out [F,D]        | mlp.c_proj.weight          | dense_4h_to_h [D, F]          | down_proj [D, F]          |
+| ours                   | gpt2 (Conv1D: [in, out]) | gpt_neox ([out, in])       | gptj, llama, gemma ([out, in])  |
+|------------------------|--------------------------|----------------------------|---------------------------------|
+| attn.wq/wk/wv [D,H,E]  | c_attn.weight [D, 3D]    | query_key_value [H*3*E, D] | q/k/v_proj [H*E, D]             |
+| attn.wo [H,E,D]        | c_proj.weight [D, D]     | dense [D, D]               | o_proj / out_proj [D, H*E]      |
+| mlp.w_in [D,F]         | c_fc.weight              | dense_h_to_4h [F, D]       | gate_proj (activated) / fc_in   |
+| mlp.w_up [D,F]         | -                        | -                          | up_proj                         |
+| mlp.w_out [F,D]        | mlp.c_proj.weight        | dense_4h_to_h [D, F]       | down_proj / fc_out [D, F]       |
+| reward_head.w [D]      | score.weight [1, D] (every `*ForSequenceClassification`)                            |
 
-The reward and value heads have no HF counterpart: they start at zero on load and are not
-written by `save_pretrained` (our own checkpoints keep them).
+The value head has no HF counterpart: it starts at zero on load and is not written. The reward
+head is `score.weight` when the checkpoint has one (a published reward model), else zero.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -31,102 +35,220 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from p3o_jax import model as M
+from p3o_jax.checks import ConfigError
 from p3o_jax.distributed import to_host
 from p3o_jax.sharding import logical_shardings
 
-SUPPORTED = {"gpt2": "gpt2", "gpt_neox": "gpt_neox", "llama": "llama", "qwen2": "llama"}
+# HF model_type -> (our family, causal LM class, reward model class)
+SUPPORTED = {
+    "gpt2": ("gpt2", "GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
+    "gptj": ("gptj", "GPTJForCausalLM", "GPTJForSequenceClassification"),
+    "llama": ("llama", "LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("llama", "MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("llama", "Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "qwen3": ("llama", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gemma2": ("gemma", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("gemma", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+}
+# config.json keys of options no family here implements; present and truthy -> refused
+REFUSED_KEYS = {
+    "vision_config": "multimodal models (load the text model alone)",
+    "audio_config": "multimodal models (load the text model alone)",
+    "num_local_experts": "mixture-of-experts layers",
+    "num_experts": "mixture-of-experts layers",
+    "n_routed_experts": "mixture-of-experts layers",
+    "use_bidirectional_attention": "bidirectional attention",
+    "scale_attn_by_inverse_layer_idx": "this gpt2 attention variant",
+    "reorder_and_upcast_attn": "this gpt2 attention variant",
+}
+ROLES = ("policy", "reward")
 
 
-class HFFormatError(ValueError):
-    """A checkpoint folder that cannot be read: names the file and the tensor."""
+class HFFormatError(ConfigError):
+    """A checkpoint folder that cannot be read: names the file and the tensor or key."""
 
 
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
-def config_from_hf(path: str, **overrides) -> M.ModelConfig:
-    """Read `path/config.json` into a ModelConfig (dtype etc. via overrides)."""
-    file = os.path.join(path, "config.json")
+def _read_json(file: str) -> dict:
     try:
         with open(file) as f:
-            model_type = json.load(f).get("model_type")
+            return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise HFFormatError(f"{file}: cannot read config: {e}") from e
+
+
+def _rope(hf, raw: dict, file: str) -> dict:
+    """`rope_parameters` as transformers standardised it, checked: {"full_attention": {..},
+    "sliding_attention": {..}} for Gemma 3, one dict otherwise."""
+    key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    for params in rope.values() if "full_attention" in rope else [rope]:
+        kind = params.get("rope_type", "default")
+        if kind not in M.ROPE_TYPES:
+            raise HFFormatError(f"{file}: {key}.rope_type {kind!r} is not supported; supported: "
+                                f"{list(M.ROPE_TYPES)}")
+    return rope
+
+
+def _rope_fields(rope: dict) -> dict:
+    """ModelConfig fields of one standardised rope_parameters dict."""
+    scaling = {k: v for k, v in rope.items()
+               if k not in ("rope_theta", "partial_rotary_factor", "type")}  # type: legacy rope_type
+    if scaling.get("rope_type", "default") == "default":
+        scaling = {}
+    return dict(rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling)
+
+
+def config_from_hf(path: str, **overrides) -> M.ModelConfig:
+    """Read `path/config.json` into a ModelConfig (dtype etc. via overrides). An option that
+    no family implements is refused with an `HFFormatError` naming the config key."""
+    file = os.path.join(path, "config.json")
+    raw = _read_json(file)
+    for key, what in REFUSED_KEYS.items():
+        if raw.get(key):
+            raise HFFormatError(f"{file}: {key}={raw[key]!r}: {what} are not supported")
+    model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
         raise HFFormatError(f"{file}: unsupported model_type {model_type!r}; supported: "
                             f"{sorted(SUPPORTED)}")
     import transformers  # heavy import, only needed here
-    hf = transformers.AutoConfig.from_pretrained(path)
-    if model_type == "gpt2":
-        if getattr(hf, "scale_attn_by_inverse_layer_idx", False) or getattr(
-                hf, "reorder_and_upcast_attn", False):
-            raise HFFormatError(f"{file}: gpt2 attention variants (scale_attn_by_inverse_layer_idx,"
-                                " reorder_and_upcast_attn) are not supported")
-        kw = dict(family="gpt2", vocab_size=hf.vocab_size, d_model=hf.n_embd, n_layers=hf.n_layer,
+    try:
+        hf = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise HFFormatError(f"{file}: transformers rejects this config: {e}") from e
+    family = SUPPORTED[model_type][0]
+    if family in ("gpt2", "gptj"):
+        kw = dict(vocab_size=hf.vocab_size, d_model=hf.n_embd, n_layers=hf.n_layer,
                   n_heads=hf.n_head, d_ff=hf.n_inner or 4 * hf.n_embd, max_len=hf.n_positions,
                   norm_eps=hf.layer_norm_epsilon, activation=hf.activation_function,
                   tie_embeddings=hf.tie_word_embeddings)
+        if family == "gptj":
+            rotary_dim = hf.rotary_dim or hf.n_embd // hf.n_head
+            kw.update(rotary_pct=rotary_dim / (hf.n_embd // hf.n_head))
     else:
-        rope = dict(getattr(hf, "rope_parameters", None) or {})
-        if rope.get("rope_type", "default") != "default":
-            raise HFFormatError(f"{file}: rope_type {rope['rope_type']!r} is not supported "
-                                "(only the default rotary embedding)")
-        common = dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size,
-                      n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
-                      d_ff=hf.intermediate_size, max_len=hf.max_position_embeddings,
-                      rope_theta=rope.get("rope_theta", 10000.0),
-                      tie_embeddings=hf.tie_word_embeddings, activation=hf.hidden_act)
-        if model_type == "gpt_neox":
-            kw = dict(common, family="gpt_neox", norm_eps=hf.layer_norm_eps,
-                      rotary_pct=rope.get("partial_rotary_factor", 1.0),
-                      parallel_residual=hf.use_parallel_residual,
-                      qkv_bias=hf.attention_bias, out_bias=hf.attention_bias)
-        else:
-            qwen = model_type == "qwen2"
-            if qwen and getattr(hf, "use_sliding_window", False):
-                raise HFFormatError(f"{file}: sliding-window attention is not supported")
-            kw = dict(common, family="llama", norm_eps=hf.rms_norm_eps,
-                      n_kv_heads=hf.num_key_value_heads,
-                      head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-                      qkv_bias=True if qwen else hf.attention_bias,
-                      out_bias=False if qwen else hf.attention_bias,
-                      mlp_bias=False if qwen else getattr(hf, "mlp_bias", False))
-    kw.update(overrides)
-    return M.ModelConfig(**kw)
+        rope = _rope(hf, raw, file)
+        kw = dict(vocab_size=hf.vocab_size, d_model=hf.hidden_size,
+                  n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
+                  d_ff=hf.intermediate_size, max_len=hf.max_position_embeddings,
+                  tie_embeddings=hf.tie_word_embeddings)
+    if family == "gpt_neox":
+        kw.update(**_rope_fields(rope), activation=hf.hidden_act, norm_eps=hf.layer_norm_eps,
+                  rotary_pct=rope.get("partial_rotary_factor", 1.0),
+                  parallel_residual=hf.use_parallel_residual,
+                  qkv_bias=hf.attention_bias, out_bias=hf.attention_bias)
+    elif family in ("llama", "gemma"):
+        window = getattr(hf, "sliding_window", None)
+        layer_types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+        kw.update(norm_eps=hf.rms_norm_eps, n_kv_heads=hf.num_key_value_heads,
+                  head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+                  sliding_window=window,
+                  sliding_layers=[i for i, t in enumerate(layer_types)
+                                  if t == "sliding_attention"] if window else [])
+    if family == "gemma":
+        gemma3 = model_type == "gemma3_text"
+        local = rope.get("sliding_attention", {})
+        if local.get("rope_type", "default") != "default":
+            raise HFFormatError(f"{file}: rope_parameters.sliding_attention.rope_type "
+                                f"{local['rope_type']!r} is not supported (only the global "
+                                "layers' RoPE may be scaled)")
+        kw.update(**_rope_fields(rope.get("full_attention", rope)),
+                  activation=hf.hidden_activation, qk_norm=gemma3,
+                  rope_local_theta=local.get("rope_theta") if gemma3 else None,
+                  query_pre_attn_scalar=hf.query_pre_attn_scalar,
+                  attn_softcap=hf.attn_logit_softcapping,
+                  final_softcap=hf.final_logit_softcapping,
+                  qkv_bias=hf.attention_bias, out_bias=hf.attention_bias)
+    elif family == "llama":
+        qwen2 = model_type == "qwen2"
+        kw.update(**_rope_fields(rope), activation=hf.hidden_act,
+                  qk_norm=model_type == "qwen3",
+                  qkv_bias=True if qwen2 else getattr(hf, "attention_bias", False),
+                  out_bias=False if qwen2 else getattr(hf, "attention_bias", False),
+                  mlp_bias=getattr(hf, "mlp_bias", False))
+    try:
+        return M.ModelConfig(family=family, **dict(kw, **overrides))
+    except ValueError as e:  # e.g. heads not a multiple of kv heads
+        raise HFFormatError(f"{file}: {e}") from e
+
+
+def _llama_model_type(cfg: M.ModelConfig) -> str:
+    """The transformers class that computes what a `llama`-family `cfg` does."""
+    all_sliding = cfg.sliding_window and len(cfg.sliding_layers) == cfg.n_layers
+    if cfg.qk_norm:
+        kind = "qwen3"
+    elif cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
+        kind = "qwen2"
+    elif all_sliding and not (cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias):
+        kind = "mistral"
+    else:
+        kind = "llama"
+    if kind == "llama" and cfg.sliding_window:
+        raise ValueError("llama export: a sliding window needs the mistral/qwen pattern "
+                         "(no biases, or q/k/v biases only)")
+    if kind in ("qwen3", "llama", "mistral") and cfg.qkv_bias != cfg.out_bias:
+        raise ValueError(f"{kind} export needs qkv_bias == out_bias")
+    if kind in ("qwen3", "qwen2", "mistral") and cfg.mlp_bias:
+        raise ValueError(f"{kind} export has no MLP biases")
+    return kind
 
 
 def config_to_hf(cfg: M.ModelConfig) -> dict:
-    """The `config.json` content transformers needs to rebuild `cfg`."""
-    if cfg.family == "gpt2":
-        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-                    n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-                    n_inner=cfg.d_ff, n_positions=cfg.max_len, layer_norm_epsilon=cfg.norm_eps,
-                    activation_function=cfg.activation, tie_word_embeddings=cfg.tie_embeddings)
+    """The `config.json` content transformers needs to rebuild `cfg` (as a causal LM)."""
+    if cfg.family in ("gpt2", "gptj"):
+        kw = dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+                  n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_len,
+                  layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation,
+                  tie_word_embeddings=cfg.tie_embeddings)
+        if cfg.family == "gptj":
+            kw.update(rotary_dim=cfg.rotary_dim)
+        return dict(kw, model_type=cfg.family, architectures=[SUPPORTED[cfg.family][1]])
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   intermediate_size=cfg.d_ff, max_position_embeddings=cfg.max_len,
-                  hidden_act=cfg.activation, tie_word_embeddings=cfg.tie_embeddings)
+                  tie_word_embeddings=cfg.tie_embeddings)
+    rope = dict(cfg.rope_scaling or {"rope_type": "default"}, rope_theta=cfg.rope_theta)
     if cfg.family == "gpt_neox":
         if cfg.qkv_bias != cfg.out_bias or not cfg.mlp_bias:
             raise ValueError("gpt_neox export needs qkv_bias == out_bias and mlp_bias")
-        return dict(common, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"],
-                    layer_norm_eps=cfg.norm_eps, use_parallel_residual=cfg.parallel_residual,
-                    attention_bias=cfg.qkv_bias,
-                    rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta,
-                                         partial_rotary_factor=cfg.rotary_pct))
+        return dict(common, model_type="gpt_neox", architectures=[SUPPORTED["gpt_neox"][1]],
+                    hidden_act=cfg.activation, layer_norm_eps=cfg.norm_eps,
+                    use_parallel_residual=cfg.parallel_residual, attention_bias=cfg.qkv_bias,
+                    rope_parameters=dict(rope, partial_rotary_factor=cfg.rotary_pct))
     if cfg.rotary_pct != 1.0:
-        raise ValueError("llama export needs rotary_pct == 1")
-    rope = dict(rope_type="default", rope_theta=cfg.rope_theta)
-    if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
-        return dict(common, model_type="qwen2", architectures=["Qwen2ForCausalLM"],
-                    rms_norm_eps=cfg.norm_eps, num_key_value_heads=cfg.n_kv_heads,
-                    head_dim=cfg.head_dim, rope_parameters=rope, use_sliding_window=False)
-    if cfg.qkv_bias != cfg.out_bias:
-        raise ValueError("llama export needs qkv_bias == out_bias (or the qwen2 pattern)")
-    return dict(common, model_type="llama", architectures=["LlamaForCausalLM"],
-                rms_norm_eps=cfg.norm_eps, num_key_value_heads=cfg.n_kv_heads,
-                head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias,
-                rope_parameters=rope)
+        raise ValueError(f"{cfg.family} export needs rotary_pct == 1")
+    common.update(rms_norm_eps=cfg.norm_eps, num_key_value_heads=cfg.n_kv_heads,
+                  head_dim=cfg.head_dim, sliding_window=cfg.sliding_window,
+                  layer_types=["sliding_attention" if i in cfg.sliding_layers else
+                               "full_attention" for i in range(cfg.n_layers)])
+    if cfg.family == "gemma":
+        kind = "gemma3_text" if cfg.qk_norm else "gemma2"
+        if kind == "gemma2" and cfg.rope_local_theta is not None:
+            raise ValueError("gemma2 export has no rope_local_theta (that is Gemma 3, qk_norm)")
+        if kind == "gemma3_text":
+            local = dict(rope_type="default", rope_theta=cfg.rope_local_theta or cfg.rope_theta)
+            rope = {"full_attention": rope, "sliding_attention": local}
+        return dict(common, model_type=kind, architectures=[SUPPORTED[kind][1]],
+                    hidden_activation=cfg.activation, rope_parameters=rope,
+                    query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+                    attn_logit_softcapping=cfg.attn_softcap,
+                    final_logit_softcapping=cfg.final_softcap, attention_bias=cfg.qkv_bias)
+    kind = _llama_model_type(cfg)
+    out = dict(common, model_type=kind, architectures=[SUPPORTED[kind][1]],
+               hidden_act=cfg.activation, rope_parameters=rope)
+    if kind in ("qwen2", "qwen3"):
+        first = min(cfg.sliding_layers, default=cfg.n_layers)
+        out.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=first)
+    if kind in ("llama", "qwen3"):
+        out.update(attention_bias=cfg.qkv_bias)
+    if kind == "llama":
+        out.update(mlp_bias=cfg.mlp_bias)
+        del out["sliding_window"], out["layer_types"]
+    if kind == "mistral":
+        del out["layer_types"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,14 +271,37 @@ def _t(w):
     return np.ascontiguousarray(w.T)
 
 
+def _lm_head_name(cfg: M.ModelConfig) -> str:
+    return "embed_out.weight" if cfg.family == "gpt_neox" else "lm_head.weight"
+
+
+def _is_lm_head(m: Mapping) -> bool:
+    return m.ours[0][0] in ("lm_head", "lm_head_bias")
+
+
 def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
     D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out: list[Mapping] = []
 
     def norm(ours, hf):
         out.append(_one(ours + ("scale",), hf + ".weight"))
-        if cfg.family != "llama":
+        if cfg.norm == "layer":
             out.append(_one(ours + ("bias",), hf + ".bias"))
+
+    def head_major(ours, hf, n, bias):
+        """A [n*E, D] projection (and its bias) <-> our [D, n, E]."""
+        out.append(_one(ours[:-1] + ("w" + ours[-1],), hf + ".weight",
+                        lambda w: w.reshape(n, E, D).transpose(2, 0, 1),
+                        lambda w: np.ascontiguousarray(w.transpose(1, 2, 0).reshape(n * E, D))))
+        if bias:
+            out.append(_one(ours[:-1] + ("b" + ours[-1],), hf + ".bias",
+                            lambda b: b.reshape(n, E), lambda b: b.reshape(n * E)))
+
+    def out_proj(a, hf):
+        out.append(_one(a + ("wo",), hf + ".weight",
+                        lambda w: w.T.reshape(H, E, D), lambda w: _t(w.reshape(H * E, D))))
+        if cfg.out_bias:
+            out.append(_one(a + ("bo",), hf + ".bias"))
 
     if cfg.family == "gpt2":
         out += [_one(("embed",), "transformer.wte.weight"),
@@ -196,47 +341,69 @@ def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
                                    (a + ("bq",), a + ("bk",), a + ("bv",)),
                                    lambda b: tuple(b.reshape(H, 3, E).transpose(1, 0, 2)),
                                    lambda q, k, v: np.stack([q, k, v], 1).reshape(3 * H * E)))
-            out.append(_one(a + ("wo",), h + "attention.dense.weight",
-                            lambda w: w.T.reshape(H, E, D), lambda w: _t(w.reshape(H * E, D))))
-            if cfg.out_bias:
-                out.append(_one(a + ("bo",), h + "attention.dense.bias"))
+            out_proj(a, h + "attention.dense")
             for ours, hf in (("in", "dense_h_to_4h"), ("out", "dense_4h_to_h")):
                 out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
                 out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
         norm(("final_norm",), "gpt_neox.final_layer_norm")
-        if not cfg.tie_embeddings:
-            out.append(_one(("lm_head",), "embed_out.weight", _t, _t))
-    else:
+    elif cfg.family == "gptj":
+        out.append(_one(("embed",), "transformer.wte.weight"))
+        for i in range(cfg.n_layers):
+            L, h = f"layer_{i}", f"transformer.h.{i}."
+            norm((L, "ln1"), h + "ln_1")
+            for name in "qkv":
+                head_major((L, "attn", name), f"{h}attn.{name}_proj", H, cfg.qkv_bias)
+            out_proj((L, "attn"), h + "attn.out_proj")
+            for ours, hf in (("in", "fc_in"), ("out", "fc_out")):
+                out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
+                out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
+        norm(("final_norm",), "transformer.ln_f")
+    else:  # llama, qwen2/3, mistral, gemma2/3
+        gemma = cfg.family == "gemma"
         out.append(_one(("embed",), "model.embed_tokens.weight"))
         for i in range(cfg.n_layers):
             L, h = f"layer_{i}", f"model.layers.{i}."
             norm((L, "ln1"), h + "input_layernorm")
-            norm((L, "ln2"), h + "post_attention_layernorm")
+            if gemma:  # Gemma's post_attention_layernorm norms the attention output
+                norm((L, "ln1_post"), h + "post_attention_layernorm")
+                norm((L, "ln2"), h + "pre_feedforward_layernorm")
+                norm((L, "ln2_post"), h + "post_feedforward_layernorm")
+            else:
+                norm((L, "ln2"), h + "post_attention_layernorm")
             a = (L, "attn")
             for name, n in (("q", H), ("k", K), ("v", K)):
-                out.append(_one(a + ("w" + name,), f"{h}self_attn.{name}_proj.weight",
-                                lambda w, n=n: w.reshape(n, E, D).transpose(2, 0, 1),
-                                lambda w, n=n: np.ascontiguousarray(
-                                    w.transpose(1, 2, 0).reshape(n * E, D))))
-                if cfg.qkv_bias:
-                    out.append(_one(a + ("b" + name,), f"{h}self_attn.{name}_proj.bias",
-                                    lambda b, n=n: b.reshape(n, E), lambda b, n=n: b.reshape(n * E)))
-            out.append(_one(a + ("wo",), h + "self_attn.o_proj.weight",
-                            lambda w: w.T.reshape(H, E, D), lambda w: _t(w.reshape(H * E, D))))
-            if cfg.out_bias:
-                out.append(_one(a + ("bo",), h + "self_attn.o_proj.bias"))
+                head_major(a + (name,), f"{h}self_attn.{name}_proj", n, cfg.qkv_bias)
+            if cfg.qk_norm:
+                norm(a + ("q_norm",), h + "self_attn.q_norm")
+                norm(a + ("k_norm",), h + "self_attn.k_norm")
+            out_proj(a, h + "self_attn.o_proj")
             for ours, hf in (("in", "gate_proj"), ("up", "up_proj"), ("out", "down_proj")):
                 out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
                 if cfg.mlp_bias:
                     out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
         norm(("final_norm",), "model.norm")
-        if not cfg.tie_embeddings:
-            out.append(_one(("lm_head",), "lm_head.weight", _t, _t))
+    if not cfg.tie_embeddings:
+        out.append(_one(("lm_head",), _lm_head_name(cfg), _t, _t))
+    if cfg.lm_head_bias:
+        out.append(_one(("lm_head_bias",), "lm_head.bias"))
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+def _unreadable(file: str, error: Exception) -> str:
+    """One line saying why a safetensors file cannot be read."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b""
+    if head.startswith(b"version https://git-lfs"):
+        return (f"{file}: is a Git LFS pointer, not the weights (fetch them with `git lfs pull` "
+                "or download the file itself)")
+    return f"{file}: not a readable safetensors file (truncated or corrupt?): {error}"
+
 
 class _SafetensorsReader:
     """Looks tensors up across one `model.safetensors` or a sharded set with an index."""
@@ -244,17 +411,29 @@ class _SafetensorsReader:
     def __init__(self, path: str):
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
+        self._open: dict[str, object] = {}
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            self.origin = index
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFFormatError(f"{index}: no 'weight_map'")
             self.files = {k: os.path.join(path, v) for k, v in weight_map.items()}
         elif os.path.exists(single):
-            with safe_open(single, "np") as f:
-                self.files = {k: single for k in f.keys()}
+            self.origin = single
+            self.files = {k: single for k in self._handle(single).keys()}
         else:
-            raise HFFormatError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        self._open: dict[str, object] = {}
-        self.origin = index if os.path.exists(index) else single
+            bins = sorted(f for f in os.listdir(path) if f.endswith(".bin"))
+            hint = f" (found {', '.join(bins)}: only safetensors are read)" if bins else ""
+            raise HFFormatError(f"{path}: no model.safetensors or model.safetensors.index.json"
+                                + hint)
+
+    def _handle(self, file: str):
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(file, "np")
+            except Exception as e:  # SafetensorError (bad header), OSError (missing shard)
+                raise HFFormatError(_unreadable(file, e)) from e
+        return self._open[file]
 
     def find(self, key: str) -> str | None:
         """Return the stored name of `key`, tolerating a missing/extra model-class prefix."""
@@ -263,9 +442,13 @@ class _SafetensorsReader:
 
     def get(self, key: str) -> np.ndarray:
         file = self.files[key]
-        if file not in self._open:
-            self._open[file] = safe_open(file, "np")
-        return self._open[file].get_tensor(key)
+        try:
+            return self._handle(file).get_tensor(key)
+        except HFFormatError:
+            raise
+        except Exception as e:  # data past the end of a truncated file, a key the index invents
+            raise HFFormatError(f"{file}: tensor {key!r} cannot be read (truncated file?): "
+                                f"{e}") from e
 
 
 def resolve(path_or_repo: str) -> str:
@@ -277,14 +460,29 @@ def resolve(path_or_repo: str) -> str:
                                                            "*.model"])
 
 
-def load_pretrained(path_or_repo: str, mesh=None, **config_overrides):
+# Tensors transformers recomputes rather than loads (old checkpoints stored them).
+_BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|embed_positions)$")
+
+
+def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **config_overrides):
     """Read an HF folder/repo into (ModelConfig, params) placed on `mesh` (or the default device).
+
+    A `*ForSequenceClassification` checkpoint's `score.weight` becomes the reward head (with
+    either role). `role="reward"` requires it, and allows a checkpoint without an LM head
+    (the untied LM head is then zero); `role="policy"` requires the LM head. Every stored tensor
+    is used, or named in a warning (the recomputed buffers of old checkpoints aside). Bad input
+    raises `HFFormatError`, one line naming the file and the tensor or key.
 
     Each tensor is read, converted to our layout on the host and handed to
     `jax.make_array_from_callback`, which copies only each device's own shard.
     """
+    if role not in ROLES:
+        raise ValueError(f"role: {role!r} is not one of {ROLES}")
     path = resolve(path_or_repo)
     cfg = config_from_hf(path, **config_overrides)
+    config_file = os.path.join(path, "config.json")
+    raw_config = _read_json(config_file)
+    architectures = raw_config.get("architectures") or []
     reader = _SafetensorsReader(path)
     axes = M.param_axes(cfg)
     shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
@@ -295,31 +493,64 @@ def load_pretrained(path_or_repo: str, mesh=None, **config_overrides):
         shardings = logical_shardings(axes, mesh, shapes)
     dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != "bfloat16" else jax.numpy.bfloat16
 
-    def place(path_, array):
-        expected = _get(shapes, path_).shape
-        if array.shape != expected:
-            raise HFFormatError(f"{reader.origin}: tensor for {'/'.join(path_)} has shape "
-                                f"{array.shape} after conversion, expected {expected}")
-        array = array.astype(dtype)
-        return jax.make_array_from_callback(expected, _get(shardings, path_),
+    def place(ours, array):
+        array = np.asarray(array).astype(dtype)
+        return jax.make_array_from_callback(array.shape, _get(shardings, ours),
                                             lambda idx: array[idx])
 
-    params: dict = {}
-    for m in _mappings(cfg):
-        key = reader.find(m.hf)
-        if key is None:
-            raise HFFormatError(f"{reader.origin}: missing tensor {m.hf!r}")
+    def convert(m: Mapping, key: str) -> tuple[np.ndarray, ...]:
         raw = reader.get(key)
         try:
             parts = m.to_ours(raw)
-        except ValueError as e:  # a reshape of a tensor of the wrong size
+        except ValueError:  # a reshape of a tensor of the wrong size
+            parts = ()
+        expected = [_get(shapes, p).shape for p in m.ours]
+        if [np.shape(x) for x in parts] != expected:
             raise HFFormatError(f"{reader.files[key]}: tensor {key!r} has shape {raw.shape}, "
-                                f"which does not fit the config: {e}") from e
-        for p, arr in zip(m.ours, parts):
-            _set(params, p, place(p, np.asarray(arr)))
-    for head in ("reward_head", "value_head"):  # zero-initialised, as `M.init_params` does
-        params[head] = jax.tree.map(lambda s, sh: jax.numpy.zeros(s.shape, s.dtype, device=sh),
-                                    shapes[head], shardings[head])
+                                f"which does not fit config.json (ours: {expected})")
+        return parts
+
+    score, reward_w = reader.find("score.weight"), np.zeros(cfg.d_model)
+    if score is not None:
+        labels = len(raw_config.get("id2label") or {0: 0})
+        if labels != 1:
+            raise HFFormatError(f"{config_file}: num_labels={labels} (id2label); a reward model "
+                                "needs exactly one score ('score.weight' [1, d_model])")
+        one_row = lambda w: (w[0],) if w.shape == (1, cfg.d_model) else ()  # noqa: E731
+        (reward_w,) = convert(Mapping("score.weight", (("reward_head", "w"),), one_row, None),
+                              score)
+    elif role == "reward":
+        raise HFFormatError(f"{reader.origin}: no tensor 'score.weight': not a reward model "
+                            f"(architectures {architectures}); role='reward' needs a "
+                            "*ForSequenceClassification checkpoint")
+    used, params, mappings = {score} - {None}, {}, _mappings(cfg)
+    for m in mappings:
+        key = reader.find(m.hf)
+        if key is None:
+            if _is_lm_head(m) and role == "reward":
+                _set(params, m.ours[0], place(m.ours[0], np.zeros(_get(shapes, m.ours[0]).shape)))
+                continue
+            hint = (f": {architectures} is a reward model without an LM head; load it with "
+                    "role='reward'" if score is not None and _is_lm_head(m) else "")
+            raise HFFormatError(f"{reader.origin}: missing tensor {m.hf!r}{hint}")
+        used.add(key)
+        for p, arr in zip(m.ours, convert(m, key)):
+            _set(params, p, place(p, arr))
+    params["reward_head"] = {"w": place(("reward_head", "w"), reward_w),
+                             "b": place(("reward_head", "b"), np.zeros(()))}
+    params["value_head"] = jax.tree.map(
+        lambda s, sh: jax.numpy.zeros(s.shape, s.dtype, device=sh),
+        shapes["value_head"], shardings["value_head"])
+    tied_head = reader.find(_lm_head_name(cfg))
+    embed = next(reader.find(m.hf) for m in mappings if m.ours == (("embed",),))
+    if cfg.tie_embeddings and tied_head is not None and np.array_equal(reader.get(tied_head),
+                                                                       reader.get(embed)):
+        used.add(tied_head)  # a tied LM head stored anyway
+    ignored = sorted(k for k in reader.files if k not in used and not _BUFFERS.search(k))
+    if ignored:
+        warnings.warn(f"{reader.origin}: ignored {len(ignored)} tensor(s) with no counterpart in "
+                      f"a {cfg.family} model: {', '.join(ignored[:20])}"
+                      + (" ..." if len(ignored) > 20 else ""), stacklevel=2)
     return cfg, params
 
 
@@ -338,11 +569,38 @@ def _set(tree, path, value):
 # ---------------------------------------------------------------------------------------------
 # Saving
 
-def save_pretrained(params, cfg: M.ModelConfig, directory: str) -> None:
-    """Write `config.json` + `model.safetensors` that transformers' PyTorch classes load."""
+def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=None,
+                    as_reward_model: bool = False, pad_token_id: int | None = None) -> None:
+    """Write `config.json` + `model.safetensors` (+ the tokenizer's files) that transformers'
+    `AutoModelForCausalLM` loads, or with `as_reward_model` its
+    `AutoModelForSequenceClassification` (`score.weight` = our reward head, `num_labels` 1).
+
+    transformers scores a sequence at its last token that is not `pad_token_id` (taken from
+    `tokenizer` when not given; required for a reward model), so the exported scores equal
+    `sequence_reward`'s when the pad id never occurs as a real token (an EOS used as pad
+    does, at the end of a response: give the tokenizer a pad token of its own).
+    """
     hf_config = config_to_hf(cfg)
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+    if pad_token_id is not None:
+        hf_config["pad_token_id"] = int(pad_token_id)
+    mappings = _mappings(cfg)
     tensors = {}
-    for m in _mappings(cfg):
+    if as_reward_model:
+        if pad_token_id is None:
+            raise ValueError("save_pretrained(as_reward_model=True) needs pad_token_id (or a "
+                             "tokenizer with a pad token): transformers reads the score at the "
+                             "last token that is not the pad token")
+        hf_config.update(architectures=[SUPPORTED[hf_config["model_type"]][2]],
+                         id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        mappings = [m for m in mappings if not _is_lm_head(m)]  # the class has no LM head
+        head = to_host(params["reward_head"])
+        tensors["score.weight"] = np.asarray(head["w"], np.float32)[None]
+        if float(head["b"]) != 0:
+            warnings.warn(f"reward head bias {float(head['b']):g} has no place in score.weight "
+                          "(no bias): the exported scores are shifted by minus that", stacklevel=2)
+    for m in mappings:
         parts = [np.asarray(to_host(_get(params, p)), np.float32) for p in m.ours]
         tensors[m.hf] = np.ascontiguousarray(m.to_hf(*parts))
     if jax.process_index() != 0:
@@ -351,3 +609,5 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str) -> None:
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

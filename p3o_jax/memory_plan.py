@@ -197,7 +197,7 @@ def activation_bytes(cfg: M.ModelConfig, seqs: int, length: int, head_positions:
     H, Hkv, E, D, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.d_ff
     layer = length * (6 * D * s + 2 * (_split(H, t) + _split(Hkv, t)) * E * s
                       + _split(H, t) * length * (4 + s)
-                      + (3 if cfg.family == "llama" else 2) * _split(F, t) * s)
+                      + (3 if cfg.gated_mlp else 2) * _split(F, t) * s)
     head = head_positions * 8 * _split(cfg.vocab_size, t)
     per_seq = {"train": cfg.n_layers * layer + head,
                "remat": cfg.n_layers * length * D * s + layer + head,

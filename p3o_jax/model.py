@@ -1,24 +1,31 @@
 """A decoder-only transformer in Flax linen, used as pure functions of (params, inputs).
 
-Three families share one trunk, selected by `ModelConfig.family`:
+Five families share one trunk, selected by `ModelConfig.family`, which sets the defaults of the
+fields that differ (every difference is a config field, so a checkpoint may mix them):
 
-| family     | positions        | norm      | MLP              | residual | head   |
-|------------|------------------|-----------|------------------|----------|--------|
-| `gpt2`     | learned table    | LayerNorm | GELU (tanh)      | serial   | tied   |
-| `gpt_neox` | partial rotary   | LayerNorm | GELU             | parallel | untied |
-| `llama`    | rotary           | RMSNorm   | SwiGLU, GQA      | serial   | either |
+| family     | positions                | norm          | MLP          | residual           | head     |
+|------------|--------------------------|---------------|--------------|--------------------|----------|
+| `gpt2`     | learned table            | LayerNorm     | GELU (tanh)  | serial             | tied     |
+| `gpt_neox` | partial rotary           | LayerNorm     | GELU         | parallel, 2 norms  | untied   |
+| `gptj`     | partial rotary, pairs    | LayerNorm     | GELU (tanh)  | parallel, 1 norm   | + bias   |
+| `llama`    | rotary (scaled)          | RMSNorm       | SwiGLU, GQA  | serial             | either   |
+| `gemma`    | rotary, local theta      | RMSNorm (1+w) | GeGLU, GQA   | serial, post-norms | tied     |
 
-(`llama` with `qkv_bias=True` is the Qwen2 family.) On the trunk sit three heads: LM logits, a
-scalar reward per token (read at the last real token by `reward_at_last_token`) and a per-token
-value. Params are a plain pytree whose leaves carry logical axis names (`param_axes`); compute
-runs in `cfg.dtype`, params stay in `cfg.param_dtype`.
+`llama` covers Llama 2/3 (`rope_scaling`), Qwen2 (`qkv_bias`), Qwen3 (`qk_norm`) and Mistral
+(`sliding_window`); `gemma` covers Gemma 2 (soft-capping) and Gemma 3 (`qk_norm`,
+`rope_local_theta`), both with alternating sliding-window / global layers (`sliding_layers`).
+On the trunk sit three heads: LM logits, a scalar reward per token (read at the last real token
+by `reward_at_last_token`) and a per-token value. Params are a plain pytree whose leaves carry
+logical axis names (`param_axes`); compute runs in `cfg.dtype`, params stay in `cfg.param_dtype`.
 
 Shapes: B batch, T query length, S key length (= T, or the KV-cache length), D d_model,
 H heads, K kv heads, E head dim, F MLP width, V vocab.
 
 Padding convention: `mask[b, t] = 1` marks a real token. Prompts are left-padded, responses
 right-padded; positions count real tokens only (`positions_from_mask`), and attention never looks
-at a pad key, so a left-padded row gives the same logits as the unpadded one.
+at a pad key, so a left-padded row gives the same logits as the unpadded one. A sliding window
+counts sequence slots (as transformers does); real tokens are contiguous in every layout we use
+([left pads | prompt | response | right pads]), so slots and positions differ by a constant.
 """
 from __future__ import annotations
 
@@ -29,19 +36,32 @@ from typing import Annotated
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from p3o_jax.checks import OneOf, Positive, Probability, field_checks
 from p3o_jax.ops import last_token_index
 from p3o_jax.sharding import constrain
 
-FAMILIES = ("gpt2", "gpt_neox", "llama")
-KV_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")  # [B, K, S, E]
+FAMILIES = ("gpt2", "gpt_neox", "gptj", "llama", "gemma")
+NORMS = ("layer", "rms", "rms_plus_one")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")  # [B, K, S, E]
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "silu": jax.nn.silu,
 }
+
+
+def _frozen(value):
+    """dicts and lists (from JSON or HF) -> nested tuples, so that the config stays hashable."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +80,30 @@ class ModelConfig:
     activation: Annotated[str | None, OneOf(*ACTIVATIONS)] = None   # None: family default
     rotary_pct: Annotated[float, Probability] = 1.0      # fraction of head_dim rotated
     rope_theta: Annotated[float, Positive] = 10000.0
+    # transformers' `rope_parameters` besides rope_theta: (("factor", 8.0), ("rope_type",
+    # "llama3"), ...); () is plain RoPE. See `rope_frequencies`. Set from config.json only.
+    rope_scaling: tuple = ()
+    rope_local_theta: Annotated[float | None, Positive] = None  # sliding-window layers' (Gemma 3)
+    rope_interleaved: bool | None = None    # rotate (x0, x1), (x2, x3).. pairs (GPT-J), not halves
     parallel_residual: bool | None = None
+    shared_block_norm: bool | None = None   # parallel attention and MLP read one norm (GPT-J)
+    norm: Annotated[str | None, OneOf(*NORMS)] = None   # layer | rms | rms_plus_one (Gemma: 1 + w)
+    post_norms: bool | None = None      # also norm the attention and MLP outputs (Gemma)
+    qk_norm: bool = False               # per-head norm of q and k before rotary (Qwen3, Gemma 3)
+    gated_mlp: bool | None = None       # act(x W_in) * (x W_up) (SwiGLU / GeGLU)
+    embed_scale: bool | None = None     # multiply embeddings by sqrt(d_model) (Gemma)
     tie_embeddings: bool | None = None
     qkv_bias: bool | None = None
     out_bias: bool | None = None
     mlp_bias: bool | None = None
+    lm_head_bias: bool | None = None    # GPT-J
+    sliding_window: Annotated[int | None, Positive] = None  # a query sees the keys at most this
+                                        # many slots back,
+    sliding_layers: tuple | None = None  # in these layers (None: all, when the window is set)
+    query_pre_attn_scalar: Annotated[float | None, Positive] = None  # scores scaled by its
+                                        # ** -0.5 (None: head_dim)
+    attn_softcap: Annotated[float | None, Positive] = None  # scores -> cap tanh(scores / cap)
+    final_softcap: Annotated[float | None, Positive] = None  # the same on the LM logits
     dtype: Annotated[str, OneOf(*DTYPES)] = "float32"    # compute dtype
     param_dtype: Annotated[str, OneOf(*DTYPES)] = "float32"
 
@@ -74,6 +113,8 @@ class ModelConfig:
             for check in checks if value is not None else ():
                 if problem := check.problem(value):
                     raise ValueError(f"model.{key}: {problem}")
+        for name in ("rope_scaling", "sliding_layers"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
         derived = {k: v for k, v in self.derived_defaults().items() if getattr(self, k) is None}
         for k, v in derived.items():
             object.__setattr__(self, k, v)
@@ -82,16 +123,43 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not a multiple of "
                              f"model.n_kv_heads={self.n_kv_heads}")
+        rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"model.rope_scaling: rope_type {rope_type!r} is not supported; "
+                             f"expected one of {ROPE_TYPES}")
+        try:
+            rope_frequencies(self)
+        except KeyError as e:
+            raise ValueError(f"model.rope_scaling: rope_type {rope_type!r} needs {e}") from None
+        if any(not 0 <= i < self.n_layers for i in self.sliding_layers) or (
+                self.sliding_layers and not self.sliding_window):
+            raise ValueError(f"model.sliding_layers: {self.sliding_layers} needs a "
+                             f"sliding_window and layers in [0, {self.n_layers})")
 
     def derived_defaults(self) -> dict:
-        """The values the `None` fields take, from `family`, `d_model` and `n_heads`."""
+        """The values the `None` fields take, from `family`, `d_model`, `n_heads` and
+        `sliding_window`."""
+        serial = dict(parallel_residual=False, shared_block_norm=False)
+        plain = dict(post_norms=False, embed_scale=False, rope_interleaved=False,
+                     lm_head_bias=False)
         return dict(n_kv_heads=self.n_heads, head_dim=self.d_model // self.n_heads,
-                    d_ff=4 * self.d_model, **{
-            "gpt2": dict(activation="gelu_new", parallel_residual=False, tie_embeddings=True,
-                         qkv_bias=True, out_bias=True, mlp_bias=True),
-            "gpt_neox": dict(activation="gelu", parallel_residual=True, tie_embeddings=False,
-                             qkv_bias=True, out_bias=True, mlp_bias=True),
-            "llama": dict(activation="silu", parallel_residual=False, tie_embeddings=False,
+                    d_ff=4 * self.d_model,
+                    sliding_layers=tuple(range(self.n_layers)) if self.sliding_window else (),
+                    **{
+            "gpt2": dict(serial, **plain, activation="gelu_new", norm="layer", gated_mlp=False,
+                         tie_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True),
+            "gpt_neox": dict(plain, activation="gelu", norm="layer", gated_mlp=False,
+                             parallel_residual=True, shared_block_norm=False,
+                             tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True),
+            "gptj": dict(activation="gelu_new", norm="layer", gated_mlp=False,
+                         parallel_residual=True, shared_block_norm=True, post_norms=False,
+                         embed_scale=False, rope_interleaved=True, lm_head_bias=True,
+                         tie_embeddings=False, qkv_bias=False, out_bias=False, mlp_bias=True),
+            "llama": dict(serial, **plain, activation="silu", norm="rms", gated_mlp=True,
+                          tie_embeddings=False, qkv_bias=False, out_bias=False, mlp_bias=False),
+            "gemma": dict(serial, activation="gelu_pytorch_tanh", norm="rms_plus_one",
+                          gated_mlp=True, post_norms=True, embed_scale=True,
+                          rope_interleaved=False, lm_head_bias=False, tie_embeddings=True,
                           qkv_bias=False, out_bias=False, mlp_bias=False),
         }[self.family])
 
@@ -125,38 +193,96 @@ def _param(module: nn.Module, name: str, shape, axes, init=nn.initializers.norma
 
 
 class Norm(nn.Module):
+    """LayerNorm or RMSNorm (`cfg.norm`) over the last axis, of size `dim` (None: d_model)."""
     cfg: ModelConfig
+    dim: int | None = None
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x):
-        scale = _param(self, "scale", (self.cfg.d_model,), ("embed",), nn.initializers.ones)
+        cfg = self.cfg
+        shape, axes = (self.dim or cfg.d_model,), (self.axis_name,)
+        plus_one = cfg.norm == "rms_plus_one"   # Gemma stores w and scales by (1 + w)
+        scale = _param(self, "scale", shape, axes,
+                       nn.initializers.zeros if plus_one else nn.initializers.ones)
         x32 = x.astype(jnp.float32)
-        if self.cfg.family == "llama":
-            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.cfg.norm_eps)
-            return (y * scale).astype(x.dtype)
-        bias = _param(self, "bias", (self.cfg.d_model,), ("embed",), nn.initializers.zeros)
+        if cfg.norm != "layer":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + cfg.norm_eps)
+            return (y * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+        bias = _param(self, "bias", shape, axes, nn.initializers.zeros)
         mean = jnp.mean(x32, -1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+        y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
         return (y * scale + bias).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, rotary_dim: int, theta: float) -> jax.Array:
-    """Rotate-half RoPE on the first `rotary_dim` features. x: [B, T, H, E], positions: [B, T]."""
-    if rotary_dim == 0:
+def rope_frequencies(cfg: ModelConfig, local: bool = False) -> tuple[np.ndarray, float]:
+    """(inv_freq [rotary_dim / 2] float32, scale of cos and sin), as transformers'
+    `modeling_rope_utils` computes them for `cfg.rope_scaling`'s rope_type; `local`: the
+    sliding-window layers' plain RoPE with `rope_local_theta` (Gemma 3)."""
+    dim = cfg.rotary_dim
+    base = cfg.rope_local_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    p = {} if local else dict(cfg.rope_scaling)
+    kind, scale = p.get("rope_type", "default"), 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / p["factor"]
+    elif kind == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        old_len = p["original_max_position_embeddings"]
+        factor = p.get("factor") or cfg.max_len / old_len
+
+        def mscale(m=1.0):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+        scale = p.get("attention_factor")
+        if scale is None:
+            m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+            scale = mscale(m) / mscale(m_all) if m and m_all else mscale()
+
+        def correction_dim(rotations):  # the dimension that turns `rotations` times in old_len
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        ramp = np.clip((np.arange(dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq.astype(np.float32), float(scale)
+
+
+def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig, local: bool = False) -> jax.Array:
+    """RoPE on the first `cfg.rotary_dim` features, rotating halves (or interleaved pairs,
+    `cfg.rope_interleaved`). x: [B, T, H, E], positions: [B, T]."""
+    dim = cfg.rotary_dim
+    if dim == 0:
         return x
-    inv_freq = 1.0 / theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, T, rot/2]
-    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]              # [B, T, 1, rot]
-    rot, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], -1)
-    rot = rot * jnp.cos(emb) + rotated * jnp.sin(emb)
+    inv_freq, scale = rope_frequencies(cfg, local)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq             # [B, T, rot/2]
+    rot, rest = x[..., :dim].astype(jnp.float32), x[..., dim:]
+    if cfg.rope_interleaved:
+        emb = jnp.repeat(freqs, 2, -1)[:, :, None, :]                       # [B, T, 1, rot]
+        pairs = rot.reshape(*rot.shape[:-1], dim // 2, 2)
+        rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(rot.shape)
+    else:
+        emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+        rotated = jnp.concatenate([-rot[..., dim // 2:], rot[..., :dim // 2]], -1)
+    rot = rot * (jnp.cos(emb) * scale) + rotated * (jnp.sin(emb) * scale)
     return jnp.concatenate([rot.astype(x.dtype), rest], -1)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    sliding: bool = False   # this layer uses `cfg.sliding_window` (and `rope_local_theta`)
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
@@ -174,13 +300,14 @@ class Attention(nn.Module):
             y = jnp.einsum("btd,dhe->bthe", x, w.astype(dt))
             if cfg.qkv_bias:
                 y = y + _param(self, "b" + name, (n, E), (axis, "head_dim"), zeros).astype(dt)
+            if cfg.qk_norm and name != "v":
+                y = Norm(cfg, E, "head_dim", name=name + "_norm")(y)
             return y
 
-        q = proj("q", H, "heads")
-        k = proj("k", K, "kv_heads")
+        local = self.sliding and cfg.rope_local_theta is not None
+        q = rotary(proj("q", H, "heads"), positions, cfg, local)
+        k = rotary(proj("k", K, "kv_heads"), positions, cfg, local)
         v = proj("v", K, "kv_heads")
-        q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
 
         T = x.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # [B, K, T, E]
@@ -193,9 +320,14 @@ class Attention(nn.Module):
 
         q = q.reshape(q.shape[0], T, K, H // K, E)
         scores = jnp.einsum("btkge,bkse->bkgts", q, k.astype(dt)).astype(jnp.float32)
-        scores = scores / math.sqrt(E)
-        q_slot = cache_index + jnp.arange(T)[:, None]
-        allowed = (jnp.arange(S)[None, :] <= q_slot)[None] & key_mask[:, None, :].astype(bool)
+        scores = scores * (cfg.query_pre_attn_scalar or E) ** -0.5
+        if cfg.attn_softcap:
+            scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+        q_slot, k_slot = cache_index + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+        allowed = k_slot <= q_slot
+        if self.sliding:
+            allowed &= k_slot > q_slot - cfg.sliding_window
+        allowed = allowed[None] & key_mask[:, None, :].astype(bool)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bkse->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
@@ -225,7 +357,7 @@ class MLP(nn.Module):
             return y
 
         h = act(dense("in", x, (D, F), ("embed", "mlp")))
-        if cfg.family == "llama":
+        if cfg.gated_mlp:
             h = h * dense("up", x, (D, F), ("embed", "mlp"))
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         return dense("out", h, (F, D), ("mlp", "embed"))
@@ -258,17 +390,24 @@ def stored_cotangent(x):
 
 class Block(nn.Module):
     cfg: ModelConfig
+    sliding: bool = False
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
+        cfg = self.cfg
         x = stored_cotangent(x)
-        attn, cache = Attention(self.cfg, name="attn")(Norm(self.cfg, name="ln1")(x), positions,
-                                                       key_mask, cache, cache_index)
-        if self.cfg.parallel_residual:
-            x = x + attn + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="ln2")(x))
+        h = Norm(cfg, name="ln1")(x)
+        attn, cache = Attention(cfg, self.sliding, name="attn")(h, positions, key_mask, cache,
+                                                                 cache_index)
+        if cfg.post_norms:
+            attn = Norm(cfg, name="ln1_post")(attn)
+        if cfg.parallel_residual:
+            mlp_in = h if cfg.shared_block_norm else Norm(cfg, name="ln2")(x)
+            x = x + attn + MLP(cfg, name="mlp")(mlp_in)
         else:
             x = stored_cotangent(x + attn)
-            x = x + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="ln2")(x))
+            mlp = MLP(cfg, name="mlp")(Norm(cfg, name="ln2")(x))
+            x = x + (Norm(cfg, name="ln2_post")(mlp) if cfg.post_norms else mlp)
         return constrain(x, ("act_batch", "act_length", "act_embed")), cache
 
 
@@ -278,19 +417,23 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        dtype = jnp.dtype(cfg.param_dtype)
         self.embed = self.param("embed", nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model),
-            jnp.dtype(cfg.param_dtype))
+            nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model), dtype)
         if cfg.family == "gpt2":
             self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
                 nn.initializers.normal(0.01), ("position", "embed")), (cfg.max_len, cfg.d_model),
-                jnp.dtype(cfg.param_dtype))
-        self.blocks = [Block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+                dtype)
+        self.blocks = [Block(cfg, i in cfg.sliding_layers, name=f"layer_{i}")
+                       for i in range(cfg.n_layers)]
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
                 nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
-                jnp.dtype(cfg.param_dtype))
+                dtype)
+        if cfg.lm_head_bias:
+            self.lm_head_bias = self.param("lm_head_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,), dtype)
         self.reward_head = ScalarHead(cfg)
         self.value_head = ScalarHead(cfg)
 
@@ -298,6 +441,8 @@ class Transformer(nn.Module):
         """tokens, positions: [B, T]; key_mask: [B, S]. Returns (hidden [B, T, D], cache)."""
         cfg = self.cfg
         x = jnp.take(self.embed, tokens, axis=0).astype(cfg.compute_dtype)
+        if cfg.embed_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), cfg.compute_dtype)
         if cfg.family == "gpt2":
             x = x + jnp.take(self.pos_embed, positions, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
@@ -309,9 +454,14 @@ class Transformer(nn.Module):
 
     def lm_logits(self, hidden):
         """hidden: [B, T, D] -> float32 logits [B, T, V]."""
-        w = self.embed.T if self.cfg.tie_embeddings else self.lm_head
-        logits = jnp.einsum("btd,dv->btv", hidden, w.astype(self.cfg.compute_dtype))
-        return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+        cfg = self.cfg
+        w = self.embed.T if cfg.tie_embeddings else self.lm_head
+        logits = jnp.einsum("btd,dv->btv", hidden, w.astype(cfg.compute_dtype)).astype(jnp.float32)
+        if cfg.lm_head_bias:
+            logits = logits + self.lm_head_bias.astype(jnp.float32)
+        if cfg.final_softcap:
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
     def rewards(self, hidden):
         """Per-token reward scores [B, T]; read the sequence reward with `reward_at_last_token`."""

@@ -36,7 +36,8 @@ def scalar_type(hint):
 
 def invalid_values(kind, field_checks) -> list[str]:
     """A wrong-type value (where the type has one) and one that violates each check."""
-    values = {bool: ["maybe"], int: ["notanumber"], float: ["notanumber"]}.get(kind, [])
+    values = {bool: ["maybe"], int: ["notanumber"], float: ["notanumber"],
+              tuple: ["1,2"]}.get(kind, [])     # a bare tuple: set from config.json only
     for c in field_checks:
         if isinstance(c, checks.Range):
             if c.lo is not None:

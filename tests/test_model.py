@@ -93,7 +93,7 @@ def test_sharded_index_is_read(saved, tmp_path):
     chex.assert_trees_all_equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
 def test_sharded_forward_equals_single_device(family, tmp_path):
     assert jax.device_count() == 8
     save_torch_model(family, tmp_path)
@@ -119,7 +119,7 @@ def test_sharded_forward_equals_single_device(family, tmp_path):
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(reference), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["gptj", "gemma3"])
 def test_bfloat16_compute_is_close(family, tmp_path):
     save_torch_model(family, tmp_path)
     cfg, params = hf.load_pretrained(str(tmp_path))

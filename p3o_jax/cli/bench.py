@@ -208,7 +208,7 @@ def unit_flops(cfg: M.ModelConfig):
     per position."""
     L, D, H, K, E, F = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                         cfg.d_ff)
-    mlp = (3 if cfg.family == "llama" else 2) * D * F
+    mlp = (3 if cfg.gated_mlp else 2) * D * F
     return 2 * L * (2 * D * H * E + 2 * D * K * E + mlp), 4 * L * H * E, 2 * D * cfg.vocab_size
 
 
