@@ -144,6 +144,14 @@ class ExperimentConfig:
     policy: ModelConfig = ModelConfig()       # with base_model: only dtype, param_dtype used
     reward_model: ModelConfig | None = None   # None: same architecture as the policy
     base_model: Annotated[str, ModelSource()] = ""  # HF name or local folder SFT starts from
+    pretrained_sft: Annotated[str, ModelSource()] = ""  # an SFT policy (HF name or folder) that
+                                    # RL starts from instead of training one (stage sft)
+    pretrained_rm: Annotated[str, ModelSource()] = ""   # a *ForSequenceClassification reward
+                                    # model used instead of training one (stage rm); its own
+                                    # tokenizer, if it has another, scores re-tokenised text
+    export_hf: bool = True          # each trained stage also writes <out_dir>/hf/<stage>, a
+                                    # folder transformers loads (p3o_jax/cli/export.py: any
+                                    # checkpoint)
     smoke: bool = False             # tiny offline run of a real-data experiment (smoke_config)
     mesh: MeshConfig = MeshConfig()
     toy: ToyTaskConfig = ToyTaskConfig()
@@ -295,9 +303,10 @@ def mesh_sizes(mesh: MeshConfig, n_devices: int) -> MeshConfig:
 
 
 def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
-    """The config a run uses, derived once: the mesh over `n_devices`, the base model's
-    architecture (`base_model`'s config.json; `policy` keeps its say on dtype and param_dtype
-    only), and the checks across fields. Nothing is read but that config.json."""
+    """The config a run uses, derived once: the mesh over `n_devices`, the architectures of the
+    checkpoints it starts from (`base_model`'s or `pretrained_sft`'s config.json for `policy`,
+    `pretrained_rm`'s for `reward_model`; the configured ones keep their say on dtypes only),
+    and the checks across fields. Nothing is read but those config.json files."""
     check_fields(cfg)
     cfg = dataclasses.replace(cfg, mesh=mesh_sizes(cfg.mesh, n_devices))
     if cfg.task == "toy":
@@ -317,13 +326,12 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     mb = rl.prompts_per_iter // rl.minibatches
     need(mb % batch_ways == 0, "rl.minibatches",
          f"minibatch of {mb} prompts is not divisible by data*fsdp={batch_ways}")
-    if cfg.base_model:
-        try:   # reads config.json (a local folder, or the hub into its cache)
-            policy = hf.config_from_hf(hf.resolve(cfg.base_model), dtype=cfg.policy.dtype,
-                                       param_dtype=cfg.policy.param_dtype)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"config key 'base_model': {e}") from None
-        cfg = dataclasses.replace(cfg, policy=policy)
+    need(not (cfg.base_model and cfg.pretrained_sft), "pretrained_sft",
+         "SFT does not run when RL starts from a pretrained SFT policy: drop base_model")
+    for key, field in (("base_model", "policy"), ("pretrained_sft", "policy"),
+                       ("pretrained_rm", "reward_model")):
+        if getattr(cfg, key):
+            cfg = dataclasses.replace(cfg, **{field: architecture(cfg, key, field)})
     for name, model in (("policy", cfg.policy), ("reward_model", cfg.rm_model)):
         need(model.n_heads % m.tensor == 0, f"{name}.n_heads",
              f"{model.n_heads} is not divisible by mesh.tensor={m.tensor}")
@@ -331,6 +339,17 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
          f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
     return cfg
+
+
+def architecture(cfg: ExperimentConfig, key: str, field: str) -> ModelConfig:
+    """The model config of checkpoint `cfg.<key>` (its config.json: a local folder, or the hub
+    into its cache), with the dtypes of `cfg.<field>`."""
+    dtypes = cfg.policy if field == "policy" else cfg.rm_model
+    try:
+        return hf.config_from_hf(hf.resolve(getattr(cfg, key)), dtype=dtypes.dtype,
+                                 param_dtype=dtypes.param_dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key {key!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +378,7 @@ def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
     fast = OptimConfig(lr=1e-3, warmup_steps=0)
     return dataclasses.replace(
         cfg, smoke=True, out_dir=cfg.out_dir.rstrip("/") + "-smoke", eval_prompts=8,
-        log_every=1, base_model="", reward_model=None,
+        log_every=1, base_model="", reward_model=None,  # keeps pretrained_sft/_rm if given
         policy=ModelConfig(family="gpt_neox", vocab_size=TOKENIZER_VOCAB, d_model=32, n_layers=2,
                            n_heads=4, d_ff=64, max_len=128, rotary_pct=0.5),
         data=dataclasses.replace(cfg.data, data_dir="", manual_dir="", tokenizer="",

@@ -47,28 +47,46 @@ def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
     return mean_se((p + 1.0 - ask(texts_b, texts_a)) / 2 if both_orders else p)
 
 
-@functools.partial(jax.jit, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
-def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
-                      rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig):
-    """One response per prompt (two drawn, the first kept: the draws of training's
-    `sample_pairs`) with its RM score, KL estimates and length, as [B] arrays; one program.
-    The policy's log-probs are recomputed by the same forward as the reference's, so that the
-    KL of a policy to itself is exactly 0, whatever the dtype."""
-    samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+def _score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
+           prompts, prompt_mask, samples, scfg: SamplingConfig, rewards=None):
+    """The first of each prompt's two responses with its RM score, KL estimates and length, as
+    [B] arrays. The policy's log-probs are recomputed by the same forward as the reference's,
+    so that the KL of a policy to itself is exactly 0, whatever the dtype."""
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
-                scfg.temperature, recompute_old=True)
+                scfg.temperature, recompute_old=True, rewards=rewards)
     m = buf.resp_mask
     kl_k3 = ops.kl_per_sequence(buf.logp_old, buf.logp_ref, m, "k3")
     return {"rm": buf.rewards, "kl_k1": buf.seq_kl, "kl_k3": kl_k3, "length": m.sum(-1),
             "tokens": samples.tokens, "mask": samples.mask}
 
 
+@functools.partial(jax.jit, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
+def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
+                      rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig):
+    """`_score` of two responses per prompt (the draws of training's `sample_pairs`), one
+    program."""
+    samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+    return _score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
+                  scfg)
+
+
+_score_given_rewards = jax.jit(_score, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
+
+
 def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
-                    prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None) -> dict:
+                    prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None,
+                    reward_fn=None) -> dict:
     """Sample one response per prompt and return per-prompt numpy arrays: rm, gold (if
-    `gold_fn`), kl_k1, kl_k3, length, plus tokens/mask of the responses."""
-    out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask,
-                            key, scfg)
+    `gold_fn`), kl_k1, kl_k3, length, plus tokens/mask of the responses. `reward_fn(prompts,
+    samples) -> [B, 2]` scores outside the program (a reward model with another tokenizer)."""
+    if reward_fn is None:
+        out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts,
+                                prompt_mask, key, scfg)
+    else:
+        samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+        rewards = reward_fn({"ids": prompts, "mask": prompt_mask}, samples)
+        out = _score_given_rewards(policy, ref, None, policy_cfg, rm_cfg, prompts, prompt_mask,
+                                   samples, scfg, rewards)
     out = {k: to_host(v[:, 0]) for k, v in out.items()}
     if gold_fn is not None:
         out["gold"] = np.asarray(gold_fn(*to_host((prompts, prompt_mask)), out["tokens"],

@@ -585,6 +585,9 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=Non
         pad_token_id = tokenizer.pad_token_id
     if pad_token_id is not None:
         hf_config["pad_token_id"] = int(pad_token_id)
+    for key in ("bos_token_id", "eos_token_id"):   # the tokenizer's, not the family's defaults
+        if tokenizer is not None and getattr(tokenizer, key, None) is not None:
+            hf_config[key] = int(getattr(tokenizer, key))
     mappings = _mappings(cfg)
     tensors = {}
     if as_reward_model:

@@ -24,6 +24,7 @@ import sys
 
 import jax
 import numpy as np
+import transformers
 
 from p3o_jax import checkpoint, hf, memory_plan
 from p3o_jax import model as M
@@ -34,6 +35,7 @@ from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
+from p3o_jax.retokenize import RetokenizedReward, same_vocabulary
 from p3o_jax.rl import RLIteration, initial_params, rl_optimizer
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_pairs
@@ -149,14 +151,36 @@ def stage_rm(run: Run, sft_params):
 # ---------------------------------------------------------------------------------------------
 # RL
 
+def reward_function(run: Run, rm_params):
+    """How the reward model scores the policy's samples: None (inside the scoring program)
+    when it reads the policy's tokens, else a `RetokenizedReward` (a pretrained reward model
+    with its own tokenizer: decoded and re-encoded into prompts of `prompt_len` and responses of
+    up to twice `response_len` tokens, on the host)."""
+    if not run.cfg.pretrained_rm:
+        return None
+    folder = hf.resolve(run.cfg.pretrained_rm)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):   # a folder without tokenizer files: the policy's
+        return None
+    if same_vocabulary(tokenizer, run.task.tokenizer):
+        return None
+    print(f"rm: {run.cfg.pretrained_rm} has its own tokenizer: responses are re-tokenised "
+          f"for it", file=sys.stderr)
+    place = lambda n, *arrays: run.batch(n, lambda a, b: tuple(x[a:b] for x in arrays))
+    return RetokenizedReward(run.task.tokenizer, tokenizer, rm_params, run.cfg.rm_model,
+                             run.cfg.prompt_len, 2 * run.cfg.response_len, place)
+
+
 def policy_evaluator(run: Run, sft_params, rm_params):
     """The eval prompts and `evaluate(policy_params)`, the per-prompt results of a policy on
     them (the same prompts and sampling key for every policy): `final_table` and
     `rl.eval_every`."""
     p = run.prompts(run.cfg.eval_prompts, "eval")
+    reward_fn = reward_function(run, rm_params)
     return p, lambda params: evaluate_policy(params, sft_params, rm_params, run.cfg.policy,
                                              run.cfg.rm_model, p["ids"], p["mask"], run.key(5),
-                                             run.sampling, run.task.gold_reward)
+                                             run.sampling, run.task.gold_reward, reward_fn)
 
 
 def eval_along(run: Run, sft_params, rm_params, total: int):
@@ -185,7 +209,8 @@ def stage_rl(run: Run, sft_params, rm_params):
     cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
-    iteration = RLIteration(cfg, run.mesh, run.sampling)
+    iteration = RLIteration(cfg, run.mesh, run.sampling,
+                            reward_fn=reward_function(run, rm_params))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
 
     def step(it, state, carry):
@@ -304,9 +329,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         for name in stages:
             checkpoint.discard(cfg, name)
 
-    def stage(name, output, model_cfg, train):
-        """`train()` the stage and save its params to `<out_dir>/<output>`, or load them from
-        there if the stage is left out or finished in an earlier run."""
+    def stage(name, output, model_cfg, train, pretrained="", role="policy"):
+        """`train()` the stage and save its params to `<out_dir>/<output>` (and, with
+        `export_hf`, an HF folder to `<out_dir>/hf/<output>`), or load them from there if the
+        stage is left out or finished in an earlier run, or from the `pretrained` checkpoint."""
+        if pretrained:
+            print(f"{name}: {pretrained} (pretrained)", file=sys.stderr)
+            return hf.load_pretrained(pretrained, mesh, role=role, dtype=model_cfg.dtype,
+                                      param_dtype=model_cfg.param_dtype)[1]
         path = run.path(output)
         done = (name in stages and cfg.resume and checkpoint.finished(cfg, name)
                 and os.path.isdir(path))
@@ -317,12 +347,17 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         checkpoint.stop_if_preempted(f"before the {name} stage")
         params = train()
         save_params(path, params)
+        if cfg.export_hf:
+            hf.save_pretrained(params, model_cfg, run.path(os.path.join("hf", output)),
+                               tokenizer=run.task.tokenizer, as_reward_model=role == "reward")
         return params
 
     try:
         with jax.set_mesh(mesh), checkpoint.handle_preemption():
-            sft_params = stage("sft", "sft", cfg.policy, lambda: stage_sft(run))
-            rm_params = stage("rm", "rm", cfg.rm_model, lambda: stage_rm(run, sft_params))
+            sft_params = stage("sft", "sft", cfg.policy, lambda: stage_sft(run),
+                               cfg.pretrained_sft)
+            rm_params = stage("rm", "rm", cfg.rm_model, lambda: stage_rm(run, sft_params),
+                              cfg.pretrained_rm, role="reward")
             policy = (stage("rl", cfg.algo, cfg.policy,
                             lambda: stage_rl(run, sft_params, rm_params))
                       if "rl" in stages else None)

@@ -6,12 +6,19 @@ and right-padded responses (`rollout.response_reward`'s inputs). Prompt and resp
 separately, so no token straddles the boundary. Host-side numpy, outside the compiled step.
 
 Shapes: B rows; P, N the policy's prompt and response lengths; P2, N2 the reward model's.
+`RetokenizedReward` is the RL loop's and the evaluation's `reward_fn`: retokenise on the host,
+then score with the reward model in one compiled program.
 """
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
+
+from p3o_jax import model as M
+from p3o_jax.distributed import to_host
+from p3o_jax.rollout import response_reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,3 +67,34 @@ def retokenize(policy_tokenizer, reward_tokenizer, prompts, prompt_mask, respons
     r, rm = encode_rows(reward_tokenizer, decode_rows(policy_tokenizer, responses, response_mask),
                         response_len, left=False, append=finished)
     return Retokenized(p, pm, r, rm)
+
+
+class RetokenizedReward:
+    """`reward_fn(prompts, samples) -> rewards [B, K]` for a reward model whose tokenizer is not
+    the policy's: prompts {"ids", "mask"} [B, P] and `SampleOutput` [B, K, N] are decoded,
+    encoded with the reward model's tokenizer into [P2 | N2] rows and scored at the last real
+    token. `place(rows, tokens, mask)` puts host arrays on the mesh (batch-sharded)."""
+
+    def __init__(self, policy_tokenizer, reward_tokenizer, reward_model, rm_cfg: M.ModelConfig,
+                 prompt_len: int, response_len: int, place):
+        self.policy_tokenizer, self.reward_tokenizer = policy_tokenizer, reward_tokenizer
+        self.reward_model, self.place = reward_model, place
+        self.prompt_len, self.response_len = prompt_len, response_len
+        self._score = jax.jit(lambda p, t, m: response_reward(p, rm_cfg, t, m, prompt_len))
+
+    def __call__(self, prompts: dict, samples):
+        ids, mask, tokens, resp_mask = to_host((prompts["ids"], prompts["mask"], samples.tokens,
+                                                samples.mask))
+        B, K, N = tokens.shape
+        r = retokenize(self.policy_tokenizer, self.reward_tokenizer, np.repeat(ids, K, 0),
+                       np.repeat(mask, K, 0), tokens.reshape(B * K, N),
+                       resp_mask.reshape(B * K, N), self.prompt_len, self.response_len)
+        rows = np.concatenate([r.prompts, r.responses], -1)[:, None]          # [B K, 1, L2]
+        rows_mask = np.concatenate([r.prompt_mask, r.response_mask], -1)[:, None]
+        scores = self._score(self.reward_model, *self.place(B * K, rows, rows_mask))
+        return scores.reshape(B, K)
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (then no retokenising)."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id

@@ -60,8 +60,10 @@ class RLIteration:
     """The programs of one iteration of `cfg.algo` (cfg: a resolved ExperimentConfig) on
     `mesh`; `init_state` builds the sharded train state they update."""
 
-    def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None):
-        self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
+    def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, reward_fn=None):
+        """`reward_fn(prompts, samples) -> [B, K]` scores on the host's side (a reward model
+        with another tokenizer); None: the reward model scores inside `score`."""
+        self.cfg, self.mesh, self.sampling, self.reward_fn = cfg, mesh, sampling, reward_fn
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
         self.shardings = state_shardings(trained_models(cfg), self.tx, mesh)
@@ -79,13 +81,14 @@ class RLIteration:
                             prompts["mask"], key, n=self.cfg.rl.n_samples)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict):
+    def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict,
+              rewards=None):
         """The prepared buffer and the rollout's metrics (every model is an argument: a jit
         may not close over arrays of other processes)."""
         cfg = self.cfg
         buffer = rollout.score(params["policy"], ref, reward_model, cfg.policy, cfg.rm_model,
                                prompts["ids"], prompts["mask"], samples, cfg.rl.temperature,
-                               cfg.recompute_old)
+                               cfg.recompute_old, rewards)
         if cfg.rl.reward_offset:      # the same delta(x) for every response of a prompt
             offset = cfg.rl.reward_offset * prompt_offset(prompts["ids"], prompts["mask"])
             buffer = buffer.replace(rewards=buffer.rewards + offset[:, None])
@@ -98,9 +101,14 @@ class RLIteration:
         t0 = time.perf_counter()
         samples = jax.block_until_ready(self.sample(state.params, prompts, key))
         t1 = time.perf_counter()
-        buffer, metrics = self.score(state.params, ref, reward_model, prompts, samples, carry)
+        rewards = self.reward_fn(prompts, samples) if self.reward_fn else None
+        t_rewards = time.perf_counter() - t1      # retokenising for another tokenizer's RM
+        buffer, metrics = self.score(state.params, ref, reward_model, prompts, samples, carry,
+                                     rewards)
         buffer = jax.block_until_ready(buffer.replace(entropy=None))
         t2 = time.perf_counter()
+        if self.reward_fn:
+            metrics = dict(metrics, time_retokenized_reward=t_rewards)
         if self.update is None:
             self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
         state, update_metrics = jax.block_until_ready(self.update(state, buffer))

@@ -124,9 +124,11 @@ class Rollout:
 
 def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
           prompts, prompt_mask, samples, temperature: float,
-          recompute_old: bool = False) -> Rollout:
+          recompute_old: bool = False, rewards=None) -> Rollout:
     """The buffer from prompts [B, P] and `sample_pairs` output [B, K, N]: reference log-probs
-    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward model's scores."""
+    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward model's scores
+    (`rewards` [B, K] when they were computed elsewhere: a reward model with another
+    tokenizer, `retokenize.RetokenizedReward`)."""
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
     resp_mask = samples.mask.astype(jnp.int32)
@@ -140,7 +142,8 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
     return Rollout(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
                    logp_ref=logp_ref, entropy=entropy,
                    seq_kl=ops.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"),
-                   rewards=response_reward(reward_model, rm_cfg, tokens, mask, P))
+                   rewards=(response_reward(reward_model, rm_cfg, tokens, mask, P)
+                            if rewards is None else rewards))
 
 
 def rollout_metrics(buffer: Rollout) -> dict:

@@ -25,6 +25,7 @@ SampleFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 class Task(Protocol):
+    tokenizer: object              # an HF tokenizer (exported with every stage)
     vocab_size: int
     eos_id: int
     pad_id: int
@@ -68,6 +69,7 @@ class ToyRLHF:
         self.prompt_len, self.response_len = config.prompt_len, config.response_len
         self.gold_reward = self.toy.gold_reward
         self.annotator_temperature = annotator_temperature
+        self.tokenizer = self.toy.tokenizer()
 
     def sft_batch(self, batch_size: int, step: int) -> dict:
         b = self.toy.sft_batch(batch_size, start=step * batch_size)

@@ -1,0 +1,95 @@
+"""Export any model of a run as a folder transformers loads.
+
+    python -m p3o_jax.cli.export run=runs/toy stage=p3o                 # the finished policy
+    python -m p3o_jax.cli.export run=runs/toy stage=rm                  # the reward model
+    python -m p3o_jax.cli.export run=runs/toy stage=p3o step=40 to=/tmp/p3o-40   # a checkpoint
+
+`stage` is `sft`, `rm` or an RL algorithm's name; without `step` the stage's final params
+(`<run>/<stage>`), with it the train state of `<run>/ckpt/<stage>/<step>`. Policies load with
+`AutoModelForCausalLM`, the reward model with `AutoModelForSequenceClassification`. The
+tokenizer comes from `tokenizer=` (HF name or folder), else from the run's own exports
+(`<run>/hf/sft`, written when the run's stages finish). Output: `to`, by default
+`<run>/hf/<stage>` (`<stage>-step<step>` for a checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Annotated
+
+import orbax.checkpoint as ocp
+import transformers
+
+from p3o_jax import hf
+from p3o_jax.checks import ConfigError, ExistingDir, ModelSource, Pattern, Range, WritableDir
+from p3o_jax.checkpoint import load_params
+from p3o_jax.config import tool_args
+from p3o_jax.model import ModelConfig
+from p3o_jax.sharding import make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportArgs:
+    run: Annotated[str, ExistingDir()] = ""
+    stage: Annotated[str, Pattern(r"[\w-]+", "sft, rm or an algorithm's name")] = "sft"
+    step: Annotated[int, Range(-1)] = -1        # -1: the finished stage's params
+    to: Annotated[str, WritableDir()] = ""
+    tokenizer: Annotated[str, ModelSource()] = ""
+
+
+def run_model_config(run: str, stage: str) -> ModelConfig:
+    """The architecture of `stage`'s model, from the run's config.json."""
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"config key 'run': {path} is missing; is {run} a run's out_dir?")
+    with open(path) as f:
+        cfg = json.load(f)
+    model = cfg["reward_model"] or cfg["policy"] if stage == "rm" else cfg["policy"]
+    return ModelConfig(**model)
+
+
+def stage_params(args: ExportArgs, model_cfg: ModelConfig):
+    """The finished stage's params, or those of its checkpoint at `args.step`."""
+    if args.step < 0:
+        path = os.path.join(args.run, args.stage)
+        if not os.path.isdir(path):
+            raise ConfigError(f"config key 'stage': {path} does not exist (not finished? give "
+                              f"step=N of {os.path.join(args.run, 'ckpt', args.stage)})")
+        return load_params(path, model_cfg, make_mesh())
+    directory = os.path.abspath(os.path.join(args.run, "ckpt", args.stage))
+    with ocp.CheckpointManager(directory) as manager:
+        if args.step not in manager.all_steps():
+            raise ConfigError(f"config key 'step': {directory} has steps {manager.all_steps()}")
+        state = manager.restore(args.step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state
+    params = state["params"]
+    return params["policy"] if "policy" in params else params
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, rest = tool_args(argv, ExportArgs())
+        if rest or not args.run:
+            raise ConfigError("config key 'run': give run=<out_dir> (keys: run, stage, step, "
+                              "to, tokenizer)" + (f"; unknown: {rest}" if rest else ""))
+        model_cfg = run_model_config(args.run, args.stage)
+        params = stage_params(args, model_cfg)
+        source = args.tokenizer or os.path.join(args.run, "hf", "sft")
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(source)
+                     if os.path.isdir(source) or args.tokenizer else None)
+        name = args.stage + (f"-step{args.step}" if args.step >= 0 else "")
+        to = args.to or os.path.join(args.run, "hf", name)
+        hf.save_pretrained(params, model_cfg, to, tokenizer=tokenizer,
+                           as_reward_model=args.stage == "rm")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {to}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
