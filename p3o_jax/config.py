@@ -113,11 +113,28 @@ class DataConfig:
     tokenizer: str = ""             # HF name or local folder; "" = base_model's
     prompt_len: int = 512           # P: TL;DR posts are cut to fit, HH keeps the last P tokens
     response_len: int = 53          # N: generated tokens; SFT/RM targets keep their first N
-    on_bad_record: str = "raise"    # raise (file:line) | skip (logged and counted)
+    on_bad_record: str = "raise"    # corrupt records: raise (file:line) | skip (counted)
+    stop_sequences: str = ""        # JSON list of strings ending a sampled response, e.g.
+                                    # ["\n\nHuman:"] (cut, EOS appended); "" = none
 
     @property
     def hh_subset_list(self) -> tuple[str, ...]:
         return tuple(s for s in self.hh_subsets.split(",") if s)
+
+    @property
+    def stop_sequence_list(self) -> tuple[str, ...]:
+        """`stop_sequences` parsed; ValueError unless a JSON list of non-empty strings."""
+        import json  # here, to keep DataConfig's changes in one hunk for merging
+        if not self.stop_sequences:
+            return ()
+        try:
+            texts = json.loads(self.stop_sequences)
+        except json.JSONDecodeError:
+            texts = None
+        if not (isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts)):
+            raise ValueError(f"{self.stop_sequences!r} is not a JSON list of non-empty strings, "
+                             'e.g. ["\\n\\nHuman:"]')
+        return tuple(texts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +297,10 @@ def validate(cfg: ExperimentConfig, n_devices: int) -> None:
     need(d.prompt_len > 0, "data.prompt_len", "must be > 0")
     need(d.response_len > 0, "data.response_len", "must be > 0")
     need(d.on_bad_record in ON_BAD_RECORD, "data.on_bad_record", f"one of {ON_BAD_RECORD}")
+    try:
+        d.stop_sequence_list
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.stop_sequences': {e}") from None
     need(d.tokenizer or cfg.base_model or cfg.smoke, "data.tokenizer",
          "set it (an HF name or local folder) or base_model")
     if cfg.task == "hh":

@@ -298,7 +298,7 @@ def check_file(path: epath.Path, url: str) -> None:
                                      f"from {url}")
     if head.startswith(LFS_POINTER):
         size = re.search(rb"^size (\d+)", head, re.MULTILINE)
-        of = f" (of {int(size.group(1))} bytes)" if size else ""
+        of = f" (to a file of {int(size.group(1))} bytes)" if size else ""
         raise validate.UpstreamError(
             f"{path} is a Git LFS pointer{of}, not the data: run `git lfs pull` in the git "
             f"clone it comes from, or download {url}")
