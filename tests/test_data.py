@@ -558,3 +558,22 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
         assert all((a[k] == b[k]).all() for k in a)
     for a, b in zip(tail, expected[3:], strict=True):
         assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_encoded_sources_are_cached_by_data_tokenizer_and_lengths(data_dir, tokenizer, tmp_path,
+                                                                  monkeypatch):
+    source = tfds.data_source("tldr_comparisons", split="train", data_dir=data_dir)
+    kw = dict(dataset="tldr_comparisons", kind="preference", prompt_len=200, response_len=16,
+              shard_options=NO_SHARDING, cache_dir=tmp_path)
+    fresh = data.make_examples(source, tokenizer, **kw)
+    assert len(list(tmp_path.iterdir())) == 1
+    with monkeypatch.context() as m:
+        m.setattr(data.Tokenize, "encode", lambda *a: pytest.fail("tokenised again"))
+        prompts_only = data.make_examples(source, tokenizer, **{**kw, "kind": "prompt"})
+        assert all((fresh[i]["prompt_ids"] == prompts_only[i]["prompt_ids"]).all()
+                   for i in range(len(source)))
+    data.make_examples(source, tokenizer, **{**kw, "response_len": 17})
+    data.make_examples(tfds.data_source("tldr_comparisons", split="valid1", data_dir=data_dir),
+                       tokenizer, **kw)
+    data.make_examples(synthetic_hh(3), tokenizer, **{**SYNTH, "cache_dir": tmp_path})
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * 3
