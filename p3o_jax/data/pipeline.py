@@ -88,25 +88,19 @@ class Tokenize(grain.transforms.Map):
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The texts of a record, as keys of `texts` and `encode`."""
+        """The texts of a record: "prompt", then those of `responses` (keys of `encode`)."""
         return ("prompt", "response") if self.dataset == "tldr_sft" else (
             "prompt", "chosen", "rejected")
 
-    def texts(self, record: dict, fitted_prompt: str | None = None) -> dict[str, str]:
-        """{prompt, response} (tldr_sft) or {prompt, chosen, rejected} of a source record.
-        TL;DR prompts: ``fitted_prompt`` if given, else fitted to ``prompt_len`` here."""
-        r = _text_fields(record)
+    def responses(self, record: dict) -> dict[str, str]:
+        """{response} (tldr_sft) or {chosen, rejected} texts of a (decoded) source record."""
         if self.dataset == "hh_rlhf":
-            return {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-        prompt = fitted_prompt or prompts.fit_tldr_prompt(
-            self.tokenizer, r["subreddit"], r["title"], r["post"], self.prompt_len,
-            add_bos=self.add_bos)
+            return {"chosen": record["chosen"], "rejected": record["rejected"]}
         if self.dataset == "tldr_sft":
-            return {"prompt": prompt, "response": prompts.tldr_response(r["summary"])}
-        choice = int(r["choice"])
-        return {"prompt": prompt,
-                "chosen": prompts.tldr_response(r[f"summary_{choice}"]),
-                "rejected": prompts.tldr_response(r[f"summary_{1 - choice}"])}
+            return {"response": prompts.tldr_response(record["summary"])}
+        choice = int(record["choice"])
+        return {"chosen": prompts.tldr_response(record[f"summary_{choice}"]),
+                "rejected": prompts.tldr_response(record[f"summary_{1 - choice}"])}
 
     def map(self, record: dict) -> dict[str, np.ndarray]:
         return self.layout({key: rows[0] for key, rows in self.encode([record]).items()})
@@ -116,15 +110,16 @@ class Tokenize(grain.transforms.Map):
         BOS if ``add_bos``), "response" or "chosen" and "rejected" (at most R, EOS appended
         if ``append_eos``). Texts are encoded in batches (in parallel with a fast tokenizer);
         only the TL;DR prompts over budget are fitted one by one."""
-        texts = [self.texts(r, fitted) for r, fitted in zip(records, self._tldr_prompts(records))]
-        encoded = {key: prompts.encode_batch(self.tokenizer, [t[key] for t in texts])
-                   for key in self.fields}
-        return {key: [prompts.cut_prompt(self.tokenizer, ids, self.prompt_len, add_bos=self.add_bos)
-                      if key == "prompt" else
-                      prompts.cut_response(self.tokenizer, ids, self.response_len,
-                                           append_eos=self.append_eos)
-                      for ids in rows]
-                for key, rows in encoded.items()}
+        records = [_text_fields(r) for r in records]
+        out = {"prompt": [prompts.cut_prompt(self.tokenizer, ids, self.prompt_len,
+                                             add_bos=self.add_bos)
+                          for ids in self._prompt_ids(records)]}
+        responses = [self.responses(r) for r in records]
+        for key in self.fields[1:]:
+            out[key] = [prompts.cut_response(self.tokenizer, ids, self.response_len,
+                                             append_eos=self.append_eos)
+                        for ids in prompts.encode_batch(self.tokenizer, [t[key] for t in responses])]
+        return out
 
     def layout(self, ids: dict[str, Sequence[int]]) -> dict[str, np.ndarray]:
         """One example of the batch layout of ``kind`` from the ids of `encode`."""
@@ -155,18 +150,20 @@ class Tokenize(grain.transforms.Map):
             tok.eos_token_id, self.dataset, self.prompt_len, self.response_len, self.add_bos,
             self.append_eos]))
 
-    def _tldr_prompts(self, records: Sequence[dict]) -> list[str | None]:
-        """The fitted TL;DR prompt of each record (None for HH): the full prompts are encoded
-        in one batch, and only those over ``prompt_len`` are cut (`prompts.fit_tldr_prompt`)."""
+    def _prompt_ids(self, records: Sequence[dict]) -> list[list[int]]:
+        """Each (decoded) record's prompt, encoded. TL;DR: the full prompts are encoded in
+        one batch, and only those over ``prompt_len`` are fitted (`prompts.fit_tldr_prompt`)
+        and encoded again; HH prompts are cut later, from the left (`prompts.cut_prompt`)."""
         if self.dataset == "hh_rlhf":
-            return [None] * len(records)
-        fields = [_text_fields(r) for r in records]
-        full = [prompts.format_tldr_prompt(r["subreddit"], r["title"], r["post"]) for r in fields]
-        lengths = [len(ids) + self.add_bos for ids in prompts.encode_batch(self.tokenizer, full)]
-        return [text if n <= self.prompt_len else prompts.fit_tldr_prompt(
+            return prompts.encode_batch(self.tokenizer, [r["prompt"] for r in records])
+        full = [prompts.format_tldr_prompt(r["subreddit"], r["title"], r["post"]) for r in records]
+        ids = prompts.encode_batch(self.tokenizer, full)
+        for i, r in enumerate(records):
+            if len(ids[i]) + self.add_bos > self.prompt_len:
+                ids[i] = prompts.encode(self.tokenizer, prompts.fit_tldr_prompt(
                     self.tokenizer, r["subreddit"], r["title"], r["post"], self.prompt_len,
-                    add_bos=self.add_bos)
-                for text, n, r in zip(full, lengths, fields)]
+                    add_bos=self.add_bos))
+        return ids
 
     def _pad(self, ids: Sequence[int], length: int, *, left: bool
              ) -> tuple[np.ndarray, np.ndarray]:
