@@ -372,6 +372,12 @@ def test_tldr_truncation_keeps_header_and_fits(tokenizer, add_bos):
                                 add_bos=add_bos)
 
 
+def test_batch_encoding_is_one_by_one_encoding(tokenizer):
+    texts = [text for pair in F.HH_DIALOGUES["train"] for text in pair] + [
+        r["post"] for r in F.TLDR_POSTS["train"]] + [""]
+    assert prompts.encode_batch(tokenizer, texts) == [prompts.encode(tokenizer, t) for t in texts]
+
+
 def test_hh_split():
     chosen, rejected = F.HH_DIALOGUES["train"][1]
     prompt, c, r = prompts.split_hh_pair(chosen, rejected)

@@ -14,11 +14,12 @@ builder                              splits                 features (all text i
 ``tldr_sft`` is OpenAI's filtered Reddit TL;DR (``tldr_3_filtered``). ``tldr_comparisons``
 is the human comparisons of "Learning to summarize from human feedback", split by each
 record's upstream ``split`` field; records on CNN/DM articles (``info`` has ``article``
-instead of ``post``, e.g. all of ``batch0_cnndm``) are dropped, so only TL;DR posts remain.
+instead of ``post``, e.g. all of ``batch0_cnndm``) are skipped, so only TL;DR posts remain.
 All comparison files are held in memory while grouping by split (a few hundred MB).
-``hh_rlhf`` has one config per subset (`HH_SUBSETS`); ``prompt`` is the dialogue up to and
-including the last ``"\\n\\nAssistant:"`` and chosen/rejected are the final responses
-(see `validate.parse_hh_pair`).
+``hh_rlhf`` has one config per subset (`HH_SUBSETS`); ``prompt`` is the longest dialogue
+prefix shared by chosen and rejected that ends with ``"\\n\\nAssistant:"``, and chosen/rejected
+are the rest of each dialogue: usually the final replies, possibly empty (see
+`validate.parse_hh_pair`).
 
 Where files come from: with a ``manual_dir``, every upstream file is read from it under its
 upstream name (``train.jsonl``, ``batch3.json``, ``helpful-base/train.jsonl.gz``, ...) and
