@@ -7,8 +7,10 @@ TL;DR: 92,858 human comparisons (the upstream train split), posts of 40-400 word
 160,800 train pairs over the four subsets, dialogues of 1-4 exchanges. Texts are random
 words of a Zipf-distributed vocabulary, tokenised by a byte-level BPE (8k) trained on them;
 lengths as `experiments/tldr.py` (P=512, R=53) and `experiments/hh.py` (P=512, R=128).
-``per_record_s`` extrapolates the cost of encoding records one at a time (no batching),
-measured on the first `PER_RECORD_SAMPLE` records.
+``per_record_s`` extrapolates the cost of reading and encoding records one at a time (no
+batching), measured on the first `PER_RECORD_SAMPLE` records. ``tokenize_cold_s`` reads and
+encodes every record (and hashes the data files, writes the cache); ``tokenize_cached_s``
+loads the cache.
 """
 from __future__ import annotations
 
@@ -104,8 +106,7 @@ def measure(source, tokenizer, cache_dir, **kw) -> dict:
     _, cached = timed(lambda: data.make_examples(source, tokenizer, **kw))
     transform = data.Tokenize(tokenizer, kw["dataset"], "preference", kw["prompt_len"],
                               kw["response_len"])
-    records = [source[i] for i in range(PER_RECORD_SAMPLE)]
-    _, sample = timed(lambda: [transform.map(r) for r in records])
+    _, sample = timed(lambda: [transform.map(source[i]) for i in range(PER_RECORD_SAMPLE)])
     size = sum(p.stat().st_size for p in pathlib.Path(cache_dir).glob(f"{kw['dataset']}-*.npz"))
     return {"records": len(examples), "tokenize_cold_s": cold, "tokenize_cached_s": cached,
             "per_record_s": round(sample * len(examples) / PER_RECORD_SAMPLE, 1),

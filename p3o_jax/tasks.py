@@ -8,10 +8,9 @@ static shapes: prompts [n, P] left-padded, responses [n, N] right-padded, sequen
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol
-
-import os
 
 import grain
 import numpy as np
