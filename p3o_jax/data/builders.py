@@ -38,9 +38,9 @@ or `prepare`. Corrupt records (see `validate`) abort the build with a `DataError
 and line (``on_bad_record="raise"``, the default: nothing is published), or are skipped:
 ``builder.skipped_records`` lists them, and their count per file is saved in the dataset's
 ``info.metadata["skipped_records"]``. Well-formed records a dataset cannot use are skipped
-and counted by reason (`validate.Skipped`). The build prints one line per split (records
-read, kept, skipped by reason; also kept in ``info.metadata["summary"]``), and a split
-left without records is an `UpstreamError` naming its files.
+and counted by reason (`validate.Skipped`). Each split's records read, kept and skipped
+by reason make one line, kept in ``info.metadata["summary"]`` and printed by `prepare`; a
+split left without records is an `UpstreamError` naming its files.
 
 Working without TensorFlow (tensorflow-datasets 4.9.10): building and reading work, with
 ``file_format="array_record"`` (our default) and reading through ``tfds.data_source`` /
@@ -155,8 +155,8 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
 
     def _counted(self, split: str, items: Iterable[tuple], where: str) -> Iterator[tuple]:
         """The kept ``(key, record)`` of ``items`` (``(key, record | Skipped)`` pairs, read
-        from ``where``); once all are read, prints the split's `validate.Counts` summary line.
-        Raises `UpstreamError` if none is kept."""
+        from ``where``); once all are read, keeps the split's `validate.Counts` summary line
+        in ``info.metadata["summary"]``. Raises `UpstreamError` if none is kept."""
         counts = validate.Counts()
         for key, record in items:
             counts.add(record)
@@ -166,7 +166,6 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
         if not counts.kept:
             raise validate.UpstreamError(f"no usable records for {self.dataset_name} {split} "
                                          f"in {where} ({summary.partition(': ')[2]})")
-        print(summary, file=sys.stderr, flush=True)
         self.info.metadata.setdefault("summary", {})[split] = summary
 
 
@@ -215,7 +214,8 @@ class TldrComparisons(_UpstreamJsonlBuilder):
         for _, record in by_split.pop(None, []):
             unsplit.add(record)
         if unsplit.read:
-            print(unsplit.summary(f"{self.dataset_name} (split unknown)"), file=sys.stderr)
+            self.info.metadata.setdefault("summary", {})["split unknown"] = unsplit.summary(
+                f"{self.dataset_name} (split unknown)")
         where = f"the {len(paths)} comparison files in {os.path.dirname(paths[COMPARISON_FILES[0]])}"
         return {split: self._generate_examples(split, by_split[split], where)
                 for split in validate.COMPARISON_SPLITS}
@@ -325,10 +325,15 @@ def prepare(
 ) -> _UpstreamJsonlBuilder:
     """Builds dataset ``name`` ("tldr_sft", "tldr_comparisons", "hh_rlhf/helpful-base", ...)
     into ``data_dir`` (a no-op if already built) and returns its builder. With
-    ``manual_dir``, it must hold every upstream file (`check_manual_dir`)."""
+    ``manual_dir``, it must hold every upstream file (`check_manual_dir`). Prints each
+    split's summary line once built."""
     builder = tfds.builder(name, data_dir=data_dir, on_bad_record=on_bad_record)
-    if manual_dir and not builder.is_prepared():
+    if builder.is_prepared():
+        return builder
+    if manual_dir:
         check_manual_dir(manual_dir, [name])
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    for summary in builder.info.metadata.get("summary", {}).values():
+        print(summary, file=sys.stderr)
     return builder
