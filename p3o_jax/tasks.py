@@ -140,7 +140,7 @@ class TextRLHF:
     downloadable) stops the run here with `UnusableData`, before anything compiles. Each
     dataset split is tokenised once, in batches, and cached under
     ``<data_dir>/p3o_tokenized`` (`data.pipeline.encode_source`). ``stop_sequences``: the
-    token ids of ``data_cfg.stop_sequences`` (for the sampler). Shapes: prompts [n, P]
+    token ids of ``data_cfg.stop_sequences`` as they occur mid-text (for the sampler). Shapes: prompts [n, P]
     left-padded, responses [n, N] right-padded, P = ``prompt_len``, N = ``response_len``.
     """
 
@@ -165,7 +165,7 @@ class TextRLHF:
             build(builds, data_cfg)
         except data.UpstreamError as e:
             raise UnusableData(str(e)) from e
-        self.stop_sequences = tuple(tuple(text_formats.encode(self.tokenizer, text))
+        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
                                     for text in data_cfg.stop_sequence_list)
         cache_dir = os.path.join(data_dir or tfds_constants.DATA_DIR, "p3o_tokenized")
 

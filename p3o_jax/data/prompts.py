@@ -100,6 +100,16 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def encode_continuation(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids ``text`` gets in the middle of a text, after a sentence's ".": a SentencePiece
+    tokenizer (Llama) marks the start of a whole text with a space, so `encode` alone would
+    give a first token the sampled continuation never has. Falls back to `encode` if the "."
+    merges with ``text``."""
+    before = encode(tokenizer, ".")
+    ids = encode(tokenizer, "." + text)
+    return ids[len(before):] if ids[:len(before)] == before else encode(tokenizer, text)
+
+
 def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """`encode` of many texts in one call: a fast (Rust) tokenizer encodes them in parallel.
     Its backend is called directly: the HF wrapper's per-text conversions double the time."""
