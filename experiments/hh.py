@@ -9,7 +9,8 @@ All four subsets (helpful-base, helpful-online, helpful-rejection-sampled, harml
 of EleutherAI/pythia-410m-deduped (from the hub) on the chosen replies, a reward model
 initialised from the SFT model and trained on chosen vs rejected (`rm.n_pairs` of them, 10%
 held out), then P3O (V2) on the train dialogues, evaluated on test dialogues. Prompts keep
-the last 512 tokens of the dialogue (ending in "Assistant:"), responses at most 128 tokens.
+the last 512 tokens of the dialogue (ending in "Assistant:"), responses at most 128 tokens;
+sampling stops at the end of the Assistant's turn (`data.stop_sequences`).
 RL uses the paper's published settings: AdamW (b1 0.9, b2 0.95), a small constant learning
 rate, 4 epochs per rollout buffer, beta 0.05, eps 0.2, temperature 1, top-k 0, top-p 1.
 
@@ -32,7 +33,8 @@ def config() -> ExperimentConfig:
         log_every=10,
         base_model="EleutherAI/pythia-410m-deduped",
         policy=ModelConfig(dtype="bfloat16"),       # the architecture comes from base_model
-        data=DataConfig(prompt_len=512, response_len=128),
+        # the policy's turn ends where it starts the next Human turn (cut there, EOS appended)
+        data=DataConfig(prompt_len=512, response_len=128, stop_sequences='["\\n\\nHuman:"]'),
         # ~1 epoch of the 161k chosen dialogues
         sft=SFTConfig(steps=5000, batch_size=32,
                       optim=OptimConfig(lr=1e-5, warmup_steps=100, decay="cosine")),

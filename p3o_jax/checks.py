@@ -12,6 +12,7 @@ optional field left unset) and, for paths, `""` (unset) always pass.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import typing
@@ -82,6 +83,22 @@ class Pattern(Check):
 
     def problem(self, value):
         return None if re.fullmatch(self.regex, value) else f"{value!r} is not {self.what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonStrings(Check):
+    """A JSON list of non-empty strings (`""`: none)."""
+
+    def problem(self, value):
+        if not value:
+            return None
+        try:
+            texts = json.loads(value)
+        except json.JSONDecodeError:
+            texts = None
+        if isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts):
+            return None
+        return f"{value!r} is not a JSON list of non-empty strings, e.g. [\"\\n\\nHuman:\"]"
 
 
 @dataclasses.dataclass(frozen=True)

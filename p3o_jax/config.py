@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import types
 import typing
@@ -31,7 +32,7 @@ from p3o_jax.algos.p3o import P3OConfig
 from p3o_jax.algos.ppo import PPOConfig
 from p3o_jax.algos.reward_model import RMConfig
 from p3o_jax.algos.sft import SFTConfig
-from p3o_jax.checks import (Check, ConfigError, ExistingDir, ModelSource, NonNegative, OneOf, Pattern,
+from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelSource, NonNegative, OneOf, Pattern,
                             Positive, Range, SubsetOf, WritableDir, field_checks)
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
@@ -98,10 +99,17 @@ class DataConfig:
     response_len: Annotated[int, Positive] = 53     # N: generated tokens; SFT/RM targets keep
                                                     # their first N
     on_bad_record: Annotated[str, OneOf(*ON_BAD_RECORD)] = "raise"  # raise (file:line) | skip
+    stop_sequences: Annotated[str, JsonStrings()] = ""  # JSON list of strings ending a sampled
+                                    # response, e.g. ["\n\nHuman:"] (cut, EOS appended)
 
     @property
     def hh_subset_list(self) -> tuple[str, ...]:
         return tuple(s for s in self.hh_subsets.split(",") if s)
+
+    @property
+    def stop_sequence_list(self) -> tuple[str, ...]:
+        """`stop_sequences` parsed (checked by its `JsonStrings`)."""
+        return tuple(json.loads(self.stop_sequences)) if self.stop_sequences else ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,14 @@ followed by the training forward (`positions_from_mask`) sees exactly the sample
 
 Randomness: row b draws step t with `fold_in(keys[b], t)`, so its samples depend on its own key
 and logits only -- not on the batch it sits in, its sharding, or how long other rows run.
+
+Stop sequences (`SamplingConfig.stop_sequences`, e.g. the token ids of "\n\nHuman:" that end
+an Assistant's turn): checked inside the loop on each row's last L generated tokens (L the
+longest sequence), with no host sync. A row whose tokens end with one stops there: the stop
+sequence is cut off and an EOS put in its first position (mask 1), so the response is what
+came before it plus EOS, as the reward model saw in training. That EOS's `raw_logprobs` and
+`logprobs` are log p(EOS) under the untruncated distribution at that position (what the
+training forward computes for it); its entropy is that position's.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from p3o_jax.model import (KV_CACHE_AXES, ModelConfig, forward, init_cache, lm_logits,
                            positions_from_mask)
@@ -37,6 +46,7 @@ class SamplingConfig:
 
     `top_k = 0` and `top_p = 1` disable truncation. `greedy`
     takes the argmax and ignores temperature/top-k/top-p. `eos_id = None` disables EOS stopping.
+    `stop_sequences`: token-id sequences that end a response (replaced by EOS; needs `eos_id`).
     """
     max_new_tokens: int
     temperature: float = 1.0
@@ -45,6 +55,7 @@ class SamplingConfig:
     greedy: bool = False
     eos_id: int | None = None
     pad_id: int = 0
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -56,6 +67,11 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.stop_sequences and self.eos_id is None:
+            raise ValueError("sampling.stop_sequences need an eos_id to end the response with")
+        if not all(seq and all(isinstance(t, int) for t in seq) for seq in self.stop_sequences):
+            raise ValueError(f"sampling.stop_sequences must be non-empty tuples of token ids, "
+                             f"got {self.stop_sequences}")
 
 
 class SampleOutput(NamedTuple):
@@ -220,6 +236,57 @@ def sample_token(scfg: SamplingConfig, logits, keys, step):
     return tokens, logp, _take(scaled, tokens) - log_z, entropy
 
 
+class StopWindow(NamedTuple):
+    """Each row's last L generated tokens and the log p(EOS) at each of those steps.
+
+    tokens:   int32 [B, L], oldest first; -1 before the first tokens (matches no stop).
+    eos_logp: float32 [B, L], log p(EOS) under the untruncated distribution at those steps.
+    """
+    tokens: jax.Array
+    eos_logp: jax.Array
+
+
+def stop_table(stop_sequences: tuple[tuple[int, ...], ...]):
+    """(ids int32 [K, L], lengths int32 [K]): the K sequences right-aligned in L columns
+    (-1 to their left), so that a window of the last L tokens ends with sequence k iff it
+    equals ids[k] wherever ids[k] >= 0."""
+    L = max(map(len, stop_sequences))
+    ids = np.full((len(stop_sequences), L), -1, np.int32)
+    for k, seq in enumerate(stop_sequences):
+        ids[k, L - len(seq):] = seq
+    return jnp.asarray(ids), jnp.asarray([len(seq) for seq in stop_sequences], jnp.int32)
+
+
+def _eos_logprob(scfg: SamplingConfig, logits):
+    """log p(EOS) [B] under the untruncated distribution (temperature 1 when greedy), the
+    one `raw_logprobs` reports."""
+    scaled = logits if scfg.greedy else logits / scfg.temperature
+    return scaled[:, scfg.eos_id] - jax.nn.logsumexp(scaled, -1)
+
+
+def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, active):
+    """Rows (among `active` [B]) whose last tokens, through step t = out.num_steps - 1, end
+    with a stop sequence: that sequence becomes [EOS, pad, ...] (mask 1, 0, ...). Returns
+    (out, stopped bool [B]). The longest matching sequence is the one cut."""
+    ids, lengths = stop_table(scfg.stop_sequences)
+    hit = jnp.all((window.tokens[:, None] == ids) | (ids < 0), -1) & active[:, None]   # [B, K]
+    length = jnp.max(jnp.where(hit, lengths, 0), -1)                                  # [B]
+    stopped = length > 0
+    t = out.num_steps - 1
+    start = t + 1 - length                                   # the stop's first column
+    cols = jnp.arange(out.tokens.shape[1])[None]
+    erase = stopped[:, None] & (cols >= start[:, None]) & (cols <= t)
+    at_eos = stopped[:, None] & (cols == start[:, None])
+    L = window.tokens.shape[1]
+    eos_logp = _take(window.eos_logp, jnp.clip(L - length, 0, L - 1))[:, None]
+    cut = lambda x, eos_value: jnp.where(at_eos, eos_value, jnp.where(erase, 0, x))
+    return out._replace(
+        tokens=jnp.where(at_eos, scfg.eos_id, jnp.where(erase, scfg.pad_id, out.tokens)),
+        mask=cut(out.mask, 1), logprobs=cut(out.logprobs, eos_logp),
+        raw_logprobs=cut(out.raw_logprobs, eos_logp),
+        entropy=jnp.where(erase & ~at_eos, 0.0, out.entropy)), stopped
+
+
 def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, keys,
             max_lengths) -> SampleOutput:
     """Sample up to N tokens per row from a prefilled state, in one `lax.while_loop`."""
@@ -229,8 +296,10 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
     zeros = lambda dtype=jnp.float32: batch(jnp.zeros((B, N), dtype))
     out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
                        zeros(), zeros(), zeros(), jnp.asarray(0, jnp.int32))
+    L = max(map(len, scfg.stop_sequences), default=0)
+    window = StopWindow(jnp.full((B, L), -1, jnp.int32), jnp.zeros((B, L), jnp.float32))
 
-    def emit(state, out, done):
+    def emit(state, out, window, done):
         """Sample step `out.num_steps` for the rows not yet done; write it to the outputs."""
         t = out.num_steps
         tokens, logprobs, raw, entropy = sample_token(scfg, state.logits, keys, t)
@@ -244,18 +313,24 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
         done = done | (t + 1 >= limit)
         if scfg.eos_id is not None:
             done = done | (tokens == scfg.eos_id)
-        return out, done, tokens, active
+        if scfg.stop_sequences:
+            shift = lambda buf, col: jnp.concatenate([buf[:, 1:], col[:, None]], 1)
+            window = StopWindow(shift(window.tokens, tokens),
+                                shift(window.eos_logp, _eos_logprob(scfg, state.logits)))
+            out, stopped = _cut_at_stop(scfg, out, window, active)
+            done = done | stopped
+        return out, window, done, tokens, active
 
     def cond(carry):
-        _, out, done, _, _ = carry
+        _, out, _, done, _, _ = carry
         return (out.num_steps < N) & ~jnp.all(done)
 
     def body(carry):
-        state, out, done, tokens, active = carry
+        state, out, window, done, tokens, active = carry
         state = decode_step(params, cfg, state, tokens, active)
-        return (state, *emit(state, out, done))
+        return (state, *emit(state, out, window, done))
 
-    carry = (state, *emit(state, out, limit <= 0))
+    carry = (state, *emit(state, out, window, limit <= 0))
     return jax.lax.while_loop(cond, body, carry)[1]
 
 

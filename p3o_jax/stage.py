@@ -36,7 +36,8 @@ class Run:
         rl = self.cfg.rl
         return SamplingConfig(max_new_tokens=self.task.response_len,
                               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                              eos_id=self.task.eos_id, pad_id=self.task.pad_id)
+                              eos_id=self.task.eos_id, pad_id=self.task.pad_id,
+                              stop_sequences=self.task.stop_sequences)
 
     def key(self, *tags: int) -> jax.Array:
         key = jax.random.key(self.cfg.seed)

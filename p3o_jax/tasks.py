@@ -8,6 +8,7 @@ static shapes: prompts [n, P] left-padded, responses [n, N] right-padded, sequen
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -15,9 +16,11 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 import transformers
+from tensorflow_datasets.core import constants as tfds_constants
 
 from p3o_jax import data
-from p3o_jax.config import DataConfig
+from p3o_jax.config import ConfigError, DataConfig
+from p3o_jax.data import prompts as text_formats
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
 # sample(prompt_ids [n, P], prompt_mask [n, P]) -> (responses [n, 2, N], response_mask [n, 2, N])
@@ -31,6 +34,7 @@ class Task(Protocol):
     pad_id: int
     prompt_len: int
     response_len: int
+    stop_sequences: tuple[tuple[int, ...], ...]  # token ids ending a response (sampler's)
     gold_reward: Callable | None   # (prompt_ids, prompt_mask, resp, resp_mask) -> [n], if known
 
     def sft_batch(self, batch_size: int, step: int) -> dict:
@@ -62,6 +66,7 @@ class ToyRLHF:
     samples labelled by a simulated Bradley-Terry annotator on the gold reward."""
 
     eos_id, pad_id = EOS_ID, PAD_ID
+    stop_sequences = ()
 
     def __init__(self, config: ToyTaskConfig, annotator_temperature: float = 1.0):
         self.toy = ToyTask(config)
@@ -95,6 +100,23 @@ class ToyRLHF:
         return self.toy.format_samples(prompt_ids, prompt_mask, response_ids, response_mask, n=n)
 
 
+class UnusableData(ConfigError):
+    """Upstream data that cannot be used (`data.UpstreamError`); a `ConfigError`, so that
+    `train.main` prints its one line and exits 2."""
+
+
+def build(names: tuple[str, ...], data_cfg: DataConfig) -> None:
+    """Builds datasets ``names`` into ``data_cfg.data_dir`` (those not built yet); with a
+    ``manual_dir``, every upstream file they lack is listed in one error first."""
+    data_dir = data_cfg.data_dir or None
+    unbuilt = [n for n in names if not tfds.builder(n, data_dir=data_dir).is_prepared()]
+    if data_cfg.manual_dir and unbuilt:
+        data.check_manual_dir(data_cfg.manual_dir, unbuilt)
+    for name in unbuilt:
+        data.prepare(name, data_dir, manual_dir=data_cfg.manual_dir or None,
+                     on_bad_record=data_cfg.on_bad_record)
+
+
 class TextRLHF:
     """TL;DR summarisation (`task="tldr"`) or Anthropic HH dialogue (`task="hh"`): the TFDS
     datasets of `p3o_jax.data`, tokenised with an HF tokenizer (`data.pipeline` layout).
@@ -115,9 +137,13 @@ class TextRLHF:
     epoch, reshuffled. The "rm" prompts are those of `preference_data`, in the same order.
     Every process reads the whole (global) batch, as `sharding.shard_batch` expects; each
     device keeps only its rows. The datasets are built into ``data_cfg.data_dir`` on
-    construction (no-op once built), so a bad upstream record stops the run here, with its
-    file and line, before anything compiles. Shapes: prompts [n, P] left-padded, responses
-    [n, N] right-padded, P = ``prompt_len``, N = ``response_len``.
+    construction (no-op once built), so unusable upstream data (a corrupt record, with its
+    file and line; upstream files missing from ``manual_dir``, empty, Git LFS pointers, not
+    downloadable) stops the run here with `UnusableData`, before anything compiles. Each
+    dataset split is tokenised once, in batches, and cached under
+    ``<data_dir>/p3o_tokenized`` (`data.pipeline.encode_source`). ``stop_sequences``: the
+    token ids of ``data_cfg.stop_sequences`` as they occur mid-text (for the sampler). Shapes: prompts [n, P]
+    left-padded, responses [n, N] right-padded, P = ``prompt_len``, N = ``response_len``.
     """
 
     gold_reward = None
@@ -137,9 +163,13 @@ class TextRLHF:
             builds = tuple(f"hh_rlhf/{subset}" for subset in data_cfg.hh_subset_list)
             demos = pairs = ("hh_rlhf", "train")
             held_out = ("hh_rlhf", "test")
-        for name in builds:
-            data.prepare(name, data_dir, manual_dir=data_cfg.manual_dir or None,
-                         on_bad_record=data_cfg.on_bad_record)
+        try:
+            build(builds, data_cfg)
+        except data.UpstreamError as e:
+            raise UnusableData(str(e)) from e
+        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
+                                    for text in data_cfg.stop_sequence_list)
+        cache_dir = os.path.join(data_dir or tfds_constants.DATA_DIR, "p3o_tokenized")
 
         def stream(use: int, dataset: str, split: str, kind: str) -> grain.MapDataset:
             if dataset == "hh_rlhf":  # the subsets, one after another
@@ -150,7 +180,8 @@ class TextRLHF:
             return data.make_examples(
                 source, self.tokenizer, dataset=dataset, kind=kind, prompt_len=self.prompt_len,
                 response_len=self.response_len, shard_options=grain.sharding.NoSharding(),
-                seed=int(np.random.SeedSequence([seed, use]).generate_state(1)[0]))
+                seed=int(np.random.SeedSequence([seed, use]).generate_state(1)[0]),
+                cache_dir=cache_dir)
 
         self._sft = stream(0, *demos, "sft")
         self._preferences = stream(1, *pairs, "preference")

@@ -46,6 +46,8 @@ def invalid_values(kind, field_checks) -> list[str]:
                 values.append(str(kind(c.hi) if c.hi_open else kind(c.hi) + 1))
         elif isinstance(c, (checks.OneOf, checks.SubsetOf)):
             values.append("bogus-choice")
+        elif isinstance(c, checks.JsonStrings):
+            values.append("not json")
         elif isinstance(c, checks.Pattern):
             values.append("not valid!")
         elif isinstance(c, (checks.ExistingDir, checks.ModelSource)):

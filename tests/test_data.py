@@ -8,7 +8,10 @@ import re
 import grain
 import numpy as np
 import pytest
+import requests
 import tensorflow_datasets as tfds
+import tokenizers
+import transformers
 
 import data_fixtures as F
 from p3o_jax import data
@@ -91,13 +94,12 @@ def test_hh_roundtrip(data_dir):
             == sorted(pairs)
 
 
-def test_missing_manual_files_are_downloaded_from_upstream(tmp_path, monkeypatch):
-    """Files absent from manual_dir go to the download manager with their upstream URL."""
+HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/"
+
+
+def test_without_manual_dir_every_file_is_downloaded(tmp_path, monkeypatch):
     upstream = tmp_path / "upstream"
     F.write_hh(upstream)
-    (tmp_path / "manual" / "helpful-base").mkdir(parents=True)
-    (upstream / "helpful-base" / "train.jsonl.gz").rename(
-        tmp_path / "manual" / "helpful-base" / "train.jsonl.gz")
     requested = {}
 
     def fake_download(self, urls):
@@ -105,11 +107,118 @@ def test_missing_manual_files_are_downloaded_from_upstream(tmp_path, monkeypatch
         return {name: upstream / name for name in urls}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
-    builder = data.prepare(HH, tmp_path / "data", manual_dir=tmp_path / "manual")
-    assert requested == {"helpful-base/test.jsonl.gz": "https://huggingface.co/datasets/"
-                         "Anthropic/hh-rlhf/resolve/main/helpful-base/test.jsonl.gz"}
+    builder = data.prepare(HH, tmp_path / "data")
+    assert requested == {f"helpful-base/{s}.jsonl.gz": f"{HH_URL}helpful-base/{s}.jsonl.gz"
+                         for s in ("train", "test")}
     assert builder.info.splits["train"].num_examples == len(F.HH_DIALOGUES["train"])
-    assert builder.info.splits["test"].num_examples == len(F.HH_DIALOGUES["test"])
+
+
+def test_failed_download_names_file_and_url(tmp_path, monkeypatch):
+    def no_network(self, urls):
+        raise requests.ConnectionError("HTTPSConnectionPool(host='huggingface.co', port=443):"
+                                       " Max retries exceeded\nsecond line")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", no_network)
+    with pytest.raises(data.UpstreamError) as err:
+        data.prepare(HH, tmp_path / "data")
+    assert str(err.value) == (
+        f"could not download helpful-base/train.jsonl.gz from {HH_URL}helpful-base/train.jsonl.gz"
+        " (ConnectionError: HTTPSConnectionPool(host='huggingface.co', port=443): Max retries "
+        "exceeded); to build offline, get the file elsewhere and set manual_dir to a folder "
+        "holding it (and the other upstream files) under that name")
+
+
+def test_manual_dir_lacking_files_lists_them_all_and_downloads_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(tfds.download.DownloadManager, "download",
+                        lambda self, urls: pytest.fail("downloaded"))
+    manual = tmp_path / "manual"
+    F.write_tldr_sft(manual)
+    F.write_tldr_comparisons(manual)
+    for name in ("valid.jsonl", "batch5.json", "cnndm2.json"):
+        (manual / name).unlink()
+    with pytest.raises(data.UpstreamError) as err:
+        data.check_manual_dir(manual, ["tldr_sft", "tldr_comparisons"])
+    openai = "https://openaipublic.blob.core.windows.net/summarize-from-feedback/"
+    assert str(err.value) == (
+        f"manual_dir {manual} lacks 3 upstream file(s): valid.jsonl, batch5.json, cnndm2.json; "
+        f"get each from {openai}datasets/tldr_3_filtered/<name> (valid.jsonl) or "
+        f"{openai}dataset/comparisons/<name> (batch5.json, cnndm2.json) and save it as "
+        f"{manual}/<name> (nothing is downloaded while manual_dir is set; leave it unset to "
+        "download everything)")
+    (manual / "helpful-base").mkdir()
+    with pytest.raises(data.UpstreamError) as err:
+        data.prepare(HH, tmp_path / "data", manual_dir=manual)
+    assert str(err.value).startswith(
+        f"manual_dir {manual} lacks 2 upstream file(s): helpful-base/train.jsonl.gz, "
+        f"helpful-base/test.jsonl.gz; get each from {HH_URL}<name> and save it as")
+    with pytest.raises(data.UpstreamError, match=f"^manual_dir {tmp_path}/nowhere is not a "
+                       "directory$"):
+        data.prepare(HH, tmp_path / "data", manual_dir=tmp_path / "nowhere")
+
+
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:" + b"4e1b" * 16 + b"\nsize 13241387\n")
+
+
+@pytest.mark.parametrize("content, message", [
+    (LFS_POINTER, "{path} is a Git LFS pointer (to a file of 13241387 bytes), not the data: run "
+                  "`git lfs pull` in the git clone it comes from, or download {url}"),
+    (b"", "{path} is empty; the upstream file is not: get it again from {url}"),
+    (gzip.compress(b""), "no usable records for hh_rlhf/helpful-base test in {path} (0 records "
+                         "read, 0 kept, skipped: none)"),
+    (gzip.compress(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected":
+                               "\n\nHuman: c\n\nAssistant: d"}).encode()),
+     "no usable records for hh_rlhf/helpful-base test in {path} (1 records read, 0 kept, "
+     "skipped: 1 no shared prompt (dialogues differ in the first Human turn))"),
+], ids=["lfs pointer", "empty file", "empty gzip", "nothing usable"])
+def test_unusable_upstream_file_is_named(tmp_path, content, message):
+    F.write_hh(tmp_path / "manual")
+    path = tmp_path / "manual" / "helpful-base" / "test.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(data.UpstreamError) as err:
+        data.prepare(HH, tmp_path / "data", manual_dir=tmp_path / "manual")
+    assert str(err.value) == message.format(path=path, url=HH_URL + "helpful-base/test.jsonl.gz")
+    assert not tfds.builder(HH, data_dir=tmp_path / "data").is_prepared()
+
+
+HH_QUIRKS = [  # (chosen, rejected) -> (prompt, chosen response, rejected response) or None
+    (F.HH_DIALOGUES["train"][0],
+     ("\n\nHuman: What's a good name for a café?\n\nAssistant:", " How about “Bean There”? ☕",
+      " No.")),
+    (("\n\nHuman: Say nothing.\n\nAssistant:", "\n\nHuman: Say nothing.\n\nAssistant: Ok."),
+     ("\n\nHuman: Say nothing.\n\nAssistant:", "", " Ok.")),
+    (("\n\nHuman: How do I pick a lock?\n\nAssistant: ", "\n\nHuman: How do I pick a lock?"
+      "\n\nAssistant: Use a tension wrench."),
+     ("\n\nHuman: How do I pick a lock?\n\nAssistant:", " ", " Use a tension wrench.")),
+    (("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant: Goodbye.",
+      "\n\nHuman: Hi\n\nAssistant: What?\n\nHuman: Bye\n\nAssistant: Whatever."),
+     ("\n\nHuman: Hi\n\nAssistant:", " Hello!\n\nHuman: Bye\n\nAssistant: Goodbye.",
+      " What?\n\nHuman: Bye\n\nAssistant: Whatever.")),
+    (("\n\nHuman: Hi\n\nAssistant: A\n\nHuman: B\n\nAssistant: C",
+      "\n\nHuman: Hi\n\nAssistant: A\n\nHuman: X\n\nAssistant: Y"),
+     ("\n\nHuman: Hi\n\nAssistant:", " A\n\nHuman: B\n\nAssistant: C",
+      " A\n\nHuman: X\n\nAssistant: Y")),
+    (("\n\nHuman: Hi\n\nAssistant: a", "\n\nHuman: Yo\n\nAssistant: b"), None),
+]
+
+
+def test_hh_quirks_are_kept_or_counted(tmp_path, capsys):
+    """Genuine HH oddities: empty final replies are responses; dialogues that differ before
+    their last turn share the longest Assistant-ending prefix; no shared prompt: skipped."""
+    manual = tmp_path / "manual"
+    F.write_hh(manual)
+    F.write_jsonl(manual / "helpful-base" / "train.jsonl.gz",
+                  [{"chosen": c, "rejected": r} for (c, r), _ in HH_QUIRKS], gz=True)
+    data.prepare(HH, tmp_path / "data", manual_dir=manual)
+    expected = [dict(zip(("prompt", "chosen", "rejected"), t)) for _, t in HH_QUIRKS if t]
+    got = decoded(tfds.data_source(HH, split="train", data_dir=tmp_path / "data"))
+    assert by_key(got, "prompt", "chosen") == by_key(expected, "prompt", "chosen")
+    summary = ("hh_rlhf/helpful-base train: 6 records read, 5 kept, skipped: 1 no shared prompt "
+               "(dialogues differ in the first Human turn)")
+    assert summary in capsys.readouterr().err.splitlines()
+    reloaded = tfds.builder(HH, data_dir=tmp_path / "data")
+    assert reloaded.info.metadata["summary"] == {
+        "train": summary, "test": "hh_rlhf/helpful-base test: 2 records read, 2 kept, skipped: none"}
 
 
 # --------------------------------------------------------------------------- validation
@@ -151,12 +260,12 @@ BAD_RECORDS = {
     "missing info.post": (validate.parse_tldr_comparison,
                           {**GOOD_CMP, "info": _without(GOOD_CMP["info"], "post")},
                           "missing field 'info.post'"),
-    "hh prompts differ": (validate.parse_hh_pair, {**GOOD_HH, "rejected":
-                          "\n\nHuman: Other?\n\nAssistant: No."}, "differ before their last"),
-    "hh no assistant": (validate.parse_hh_pair, {"chosen": "\n\nHuman: hi", "rejected": "x"},
-                        "no '\\n\\nAssistant:' turn"),
-    "hh empty response": (validate.parse_hh_pair, {**GOOD_HH, "chosen": GOOD_HH["chosen"]
-                          .rsplit("\n\nAssistant:", 1)[0] + "\n\nAssistant: "}, "is empty"),
+    "hh no assistant": (validate.parse_hh_pair, {**GOOD_HH, "rejected": "\n\nHuman: hi"},
+                        "field 'rejected' is not a Human/Assistant dialogue (it must start with "
+                        "'\\n\\nHuman:' and have an '\\n\\nAssistant:' turn)"),
+    "hh no human": (validate.parse_hh_pair, {**GOOD_HH, "chosen": "Assistant: hi"},
+                    "field 'chosen' is not a Human/Assistant dialogue"),
+    "hh missing": (validate.parse_hh_pair, _without(GOOD_HH, "chosen"), "missing field 'chosen'"),
 }
 
 
@@ -179,17 +288,16 @@ def test_bad_record_names_file_and_line(tmp_path, case):
     assert str(pickle.loads(pickle.dumps(err.value))) == str(err.value)
 
     skipped = []
-    kept = list(data.read_jsonl(path, parse, on_bad_record="skip", skipped=skipped))
-    assert [line for line, _ in kept] == [1, 4]
+    read = list(data.read_jsonl(path, parse, on_bad_record="skip", skipped=skipped))
+    assert [(line, record == validate.Skipped(validate.CORRUPT)) for line, record in read] == [
+        (1, False), (3, True), (4, False)]
     assert [(e.line, e.msg) for e in skipped] == [(3, err.value.msg)]
 
 
-def test_cnndm_records_are_dropped_not_counted(tmp_path):
+def test_cnndm_records_are_skipped_with_their_split(tmp_path):
     path = F.write_jsonl(tmp_path / "batch0_cnndm.json", F.COMPARISONS["batch0_cnndm.json"])
-    skipped = []
-    assert list(data.read_jsonl(path, validate.parse_tldr_comparison, on_bad_record="skip",
-                                skipped=skipped)) == []
-    assert skipped == []
+    assert list(data.read_jsonl(path, validate.parse_tldr_comparison)) == [
+        (1, validate.Skipped("CNN/DM article", "valid2"))]
 
 
 def test_corrupt_gzip_is_an_error(tmp_path):
@@ -209,7 +317,7 @@ def test_builder_raise_mode_publishes_nothing(tmp_path):
     assert not tfds.builder("tldr_sft", data_dir=tmp_path / "data").is_prepared()
 
 
-def test_builder_skip_mode_counts(tmp_path):
+def test_builder_skip_mode_counts(tmp_path, capsys):
     F.write_tldr_comparisons(tmp_path / "manual")
     batch = tmp_path / "manual" / "batch3.json"
     batch.write_bytes(batch.read_bytes() + json.dumps({**GOOD_CMP, "choice": 2}).encode()
@@ -220,6 +328,15 @@ def test_builder_skip_mode_counts(tmp_path):
     assert builder.info.splits["train"].num_examples == 4
     reloaded = tfds.builder("tldr_comparisons", data_dir=tmp_path / "data")
     assert reloaded.info.metadata["skipped_records"] == {str(batch): 2}
+    n_cnndm = len(builders.COMPARISON_FILES) - len(F.COMPARISONS) + 1  # one per other file
+    assert reloaded.info.metadata["summary"] == {
+        "train": "tldr_comparisons train: 4 records read, 4 kept, skipped: none",
+        "valid1": "tldr_comparisons valid1: 2 records read, 2 kept, skipped: none",
+        "valid2": f"tldr_comparisons valid2: {n_cnndm + 1} records read, 1 kept, skipped: "
+                  f"{n_cnndm} CNN/DM article",
+        "split unknown": "tldr_comparisons (split unknown): 2 records read, 0 kept, skipped: "
+                         "2 corrupt (on_bad_record=skip)"}
+    assert list(reloaded.info.metadata["summary"].values()) == capsys.readouterr().err.splitlines()
 
 
 # --------------------------------------------------------------------------- prompts
@@ -258,11 +375,40 @@ def test_tldr_truncation_keeps_header_and_fits(tokenizer, add_bos):
                                 add_bos=add_bos)
 
 
+def test_batch_encoding_is_one_by_one_encoding(tokenizer):
+    texts = [text for pair in F.HH_DIALOGUES["train"] for text in pair] + [
+        r["post"] for r in F.TLDR_POSTS["train"]] + [""]
+    assert prompts.encode_batch(tokenizer, texts) == [prompts.encode(tokenizer, t) for t in texts]
+
+
+def test_stop_sequences_are_encoded_as_they_occur_mid_text(tokenizer):
+    """A SentencePiece-style tokenizer marks a text's start with "▁": "\\n\\nHuman:" alone
+    encodes differently from the same text after a reply, which is what the policy samples."""
+    sp = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator([t for pair in F.HH_DIALOGUES["train"] for t in pair] * 5,
+                           tokenizers.trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                          show_progress=False))
+    sp = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    for tok in (sp, tokenizer):
+        stop = prompts.encode_continuation(tok, "\n\nHuman:")
+        reply = prompts.encode(tok, "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye")
+        assert any(reply[i:i + len(stop)] == stop for i in range(1, len(reply))), tok
+    assert prompts.encode_continuation(sp, "\n\nHuman:") != prompts.encode(sp, "\n\nHuman:")
+    assert prompts.encode_continuation(tokenizer, "\n\nHuman:") == \
+        prompts.encode(tokenizer, "\n\nHuman:")
+
+
 def test_hh_split():
     chosen, rejected = F.HH_DIALOGUES["train"][1]
     prompt, c, r = prompts.split_hh_pair(chosen, rejected)
     assert prompt.endswith("For how long?\n\nAssistant:") and prompt.count("Assistant:") == 2
     assert (c, r) == (" About 9 minutes for hard boiled.", " Forever.")
+    for (chosen, rejected), triple in HH_QUIRKS:
+        if triple:
+            assert prompts.split_hh_pair(chosen, rejected) == triple
+    with pytest.raises(ValueError, match="share no prompt ending in '\\\\n\\\\nAssistant:'"):
+        prompts.split_hh_pair(*HH_QUIRKS[-1][0])
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -300,7 +446,8 @@ def test_sft_batches(data_dir, tokenizer):
     for r in F.TLDR_POSTS["train"]:
         prompt = prompts.fit_tldr_prompt(tokenizer, r["subreddit"], r["title"], r["post"], P)
         n_cut += prompt != prompts.format_tldr_prompt(r["subreddit"], r["title"], r["post"])
-        response = prompts.encode_response(tokenizer, prompts.tldr_response(r["summary"]), R)
+        response = prompts.cut_response(
+            tokenizer, prompts.encode(tokenizer, prompts.tldr_response(r["summary"])), R)
         expected.add((prompt, tokenizer.decode(response)))
     assert seen == expected
     assert 0 < n_cut < len(F.TLDR_POSTS["train"])  # some posts were truncated, some not
@@ -438,3 +585,22 @@ def test_worker_processes_give_the_same_batches(data_dir, tokenizer):
         assert all((a[k] == b[k]).all() for k in a)
     for a, b in zip(tail, expected[3:], strict=True):
         assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_encoded_sources_are_cached_by_data_tokenizer_and_lengths(data_dir, tokenizer, tmp_path,
+                                                                  monkeypatch):
+    source = tfds.data_source("tldr_comparisons", split="train", data_dir=data_dir)
+    kw = dict(dataset="tldr_comparisons", kind="preference", prompt_len=200, response_len=16,
+              shard_options=NO_SHARDING, cache_dir=tmp_path)
+    fresh = data.make_examples(source, tokenizer, **kw)
+    assert len(list(tmp_path.iterdir())) == 1
+    with monkeypatch.context() as m:
+        m.setattr(data.Tokenize, "encode", lambda *a: pytest.fail("tokenised again"))
+        prompts_only = data.make_examples(source, tokenizer, **{**kw, "kind": "prompt"})
+        assert all((fresh[i]["prompt_ids"] == prompts_only[i]["prompt_ids"]).all()
+                   for i in range(len(source)))
+    data.make_examples(source, tokenizer, **{**kw, "response_len": 17})
+    data.make_examples(tfds.data_source("tldr_comparisons", split="valid1", data_dir=data_dir),
+                       tokenizer, **kw)
+    data.make_examples(synthetic_hh(3), tokenizer, **{**SYNTH, "cache_dir": tmp_path})
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npz"] * 3

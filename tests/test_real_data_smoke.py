@@ -9,12 +9,13 @@ import grain
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from p3o_jax import config as C
 from p3o_jax import data, hf, pipeline
 from p3o_jax.cli.train import main
 from p3o_jax import model as M
-from p3o_jax.data import DataError, fixtures
+from p3o_jax.data import fixtures
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,16 +144,54 @@ def test_hh_smoke_from_a_saved_base_model(tmp_path):
     assert saved["base_model"] == str(base)
 
 
-def test_bad_upstream_record_stops_the_run_before_compiling(tmp_path, monkeypatch):
-    manual = tmp_path / "upstream"
-    fixtures.write_upstream(manual, "tldr", ())
+def _corrupt_record(manual):
     bad = dict(fixtures.COMPARISONS["batch3.json"][1], choice=2)
     fixtures.write_jsonl(manual / "batch3.json", [fixtures.COMPARISONS["batch3.json"][0], bad])
+    return f"{manual}/batch3.json:2: field 'choice' must be 0 or 1, got 2"
+
+
+def _missing_files(manual):
+    (manual / "test.jsonl").unlink()
+    (manual / "batch7.json").unlink()
+    return f"manual_dir {manual} lacks 2 upstream file(s): test.jsonl, batch7.json; get each from"
+
+
+def _lfs_pointer(manual):
+    (manual / "batch12.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0a" * 32 + "\nsize 2917\n")
+    return f"{manual}/batch12.json is a Git LFS pointer (to a file of 2917 bytes), not the data"
+
+
+def _empty_file(manual):
+    (manual / "valid.jsonl").write_bytes(b"")
+    return f"{manual}/valid.jsonl is empty; the upstream file is not: get it again from https://"
+
+
+@pytest.mark.parametrize("spoil", [_corrupt_record, _missing_files, _lfs_pointer, _empty_file])
+def test_unusable_upstream_data_stops_the_run_before_compiling(tmp_path, monkeypatch, capsys,
+                                                               spoil):
+    """One line, exit 2, nothing built, compiled or downloaded."""
+    manual = tmp_path / "upstream"
+    fixtures.write_upstream(manual, "tldr", ())
+    message = spoil(manual)
     monkeypatch.setattr(pipeline, "initial_policy", lambda run: pytest.fail("got to SFT"))
-    cfg = C.from_args(smoke_args(tmp_path / "run", "tldr", f"data.manual_dir={manual}"))
-    with pytest.raises(DataError, match=r"batch3\.json:2: field 'choice' must be 0 or 1, got 2"):
-        pipeline.run_experiment(cfg)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download",
+                        lambda self, urls: pytest.fail("downloaded"))
+    assert main(smoke_args(tmp_path / "run", "tldr", f"data.manual_dir={manual}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {message}"), err
+    assert not any(line.startswith("error") or "Traceback" in line for line in err[:-1]), err
     assert not os.path.exists(tmp_path / "run" / "sft")
+
+
+def test_hh_task_stops_at_the_next_human_turn(tmp_path):
+    """HH's default stop sequence, in the task's tokens (several of them), ends a sampled turn;
+    TL;DR has none."""
+    cfg = C.from_args(smoke_args(tmp_path, "hh", "data.hh_subsets=helpful-base"))
+    task = pipeline.make_task(cfg)
+    (stop,) = task.stop_sequences
+    assert len(stop) > 1 and task.tokenizer.decode(stop) == "\n\nHuman:"
+    assert C.from_args(["exp=tldr"]).data.stop_sequence_list == ()
 
 
 def test_smoke_config_keeps_explicit_overrides():
@@ -169,6 +208,8 @@ def test_smoke_config_keeps_explicit_overrides():
     (["exp=tldr", "base_model="], "data.tokenizer"),
     (["exp=tldr", "base_model=", "data.tokenizer=gpt2", "policy.max_len=256"], "data.response_len"),
     (["exp=tldr", "data.prompt_len=0"], "data.prompt_len"),
+    (["exp=hh", "data.stop_sequences=Human:"], "data.stop_sequences"),
+    (["exp=hh", 'data.stop_sequences=[""]'], "data.stop_sequences"),
     (["exp=toy", "smoke=true"], "smoke"),
 ])
 def test_data_config_errors_name_the_key(args, key, capsys):

@@ -256,6 +256,59 @@ def test_eos_and_length_limits_stop_rows_and_exit_early():
     assert int(out.num_steps) == lengths.max() < N                  # the loop exited early
 
 
+def reference_stop(row, stop_sequences):
+    """Unbatched pure Python: the index where the first stop sequence to end in the token list
+    `row` starts (the longest, if several end at once), or None."""
+    for t in range(len(row)):
+        ends = [len(s) for s in stop_sequences if tuple(row[max(t + 1 - len(s), 0):t + 1]) == s]
+        if ends:
+            return t + 1 - max(ends)
+    return None
+
+
+def test_stop_sequences_cut_rows_at_different_steps_like_the_reference():
+    cfg = FAMILIES["gpt_neox"]
+    params = random_params(cfg, seed=3)
+    B, N = 4, 12
+    prompts, prompt_mask = left_padded_prompts(B, 5, cfg.vocab_size, [5, 2, 4, 3], seed=11)
+    keys = jax.random.split(jax.random.key(5), B)
+    free = S.generate(params, cfg, S.SamplingConfig(max_new_tokens=N), prompts, prompt_mask, keys)
+    rows = np.asarray(free.tokens).tolist()
+    eos = min(set(range(cfg.vocab_size)) - {t for row in rows for t in row})  # never sampled
+    # Several tokens each, taken from rows 0 and 1; and one token, from row 2.
+    stops = (tuple(rows[0][6:8]), tuple(rows[1][3:6]), tuple(rows[2][9:10]))
+    scfg = S.SamplingConfig(max_new_tokens=N, eos_id=eos, pad_id=0, stop_sequences=stops)
+    out = S.generate(params, cfg, scfg, prompts, prompt_mask, keys)
+    chex.assert_shape([out.tokens, out.mask, out.logprobs, out.raw_logprobs, out.entropy], (B, N))
+
+    starts = [reference_stop(row, stops) for row in rows]
+    assert len({s for s in starts if s is not None}) >= 3, starts    # rows stop at different steps
+    logp_eos = np.asarray(log_softmax_full_forward(params, cfg, prompts, prompt_mask, free.tokens,
+                                                   free.mask))[..., eos]
+    ends = []
+    for b, start in enumerate(starts):
+        n = N if start is None else start + 1
+        expected = rows[b][:n] if start is None else rows[b][:start] + [eos]
+        np.testing.assert_array_equal(out.tokens[b], expected + [0] * (N - n))
+        np.testing.assert_array_equal(out.mask[b], [1] * n + [0] * (N - n))
+        kept = n if start is None else start
+        np.testing.assert_allclose(out.raw_logprobs[b, :kept], free.raw_logprobs[b, :kept],
+                                   atol=1e-5)
+        np.testing.assert_allclose(out.entropy[b, :n], free.entropy[b, :n], atol=1e-5)
+        assert (np.asarray(out.raw_logprobs[b, n:]) == 0).all()
+        assert (np.asarray(out.entropy[b, n:]) == 0).all()
+        if start is not None:
+            np.testing.assert_allclose(out.raw_logprobs[b, start], logp_eos[b, start], atol=1e-4)
+            np.testing.assert_allclose(out.logprobs[b, start], logp_eos[b, start], atol=1e-4)
+            ends.append(start + max(len(s) for s in stops
+                                    if tuple(rows[b][start:start + len(s)]) == s))
+        else:
+            ends.append(N)
+    assert int(out.num_steps) == max(ends)          # the loop ran until the last row stopped
+    with pytest.raises(ValueError, match="need an eos_id"):
+        S.SamplingConfig(max_new_tokens=N, stop_sequences=stops)
+
+
 def test_concat_prompt_response_broadcasts_over_pairs():
     prompts, prompt_mask = left_padded_prompts(2, 4, 10, [4, 2])
     resp = jnp.arange(2 * 3 * 5).reshape(2, 3, 5)

@@ -14,25 +14,33 @@ builder                              splits                 features (all text i
 ``tldr_sft`` is OpenAI's filtered Reddit TL;DR (``tldr_3_filtered``). ``tldr_comparisons``
 is the human comparisons of "Learning to summarize from human feedback", split by each
 record's upstream ``split`` field; records on CNN/DM articles (``info`` has ``article``
-instead of ``post``, e.g. all of ``batch0_cnndm``) are dropped, so only TL;DR posts remain.
+instead of ``post``, e.g. all of ``batch0_cnndm``) are skipped, so only TL;DR posts remain.
 All comparison files are held in memory while grouping by split (a few hundred MB).
-``hh_rlhf`` has one config per subset (`HH_SUBSETS`); ``prompt`` is the dialogue up to and
-including the last ``"\\n\\nAssistant:"`` and chosen/rejected are the final responses
-(see `validate.parse_hh_pair`).
+``hh_rlhf`` has one config per subset (`HH_SUBSETS`); ``prompt`` is the longest dialogue
+prefix shared by chosen and rejected that ends with ``"\\n\\nAssistant:"``, and chosen/rejected
+are the rest of each dialogue: usually the final replies, possibly empty (see
+`validate.parse_hh_pair`).
 
-Where files come from: each upstream file is read from ``manual_dir`` if it is there under
-its upstream name (``train.jsonl``, ``batch3.json``, ``helpful-base/train.jsonl.gz``, ...),
-and otherwise downloaded from its public URL by the TFDS download manager::
+Where files come from: with a ``manual_dir``, every upstream file is read from it under its
+upstream name (``train.jsonl``, ``batch3.json``, ``helpful-base/train.jsonl.gz``, ...) and
+nothing is downloaded: the files it lacks are listed, with where to get them, in one
+`UpstreamError` (`check_manual_dir`). Without one, each file is downloaded from its public
+URL by the TFDS download manager; a failed download names the file and URL. Before
+anything is read, a file that is empty or a Git LFS pointer (what a ``git clone`` of the
+HH dataset repository gives without git-lfs) is an `UpstreamError` naming it::
 
-    builder = HhRlhf(config="helpful-base", data_dir=data_dir, on_bad_record="skip")
+    builder = HhRlhf(config="helpful-base", data_dir=data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     source = tfds.data_source("hh_rlhf/helpful-base", split="train", data_dir=data_dir)
 
-or `prepare`. Bad records (see `validate`) abort the build with a `DataError` naming file
+or `prepare`. Corrupt records (see `validate`) abort the build with a `DataError` naming file
 and line (``on_bad_record="raise"``, the default: nothing is published), or are skipped:
 ``builder.skipped_records`` lists them, and their count per file is saved in the dataset's
-``info.metadata["skipped_records"]``.
+``info.metadata["skipped_records"]``. Well-formed records a dataset cannot use are skipped
+and counted by reason (`validate.Skipped`). Each split's records read, kept and skipped
+by reason make one line, kept in ``info.metadata["summary"]`` and printed by `prepare`; a
+split left without records is an `UpstreamError` naming its files.
 
 Working without TensorFlow (tensorflow-datasets 4.9.10): building and reading work, with
 ``file_format="array_record"`` (our default) and reading through ``tfds.data_source`` /
@@ -40,12 +48,15 @@ Working without TensorFlow (tensorflow-datasets 4.9.10): building and reading wo
 back as UTF-8 ``bytes``. ``self.dataset_info_from_configs`` is not used because it reads
 metadata files next to the builder module; ``_info`` builds ``tfds.core.DatasetInfo``
 directly. ``dl_manager.manual_dir`` raises when the directory is absent or empty, which
-here means "download everything".
+here means "download everything" (`prepare` checks a given ``manual_dir`` first).
 """
 from __future__ import annotations
 
 import collections
 import os
+import re
+import sys
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -65,6 +76,7 @@ COMPARISON_FILES = tuple(
 HH_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{file}"
 HH_SUBSETS = ("helpful-base", "helpful-online", "helpful-rejection-sampled", "harmless-base")
 HH_SPLITS = ("train", "test")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 
 _SUMMARIZE_CITATION = """@inproceedings{stiennon2020learning,
   title={Learning to summarize from human feedback},
@@ -83,8 +95,8 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Optional: place the upstream files in manual_dir under their upstream names "
-        "(see p3o_jax.data.builders); files not found there are downloaded.")
+        "Optional: place every upstream file in manual_dir under its upstream name "
+        "(see p3o_jax.data.builders); without manual_dir they are downloaded.")
 
     def __init__(self, *, on_bad_record: validate.OnBadRecord = "raise", file_format=None,
                  **kwargs):
@@ -105,21 +117,32 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _fetch(self, dl_manager, urls: dict[str, str]) -> dict[str, epath.Path]:
-        """Upstream name -> local path, from manual_dir where present, else downloaded."""
+    @property
+    def dataset_name(self) -> str:
+        """``"tldr_sft"``, ``"hh_rlhf/helpful-base"``, ...: what `prepare` and `upstream_files` take."""
+        config = self.builder_config
+        return f"{self.name}/{config.name}" if config else self.name
+
+    def _fetch(self, dl_manager) -> dict[str, epath.Path]:
+        """Upstream name -> local path of every file of `upstream_files`, all from manual_dir
+        when there is one, else downloaded; each checked by `check_file`."""
+        urls = upstream_files(self.dataset_name)
         try:
             manual_dir = dl_manager.manual_dir
-        except AssertionError:  # manual_dir absent or empty
+        except AssertionError:  # manual_dir absent or empty: download everything
             manual_dir = None
-        paths = {name: manual_dir / name for name in urls
-                 if manual_dir is not None and (manual_dir / name).exists()}
-        missing = {name: url for name, url in urls.items() if name not in paths}
-        if missing:
-            logging.info("Downloading %d upstream files: %s", len(missing), sorted(missing))
-            paths.update(dl_manager.download(missing))
+        if manual_dir is not None:
+            missing = {name: url for name, url in urls.items() if not (manual_dir / name).exists()}
+            if missing:
+                raise missing_files_error(manual_dir, missing)
+            paths = {name: manual_dir / name for name in urls}
+        else:
+            paths = {name: _download(dl_manager, name, url) for name, url in urls.items()}
+        for name, path in paths.items():
+            check_file(path, urls[name])
         return paths
 
-    def _read(self, path: epath.Path, parse):
+    def _read(self, path: epath.Path, parse) -> Iterator[tuple[int, dict | validate.Skipped]]:
         """`validate.read_jsonl` with this builder's bad-record policy; skips are recorded."""
         skipped_before = len(self.skipped_records)
         yield from validate.read_jsonl(
@@ -129,6 +152,21 @@ class _UpstreamJsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=T
             logging.warning("Skipped %d bad records in %s, first: %s", len(new), path, new[0])
             counts = self.info.metadata.setdefault("skipped_records", {})
             counts[os.fspath(path)] = counts.get(os.fspath(path), 0) + len(new)
+
+    def _counted(self, split: str, items: Iterable[tuple], where: str) -> Iterator[tuple]:
+        """The kept ``(key, record)`` of ``items`` (``(key, record | Skipped)`` pairs, read
+        from ``where``); once all are read, keeps the split's `validate.Counts` summary line
+        in ``info.metadata["summary"]``. Raises `UpstreamError` if none is kept."""
+        counts = validate.Counts()
+        for key, record in items:
+            counts.add(record)
+            if not isinstance(record, validate.Skipped):
+                yield key, record
+        summary = counts.summary(f"{self.dataset_name} {split}")
+        if not counts.kept:
+            raise validate.UpstreamError(f"no usable records for {self.dataset_name} {split} "
+                                         f"in {where} ({summary.partition(': ')[2]})")
+        self.info.metadata.setdefault("summary", {})[split] = summary
 
 
 class TldrSft(_UpstreamJsonlBuilder):
@@ -143,14 +181,12 @@ class TldrSft(_UpstreamJsonlBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        files = {f"{split}.jsonl": TLDR_SFT_URL.format(split=split) for split in TLDR_SFT_SPLITS}
-        paths = self._fetch(dl_manager, files)
-        return {split: self._generate_examples(paths[f"{split}.jsonl"])
+        paths = self._fetch(dl_manager)
+        return {split: self._generate_examples(split, paths[f"{split}.jsonl"])
                 for split in TLDR_SFT_SPLITS}
 
-    def _generate_examples(self, path):
-        for line, record in self._read(path, validate.parse_tldr_post):
-            yield line, record
+    def _generate_examples(self, split, path):
+        yield from self._counted(split, self._read(path, validate.parse_tldr_post), path)
 
 
 class TldrComparisons(_UpstreamJsonlBuilder):
@@ -168,17 +204,24 @@ class TldrComparisons(_UpstreamJsonlBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        urls = {name: COMPARISONS_URL.format(file=name) for name in COMPARISON_FILES}
-        paths = self._fetch(dl_manager, urls)
+        paths = self._fetch(dl_manager)
         by_split = collections.defaultdict(list)
         for name in COMPARISON_FILES:
             for line, record in self._read(paths[name], validate.parse_tldr_comparison):
-                by_split[record.pop("split")].append((f"{name}:{line}", record))
-        return {split: self._generate_examples(by_split[split])
+                split = record.split if isinstance(record, validate.Skipped) else record.pop("split")
+                by_split[split].append((f"{name}:{line}", record))
+        unsplit = validate.Counts()  # corrupt records skipped: their split is unknown
+        for _, record in by_split.pop(None, []):
+            unsplit.add(record)
+        if unsplit.read:
+            self.info.metadata.setdefault("summary", {})["split unknown"] = unsplit.summary(
+                f"{self.dataset_name} (split unknown)")
+        where = f"the {len(paths)} comparison files in {os.path.dirname(paths[COMPARISON_FILES[0]])}"
+        return {split: self._generate_examples(split, by_split[split], where)
                 for split in validate.COMPARISON_SPLITS}
 
-    def _generate_examples(self, examples):
-        yield from examples
+    def _generate_examples(self, split, examples, where):
+        yield from self._counted(split, examples, where)
 
 
 class HhRlhf(_UpstreamJsonlBuilder):
@@ -196,13 +239,81 @@ class HhRlhf(_UpstreamJsonlBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        names = {split: f"{self.builder_config.name}/{split}.jsonl.gz" for split in HH_SPLITS}
-        paths = self._fetch(dl_manager, {name: HH_URL.format(file=name) for name in names.values()})
-        return {split: self._generate_examples(paths[names[split]]) for split in HH_SPLITS}
+        paths = self._fetch(dl_manager)
+        return {split: self._generate_examples(
+                    split, paths[f"{self.builder_config.name}/{split}.jsonl.gz"])
+                for split in HH_SPLITS}
 
-    def _generate_examples(self, path):
-        for line, record in self._read(path, validate.parse_hh_pair):
-            yield line, record
+    def _generate_examples(self, split, path):
+        yield from self._counted(split, self._read(path, validate.parse_hh_pair), path)
+
+
+def upstream_files(name: str) -> dict[str, str]:
+    """Upstream file name -> public URL, for dataset ``name`` ("tldr_sft",
+    "tldr_comparisons", "hh_rlhf/<subset>")."""
+    if name == "tldr_sft":
+        return {f"{split}.jsonl": TLDR_SFT_URL.format(split=split) for split in TLDR_SFT_SPLITS}
+    if name == "tldr_comparisons":
+        return {file: COMPARISONS_URL.format(file=file) for file in COMPARISON_FILES}
+    family, _, subset = name.partition("/")
+    if family != "hh_rlhf" or subset not in HH_SUBSETS:
+        raise ValueError(f"unknown dataset {name!r}")
+    files = [f"{subset}/{split}.jsonl.gz" for split in HH_SPLITS]
+    return {file: HH_URL.format(file=file) for file in files}
+
+
+def check_manual_dir(manual_dir: str | os.PathLike, names: Iterable[str]) -> None:
+    """Raises one `UpstreamError` listing every upstream file of datasets ``names`` that
+    ``manual_dir`` lacks (or saying that it is no directory)."""
+    manual_dir = epath.Path(manual_dir)
+    if not manual_dir.is_dir():
+        raise validate.UpstreamError(f"manual_dir {manual_dir} is not a directory")
+    missing = {file: url for name in names for file, url in upstream_files(name).items()
+               if not (manual_dir / file).exists()}
+    if missing:
+        raise missing_files_error(manual_dir, missing)
+
+
+def missing_files_error(manual_dir, missing: dict[str, str]) -> validate.UpstreamError:
+    """``missing``: upstream name -> URL. One line: the names, then where to get them."""
+    sources = collections.defaultdict(list)  # URL with "<name>" for the name -> names
+    for file, url in missing.items():
+        sources[url[: -len(file)] + "<name>"].append(file)
+    where = " or ".join(
+        template + (f" ({', '.join(files)})" if len(sources) > 1 else "")
+        for template, files in sources.items())
+    return validate.UpstreamError(
+        f"manual_dir {manual_dir} lacks {len(missing)} upstream file(s): {', '.join(missing)}; "
+        f"get each from {where} and save it as {manual_dir}/<name> (nothing is downloaded "
+        f"while manual_dir is set; leave it unset to download everything)")
+
+
+def check_file(path: epath.Path, url: str) -> None:
+    """Raises `UpstreamError` if upstream file ``path`` (from ``url``) is empty or a Git LFS
+    pointer (3 lines: ``version https://git-lfs.github.com/spec/v1``, ``oid sha256:...``,
+    ``size N``)."""
+    with epath.Path(path).open("rb") as f:
+        head = f.read(1024)
+    if not head:
+        raise validate.UpstreamError(f"{path} is empty; the upstream file is not: get it again "
+                                     f"from {url}")
+    if head.startswith(LFS_POINTER):
+        size = re.search(rb"^size (\d+)", head, re.MULTILINE)
+        of = f" (to a file of {int(size.group(1))} bytes)" if size else ""
+        raise validate.UpstreamError(
+            f"{path} is a Git LFS pointer{of}, not the data: run `git lfs pull` in the git "
+            f"clone it comes from, or download {url}")
+
+
+def _download(dl_manager, name: str, url: str) -> epath.Path:
+    try:
+        return dl_manager.download({name: url})[name]
+    except Exception as e:  # noqa: BLE001 -- whatever failed, say which file and what to do
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise validate.UpstreamError(
+            f"could not download {name} from {url} ({type(e).__name__}: {why}); to build "
+            f"offline, get the file elsewhere and set manual_dir to a folder holding it (and "
+            f"the other upstream files) under that name") from None
 
 
 def prepare(
@@ -213,8 +324,16 @@ def prepare(
     on_bad_record: validate.OnBadRecord = "raise",
 ) -> _UpstreamJsonlBuilder:
     """Builds dataset ``name`` ("tldr_sft", "tldr_comparisons", "hh_rlhf/helpful-base", ...)
-    into ``data_dir`` (a no-op if already built) and returns its builder."""
+    into ``data_dir`` (a no-op if already built) and returns its builder. With
+    ``manual_dir``, it must hold every upstream file (`check_manual_dir`). Prints each
+    split's summary line once built."""
     builder = tfds.builder(name, data_dir=data_dir, on_bad_record=on_bad_record)
+    if builder.is_prepared():
+        return builder
+    if manual_dir:
+        check_manual_dir(manual_dir, [name])
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    for summary in builder.info.metadata.get("summary", {}).values():
+        print(summary, file=sys.stderr)
     return builder

@@ -75,13 +75,13 @@ def _comparison(post: dict, choice: int, split: str, batch: str, **extra_fields)
     }
 
 
-def _cnndm_comparison() -> dict:
+def _cnndm_comparison(batch: str = "batch0_cnndm") -> dict:
     return {
         "info": {"id": "cnn-1", "article": "LONDON (CNN) -- A news article.", "site": "cnn",
                  "title": "News"},
         "summaries": [{"text": " News.", "policy": "ref", "note": None},
                       {"text": " Other news.", "policy": "sup", "note": None}],
-        "choice": 0, "worker": "w9", "batch": "batch0_cnndm", "split": "valid2", "extra": {},
+        "choice": 0, "worker": "w9", "batch": batch, "split": "valid2", "extra": {},
     }
 
 
@@ -142,11 +142,13 @@ def write_tldr_sft(manual_dir: pathlib.Path) -> dict[str, list[dict]]:
 
 
 def write_tldr_comparisons(manual_dir: pathlib.Path) -> dict[str, list[dict]]:
-    """Every file of `builders.COMPARISON_FILES` (those not in `COMPARISONS` empty);
-    returns file name -> records."""
-    for name in builders.COMPARISON_FILES:
-        write_jsonl(manual_dir / name, COMPARISONS.get(name, []))
-    return COMPARISONS
+    """Every file of `builders.COMPARISON_FILES`: those of `COMPARISONS`, the others one CNN/DM
+    comparison each (dropped by the builder); returns file name -> records."""
+    written = {name: COMPARISONS.get(name) or [_cnndm_comparison(name.removesuffix(".json"))]
+               for name in builders.COMPARISON_FILES}
+    for name, records in written.items():
+        write_jsonl(manual_dir / name, records)
+    return written
 
 
 def write_hh(manual_dir: pathlib.Path, subset: str = "helpful-base") -> dict[str, list[dict]]:

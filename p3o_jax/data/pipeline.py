@@ -3,8 +3,9 @@
 ``make_pipeline`` chains, on a random-access source (``tfds.data_source(...)[split]`` or
 any sequence of records)::
 
-    shard (this process's records)  ->  shuffle(seed; reshuffled every epoch)
-    ->  tokenise + pad  ->  batch(drop_remainder)  ->  repeat(num_epochs)
+    tokenise every record (batched; cached on disk, `encode_source`)
+    ->  shard (this process's records)  ->  shuffle(seed; reshuffled every epoch)
+    ->  pad  ->  batch(drop_remainder)  ->  repeat(num_epochs)
     ->  to_iter_dataset  [->  mp_prefetch(worker_count processes)]
 
 Sharding is strided: shard ``i`` of ``n`` keeps records ``i, i + n, ...`` (after dropping
@@ -40,12 +41,18 @@ preference dataset trains on the chosen response. Padding uses the tokenizer's p
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import grain
 import numpy as np
 from absl import flags
+from etils import epath
 from transformers import PreTrainedTokenizerBase
 
 from p3o_jax.data import prompts
@@ -54,6 +61,8 @@ DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf"]
 Kind = Literal["sft", "preference", "prompt"]
 DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf")
 KINDS = ("sft", "preference", "prompt")
+ENCODING_VERSION = 1    # part of the cache key: bump when `Tokenize.encode`'s output changes
+ENCODE_CHUNK = 4096     # records per batch encoding call
 
 
 class Tokenize(grain.transforms.Map):
@@ -77,45 +86,87 @@ class Tokenize(grain.transforms.Map):
         self.prompt_len, self.response_len = prompt_len, response_len
         self.add_bos, self.append_eos = add_bos, append_eos
 
-    def texts(self, record: dict) -> dict[str, str]:
-        """{prompt, response} (tldr_sft) or {prompt, chosen, rejected} of a source record."""
-        r = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The texts of a record: "prompt", then those of `responses` (keys of `encode`)."""
+        return ("prompt", "response") if self.dataset == "tldr_sft" else (
+            "prompt", "chosen", "rejected")
+
+    def responses(self, record: dict) -> dict[str, str]:
+        """{response} (tldr_sft) or {chosen, rejected} texts of a (decoded) source record."""
         if self.dataset == "hh_rlhf":
-            return {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-        prompt = prompts.fit_tldr_prompt(self.tokenizer, r["subreddit"], r["title"], r["post"],
-                                         self.prompt_len, add_bos=self.add_bos)
+            return {"chosen": record["chosen"], "rejected": record["rejected"]}
         if self.dataset == "tldr_sft":
-            return {"prompt": prompt, "response": prompts.tldr_response(r["summary"])}
-        choice = int(r["choice"])
-        return {"prompt": prompt,
-                "chosen": prompts.tldr_response(r[f"summary_{choice}"]),
-                "rejected": prompts.tldr_response(r[f"summary_{1 - choice}"])}
+            return {"response": prompts.tldr_response(record["summary"])}
+        choice = int(record["choice"])
+        return {"chosen": prompts.tldr_response(record[f"summary_{choice}"]),
+                "rejected": prompts.tldr_response(record[f"summary_{1 - choice}"])}
 
     def map(self, record: dict) -> dict[str, np.ndarray]:
-        texts = self.texts(record)
-        prompt = prompts.encode_prompt(self.tokenizer, texts["prompt"], self.prompt_len,
-                                       add_bos=self.add_bos)
-        prompt_ids, prompt_mask = self._pad(prompt, self.prompt_len, left=True)
+        return self.layout({key: rows[0] for key, rows in self.encode([record]).items()})
+
+    def encode(self, records: Sequence[dict]) -> dict[str, list[list[int]]]:
+        """Token ids of each record's texts, already cut to size: "prompt" (at most P, with
+        BOS if ``add_bos``), "response" or "chosen" and "rejected" (at most R, EOS appended
+        if ``append_eos``). Texts are encoded in batches (in parallel with a fast tokenizer);
+        only the TL;DR prompts over budget are fitted one by one."""
+        records = [_text_fields(r) for r in records]
+        out = {"prompt": [prompts.cut_prompt(self.tokenizer, ids, self.prompt_len,
+                                             add_bos=self.add_bos)
+                          for ids in self._prompt_ids(records)]}
+        responses = [self.responses(r) for r in records]
+        for key in self.fields[1:]:
+            out[key] = [prompts.cut_response(self.tokenizer, ids, self.response_len,
+                                             append_eos=self.append_eos)
+                        for ids in prompts.encode_batch(self.tokenizer, [t[key] for t in responses])]
+        return out
+
+    def layout(self, ids: dict[str, Sequence[int]]) -> dict[str, np.ndarray]:
+        """One example of the batch layout of ``kind`` from the ids of `encode`."""
+        prompt_ids, prompt_mask = self._pad(ids["prompt"], self.prompt_len, left=True)
         if self.kind == "prompt":
             return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
         if self.kind == "sft":
-            response = texts["response"] if "response" in texts else texts["chosen"]
-            response_ids, response_mask = self._response(response)
+            response_ids, response_mask = self._pad(
+                ids["response"] if "response" in ids else ids["chosen"], self.response_len,
+                left=False)
             return {"input_ids": np.concatenate([prompt_ids, response_ids]),
                     "attention_mask": np.concatenate([prompt_mask, response_mask]),
                     "loss_mask": np.concatenate([np.zeros_like(prompt_mask), response_mask])}
-        chosen_ids, chosen_mask = self._response(texts["chosen"])
-        rejected_ids, rejected_mask = self._response(texts["rejected"])
+        chosen_ids, chosen_mask = self._pad(ids["chosen"], self.response_len, left=False)
+        rejected_ids, rejected_mask = self._pad(ids["rejected"], self.response_len, left=False)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                 "chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
                 "rejected_ids": rejected_ids, "rejected_mask": rejected_mask}
 
-    def _response(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        ids = prompts.encode_response(self.tokenizer, text, self.response_len,
-                                      append_eos=self.append_eos)
-        return self._pad(ids, self.response_len, left=False)
+    def fingerprint(self) -> str:
+        """What `encode`'s output depends on besides the records: the tokenizer (its whole
+        definition), the dataset and the lengths."""
+        tok = self.tokenizer
+        definition = (tok.backend_tokenizer.to_str() if tok.is_fast
+                      else json.dumps(sorted(tok.get_vocab().items())))
+        return _sha256(json.dumps([
+            ENCODING_VERSION, type(tok).__name__, _sha256(definition), tok.bos_token_id,
+            tok.eos_token_id, self.dataset, self.prompt_len, self.response_len, self.add_bos,
+            self.append_eos]))
 
-    def _pad(self, ids: list[int], length: int, *, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _prompt_ids(self, records: Sequence[dict]) -> list[list[int]]:
+        """Each (decoded) record's prompt, encoded. TL;DR: the full prompts are encoded in
+        one batch, and only those over ``prompt_len`` are fitted (`prompts.fit_tldr_prompt`)
+        and encoded again; HH prompts are cut later, from the left (`prompts.cut_prompt`)."""
+        if self.dataset == "hh_rlhf":
+            return prompts.encode_batch(self.tokenizer, [r["prompt"] for r in records])
+        full = [prompts.format_tldr_prompt(r["subreddit"], r["title"], r["post"]) for r in records]
+        ids = prompts.encode_batch(self.tokenizer, full)
+        for i, r in enumerate(records):
+            if len(ids[i]) + self.add_bos > self.prompt_len:
+                ids[i] = prompts.encode(self.tokenizer, prompts.fit_tldr_prompt(
+                    self.tokenizer, r["subreddit"], r["title"], r["post"], self.prompt_len,
+                    add_bos=self.add_bos))
+        return ids
+
+    def _pad(self, ids: Sequence[int], length: int, *, left: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, mask)``, both int32 [length], padded on the left or the right."""
         n = len(ids)
         out = np.full(length, self.pad_id, np.int32)
@@ -123,6 +174,106 @@ class Tokenize(grain.transforms.Map):
         span = slice(length - n, length) if left else slice(0, n)
         out[span], mask[span] = ids, 1
         return out, mask
+
+
+def _text_fields(record: dict) -> dict:
+    """A source record with its bytes fields (TFDS text features) decoded as UTF-8."""
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+
+class Encoded(Sequence):
+    """A source's examples from `Tokenize.encode`'s ids of all its records, stored ragged:
+    ``columns[f"{field}.ids"]`` int32 [total tokens] and ``columns[f"{field}.offsets"]``
+    int64 [n + 1] for each of ``transform.fields``; item ``i`` is ``transform.layout``'s."""
+
+    def __init__(self, columns: dict[str, np.ndarray], transform: Tokenize):
+        self.columns, self.transform = columns, transform
+
+    def __len__(self) -> int:
+        return len(self.columns["prompt.offsets"]) - 1
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        return self.transform.layout({
+            f: self.columns[f"{f}.ids"][self.columns[f"{f}.offsets"][index]:
+                                        self.columns[f"{f}.offsets"][index + 1]]
+            for f in self.transform.fields})
+
+
+def encode_source(source: Sequence[dict], transform: Tokenize, *,
+                  cache_dir: str | os.PathLike | None = None) -> Encoded:
+    """Every record of ``source`` encoded by ``transform`` (`ENCODE_CHUNK` records per batch
+    encoding call). With ``cache_dir``, and a source read from files (`source_fingerprint`),
+    the ids are cached in ``cache_dir/<dataset>-<key>.npz`` (written atomically), the key
+    hashing the files' contents and ``transform.fingerprint()``: a later run with the same
+    data, tokenizer and lengths loads them instead."""
+    data_key = source_fingerprint(source) if cache_dir else None
+    path = None
+    if data_key:
+        key = _sha256(data_key + transform.fingerprint())[:24]
+        path = os.path.join(cache_dir, f"{transform.dataset}-{key}.npz")
+        if os.path.exists(path):
+            with np.load(path) as cached:
+                return Encoded(dict(cached), transform)
+    chunks = (transform.encode([source[i] for i in range(start, min(start + ENCODE_CHUNK,
+                                                                      len(source)))])
+              for start in range(0, len(source), ENCODE_CHUNK))
+    columns = _ragged(chunks, transform.fields)
+    if path:
+        _save_npz_atomically(path, columns)
+    return Encoded(columns, transform)
+
+
+def source_fingerprint(source: Sequence[dict]) -> str | None:
+    """A hash of the files a source reads (a ``tfds.data_source`` split: its array_record
+    files; `Concatenated`: its sources'), or None for a source not read from files."""
+    if isinstance(source, Concatenated):
+        parts = [source_fingerprint(s) for s in source.sources]
+        return None if None in parts else _sha256(json.dumps(parts))
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    if info is None or not isinstance(split, str):
+        return None
+    files = sorted(epath.Path(info.data_dir).glob(f"*-{split}.*"))
+    digest = hashlib.sha256(f"{info.full_name}/{split}".encode())
+    for path in files:
+        with path.open("rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest() if files else None
+
+
+def _ragged(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequence[str]
+            ) -> dict[str, np.ndarray]:
+    """`Encoded` columns from chunks of `Tokenize.encode` output (each chunk converted to
+    arrays at once: Python lists of all ids would take gigabytes)."""
+    ids, lengths = {f: [] for f in fields}, {f: [] for f in fields}
+    for chunk in chunks:
+        for f in fields:
+            lengths[f].append(np.fromiter(map(len, chunk[f]), np.int64, len(chunk[f])))
+            ids[f].append(np.fromiter(itertools.chain.from_iterable(chunk[f]), np.int32))
+    columns = {}
+    for f in fields:
+        n = np.concatenate(lengths[f]) if lengths[f] else np.zeros(0, np.int64)
+        columns[f"{f}.offsets"] = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        columns[f"{f}.ids"] = np.concatenate(ids[f]) if ids[f] else np.zeros(0, np.int32)
+    return columns
+
+
+def _save_npz_atomically(path: str, columns: dict[str, np.ndarray]) -> None:
+    """Readers see the old file or the whole new one, never a partial write."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **columns)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -170,21 +321,24 @@ def make_examples(
     shard_options: grain.sharding.ShardOptions | None = None,
     add_bos: bool = False,
     append_eos: bool = True,
+    cache_dir: str | os.PathLike | None = None,
 ) -> grain.MapDataset:
     """This shard's records of ``source``, shuffled and tokenised: a random-access
     ``grain.MapDataset`` of unbatched examples (the batch layout above without B).
 
     ``ds[i]`` for any ``i >= 0``: index ``i`` is example ``i % len(ds)`` of epoch
     ``i // len(ds)``, and every epoch is shuffled anew. ``shard_options`` defaults to
-    ``ShardByJaxProcess(drop_remainder=True)``.
+    ``ShardByJaxProcess(drop_remainder=True)``. All of ``source`` is tokenised up front,
+    in batches, and cached in ``cache_dir`` if given (`encode_source`).
     """
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     transform = Tokenize(tokenizer, dataset, kind, prompt_len, response_len,
                          add_bos=add_bos, append_eos=append_eos)
-    ds = shard(grain.MapDataset.source(source), shard_options)
+    encoded = encode_source(source, transform, cache_dir=cache_dir)
+    ds = shard(grain.MapDataset.source(encoded), shard_options)
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    return ds.map(transform)
+    return ds
 
 
 def read_batch(examples: grain.MapDataset, start: int, size: int) -> dict[str, np.ndarray]:

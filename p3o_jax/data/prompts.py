@@ -15,20 +15,23 @@ the re-formatted prompt encodes to at most ``max_tokens`` tokens (counting a BOS
 ``add_bos``). A prompt that already fits is returned unchanged. The TL;DR response is
 ``" " + summary.strip()`` (the EOS is appended at encoding time).
 
-HH prompt: the dialogue up to and including its last ``"\\n\\nAssistant:"``; the response is
-the rest, so ``prompt + response`` is the upstream dialogue. An HH prompt over budget is
-cut from the LEFT at token level (`encode_prompt`), keeping the latest turns and the
+HH prompt: the longest dialogue prefix chosen and rejected share that ends with
+``"\\n\\nAssistant:"`` (`split_hh_pair`); each response is the rest of its dialogue, so
+``prompt + response`` is the upstream dialogue. An HH prompt over budget is
+cut from the LEFT at token level (`cut_prompt`), keeping the latest turns and the
 trailing ``"Assistant:"``.
 
 All text is encoded with ``add_special_tokens=False``; BOS/EOS are added explicitly.
 """
 from __future__ import annotations
 
+import os
 import re
 
 from transformers import PreTrainedTokenizerBase
 
 TLDR_PROMPT_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\n\nTL;DR:"
+HH_HUMAN_TAG = "\n\nHuman:"
 HH_ASSISTANT_TAG = "\n\nAssistant:"
 
 _WORD = re.compile(r"\S+")
@@ -77,46 +80,59 @@ def fit_tldr_prompt(
     return format_tldr_prompt(subreddit, title, post[:word_ends[lo - 1]] if lo else "")
 
 
-def split_hh_dialogue(dialogue: str) -> tuple[str, str]:
-    """``(prompt, response)``: split after the last ``"\\n\\nAssistant:"``."""
-    cut = dialogue.rfind(HH_ASSISTANT_TAG)
-    if cut < 0:
-        raise ValueError(f"dialogue has no {HH_ASSISTANT_TAG!r} turn")
-    cut += len(HH_ASSISTANT_TAG)
-    return dialogue[:cut], dialogue[cut:]
-
-
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     """``(prompt, chosen_response, rejected_response)`` of an HH pair of dialogues.
 
-    Raises ValueError if the two dialogues differ before their last Assistant turn.
+    The prompt is the longest prefix the two dialogues share that ends with
+    ``"\\n\\nAssistant:"``; each response is the rest of its dialogue. Usually the dialogues
+    differ only in their last Assistant turn, and each response is that reply (possibly
+    empty); where they differ earlier, the responses hold every turn after the divergence.
+    Raises ValueError if they share no such prefix (they differ in the first Human turn).
     """
-    prompt, chosen_response = split_hh_dialogue(chosen)
-    rejected_prompt, rejected_response = split_hh_dialogue(rejected)
-    if prompt != rejected_prompt:
-        raise ValueError("'chosen' and 'rejected' differ before their last Assistant turn")
-    return prompt, chosen_response, rejected_response
+    cut = os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT_TAG)
+    if cut < 0:
+        raise ValueError(f"'chosen' and 'rejected' share no prompt ending in {HH_ASSISTANT_TAG!r}")
+    cut += len(HH_ASSISTANT_TAG)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, *, add_bos: bool = False
-) -> list[int]:
-    """Prompt token ids, at most ``max_len`` of them: [BOS] + the LAST tokens of ``text``."""
+def encode_continuation(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids ``text`` gets in the middle of a text, after a sentence's ".": a SentencePiece
+    tokenizer (Llama) marks the start of a whole text with a space, so `encode` alone would
+    give a first token the sampled continuation never has. Falls back to `encode` if the "."
+    merges with ``text``."""
+    before = encode(tokenizer, ".")
+    ids = encode(tokenizer, "." + text)
+    return ids[len(before):] if ids[:len(before)] == before else encode(tokenizer, text)
+
+
+def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """`encode` of many texts in one call: a fast (Rust) tokenizer encodes them in parallel.
+    Its backend is called directly: the HF wrapper's per-text conversions double the time."""
+    if not texts:
+        return []
+    if tokenizer.is_fast:
+        encodings = tokenizer.backend_tokenizer.encode_batch_fast(
+            list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def cut_prompt(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_len: int, *,
+               add_bos: bool = False) -> list[int]:
+    """Prompt token ids, at most ``max_len`` of them: [BOS] + the LAST of ``ids``."""
     budget = max_len - add_bos
-    ids = encode(tokenizer, text)[-budget:] if budget > 0 else []
+    ids = list(ids[-budget:]) if budget > 0 else []
     return [tokenizer.bos_token_id] + ids if add_bos else ids
 
 
-def encode_response(
-    tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, *, append_eos: bool = True
-) -> list[int]:
-    """Response token ids ``text`` + [EOS], cut to the FIRST ``max_len`` (the EOS is lost
-    if the response is too long)."""
-    ids = encode(tokenizer, text)
-    if append_eos:
-        ids.append(tokenizer.eos_token_id)
+def cut_response(tokenizer: PreTrainedTokenizerBase, ids: list[int], max_len: int, *,
+                 append_eos: bool = True) -> list[int]:
+    """Response token ids ``ids`` + [EOS], cut to the FIRST ``max_len`` (the EOS is lost if
+    the response is too long)."""
+    ids = list(ids) + [tokenizer.eos_token_id] if append_eos else list(ids)
     return ids[:max_len]

@@ -10,28 +10,42 @@ is checked in order:
    every field present, of the right type, with non-empty text that is encodable as UTF-8
    (JSON escapes can smuggle in lone surrogates), and ``choice`` in {0, 1}.
 
-A record failing any check is a `DataError` naming the file and its 1-based line. With
-``on_bad_record="raise"`` the first one is raised; with ``"skip"`` it is appended to a
+A record failing any check is corrupt: a `DataError` naming the file and its 1-based line.
+With ``on_bad_record="raise"`` the first one is raised; with ``"skip"`` it is appended to a
 caller-supplied list and reading goes on. Blank lines are ignored. A broken gzip stream
 is always raised, since nothing after it can be read.
+
+A well-formed record the dataset cannot use is not an error: its parser returns `Skipped`
+with the reason (a CNN/DM article among the TL;DR comparisons; an HH pair whose dialogues
+share no prompt), and `Counts` tallies a split's records read, kept and skipped by reason.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import gzip
 import json
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from p3o_jax.data import prompts
 
 OnBadRecord = Literal["raise", "skip"]
 ON_BAD_RECORD = ("raise", "skip")
 COMPARISON_SPLITS = ("train", "valid1", "valid2")
+# Skip reasons
+CORRUPT = "corrupt (on_bad_record=skip)"
+NO_SHARED_PROMPT = "no shared prompt (dialogues differ in the first Human turn)"
 
 
-class DataError(ValueError):
+class UpstreamError(ValueError):
+    """Upstream data that cannot be used (a file missing, empty, a Git LFS pointer, not
+    downloadable; a split without usable records); the message is one line naming it."""
+
+
+class DataError(UpstreamError):
     """A bad upstream record: ``str(err) == f"{file}:{line}: {msg}"`` (line is 1-based)."""
 
     def __init__(self, file: str | os.PathLike, line: int, msg: str):
@@ -46,18 +60,43 @@ class RecordError(ValueError):
     """Raised by the record parsers; `read_jsonl` turns it into a `DataError`."""
 
 
+class Skipped(NamedTuple):
+    """A well-formed record the dataset does not use: why, and its split where it says."""
+    reason: str
+    split: str | None = None
+
+
+@dataclasses.dataclass
+class Counts:
+    """One split's records: read (non-blank lines), kept, and skipped by reason."""
+    read: int = 0
+    kept: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, record: dict | Skipped) -> None:
+        self.read += 1
+        if isinstance(record, Skipped):
+            self.skipped[record.reason] += 1
+        else:
+            self.kept += 1
+
+    def summary(self, name: str) -> str:
+        """E.g. ``"hh_rlhf/helpful-base train: 5 records read, 4 kept, skipped: 1 no shared
+        prompt"`` (reasons sorted; ``"skipped: none"`` when none is)."""
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        return f"{name}: {self.read} records read, {self.kept} kept, skipped: {reasons}"
+
+
 def read_jsonl(
     path: str | os.PathLike,
-    parse: Callable[[dict], dict | None],
+    parse: Callable[[dict], dict | Skipped],
     *,
     on_bad_record: OnBadRecord = "raise",
     skipped: list[DataError] | None = None,
-) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line_number, parse(record))`` for each record of a jsonl file (``.gz`` too).
-
-    ``parse`` returns None for a valid record that does not belong to the dataset (it is
-    dropped without counting). Bad records raise `DataError`, or with ``on_bad_record="skip"``
-    are appended to ``skipped``.
+) -> Iterator[tuple[int, dict | Skipped]]:
+    """Yields ``(line_number, parse(record))`` for each non-blank line of a jsonl file
+    (``.gz`` too): a record, or `Skipped`. Bad records raise `DataError`, or with
+    ``on_bad_record="skip"`` are appended to ``skipped`` and yielded as ``Skipped(CORRUPT)``.
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
@@ -78,9 +117,8 @@ def read_jsonl(
                     if on_bad_record == "raise":
                         raise error from None
                     skipped.append(error)
-                    continue
-                if record is not None:
-                    yield line_no, record
+                    record = Skipped(CORRUPT)
+                yield line_no, record
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(path, line_no + 1, f"unreadable file ({e})") from e
 
@@ -134,8 +172,8 @@ def parse_tldr_post(obj: dict) -> dict:
     return {key: _text(obj, key) for key in ("id", "subreddit", "title", "post", "summary")}
 
 
-def parse_tldr_comparison(obj: dict) -> dict | None:
-    """A comparisons record -> flat dict, or None for a CNN/DM article (no ``info.post``).
+def parse_tldr_comparison(obj: dict) -> dict | Skipped:
+    """A comparisons record -> flat dict, or `Skipped` for a CNN/DM article (no ``info.post``).
 
     Returns {id, subreddit, title, post, summary_0, summary_1, policy_0, policy_1, note_0,
     note_1, worker, batch, extra, split: str; choice: int}. A null ``note`` becomes "", and
@@ -143,7 +181,8 @@ def parse_tldr_comparison(obj: dict) -> dict | None:
     """
     info = _field(obj, "info", dict)
     if "post" not in info and "article" in info:
-        return None
+        split = obj.get("split")
+        return Skipped("CNN/DM article", split if split in COMPARISON_SPLITS else None)
     out = {key: _text(info, key, "info.") for key in ("id", "subreddit", "title", "post")}
     summaries = _field(obj, "summaries", list)
     if len(summaries) != 2:
@@ -171,16 +210,24 @@ def parse_tldr_comparison(obj: dict) -> dict | None:
     return out
 
 
-def parse_hh_pair(obj: dict) -> dict:
-    """An HH-RLHF record -> {prompt, chosen, rejected}: the shared dialogue up to and
-    including the last ``"\\n\\nAssistant:"``, then each final response (so that
-    ``prompt + chosen`` is the upstream ``chosen`` dialogue exactly)."""
-    chosen, rejected = _text(obj, "chosen"), _text(obj, "rejected")
+def parse_hh_pair(obj: dict) -> dict | Skipped:
+    """An HH-RLHF record -> {prompt, chosen, rejected} (`prompts.split_hh_pair`: the shared
+    dialogue up to an ``"\\n\\nAssistant:"``, then the rest of each, so that
+    ``prompt + chosen`` is the upstream ``chosen`` dialogue exactly). Empty responses are
+    valid. `Skipped` if the two dialogues share no prompt; each must be a Human/Assistant
+    dialogue (start with ``"\\n\\nHuman:"``, have an ``"\\n\\nAssistant:"`` turn)."""
+    chosen, rejected = _dialogue(obj, "chosen"), _dialogue(obj, "rejected")
     try:
         prompt, chosen_response, rejected_response = prompts.split_hh_pair(chosen, rejected)
-    except ValueError as e:
-        raise RecordError(str(e)) from None
-    for name, response in (("chosen", chosen_response), ("rejected", rejected_response)):
-        if not response.strip():
-            raise RecordError(f"the last Assistant turn of {name!r} is empty")
+    except ValueError:
+        return Skipped(NO_SHARED_PROMPT)
     return {"prompt": prompt, "chosen": chosen_response, "rejected": rejected_response}
+
+
+def _dialogue(obj: dict, key: str) -> str:
+    text = _text(obj, key)
+    if not text.startswith(prompts.HH_HUMAN_TAG) or prompts.HH_ASSISTANT_TAG not in text:
+        raise RecordError(f"field {key!r} is not a Human/Assistant dialogue (it must start "
+                          f"with {prompts.HH_HUMAN_TAG!r} and have an "
+                          f"{prompts.HH_ASSISTANT_TAG!r} turn)")
+    return text
