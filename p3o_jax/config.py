@@ -343,6 +343,12 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     for name, model in (("policy", cfg.policy), ("reward_model", cfg.rm_model)):
         need(model.n_heads % m.tensor == 0, f"{name}.n_heads",
              f"{model.n_heads} is not divisible by mesh.tensor={m.tensor}")
+        if cfg.export_hf:
+            try:
+                hf.config_to_hf(model)
+            except ValueError as e:
+                raise ConfigError(f"config key 'export_hf': the {name} has no HF form ({e}); "
+                                  f"change it or set export_hf=false") from None
     length = cfg.prompt_len + cfg.response_len
     need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
          f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")

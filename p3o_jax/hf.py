@@ -196,7 +196,11 @@ def _llama_model_type(cfg: M.ModelConfig) -> str:
 
 
 def config_to_hf(cfg: M.ModelConfig) -> dict:
-    """The `config.json` content transformers needs to rebuild `cfg` (as a causal LM)."""
+    """The `config.json` content transformers needs to rebuild `cfg` (as a causal LM);
+    ValueError for a config that transformers' class of its family cannot express."""
+    if cfg.family in ("gpt2", "gptj", "gpt_neox") and cfg.n_heads * cfg.head_dim != cfg.d_model:
+        raise ValueError(f"{cfg.family} in transformers needs n_heads * head_dim == d_model, "
+                         f"got {cfg.n_heads} * {cfg.head_dim} != {cfg.d_model}")
     if cfg.family in ("gpt2", "gptj"):
         kw = dict(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
                   n_head=cfg.n_heads, n_inner=cfg.d_ff, n_positions=cfg.max_len,

@@ -16,7 +16,7 @@ def tiny(tmp_path, **over) -> C.ExperimentConfig:
     cfg = dataclasses.replace(
         cfg, out_dir=str(tmp_path), eval_prompts=128, log_every=1,
         mesh=C.MeshConfig(data=2, fsdp=2, tensor=2),
-        policy=dataclasses.replace(cfg.policy, d_model=32, n_layers=1, d_ff=64),
+        policy=cfg.policy.rebased(d_model=32, n_layers=1, d_ff=64),
         sft=dataclasses.replace(cfg.sft, steps=60, batch_size=32,
                                 optim=C.OptimConfig(lr=1e-2, warmup_steps=5)),
         rm=dataclasses.replace(cfg.rm, n_pairs=256, steps=40, batch_size=32,
@@ -117,3 +117,39 @@ def test_model_overrides_rederive_defaulted_fields():
     assert (p.n_heads, p.n_kv_heads) == (4, 2)
     p = C.from_args(["exp=toy", "policy.family=llama"]).policy
     assert (p.activation, p.tie_embeddings, p.qkv_bias) == ("silu", False, False)
+
+
+def test_every_trained_stage_exports_an_hf_folder(trained, tmp_path):
+    """hf/sft and hf/p3o load as GPT-2 causal LMs with our logits, hf/rm as a GPT-2
+    sequence classifier with our rewards; the export command writes any checkpoint."""
+    import jax
+    import torch
+    import transformers
+
+    from p3o_jax import model as M
+    from p3o_jax.checkpoint import load_params
+    from p3o_jax.cli import export
+    from p3o_jax.sharding import make_mesh
+    from tests.hf_fixtures import torch_logits
+
+    path, _ = trained
+    cfg = C.resolve(tiny(path), jax.device_count())
+    ids = np.array([[2, 40, 41, 42, 43, 3, 10], [0, 0, 2, 44, 45, 3, 11]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    for stage in ("sft", "p3o"):
+        ours = load_params(os.path.join(path, stage), cfg.policy, make_mesh())
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(path / "hf" / stage)
+        np.testing.assert_allclose(torch_logits(theirs, ids, mask)[mask == 1],
+                                   np.asarray(M.logits(ours, cfg.policy, ids, mask))[mask == 1],
+                                   atol=1e-4)
+    rm = load_params(os.path.join(path, "rm"), cfg.rm_model, make_mesh())
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(path / "hf" / "rm")
+    right = np.array([[2, 40, 41, 3, 0, 0]], np.int32)     # HF reads the last non-pad token
+    with torch.no_grad():
+        score = classifier(input_ids=torch.as_tensor(right, dtype=torch.long)).logits[0, 0]
+    ours = M.sequence_reward(rm, cfg.rm_model, right, (right != 0).astype(np.int32))
+    np.testing.assert_allclose(float(score), float(ours[0]) - float(rm["reward_head"]["b"]),
+                               atol=1e-4)
+    assert export.main([f"run={path}", "stage=p3o", "step=1", f"to={tmp_path}/p3o-1"]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p3o-1") is not None
+    assert export.main([f"run={path}", "stage=p3o", "step=5"]) == 2

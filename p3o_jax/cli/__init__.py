@@ -5,4 +5,5 @@ this package imports it). Every tool takes the same `key=value` grammar (p3o_jax
     python -m p3o_jax.cli.frontier     quick=true                        (`make frontier`)
     python -m p3o_jax.cli.bench        only=machine,iteration layers=12  (`make bench`)
     python -m p3o_jax.cli.memory_plan  model=pythia-6.9b slice=v5e-16 mesh.tensor=2
+    python -m p3o_jax.cli.export       run=runs/toy stage=p3o [step=N]   (an HF folder)
 """
