@@ -34,9 +34,9 @@ a term divided by t only when t divides its heads / F / V)::
                                                                      block recomputed)
     scoring               = n * (layer + head)
 
-with n the sequences per device (the step's batch / (data x fsdp)). The model does not
-rematerialise today, so `check` uses the no-remat numbers; the remat column says what a
-`jax.checkpoint` per block would buy. Peak of a stage = params + opt_state + frozen +
+with n the sequences per device (the step's batch / (data x fsdp)). `check` uses the remat
+numbers when the policy rematerialises its blocks (`policy.remat=block|save_matmuls`; the
+save_matmuls policy is counted as block, a lower bound), the no-remat ones otherwise. Peak of a stage = params + opt_state + frozen +
 max(kv_cache, scoring, grads + activations): sampling, scoring and the update take turns.
 XLA's own buffers, fragmentation and the runtime's reserve come on top: leave ~10-15%. For
 scale: XLA's memory analysis of a compiled float32 SFT step on CPU (GPT-NeoX, 4 layers, d_model
@@ -266,7 +266,7 @@ def check_config(cfg: ExperimentConfig, n_devices: int, hbm_bytes: int) -> Plan:
     """The run's stages (and the final evaluation) against `hbm_bytes` per device; raises
     MemoryPlanError with the breakdown if one does not fit."""
     plan = make_plan(cfg, n_devices, cfg.stage_list + ("eval",))
-    plan.check(hbm_bytes)
+    plan.check(hbm_bytes, remat=cfg.policy.remat != "none")
     return plan
 
 

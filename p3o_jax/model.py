@@ -46,6 +46,9 @@ FAMILIES = ("gpt2", "gpt_neox", "gptj", "llama", "gemma")
 NORMS = ("layer", "rms", "rms_plus_one")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
+# what a rematerialised block keeps for its backward pass (jax.checkpoint policies)
+REMAT_POLICIES = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+                  "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 KV_CACHE_AXES = ("act_batch", "act_kv_heads", "act_length", "act_head_dim")  # [B, K, S, E]
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -106,6 +109,10 @@ class ModelConfig:
     final_softcap: Annotated[float | None, Positive] = None  # the same on the LM logits
     dtype: Annotated[str, OneOf(*DTYPES)] = "float32"    # compute dtype
     param_dtype: Annotated[str, OneOf(*DTYPES)] = "float32"
+    remat: Annotated[str, OneOf(*REMAT_POLICIES)] = "none"  # per-block rematerialisation of
+                                        # training forwards: none | block (keep each block's
+                                        # input, recompute the rest in the backward pass) |
+                                        # save_matmuls (keep the matmul outputs too)
 
     def __post_init__(self):
         for key, checks in field_checks(ModelConfig).items():    # before anything is derived
@@ -424,7 +431,9 @@ class Transformer(nn.Module):
             self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
                 nn.initializers.normal(0.01), ("position", "embed")), (cfg.max_len, cfg.d_model),
                 dtype)
-        self.blocks = [Block(cfg, i in cfg.sliding_layers, name=f"layer_{i}")
+        block = (Block if cfg.remat == "none" else
+                 nn.remat(Block, policy=REMAT_POLICIES[cfg.remat]))
+        self.blocks = [block(cfg, i in cfg.sliding_layers, name=f"layer_{i}")
                        for i in range(cfg.n_layers)]
         self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
