@@ -107,6 +107,16 @@ def clamped_log_ratio(logp: Array, logp_old: Array) -> Array:
     return jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
+def clipped_surrogate(ratio: Array, advantages: Array, eps_low: float, eps_high: float) -> Array:
+    """PPO's pessimistic surrogate, elementwise (a loss to minimise):
+    `max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))`. Its gradient is zero where the
+    ratio has already moved past the clip range in the direction A favours."""
+    require_same_shape(ratio=ratio, advantages=advantages)
+    advantages = jax.lax.stop_gradient(advantages)
+    return jnp.maximum(-advantages * ratio,
+                       -advantages * jnp.clip(ratio, 1 - eps_low, 1 + eps_high))
+
+
 # ----------------------------------------------------------------------------- KL estimators
 
 def kl_per_token(logp: Array, logp_ref: Array, kind: str = "k1") -> Array:
