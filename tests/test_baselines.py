@@ -18,7 +18,7 @@ import pytest
 from absl.testing import parameterized
 
 from p3o_jax import ops
-from p3o_jax.algos import ALGORITHMS, grpo, gspo, p3o, rloo
+from p3o_jax.algos import ALGORITHMS, dpo, grpo, gspo, p3o, rloo
 from p3o_jax.config import ExperimentConfig, RLConfig
 from p3o_jax.rollout import Rollout as Buffer
 from tests.test_algos import BETA, CLIP_MODES, float64, make_rollout, np_softmax, policy_logps
@@ -214,8 +214,10 @@ class RelationToP3OTest(chex.TestCase):
 
 METHOD_SETTINGS = (
     dict(method="rloo"),
-    *(dict(method="grpo", aggregation=a, normalise_std=s, kl=kl)
-      for a in AGGREGATIONS for s in (True, False) for kl in ("loss", "reward")),
+    dict(method="grpo", aggregation="sequence", normalise_std=True, kl="loss"),      # GRPO
+    dict(method="grpo", aggregation="constant", normalise_std=False, kl="reward"),   # Dr. GRPO
+    dict(method="grpo", aggregation="token", normalise_std=True, kl="reward",        # DAPO
+         eps=(0.2, 0.28)),
     dict(method="gspo", eps=(0.02, 0.03)),                  # wide enough to clip some, not all
     dict(method="gspo", normalise_std=False, eps=(0.02, 0.03)),
 )
@@ -243,7 +245,7 @@ class InvarianceTest(chex.TestCase):
         _, one_sided_grad = value_and_grad(ro.rewards + shift * np.eye(3)[0])
         self.assertFalse(np.allclose(one_sided_grad, grad, rtol=1e-3, atol=1e-6))
 
-    @chex.variants(with_jit=True, without_jit=True)
+    @chex.variants(with_jit=True)
     @parameterized.parameters(*AGGREGATIONS)
     @float64
     def test_grpo_with_std_is_invariant_to_per_prompt_scale(self, aggregation):
@@ -260,6 +262,31 @@ class InvarianceTest(chex.TestCase):
         # without the std the scale changes the update
         self.assertFalse(np.allclose(grad(ro.rewards * scale, False), grad(ro.rewards, False),
                                      rtol=1e-3, atol=1e-6))
+
+
+class OnlineDPOInvarianceTest(chex.TestCase):
+    @chex.variants(with_jit=True)
+    @float64
+    def test_online_dpo_sees_only_the_order_within_a_pair(self):
+        """Online DPO orders each pair by the RM's scores: a per-prompt shift (indeed any
+        per-prompt increasing map) leaves the loss unchanged; swapping a pair's order does not."""
+        ro = make_rollout(6, k=2)
+        seq = lambda theta: ops.sequence_logprob(policy_logps(theta, ro.tokens), ro.mask)
+        logp_ref = np.asarray(seq(ro.theta_old))
+
+        @self.variant
+        def grad(scores):
+            def objective(theta):
+                pol_c, pol_r = dpo.order_pair_by_score(scores, seq(theta))
+                ref_c, ref_r = dpo.order_pair_by_score(scores, logp_ref)
+                return dpo.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=0.1)[0]
+            return jax.grad(objective)(ro.theta)
+
+        shift = 100.0 * np.random.default_rng(1).normal(size=(ro.rewards.shape[0], 1))
+        base = grad(ro.rewards)
+        np.testing.assert_array_equal(grad(ro.rewards + shift), base)
+        np.testing.assert_array_equal(grad(np.exp(ro.rewards) * np.exp(shift)), base)
+        self.assertFalse(np.allclose(grad(ro.rewards[:, ::-1]), base))
 
 
 class ClippingTest(chex.TestCase):

@@ -61,6 +61,22 @@ def test_parse_sweeps_and_errors():
         F.parse(["methods=P3O-V2,TRPO"])
 
 
+def test_k4_methods_keep_the_samples_per_iteration():
+    """The k = 4 entries sample 4 responses to half as many prompts: as many responses per
+    iteration as their k = 2 counterparts, with the same algorithm settings."""
+    _, _, _, cfg = F.parse(["quick=true"])
+    for name in ("P3O-V2", "GRPO", "RLOO"):
+        k2, k4 = F.METHODS[name](0.3, cfg), F.METHODS[f"{name}-k4"](0.3, cfg)
+        assert k4 == {**k2, "rl.n_samples": 4, "rl.prompts_per_iter": cfg.rl.prompts_per_iter // 2}
+        run = F.overridden(cfg, k4)
+        assert run.rl.n_samples * run.rl.prompts_per_iter == 2 * cfg.rl.prompts_per_iter
+    assert F.METHODS["Dr.GRPO"](0.1, cfg)["grpo.aggregation"] == "constant"
+    table = F.timing_table([{"method": "SFT+RM", "beta": None, "seed": 0, "seconds": 9.0},
+                            {"method": "RLOO", "beta": 0.1, "seed": 0, "seconds": 20.4},
+                            {"method": "RLOO", "beta": 0.1, "seed": 1, "seconds": 10.0}])
+    assert "| RLOO | 30 |" in table and "SFT+RM" not in table
+
+
 def test_frontier_end_to_end(tmp_path):
     results = tmp_path / "results"
     args = [*TINY, f"out_dir={tmp_path}/run", f"results={results}", "seeds=0", "betas=0.1",

@@ -44,13 +44,28 @@ from p3o_jax.logger import format_table
 from p3o_jax.pipeline import make_task, offline_steps, run_experiment
 from p3o_jax.rl import prompt_offset
 
+def at_k(k: int, over):
+    """A method with k responses per prompt and proportionally fewer prompts per iteration, so
+    that it samples and scores as many responses per iteration (and per run) as at k = 2."""
+    return lambda b, cfg: {**over(b, cfg), "rl.n_samples": k,
+                           "rl.prompts_per_iter": cfg.rl.prompts_per_iter * 2 // k}
+
+
+# name -> (beta, the base config) -> the config keys of that run
 METHODS = {
-    "P3O-V1": lambda b: {"algo": "p3o", "p3o.clip": "separate", "rl.beta": b},
-    "P3O-V2": lambda b: {"algo": "p3o", "p3o.clip": "joint", "rl.beta": b},
-    "PPO": lambda b: {"algo": "ppo", "rl.beta": b},
-    "DPO-online": lambda b: {"algo": "dpo", "dpo.beta": b},
-    "DPO-offline": lambda b: {"algo": "dpo_offline", "dpo.beta": b},
+    "P3O-V1": lambda b, cfg: {"algo": "p3o", "p3o.clip": "separate", "rl.beta": b},
+    "P3O-V2": lambda b, cfg: {"algo": "p3o", "p3o.clip": "joint", "rl.beta": b},
+    "PPO": lambda b, cfg: {"algo": "ppo", "rl.beta": b},
+    "DPO-online": lambda b, cfg: {"algo": "dpo", "dpo.beta": b},
+    "DPO-offline": lambda b, cfg: {"algo": "dpo_offline", "dpo.beta": b},
+    "RLOO": lambda b, cfg: {"algo": "rloo", "rl.beta": b},
+    "GRPO": lambda b, cfg: {"algo": "grpo", "rl.beta": b},          # std, per-sequence, k3 loss
+    "Dr.GRPO": lambda b, cfg: {"algo": "grpo", "grpo.normalise_std": False,
+                               "grpo.aggregation": "constant", "rl.beta": b},
+    "GSPO": lambda b, cfg: {"algo": "gspo", "rl.beta": b},
 }
+# k = 4 at equal samples: 4 responses to each of half as many prompts
+METHODS.update({f"{name}-k4": at_k(4, METHODS[name]) for name in ("P3O-V2", "GRPO", "RLOO")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +81,7 @@ class Sweep:
 
 
 FULL = Sweep()
-QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_prompts=128"),
+QUICK = Sweep(seeds=(0,), betas=(0.1,), config=("rl.iterations=16", "eval_prompts=128"),
               folder="frontier-quick")
 INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
                    config=("rl.iterations=20", "eval_prompts=128"))
@@ -137,25 +152,32 @@ def rl_steps(cfg: ExperimentConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # the frontier
 
-def frontier(sweep: Sweep, cfg: ExperimentConfig) -> list[dict]:
+def frontier(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     """Every evaluation of every run: dicts with method, beta, seed, step, steps (the run's
-    total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy)."""
-    records = []
+    total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy); and the
+    wall time of each run in this call (method "SFT+RM": a seed's first two stages)."""
+    records, timings = [], []
     for seed in sweep.seeds:
+        start = time.perf_counter()
         base = train_sft_rm(cfg, seed, sweep.folder)
+        timings.append({"method": "SFT+RM", "beta": None, "seed": seed,
+                        "seconds": time.perf_counter() - start})
         for method in sweep.methods:
             for beta in sweep.betas:
-                over = METHODS[method](beta)
+                over = METHODS[method](beta, cfg)
                 steps = rl_steps(overridden(cfg, over))
                 over["rl.eval_every"] = max(steps // sweep.evals, 1)
+                start = time.perf_counter()
                 rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
                               f"{method}-beta{beta:g}", over)
+                timings.append({"method": method, "beta": beta, "seed": seed,
+                                "seconds": time.perf_counter() - start})
                 records += [{"method": method, "beta": beta, "seed": seed, "step": r["step"],
                              "steps": steps, "final": r["step"] == steps,
                              **{k: v for k, v in r.items() if k not in ("stage", "step", "time")}}
                             for r in sorted(rows, key=lambda r: r["step"])
                             if r["stage"].startswith("eval:")]
-    return records
+    return records, timings
 
 
 def mean_and_se(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -198,7 +220,7 @@ def plot_frontier(records: list[dict], path: str, zoom_kl: float = 1.5) -> None:
     import matplotlib.pyplot as plt
     rows = final_rows(records)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(METHODS)}
     panels = ((axes[0], "gold", "gold reward (hidden)", None),
               (axes[1], "gold", f"gold reward, KL <= {zoom_kl:g}", zoom_kl),
               (axes[2], "rm", "proxy reward (RM)", None))
@@ -250,7 +272,7 @@ def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
     for method in sweep.methods:
         curves = {}
         for offset in (0.0, sweep.offset):
-            over = {**METHODS[method](beta), "rl.reward_offset": offset}
+            over = {**METHODS[method](beta, cfg), "rl.reward_offset": offset}
             rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
                           f"invariance-{method}-offset{offset:g}", over)
             rl_rows = sorted((r for r in rows if r["stage"].startswith("rl:")),
@@ -309,6 +331,23 @@ def write_report(path: str, text: str) -> None:
     print(text)
 
 
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (the runs share its cores)."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def timing_table(timings: list[dict]) -> str:
+    """Seconds per RL run: a row per method, a column per beta (summed over seeds)."""
+    betas = sorted({t["beta"] for t in timings if t["beta"] is not None})
+    rows = {}
+    for t in timings:
+        if t["beta"] is not None:
+            row = rows.setdefault(t["method"], {"method": t["method"]})
+            key = f"beta {t['beta']:g}"
+            row[key] = f"{float(row.get(key, 0)) + t['seconds']:.0f}"
+    return format_table(list(rows.values()), ["method"] + [f"beta {b:g}" for b in betas])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -336,14 +375,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{table}\n")
         write_report(os.path.join(results, "invariance.md"), text)
         return 0
-    records = frontier(sweep, cfg)
+    records, timings = frontier(sweep, cfg)
     write_jsonl(os.path.join(results, "frontier.jsonl"), records)
+    write_jsonl(os.path.join(results, "timings.jsonl"), timings)
     plot_frontier(records, os.path.join(results, "frontier.png"))
     text = (f"`{command}` ({took()}, SFT and RM included)\n\n"
             f"Final policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
             f"across seeds (over prompts when there is one seed). Win rates against the SFT "
             f"policy's response to the same prompt, ties counting 1/2.\n\n"
-            f"{markdown(final_rows(records))}\n")
+            f"{markdown(final_rows(records))}\n\n"
+            f"Wall time of each RL run in this call, in seconds over {len(sweep.seeds)} "
+            f"seed(s) (a run finished by an earlier call only reads its metrics); SFT and RM "
+            f"took {sum(t['seconds'] for t in timings if t['beta'] is None):.0f} s; load "
+            f"average at the end {load_average()}:\n\n"
+            f"{timing_table(timings)}\n")
     write_report(os.path.join(results, "frontier.md"), text)
     return 0
 
