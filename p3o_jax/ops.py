@@ -35,6 +35,17 @@ def require_ndim(name: str, x: Array, ndim: int, dims: str) -> None:
     require(jnp.ndim(x) == ndim, f"{name} must have shape {dims}, got {tuple(jnp.shape(x))}")
 
 
+def require_responses(advantages: Array, **token_arrays: Array) -> None:
+    """Per-token arrays of K responses to B prompts, [B, K, T] and equal, and one advantage
+    per response, [B, K]."""
+    name, first = next(iter(token_arrays.items()))
+    require_ndim(name, first, 3, "[B, K, T]")
+    require_same_shape(**token_arrays)
+    require(jnp.shape(advantages) == jnp.shape(first)[:2],
+            f"advantages must have shape [B, K]={jnp.shape(first)[:2]}, "
+            f"got {tuple(jnp.shape(advantages))}")
+
+
 # ----------------------------------------------------------------------------- masked reductions
 
 def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -> Array:

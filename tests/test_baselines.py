@@ -80,7 +80,7 @@ class AdvantagesAndLossesTest(chex.TestCase):
         # max(-2 * 1.5, -2 * 1.2) = -2.4 and max(2 * 0.9, 2 * 0.9) = 1.8
         np.testing.assert_allclose(loss, (-2.4 + 1.8) / 2, rtol=1e-12)
         np.testing.assert_allclose(metrics["clip_frac"], 0.5)
-        np.testing.assert_allclose(metrics["rho_mean"], 1.2, rtol=1e-12)
+        np.testing.assert_allclose(metrics["ratio_mean"], 1.2, rtol=1e-12)
 
     # response 1: A = 1, ratios 1.5, 0.7 (and a pad); response 2: A = -0.5, ratios 1.1, 0.7, 1.4
     RATIOS = np.array([[[1.5, 0.7, 5.0], [1.1, 0.7, 1.4]]])
@@ -130,7 +130,7 @@ class AdvantagesAndLossesTest(chex.TestCase):
         s1, s2 = math.exp(0.1), math.exp(0.6)
         np.testing.assert_allclose(loss, (-s1 + max(s2, 1.2)) / 2, rtol=1e-12)
         np.testing.assert_allclose(metrics["clip_frac"], 0.5)
-        np.testing.assert_allclose(metrics["s_mean"], (s1 + s2) / 2, rtol=1e-12)
+        np.testing.assert_allclose(metrics["ratio_mean"], (s1 + s2) / 2, rtol=1e-12)
 
     @chex.variants(with_jit=True, without_jit=True)
     @float64

@@ -54,7 +54,7 @@ def test_final_rows_average_seeds_with_their_se():
 def test_parse_sweeps_and_errors():
     sweep, results, inv, cfg = F.parse(["quick=true", "betas=0.1,1", "rl.epochs=3"])
     assert sweep.betas == (0.1, 1.0) and sweep.seeds == F.QUICK.seeds and not inv
-    assert cfg.rl.epochs == 3 and cfg.rl.iterations == 16      # the sweep's own setting
+    assert cfg.rl.epochs == 3 and cfg.rl.iterations == 12      # the sweep's own setting
     sweep, _, inv, cfg = F.parse(["invariance=true", "rl.iterations=5"])
     assert inv and sweep.methods == ("P3O-V2", "PPO") and cfg.rl.iterations == 5
     with pytest.raises(ConfigError, match="methods"):

@@ -98,11 +98,8 @@ def grpo_loss(logp, logp_old, logp_ref, mask, advantages, *, aggregation: str = 
     Metrics: `clip_frac` (real tokens with rho outside the range), `rho_mean`,
     `log_rho_abs_max`, `kl_k3_loss` (the k3 term's token mean), `approx_kl` (k3 of
     KL(pi_old || pi) per response)."""
-    ops.require_ndim("logp", logp, 3, "[B, K, T]")
-    ops.require_same_shape(logp=logp, logp_old=logp_old, logp_ref=logp_ref, mask=mask)
-    ops.require(jnp.shape(advantages) == jnp.shape(logp)[:2],
-                f"advantages must have shape [B, K]={jnp.shape(logp)[:2]}, "
-                f"got {tuple(jnp.shape(advantages))}")
+    ops.require_responses(advantages, logp=logp, logp_old=logp_old, logp_ref=logp_ref,
+                          mask=mask)
     log_rho = ops.clamped_log_ratio(logp, logp_old)                                # [B, K, T]
     rho = jnp.exp(log_rho)
     token_losses = ops.clipped_surrogate(

@@ -1,7 +1,8 @@
 """GSPO: Group Sequence Policy Optimization (Zheng et al. 2025, Qwen).
 
 GRPO's group-relative advantages with a sequence-level importance ratio, length-normalised so
-that its scale does not depend on the response length, clipped per sequence.
+that its scale does not depend on the response length, clipped per sequence (RLOO's clipped
+sequence loss, `rloo.clipped_sequence_loss`, on that ratio).
 
 Per iteration (p3o_jax/rl.py), K >= 2 responses per prompt from pi_old, then
 
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from p3o_jax import ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.algos.grpo import group_advantages
+from p3o_jax.algos.rloo import clipped_sequence_loss
 from p3o_jax.checks import NonNegative, Positive
 from p3o_jax.rollout import Rollout, policy_logprobs
 
@@ -61,26 +63,14 @@ def prepare(buffer: Rollout, params, cfg, carry) -> Rollout:
 def gspo_loss(logp, logp_old, mask, advantages, *, eps_low: float = 3e-4,
               eps_high: float = 4e-4):
     """The GSPO loss (module docstring): logp, logp_old, mask [B, K, T]; advantages [B, K], a
-    constant. Metrics: `clip_frac` (responses with s outside the range), `s_mean`,
-    `log_s_abs_max`, `approx_kl` (k3 of KL(pi_old || pi) per response)."""
-    ops.require_ndim("logp", logp, 3, "[B, K, T]")
-    ops.require_same_shape(logp=logp, logp_old=logp_old, mask=mask)
-    ops.require(jnp.shape(advantages) == jnp.shape(logp)[:2],
-                f"advantages must have shape [B, K]={jnp.shape(logp)[:2]}, "
-                f"got {tuple(jnp.shape(advantages))}")
-    log_s = sequence_log_ratio(logp, logp_old, mask)                                # [B, K]
-    loss = jnp.mean(ops.clipped_surrogate(jnp.exp(log_s), advantages, eps_low, eps_high))
-    log_s = jax.lax.stop_gradient(log_s)
-    outside = (log_s < jnp.log1p(-eps_low)) | (log_s > jnp.log1p(eps_high))
-    return loss, {
-        "loss": jax.lax.stop_gradient(loss),
-        "clip_frac": jnp.mean(outside),
-        "advantage_abs_mean": jnp.mean(jnp.abs(advantages)),
-        "s_mean": jnp.mean(jnp.exp(log_s)),
-        "log_s_abs_max": jnp.max(jnp.abs(log_s)),
-        "approx_kl": jax.lax.stop_gradient(
-            jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3"))),
-    }
+    constant. RLOO's sequence-level clipped loss on s instead of the sequence ratio. Metrics:
+    those of `rloo.clipped_sequence_loss` (the ratio is s) and `approx_kl` (k3 of
+    KL(pi_old || pi) per response)."""
+    ops.require_responses(advantages, logp=logp, logp_old=logp_old, mask=mask)
+    loss, metrics = clipped_sequence_loss(sequence_log_ratio(logp, logp_old, mask), advantages,
+                                          eps_low, eps_high)
+    return loss, {**metrics, "approx_kl": jax.lax.stop_gradient(
+        jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3")))}
 
 
 def loss(params, batch: Rollout, cfg):

@@ -58,29 +58,34 @@ def prepare(buffer: Rollout, params, cfg, carry) -> Rollout:
         buffer.rewards - cfg.rl.beta * buffer.seq_kl))
 
 
-def rloo_loss(logp, logp_old, mask, advantages, eps: float = 0.2):
-    """The RLOO loss (module docstring): logp, logp_old, mask [B, K, T]; advantages [B, K],
-    a constant. Metrics: `clip_frac` (responses with |rho - 1| > eps), `rho_mean`,
-    `log_rho_abs_max`, `approx_kl` (k3 of KL(pi_old || pi) per response)."""
-    ops.require_ndim("logp", logp, 3, "[B, K, T]")
-    ops.require_same_shape(logp=logp, logp_old=logp_old, mask=mask)
-    ops.require(jnp.shape(advantages) == jnp.shape(logp)[:2],
-                f"advantages must have shape [B, K]={jnp.shape(logp)[:2]}, "
-                f"got {tuple(jnp.shape(advantages))}")
-    log_rho = ops.clamped_log_ratio(ops.sequence_logprob(logp, mask),
-                                    ops.sequence_logprob(logp_old, mask))          # [B, K]
-    rho = jnp.exp(log_rho)
-    loss = jnp.mean(ops.clipped_surrogate(rho, advantages, eps, eps))
-    log_rho = jax.lax.stop_gradient(log_rho)
+def clipped_sequence_loss(log_ratio, advantages, eps_low: float, eps_high: float):
+    """Mean over responses of max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), rho =
+    exp(log_ratio): log_ratio (with gradient) and advantages (constant) [B, K]. Metrics:
+    `clip_frac` (responses with rho outside the range), `advantage_abs_mean`, `ratio_mean`,
+    `log_ratio_abs_max`."""
+    ops.require_same_shape(log_ratio=log_ratio, advantages=advantages)
+    loss = jnp.mean(ops.clipped_surrogate(jnp.exp(log_ratio), advantages, eps_low, eps_high))
+    log_ratio = jax.lax.stop_gradient(log_ratio)
+    outside = (log_ratio < jnp.log1p(-eps_low)) | (log_ratio > jnp.log1p(eps_high))
     return loss, {
         "loss": jax.lax.stop_gradient(loss),
-        "clip_frac": jnp.mean(jnp.abs(jnp.exp(log_rho) - 1) > eps),
+        "clip_frac": jnp.mean(outside),
         "advantage_abs_mean": jnp.mean(jnp.abs(advantages)),
-        "rho_mean": jnp.mean(jnp.exp(log_rho)),
-        "log_rho_abs_max": jnp.max(jnp.abs(log_rho)),
-        "approx_kl": jax.lax.stop_gradient(
-            jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3"))),
+        "ratio_mean": jnp.mean(jnp.exp(log_ratio)),
+        "log_ratio_abs_max": jnp.max(jnp.abs(log_ratio)),
     }
+
+
+def rloo_loss(logp, logp_old, mask, advantages, eps: float = 0.2):
+    """The RLOO loss (module docstring): logp, logp_old, mask [B, K, T]; advantages [B, K],
+    a constant. Metrics: those of `clipped_sequence_loss` and `approx_kl` (k3 of
+    KL(pi_old || pi) per response)."""
+    ops.require_responses(advantages, logp=logp, logp_old=logp_old, mask=mask)
+    log_rho = ops.clamped_log_ratio(ops.sequence_logprob(logp, mask),
+                                    ops.sequence_logprob(logp_old, mask))          # [B, K]
+    loss, metrics = clipped_sequence_loss(log_rho, advantages, eps, eps)
+    return loss, {**metrics, "approx_kl": jax.lax.stop_gradient(
+        jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3")))}
 
 
 def loss(params, batch: Rollout, cfg):
