@@ -17,6 +17,10 @@ beta is the KL coefficient of `max E[r] - beta KL`. P3O and PPO take it as `rl.b
 of that objective is pi_ref * exp(r / beta)), only with the reward model replaced by its
 preference labels.
 
+The methods (`METHODS`) run at k = 2 responses per prompt, except the k = 4 comparison
+(`*-k4`), which takes half as many prompts per iteration so that every run samples as many
+responses. `frontier.md` ends with each run's wall time (`timings.jsonl`).
+
 `invariance=true` runs P3O (V2) and PPO at `rl.beta=0.1` with and without `rl.reward_offset`
 (a random per-prompt shift delta(x) of the reward model's scores) and writes `invariance.png`,
 `invariance.jsonl` and `invariance.md` (the largest difference between the learning curves).
