@@ -85,6 +85,7 @@ def test_frontier_end_to_end(tmp_path):
     assert (results / "frontier.png").stat().st_size > 10_000
     table = (results / "frontier.md").read_text()
     assert "| P3O-V2 | 0.1 |" in table and "| DPO-offline | 0.1 |" in table
+    assert "| P3O-V2 |" in (results / "timings.md").read_text()
     rows = [json.loads(line) for line in (results / "frontier.jsonl").read_text().splitlines()]
     p3o = [r for r in rows if r["method"] == "P3O-V2"]
     assert [r["step"] for r in p3o] == [0, 1, 2, 3, 4] and p3o[-1]["final"]

@@ -19,7 +19,7 @@ preference labels.
 
 The methods (`METHODS`) run at k = 2 responses per prompt, except the k = 4 comparison
 (`*-k4`), which takes half as many prompts per iteration so that every run samples as many
-responses. `frontier.md` ends with each run's wall time (`timings.jsonl`).
+responses. `timings.md` (and `timings.jsonl`) has the wall time of each run.
 
 `invariance=true` runs P3O (V2) and PPO at `rl.beta=0.1` with and without `rl.reward_offset`
 (a random per-prompt shift delta(x) of the reward model's scores) and writes `invariance.png`,
@@ -363,6 +363,15 @@ def timing_table(timings: list[dict]) -> str:
     return format_table(list(rows.values()), ["method"] + [f"beta {b:g}" for b in betas])
 
 
+def timings_report(command: str, took: str, timings: list[dict]) -> str:
+    seeds = len({t["seed"] for t in timings})
+    return (f"`{command}` ({took})\n\nWall time of each RL run in this call, in seconds, "
+            f"summed over {seeds} seed(s) (a run finished by an earlier call only reads its "
+            f"metrics); SFT and RM took "
+            f"{sum(t['seconds'] for t in timings if t['beta'] is None):.0f} s; load average at "
+            f"the end {load_average()}:\n\n{timing_table(timings)}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -398,13 +407,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Final policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
             f"across seeds (over prompts when there is one seed). Win rates against the SFT "
             f"policy's response to the same prompt, ties counting 1/2.\n\n"
-            f"{markdown(final_rows(records))}\n\n"
-            f"Wall time of each RL run in this call, in seconds over {len(sweep.seeds)} "
-            f"seed(s) (a run finished by an earlier call only reads its metrics); SFT and RM "
-            f"took {sum(t['seconds'] for t in timings if t['beta'] is None):.0f} s; load "
-            f"average at the end {load_average()}:\n\n"
-            f"{timing_table(timings)}\n")
+            f"{markdown(final_rows(records))}\n")
     write_report(os.path.join(results, "frontier.md"), text)
+    write_report(os.path.join(results, "timings.md"), timings_report(command, took(), timings))
     return 0
 
 
