@@ -28,9 +28,12 @@ from typing import Annotated
 from p3o_jax import hf
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.algos.dpo import DPOConfig
+from p3o_jax.algos.grpo import GRPOConfig
+from p3o_jax.algos.gspo import GSPOConfig
 from p3o_jax.algos.p3o import P3OConfig
 from p3o_jax.algos.ppo import PPOConfig
 from p3o_jax.algos.reward_model import RMConfig
+from p3o_jax.algos.rloo import RLOOConfig
 from p3o_jax.algos.sft import SFTConfig
 from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelSource, NonNegative, OneOf, Pattern,
                             Positive, Range, SubsetOf, WritableDir, field_checks)
@@ -64,7 +67,7 @@ class MeshConfig:
 class RLConfig:
     """The RL loop every online algorithm shares: rollouts, the KL-regularised objective's
     beta, the update's epochs and minibatches. Each algorithm's own settings are its config
-    group (`p3o`, `ppo`, `dpo`)."""
+    group (`p3o`, `ppo`, `dpo`, `rloo`, `grpo`, `gspo`)."""
     iterations: Annotated[int, Positive] = 100
     prompts_per_iter: Annotated[int, Positive] = 64
     n_samples: Annotated[int, Range(2)] = 2     # responses per prompt (k > 2: all pairs)
@@ -170,6 +173,9 @@ class ExperimentConfig:
     p3o: P3OConfig = P3OConfig()
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
+    rloo: RLOOConfig = RLOOConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    gspo: GSPOConfig = GSPOConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     resume: bool = True             # continue each stage from its checkpoints; false: start over
     dist: DistConfig = DistConfig()

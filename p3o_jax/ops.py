@@ -35,6 +35,17 @@ def require_ndim(name: str, x: Array, ndim: int, dims: str) -> None:
     require(jnp.ndim(x) == ndim, f"{name} must have shape {dims}, got {tuple(jnp.shape(x))}")
 
 
+def require_responses(advantages: Array, **token_arrays: Array) -> None:
+    """Per-token arrays of K responses to B prompts, [B, K, T] and equal, and one advantage
+    per response, [B, K]."""
+    name, first = next(iter(token_arrays.items()))
+    require_ndim(name, first, 3, "[B, K, T]")
+    require_same_shape(**token_arrays)
+    require(jnp.shape(advantages) == jnp.shape(first)[:2],
+            f"advantages must have shape [B, K]={jnp.shape(first)[:2]}, "
+            f"got {tuple(jnp.shape(advantages))}")
+
+
 # ----------------------------------------------------------------------------- masked reductions
 
 def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -> Array:
@@ -105,6 +116,16 @@ def sequence_logprob(token_logps: Array, mask: Array) -> Array:
 def clamped_log_ratio(logp: Array, logp_old: Array) -> Array:
     """`logp - logp_old` clamped to +-LOG_RATIO_CLAMP, safe to exponentiate."""
     return jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def clipped_surrogate(ratio: Array, advantages: Array, eps_low: float, eps_high: float) -> Array:
+    """PPO's pessimistic surrogate, elementwise (a loss to minimise):
+    `max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))`. Its gradient is zero where the
+    ratio has already moved past the clip range in the direction A favours."""
+    require_same_shape(ratio=ratio, advantages=advantages)
+    advantages = jax.lax.stop_gradient(advantages)
+    return jnp.maximum(-advantages * ratio,
+                       -advantages * jnp.clip(ratio, 1 - eps_low, 1 + eps_high))
 
 
 # ----------------------------------------------------------------------------- KL estimators

@@ -54,11 +54,27 @@ def test_final_rows_average_seeds_with_their_se():
 def test_parse_sweeps_and_errors():
     sweep, results, inv, cfg = F.parse(["quick=true", "betas=0.1,1", "rl.epochs=3"])
     assert sweep.betas == (0.1, 1.0) and sweep.seeds == F.QUICK.seeds and not inv
-    assert cfg.rl.epochs == 3 and cfg.rl.iterations == 16      # the sweep's own setting
+    assert cfg.rl.epochs == 3 and cfg.rl.iterations == 12      # the sweep's own setting
     sweep, _, inv, cfg = F.parse(["invariance=true", "rl.iterations=5"])
     assert inv and sweep.methods == ("P3O-V2", "PPO") and cfg.rl.iterations == 5
     with pytest.raises(ConfigError, match="methods"):
         F.parse(["methods=P3O-V2,TRPO"])
+
+
+def test_k4_methods_keep_the_samples_per_iteration():
+    """The k = 4 entries sample 4 responses to half as many prompts: as many responses per
+    iteration as their k = 2 counterparts, with the same algorithm settings."""
+    _, _, _, cfg = F.parse(["quick=true"])
+    for name in ("P3O-V2", "GRPO", "RLOO"):
+        k2, k4 = F.METHODS[name](0.3, cfg), F.METHODS[f"{name}-k4"](0.3, cfg)
+        assert k4 == {**k2, "rl.n_samples": 4, "rl.prompts_per_iter": cfg.rl.prompts_per_iter // 2}
+        run = F.overridden(cfg, k4)
+        assert run.rl.n_samples * run.rl.prompts_per_iter == 2 * cfg.rl.prompts_per_iter
+    assert F.METHODS["Dr.GRPO"](0.1, cfg)["grpo.aggregation"] == "constant"
+    table = F.timing_table([{"method": "SFT+RM", "beta": None, "seed": 0, "seconds": 9.0},
+                            {"method": "RLOO", "beta": 0.1, "seed": 0, "seconds": 20.4},
+                            {"method": "RLOO", "beta": 0.1, "seed": 1, "seconds": 10.0}])
+    assert "| RLOO | 30 |" in table and "SFT+RM" not in table
 
 
 def test_frontier_end_to_end(tmp_path):
@@ -69,6 +85,7 @@ def test_frontier_end_to_end(tmp_path):
     assert (results / "frontier.png").stat().st_size > 10_000
     table = (results / "frontier.md").read_text()
     assert "| P3O-V2 | 0.1 |" in table and "| DPO-offline | 0.1 |" in table
+    assert "| P3O-V2 |" in (results / "timings.md").read_text()
     rows = [json.loads(line) for line in (results / "frontier.jsonl").read_text().splitlines()]
     p3o = [r for r in rows if r["method"] == "P3O-V2"]
     assert [r["step"] for r in p3o] == [0, 1, 2, 3, 4] and p3o[-1]["final"]

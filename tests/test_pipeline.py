@@ -70,7 +70,7 @@ def test_p3o_end_to_end(trained):
         assert os.path.exists(os.path.join(path, name)), name
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dpo", "dpo_offline"])
+@pytest.mark.parametrize("algo", ["ppo", "dpo", "dpo_offline", "rloo", "grpo", "gspo"])
 def test_baselines_end_to_end(trained, algo):
     """Each baseline runs beside P3O in the same out_dir, on its SFT and RM stages (README's
     `make train ARGS="stages=rl algo=ppo"` after `make train`): RL checkpoints, params and
@@ -85,6 +85,8 @@ def test_baselines_end_to_end(trained, algo):
         rl = _check_rl(path, summary, algo)
         if algo == "ppo":
             assert "value_loss" in rl[-1] and "policy_clip_frac" in rl[-1]
+        if algo in ("rloo", "grpo", "gspo"):
+            assert "advantage_abs_mean" in rl[-1] and "clip_frac" in rl[-1]
 
 
 @pytest.mark.parametrize("args, key", [

@@ -1,11 +1,12 @@
 """The algorithms, one module each (its config, its pure loss, how it prepares a rollout
-buffer, its maths in the docstring): `p3o`, `ppo`, `dpo`; and the objectives of the stages
+buffer, its maths in the docstring): `p3o`, `ppo`, `dpo`, and the group-baseline methods
+`rloo`, `grpo` (with Dr. GRPO's and DAPO's aggregations), `gspo`; and the objectives of the stages
 before RL, `sft` and `reward_model`.
 
 Adding an RL algorithm: a module that builds an `Algorithm` (algos/base.py), a line in
 `ALGORITHMS`, and its config as a field of `config.ExperimentConfig` if it has one.
 """
-from p3o_jax.algos import dpo, p3o, ppo
+from p3o_jax.algos import dpo, grpo, gspo, p3o, ppo, rloo
 from p3o_jax.algos.base import Algorithm
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -13,4 +14,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     ppo.ALGORITHM,
     dpo.ONLINE,
     dpo.OFFLINE,
+    rloo.ALGORITHM,
+    grpo.ALGORITHM,
+    gspo.ALGORITHM,
 )}

@@ -17,6 +17,10 @@ beta is the KL coefficient of `max E[r] - beta KL`. P3O and PPO take it as `rl.b
 of that objective is pi_ref * exp(r / beta)), only with the reward model replaced by its
 preference labels.
 
+The methods (`METHODS`) run at k = 2 responses per prompt, except the k = 4 comparison
+(`*-k4`), which takes half as many prompts per iteration so that every run samples as many
+responses. `timings.md` (and `timings.jsonl`) has the wall time of each run.
+
 `invariance=true` runs P3O (V2) and PPO at `rl.beta=0.1` with and without `rl.reward_offset`
 (a random per-prompt shift delta(x) of the reward model's scores) and writes `invariance.png`,
 `invariance.jsonl` and `invariance.md` (the largest difference between the learning curves).
@@ -44,13 +48,28 @@ from p3o_jax.logger import format_table
 from p3o_jax.pipeline import make_task, offline_steps, run_experiment
 from p3o_jax.rl import prompt_offset
 
+def at_k(k: int, over):
+    """A method with k responses per prompt and proportionally fewer prompts per iteration, so
+    that it samples and scores as many responses per iteration (and per run) as at k = 2."""
+    return lambda b, cfg: {**over(b, cfg), "rl.n_samples": k,
+                           "rl.prompts_per_iter": cfg.rl.prompts_per_iter * 2 // k}
+
+
+# name -> (beta, the base config) -> the config keys of that run
 METHODS = {
-    "P3O-V1": lambda b: {"algo": "p3o", "p3o.clip": "separate", "rl.beta": b},
-    "P3O-V2": lambda b: {"algo": "p3o", "p3o.clip": "joint", "rl.beta": b},
-    "PPO": lambda b: {"algo": "ppo", "rl.beta": b},
-    "DPO-online": lambda b: {"algo": "dpo", "dpo.beta": b},
-    "DPO-offline": lambda b: {"algo": "dpo_offline", "dpo.beta": b},
+    "P3O-V1": lambda b, cfg: {"algo": "p3o", "p3o.clip": "separate", "rl.beta": b},
+    "P3O-V2": lambda b, cfg: {"algo": "p3o", "p3o.clip": "joint", "rl.beta": b},
+    "PPO": lambda b, cfg: {"algo": "ppo", "rl.beta": b},
+    "DPO-online": lambda b, cfg: {"algo": "dpo", "dpo.beta": b},
+    "DPO-offline": lambda b, cfg: {"algo": "dpo_offline", "dpo.beta": b},
+    "RLOO": lambda b, cfg: {"algo": "rloo", "rl.beta": b},
+    "GRPO": lambda b, cfg: {"algo": "grpo", "rl.beta": b},          # std, per-sequence, k3 loss
+    "Dr.GRPO": lambda b, cfg: {"algo": "grpo", "grpo.normalise_std": False,
+                               "grpo.aggregation": "constant", "rl.beta": b},
+    "GSPO": lambda b, cfg: {"algo": "gspo", "rl.beta": b},
 }
+# k = 4 at equal samples: 4 responses to each of half as many prompts
+METHODS.update({f"{name}-k4": at_k(4, METHODS[name]) for name in ("P3O-V2", "GRPO", "RLOO")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +77,26 @@ class Sweep:
     seeds: tuple[int, ...] = (0, 1, 2)
     betas: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0)
     methods: tuple[str, ...] = tuple(METHODS)
+    # (method, betas): methods run only at those of `betas` (the k = 4 comparison, for time)
+    method_betas: tuple[tuple[str, tuple[float, ...]], ...] = ()
     evals: int = 4                  # evaluations along each run, besides the one at its start
     offset: float = 5.0             # invariance: rl.reward_offset
     # config keys the sweep sets (the command line's keys come after, and win)
     config: tuple[str, ...] = ("rl.iterations=40", "eval_prompts=256")
     folder: str = "frontier"        # runs go to <out_dir>-<folder>/seed<S>/<method>-beta<beta>
 
+    def betas_of(self, method: str) -> tuple[float, ...]:
+        only = dict(self.method_betas).get(method)
+        return tuple(b for b in self.betas if only is None or b in only)
 
-FULL = Sweep()
-QUICK = Sweep(seeds=(0,), betas=(0.1, 1.0), config=("rl.iterations=16", "eval_prompts=128"),
+
+K4 = ("P3O-V2-k4", "GRPO-k4", "RLOO-k4")
+FULL = Sweep(method_betas=tuple((m, (0.1, 0.3)) for m in K4))
+# the quick sweep fits 6 minutes on 2 CPU cores: half the SFT and RM steps, one beta, 12
+# iterations, and the methods the full sweep adds to P3O-V2 and PPO
+QUICK = Sweep(seeds=(0,), betas=(0.1,),
+              methods=("P3O-V2", "PPO", "RLOO", "GRPO", "Dr.GRPO", "GSPO") + K4,
+              config=("rl.iterations=12", "eval_prompts=128", "sft.steps=500", "rm.steps=250"),
               folder="frontier-quick")
 INVARIANCE = Sweep(seeds=(0,), betas=(0.1,), methods=("P3O-V2", "PPO"), evals=0,
                    config=("rl.iterations=20", "eval_prompts=128"))
@@ -137,25 +167,32 @@ def rl_steps(cfg: ExperimentConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 # the frontier
 
-def frontier(sweep: Sweep, cfg: ExperimentConfig) -> list[dict]:
+def frontier(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
     """Every evaluation of every run: dicts with method, beta, seed, step, steps (the run's
-    total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy)."""
-    records = []
+    total), final, and the "eval" metrics (`evaluate.compare` against the SFT policy); and the
+    wall time of each run in this call (method "SFT+RM": a seed's first two stages)."""
+    records, timings = [], []
     for seed in sweep.seeds:
+        start = time.perf_counter()
         base = train_sft_rm(cfg, seed, sweep.folder)
+        timings.append({"method": "SFT+RM", "beta": None, "seed": seed,
+                        "seconds": time.perf_counter() - start})
         for method in sweep.methods:
-            for beta in sweep.betas:
-                over = METHODS[method](beta)
+            for beta in sweep.betas_of(method):
+                over = METHODS[method](beta, cfg)
                 steps = rl_steps(overridden(cfg, over))
                 over["rl.eval_every"] = max(steps // sweep.evals, 1)
+                start = time.perf_counter()
                 rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
                               f"{method}-beta{beta:g}", over)
+                timings.append({"method": method, "beta": beta, "seed": seed,
+                                "seconds": time.perf_counter() - start})
                 records += [{"method": method, "beta": beta, "seed": seed, "step": r["step"],
                              "steps": steps, "final": r["step"] == steps,
                              **{k: v for k, v in r.items() if k not in ("stage", "step", "time")}}
                             for r in sorted(rows, key=lambda r: r["step"])
                             if r["stage"].startswith("eval:")]
-    return records
+    return records, timings
 
 
 def mean_and_se(values: list[float], ses: list[float]) -> tuple[float, float]:
@@ -198,7 +235,7 @@ def plot_frontier(records: list[dict], path: str, zoom_kl: float = 1.5) -> None:
     import matplotlib.pyplot as plt
     rows = final_rows(records)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = {m: plt.get_cmap("tab20")(i) for i, m in enumerate(METHODS)}
     panels = ((axes[0], "gold", "gold reward (hidden)", None),
               (axes[1], "gold", f"gold reward, KL <= {zoom_kl:g}", zoom_kl),
               (axes[2], "rm", "proxy reward (RM)", None))
@@ -250,7 +287,7 @@ def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
     for method in sweep.methods:
         curves = {}
         for offset in (0.0, sweep.offset):
-            over = {**METHODS[method](beta), "rl.reward_offset": offset}
+            over = {**METHODS[method](beta, cfg), "rl.reward_offset": offset}
             rows = rl_run(dataclasses.replace(cfg, seed=seed), base,
                           f"invariance-{method}-offset{offset:g}", over)
             rl_rows = sorted((r for r in rows if r["stage"].startswith("rl:")),
@@ -309,6 +346,32 @@ def write_report(path: str, text: str) -> None:
     print(text)
 
 
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (the runs share its cores)."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def timing_table(timings: list[dict]) -> str:
+    """Seconds per RL run: a row per method, a column per beta (summed over seeds)."""
+    betas = sorted({t["beta"] for t in timings if t["beta"] is not None})
+    rows = {}
+    for t in timings:
+        if t["beta"] is not None:
+            row = rows.setdefault(t["method"], {"method": t["method"]})
+            key = f"beta {t['beta']:g}"
+            row[key] = f"{float(row.get(key, 0)) + t['seconds']:.0f}"
+    return format_table(list(rows.values()), ["method"] + [f"beta {b:g}" for b in betas])
+
+
+def timings_report(command: str, took: str, timings: list[dict]) -> str:
+    seeds = len({t["seed"] for t in timings})
+    return (f"`{command}` ({took})\n\nWall time of each RL run in this call, in seconds, "
+            f"summed over {seeds} seed(s) (a run finished by an earlier call only reads its "
+            f"metrics); SFT and RM took "
+            f"{sum(t['seconds'] for t in timings if t['beta'] is None):.0f} s; load average at "
+            f"the end {load_average()}:\n\n{timing_table(timings)}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -336,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{table}\n")
         write_report(os.path.join(results, "invariance.md"), text)
         return 0
-    records = frontier(sweep, cfg)
+    records, timings = frontier(sweep, cfg)
     write_jsonl(os.path.join(results, "frontier.jsonl"), records)
+    write_jsonl(os.path.join(results, "timings.jsonl"), timings)
     plot_frontier(records, os.path.join(results, "frontier.png"))
     text = (f"`{command}` ({took()}, SFT and RM included)\n\n"
             f"Final policies on {cfg.eval_prompts} held-out prompts; ± is the SE "
@@ -345,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             f"policy's response to the same prompt, ties counting 1/2.\n\n"
             f"{markdown(final_rows(records))}\n")
     write_report(os.path.join(results, "frontier.md"), text)
+    write_report(os.path.join(results, "timings.md"), timings_report(command, took(), timings))
     return 0
 
 
