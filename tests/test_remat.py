@@ -12,14 +12,14 @@ from p3o_jax import model as M
 from p3o_jax import sampler as S
 from p3o_jax.algos import sft
 
-BASE = M.ModelConfig(family="gpt_neox", vocab_size=128, d_model=64, n_layers=4, n_heads=4,
+BASE = M.ModelConfig(family="gpt_neox", vocab_size=128, d_model=32, n_layers=3, n_heads=4,
                      max_len=256, rotary_pct=0.25)
 
 
-def batch(B=8, L=128, seed=0):
+def batch(B=4, L=48, seed=0):
     ids = np.random.default_rng(seed).integers(1, 128, (B, L)).astype(np.int32)
     mask = np.ones_like(ids)
-    mask[0, :20] = 0                                  # a left-padded row
+    mask[0, :10] = 0                                  # a left-padded row
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
 
 
