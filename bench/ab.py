@@ -77,7 +77,7 @@ def update_runner(w: bench.Workload):
     buffer = buffer.replace(entropy=None)
 
     def update():
-        run.state, metrics = run.rl.update(run.state, buffer)
+        run.state, metrics = run.rl.apply(run.state, buffer)
         return run.state
     return update
 

@@ -238,7 +238,7 @@ def offline_steps(cfg: ExperimentConfig) -> int:
 def stage_offline(run: Run, sft_params, rm_params):
     """Offline DPO on the reward model's preference data (chosen first): the reference's
     log-probs once, then `offline_steps` updates of `rl.prompts_per_iter` pairs."""
-    cfg, mesh = run.cfg, run.mesh
+    cfg = run.cfg
     path = run.path("preferences.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: offline DPO needs the preference data the rm stage writes")
@@ -258,7 +258,8 @@ def stage_offline(run: Run, sft_params, rm_params):
     # each chunk of pairs is used once (`dpo.epochs` passes over the data instead of epochs
     # over a rollout buffer): the update of `RLIteration` with rl.epochs = 1
     once = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, epochs=1))
-    iteration = RLIteration(once, mesh, run.sampling, rl_optimizer(once, steps * cfg.rl.minibatches))
+    iteration = RLIteration(once, run.mesh, run.sampling,
+                            rl_optimizer(once, steps * cfg.rl.minibatches))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(cfg.dpo.epochs)])
@@ -266,9 +267,7 @@ def stage_offline(run: Run, sft_params, rm_params):
     def step(it, state, carry):
         idx = order[it * chunk:(it + 1) * chunk]
         batch = run.batch(chunk, lambda a, b: jax.tree.map(lambda x: x[idx[a:b]], buffer))
-        if iteration.update is None:
-            iteration.update = jit_step(iteration._update, iteration.shardings, batch, mesh)
-        return *iteration.update(state, batch), carry
+        return *iteration.apply(state, batch), carry
 
     state = stage_loop(run, "rl", "rl:dpo_offline", state, steps, step,
                        evaluate=eval_along(run, sft_params, rm_params, steps))

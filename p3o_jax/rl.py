@@ -70,7 +70,7 @@ class RLIteration:
         loss = functools.partial(self.algo.loss, cfg=cfg)
         self._update = skip_nonfinite(make_update(loss, cfg.rl.epochs, cfg.rl.minibatches,
                                                   cfg.seed))
-        self.update = None        # compiled by `jit_step` once the first buffer gives the shapes
+        self.update = None        # the compiled update (`apply`)
 
     def init_state(self, params) -> TrainState:
         return create_state(params, self.tx, self.shardings)
@@ -95,6 +95,13 @@ class RLIteration:
         buffer = self.algo.prepare(buffer, params, cfg, carry)
         return buffer, rollout.rollout_metrics(buffer)
 
+    def apply(self, state: TrainState, buffer):
+        """The update (E epochs x M minibatches of the algorithm's loss) on a prepared buffer,
+        compiled by `jit_step` on first use, when the buffer gives the shapes."""
+        if self.update is None:
+            self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
+        return self.update(state, buffer)
+
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key):
         """One iteration: (state, samples, metrics); metrics include the wall time of each
         program (`time_generate`, `time_score`, `time_update`), each synchronised."""
@@ -109,9 +116,7 @@ class RLIteration:
         t2 = time.perf_counter()
         if self.reward_fn:
             metrics = dict(metrics, time_retokenized_reward=t_rewards)
-        if self.update is None:
-            self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
-        state, update_metrics = jax.block_until_ready(self.update(state, buffer))
+        state, update_metrics = jax.block_until_ready(self.apply(state, buffer))
         t3 = time.perf_counter()
         return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
                                 "time_score": t2 - t1, "time_update": t3 - t2}
