@@ -72,9 +72,7 @@ def update_runner(w: bench.Workload):
     this is called; returns a callable running one update on a fixed buffer."""
     run = bench.Iteration(w)
     run.step(0)
-    samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0))
-    buffer, _ = run.rl.score(run.state.params, run.ref, run.rm, run.prompts, samples, run.carry)
-    buffer = buffer.replace(entropy=None)
+    buffer = run.buffer()
 
     def update():
         run.state, metrics = run.rl.apply(run.state, buffer)

@@ -12,6 +12,7 @@ optional field left unset) and, for paths, `""` (unset) always pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -151,6 +152,7 @@ class ModelSource(Check):
             f"{value!r} is neither a local folder nor a hub id like 'org/name'")
 
 
+@functools.lru_cache(maxsize=None)   # ModelConfig asks on every construction
 def field_checks(cls) -> dict[str, tuple[Check, ...]]:
     """{field name: its checks} of a dataclass whose hints use `Annotated[type, Check...]`."""
     hints = typing.get_type_hints(cls, include_extras=True)

@@ -24,7 +24,6 @@ import sys
 
 import jax
 import numpy as np
-import transformers
 
 from p3o_jax import checkpoint, hf, memory_plan
 from p3o_jax import model as M
@@ -35,7 +34,7 @@ from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
-from p3o_jax.retokenize import RetokenizedReward, same_vocabulary
+from p3o_jax.retokenize import RetokenizedReward
 from p3o_jax.rl import RLIteration, initial_params, rl_optimizer
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_pairs
@@ -156,19 +155,10 @@ def reward_function(run: Run, rm_params):
     when it reads the policy's tokens, else a `RetokenizedReward` (a pretrained reward model
     with its own tokenizer: decoded and re-encoded into prompts of `prompt_len` and responses of
     up to twice `response_len` tokens, on the host)."""
-    if not run.cfg.pretrained_rm:
+    if run.rm_tokenizer is None:
         return None
-    folder = hf.resolve(run.cfg.pretrained_rm)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):   # a folder without tokenizer files: the policy's
-        return None
-    if same_vocabulary(tokenizer, run.task.tokenizer):
-        return None
-    print(f"rm: {run.cfg.pretrained_rm} has its own tokenizer: responses are re-tokenised "
-          f"for it", file=sys.stderr)
     place = lambda n, *arrays: run.batch(n, lambda a, b: tuple(x[a:b] for x in arrays))
-    return RetokenizedReward(run.task.tokenizer, tokenizer, rm_params, run.cfg.rm_model,
+    return RetokenizedReward(run.task.tokenizer, run.rm_tokenizer, rm_params, run.cfg.rm_model,
                              run.cfg.prompt_len, 2 * run.cfg.response_len, place)
 
 

@@ -6,14 +6,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 
 import jax
+import transformers
 from tqdm.auto import tqdm
+
+from p3o_jax import hf
 
 from p3o_jax.checkpoint import StageCheckpoints
 from p3o_jax.config import ExperimentConfig
 from p3o_jax.distributed import is_main_process, local_rows
 from p3o_jax.logger import MetricsLogger
+from p3o_jax.retokenize import same_vocabulary
 from p3o_jax.sampler import SamplingConfig
 from p3o_jax.sharding import shard_batch
 from p3o_jax.tasks import Task
@@ -38,6 +43,23 @@ class Run:
                               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                               eos_id=self.task.eos_id, pad_id=self.task.pad_id,
                               stop_sequences=self.task.stop_sequences)
+
+    @functools.cached_property
+    def rm_tokenizer(self):
+        """`pretrained_rm`'s own tokenizer when it differs from the task's (its samples are
+        then re-tokenised for it), read once; None when it reads the policy's tokens."""
+        if not self.cfg.pretrained_rm:
+            return None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                hf.resolve(self.cfg.pretrained_rm))
+        except (OSError, ValueError):   # a folder without tokenizer files: the policy's
+            return None
+        if same_vocabulary(tokenizer, self.task.tokenizer):
+            return None
+        print(f"rm: {self.cfg.pretrained_rm} has its own tokenizer: responses are re-tokenised "
+              f"for it", file=sys.stderr)
+        return tokenizer
 
     def key(self, *tags: int) -> jax.Array:
         key = jax.random.key(self.cfg.seed)

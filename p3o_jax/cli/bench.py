@@ -269,6 +269,13 @@ class Iteration:
         return S.prefill(params["policy"], self.w.model, self.prompts["ids"],
                          self.prompts["mask"], self.w.new_tokens)
 
+    def buffer(self):
+        """A prepared buffer of the current policy, as the update takes it."""
+        samples = self.rl.sample(self.state.params, self.prompts, jax.random.key(0))
+        buffer, _ = self.rl.score(self.state.params, self.ref, self.rm, self.prompts, samples,
+                                  self.carry)
+        return buffer.replace(entropy=None)
+
     def step(self, it: int) -> dict:
         """One iteration; the wall seconds of each program (`generate`, `score`, `update`)."""
         self.state, _, metrics = self.rl(self.state, self.carry, self.ref, self.rm, self.prompts,
@@ -402,11 +409,7 @@ def memory_child(w: Workload, algo: str):
         for i in range(3):
             run.step(i)
         peak = peak_rss_mib()
-        samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0))
-        buffer, _ = run.rl.score(run.state.params, run.ref, run.rm, run.prompts, samples,
-                                 run.carry)
-        update = run.rl.update.lower(run.state, buffer.replace(entropy=None)).compile()
-        update = update.memory_analysis()
+        update = run.rl.update.lower(run.state, run.buffer()).compile().memory_analysis()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
     print(json.dumps(dict(peak_mib=peak - base, state_mib=state_bytes / 2 ** 20,
                           update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
