@@ -86,6 +86,9 @@ class RLConfig:
                                     # a training forward recomputes them; None: recompute unless
                                     # the policy computes in float32 (in bfloat16 the cached
                                     # decode and the full forward round apart)
+    pack_prompts: bool = True       # each prompt pass (prefill, scoring, every minibatch of
+                                    # the update) runs on the prompts' real tokens packed back
+                                    # to back (p3o_jax/packing.py); one process only
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
 
 

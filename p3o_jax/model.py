@@ -293,7 +293,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, key_mask, cache=None, cache_index=0):
-        """x: [B, T, D]; key_mask: [B, S]; cache: {"k", "v": [B, K, S, E]} or None.
+        """x: [B, T, D]; key_mask: [B, S], or [B, T, S] (which keys each query may see, e.g.
+        only its own segment's in a packed row: `packing.py`); cache: {"k", "v": [B, K, S, E]}
+        or None.
 
         Keys and values are kept head-major ([B, K, S, E]), the layout the score and output
         contractions read, so a decode step reads the cache in place instead of transposing it.
@@ -334,7 +336,8 @@ class Attention(nn.Module):
         allowed = k_slot <= q_slot
         if self.sliding:
             allowed &= k_slot > q_slot - cfg.sliding_window
-        allowed = allowed[None] & key_mask[:, None, :].astype(bool)
+        key_mask = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
+        allowed = allowed[None] & key_mask.astype(bool)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bkse->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
@@ -525,7 +528,8 @@ def param_axes(cfg: ModelConfig) -> dict:
 
 
 def forward(params, cfg: ModelConfig, tokens, mask, cache=None, cache_index=0, positions=None):
-    """Trunk forward. tokens: [B, T]; mask: [B, T] (or [B, S] key mask with a cache).
+    """Trunk forward. tokens: [B, T]; mask: [B, T] (or [B, S] key mask with a cache; or a
+    [B, T, S] mask of the keys each query may see, which needs `positions`).
 
     Without a cache, attention is causal over the T tokens. With a cache ([B, K, S, E] per
     layer), the T tokens are written at slots [cache_index, cache_index + T) and attend to every

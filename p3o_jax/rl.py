@@ -6,7 +6,9 @@
     state   = update(state, buffer)                     E epochs x M minibatches of algo.loss
 
 Three compiled programs (sampling; scoring and preparing; the update under `jit_step` with the
-state donated). The training loop (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
+state donated). With `rl.pack_prompts` every prompt pass in them runs on the prompts packed
+back to back (p3o_jax/packing.py): the host packs each iteration's prompts, and each
+minibatch's, which it draws itself (`train_state.minibatch_index`). The training loop (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
 both run `RLIteration`; evaluation samples and scores with the same two functions.
 """
 from __future__ import annotations
@@ -16,13 +18,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from p3o_jax import rollout
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
+from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
 from p3o_jax.sampler import SamplingConfig, sample_pairs
-from p3o_jax.train_state import (TrainState, create_state, jit_step, make_optimizer,
-                                 make_update, state_shardings)
+from p3o_jax.sharding import batch_sharding, replicated
+from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, jit_step,
+                                 make_optimizer, make_update, minibatch_index, state_shardings)
 
 
 def prompt_offset(prompts, prompt_mask):
@@ -68,50 +73,85 @@ class RLIteration:
         self.tx = tx or rl_optimizer(cfg)
         self.shardings = state_shardings(trained_models(cfg), self.tx, mesh)
         loss = functools.partial(self.algo.loss, cfg=cfg)
-        self._update = skip_nonfinite(make_update(loss, cfg.rl.epochs, cfg.rl.minibatches,
-                                                  cfg.seed))
+        self._update = skip_nonfinite(make_update(loss))
         self.update = None        # the compiled update (`apply`)
+        # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
+        self.pack = cfg.rl.pack_prompts and jax.process_count() == 1
+        self.batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def init_state(self, params) -> TrainState:
         return create_state(params, self.tx, self.shardings)
 
-    def sample(self, params, prompts: dict, key):
-        """K responses per prompt from the policy: `SampleOutput` [B, K, N]."""
+    def packing(self, ids, mask, index=None):
+        """The prompts ids, mask [B, P] packed (`packing.pack_prompts`), or with index
+        [S, b] each minibatch's (`pack_minibatches`); None when packing is off."""
+        if not self.pack:
+            return None
+        ids, mask = np.asarray(ids), np.asarray(mask)
+        multiple = packed_rows(mask.shape[0] if index is None else index.shape[1],
+                               self.batch_ways)
+        if index is None:
+            return pack_prompts(ids, mask, multiple)
+        return pack_minibatches(ids, mask, np.asarray(index), multiple)
+
+    def sample(self, params, prompts: dict, key, packing=None, max_lengths=None):
+        """K responses per prompt from the policy: `SampleOutput` [B, K, N] (`max_lengths`
+        [B, K]: per-response limits, the benchmark's stand-in for EOS)."""
         return sample_pairs(params["policy"], self.cfg.policy, self.sampling, prompts["ids"],
-                            prompts["mask"], key, n=self.cfg.rl.n_samples)
+                            prompts["mask"], key, n=self.cfg.rl.n_samples,
+                            max_lengths=max_lengths, packing=packing)
 
     @functools.partial(jax.jit, static_argnums=0)
     def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict,
-              rewards=None):
+              rewards=None, packing=None):
         """The prepared buffer and the rollout's metrics (every model is an argument: a jit
         may not close over arrays of other processes)."""
         cfg = self.cfg
         buffer = rollout.score(params["policy"], ref, reward_model, cfg.policy, cfg.rm_model,
                                prompts["ids"], prompts["mask"], samples, cfg.rl.temperature,
-                               cfg.recompute_old, rewards)
+                               cfg.recompute_old, rewards, packing)
         if cfg.rl.reward_offset:      # the same delta(x) for every response of a prompt
             offset = cfg.rl.reward_offset * prompt_offset(prompts["ids"], prompts["mask"])
             buffer = buffer.replace(rewards=buffer.rewards + offset[:, None])
         buffer = self.algo.prepare(buffer, params, cfg, carry)
         return buffer, rollout.rollout_metrics(buffer)
 
+    def plan(self, state: TrainState, buffer) -> MinibatchPlan:
+        """The update's minibatches of `buffer` (and their prompts packed), drawn from the
+        seed and the optimizer's step."""
+        rl = self.cfg.rl
+        index = minibatch_index(self.cfg.seed, int(state.step), rl.epochs, rl.minibatches,
+                                buffer.tokens.shape[0])
+        P = buffer.prompt_len
+        return MinibatchPlan(index, self.packing(buffer.tokens[:, 0, :P], buffer.mask[:, 0, :P],
+                                                 index))
+
     def apply(self, state: TrainState, buffer):
         """The update (E epochs x M minibatches of the algorithm's loss) on a prepared buffer,
-        compiled by `jit_step` on first use, when the buffer gives the shapes."""
+        compiled by `jit_step` on first use, when the buffer gives the shapes (again for
+        another number of packed rows)."""
+        plan = self.plan(state, buffer)
         if self.update is None:
-            self.update = jit_step(self._update, self.shardings, buffer, self.mesh)
-        return self.update(state, buffer)
+            packed = lambda x: batch_sharding(self.mesh, x.ndim, axis=1)
+            shardings = (jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), buffer),
+                         MinibatchPlan(replicated(self.mesh),
+                                       jax.tree.map(packed, plan.packing)))
+            self.update = jit_step(self._update, self.shardings, None, self.mesh, shardings)
+        return self.update(state, (buffer, plan))
 
-    def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key):
+    def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
+                 max_lengths=None):
         """One iteration: (state, samples, metrics); metrics include the wall time of each
         program (`time_generate`, `time_score`, `time_update`), each synchronised."""
         t0 = time.perf_counter()
-        samples = jax.block_until_ready(self.sample(state.params, prompts, key))
+        packing = self.packing(prompts["ids"], prompts["mask"])
+        samples = jax.block_until_ready(self.sample(state.params, prompts, key, packing,
+                                                    max_lengths))
         t1 = time.perf_counter()
         rewards = self.reward_fn(prompts, samples) if self.reward_fn else None
         t_rewards = time.perf_counter() - t1      # retokenising for another tokenizer's RM
         buffer, metrics = self.score(state.params, ref, reward_model, prompts, samples, carry,
-                                     rewards)
+                                     rewards, packing)
         buffer = jax.block_until_ready(buffer.replace(entropy=None))
         t2 = time.perf_counter()
         if self.reward_fn:

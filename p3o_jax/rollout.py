@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from p3o_jax import ops
 from p3o_jax import model as M
+from p3o_jax.packing import Packing, prompt_forward
 from p3o_jax.sampler import concat_prompt_response
 
 
@@ -38,18 +39,19 @@ def flat(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
+                       packing: Packing | None = None):
     """Trunk states from each prompt's last token on: [B, K, L] -> [B, K, N + 1, D].
 
     tokens, mask: [B, K, L] whose K rows share the first `prompt_len` entries (one prompt,
     K responses). Index 0 is the prompt's last token (it predicts response token 0), index
-    j + 1 is response token j.
+    j + 1 is response token j. `packing`: the prompts packed (`packing.pack_prompts`), so that
+    their pass runs on real tokens only.
     """
     B, K, L = tokens.shape
     P, N = prompt_len, L - prompt_len
     prompt, prompt_mask = tokens[:, 0, :P], mask[:, 0, :P]
-    h_prompt, cache = M.forward(params, cfg, prompt, prompt_mask, M.init_cache(cfg, B, P), 0,
-                                positions=M.positions_from_mask(prompt_mask))
+    h_prompt, cache = prompt_forward(params, cfg, prompt, prompt_mask, packing)
     repeat = lambda x: jnp.repeat(x, K, axis=0)
     # each response's keys and values go to slots P .. L - 1 of its copy of the prompt's cache
     cache = jax.tree.map(lambda c: repeat(jnp.pad(c, ((0, 0), (0, 0), (0, N), (0, 0)))), cache)
@@ -57,18 +59,19 @@ def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int
     positions = repeat(prompt_mask.sum(-1))[:, None] + M.positions_from_mask(resp_mask)
     h_resp, _ = M.forward(params, cfg, flat(tokens[:, :, P:]), flat(mask), cache, P,
                           positions=positions)
-    hidden = jnp.concatenate([repeat(h_prompt[:, -1:]), h_resp], 1)
+    hidden = jnp.concatenate([repeat(h_prompt[:, None]), h_resp], 1)
     return hidden.reshape(B, K, N + 1, hidden.shape[-1])
 
 
 def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False):
+                      temperature: float = 1.0, with_entropy: bool = False,
+                      packing: Packing | None = None):
     """Per-token log-probs of the responses of [B, K, L] sequences: [B, K, N] (and entropy).
 
     The LM head runs on the N response positions only; log-probs are gathered logits minus
     logsumexp, never a full log-softmax.
     """
-    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len)[:, :, :-1]
+    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len, packing)[:, :, :-1]
     logits = M.lm_logits(params, cfg, flat(hidden)).reshape(*hidden.shape[:3], -1)
     logp = ops.token_logprobs(logits, tokens[..., prompt_len:], temperature)
     if with_entropy:
@@ -76,26 +79,28 @@ def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
     return logp
 
 
-def response_reward(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+def response_reward(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
+                    packing: Packing | None = None):
     """Reward-model score of each [B, K, L] sequence at its last real token: [B, K]."""
-    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len)
+    hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len, packing)
     B, K = tokens.shape[:2]
     last = jnp.concatenate([jnp.ones((B, K, 1), mask.dtype), mask[..., prompt_len:]], -1)
     scores = M.reward_scores(params, cfg, hidden)                               # [B, K, N + 1]
     return M.reward_at_last_token(flat(scores), flat(last)).reshape(B, K)
 
 
-def response_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int):
+def response_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
+                    packing: Packing | None = None):
     """Value of the state before each response token: [B, K, L] -> [B, K, N]."""
     return M.value_scores(params, cfg, prompt_once_hidden(params, cfg, tokens, mask,
-                                                          prompt_len)[:, :, :-1])
+                                                          prompt_len, packing)[:, :, :-1])
 
 
 def policy_logprobs(params, cfg: M.ModelConfig, batch: "Rollout", temperature: float):
     """[B, K, N] log-probs of the batch's responses under `params` (0 on pads), each prompt run
     once: what every RL loss differentiates."""
     logp = response_logprobs(params, cfg, batch.tokens, batch.mask, batch.prompt_len,
-                             temperature)
+                             temperature, packing=batch.packing)
     return logp * batch.resp_mask
 
 
@@ -115,6 +120,8 @@ class Rollout:
                                             # GAE [B, K, N]
     values_old: jax.Array | None = None     # PPO: the critic's values at rollout [B, K, N]
     returns: jax.Array | None = None        # PPO: GAE returns [B, K, N]
+    packing: Packing | None = None          # the prompts packed (set per minibatch by the
+                                            # update: `train_state.MinibatchPlan`)
 
     @property
     def prompt_len(self) -> int:
@@ -124,25 +131,26 @@ class Rollout:
 
 def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
           prompts, prompt_mask, samples, temperature: float,
-          recompute_old: bool = False, rewards=None) -> Rollout:
+          recompute_old: bool = False, rewards=None, packing: Packing | None = None) -> Rollout:
     """The buffer from prompts [B, P] and `sample_pairs` output [B, K, N]: reference log-probs
     (and the policy's, if `recompute_old`), sequence KL (k1) and the reward model's scores
     (`rewards` [B, K] when they were computed elsewhere: a reward model with another
-    tokenizer, `retokenize.RetokenizedReward`)."""
+    tokenizer, `retokenize.RetokenizedReward`). `packing`: the prompts packed."""
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
     resp_mask = samples.mask.astype(jnp.int32)
     if recompute_old:
         logp_old, entropy = response_logprobs(policy, policy_cfg, tokens, mask, P, temperature,
-                                              True)
+                                              True, packing)
     else:
         logp_old, entropy = samples.raw_logprobs, samples.entropy
-    logp_ref = response_logprobs(ref, policy_cfg, tokens, mask, P, temperature)
+    logp_ref = response_logprobs(ref, policy_cfg, tokens, mask, P, temperature,
+                                 packing=packing)
     logp_old, logp_ref, entropy = (x * resp_mask for x in (logp_old, logp_ref, entropy))
     return Rollout(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
                    logp_ref=logp_ref, entropy=entropy,
                    seq_kl=ops.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"),
-                   rewards=(response_reward(reward_model, rm_cfg, tokens, mask, P)
+                   rewards=(response_reward(reward_model, rm_cfg, tokens, mask, P, packing)
                             if rewards is None else rewards))
 
 

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax.model import (KV_CACHE_AXES, ModelConfig, forward, init_cache, lm_logits,
-                           positions_from_mask)
+from p3o_jax.model import KV_CACHE_AXES, ModelConfig, forward, lm_logits
+from p3o_jax.packing import Packing, prompt_forward
 from p3o_jax.sharding import constrain
 
 
@@ -111,20 +111,22 @@ class DecodeState(NamedTuple):
     logits: jax.Array
 
 
-def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int) -> DecodeState:
-    """Run left-padded prompts [B, P] (mask [B, P]) into a fresh cache of length P + N."""
+def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int,
+            packing: Packing | None = None) -> DecodeState:
+    """Run left-padded prompts [B, P] (mask [B, P]; `packing`: the same prompts packed, see
+    `packing.py`) into a cache of length P + N."""
     B, P = prompts.shape
     S = P + max_new_tokens
     if cfg.family == "gpt2" and S > cfg.max_len:
         raise ValueError(f"sampler: prompt length {P} + max_new_tokens {max_new_tokens} exceeds "
                          f"the position table (model.max_len={cfg.max_len})")
     prompt_mask = prompt_mask.astype(jnp.int32)
-    cache = jax.tree.map(lambda c: constrain(c, KV_CACHE_AXES), init_cache(cfg, B, S))
-    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
-    hidden, cache = forward(params, cfg, prompts, key_mask, cache, 0,
-                            positions=positions_from_mask(prompt_mask))
     # Left padding puts every row's last real prompt token at P - 1.
-    logits = lm_logits(params, cfg, hidden[:, -1:])[:, 0]
+    last, cache = prompt_forward(params, cfg, prompts, prompt_mask, packing)
+    cache = jax.tree.map(lambda c: constrain(
+        jnp.pad(c, ((0, 0), (0, 0), (0, max_new_tokens), (0, 0))), KV_CACHE_AXES), cache)
+    key_mask = jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens)))
+    logits = lm_logits(params, cfg, last[:, None])[:, 0]
     return DecodeState(cache, key_mask, prompt_mask.sum(-1), jnp.asarray(P, jnp.int32), logits)
 
 
@@ -336,7 +338,7 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg"))
 def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, keys,
-             max_lengths=None) -> SampleOutput:
+             max_lengths=None, packing: Packing | None = None) -> SampleOutput:
     """Sample one response per row.
 
     prompts, prompt_mask: int [B, P], left-padded, at least one real token per row.
@@ -346,7 +348,7 @@ def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mas
     The cache is allocated inside the compiled program and updated in place by the loop, so
     no input buffer needs donating.
     """
-    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens)
+    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)
     return _decode(params, cfg, scfg, state, keys, max_lengths)
 
 
@@ -357,24 +359,25 @@ def pair_keys(key, batch: int, n: int):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
 def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
-                 n: int = 2, max_lengths=None) -> SampleOutput:
+                 n: int = 2, max_lengths=None, packing: Packing | None = None) -> SampleOutput:
     """Sample n >= 2 independent responses per prompt; outputs are laid out [B, n, N].
 
     Each prompt is prefilled once and its cache repeated n times along the batch, which gives
     the same samples as `generate` on `jnp.repeat(prompts, n, 0)` with keys `pair_keys(key, B, n)`.
-    key: one typed PRNG key. max_lengths: optional int [B] (per prompt).
+    key: one typed PRNG key. max_lengths: optional int [B] (per prompt) or [B, n] (per
+    response). packing: the prompts packed (`packing.pack_prompts`) for the prefill.
     """
     if n < 2:
         raise ValueError(f"sample_pairs: n must be >= 2, got {n}")
     B = prompts.shape[0]
-    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens)
+    state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = state._replace(
         cache=jax.tree.map(lambda c: constrain(repeat(c), KV_CACHE_AXES), state.cache),
         key_mask=repeat(state.key_mask), positions=repeat(state.positions),
         logits=repeat(state.logits))
     if max_lengths is not None:
-        max_lengths = repeat(max_lengths)
+        max_lengths = repeat(max_lengths) if max_lengths.ndim == 1 else max_lengths.reshape(-1)
     out = _decode(params, cfg, scfg, state, pair_keys(key, B, n), max_lengths)
     split = lambda x: x.reshape(B, n, *x.shape[1:])
     return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"})

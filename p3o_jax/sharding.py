@@ -95,9 +95,11 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, fitted_spec(axes, x.shape, mesh.shape))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: leading dim over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1)))
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Sharding of a batch array: dim `axis` (the leading one) over (data, fsdp), the rest
+    replicated."""
+    return NamedSharding(mesh, logical_to_spec(
+        (None,) * axis + ("act_batch",) + (None,) * (ndim - 1 - axis)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

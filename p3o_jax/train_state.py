@@ -3,7 +3,8 @@ with explicit in/out shardings and the state donated.
 
 A train step is a pure function `(state, batch) -> (state, metrics)`; `state` is a
 `TrainState` whose params are one model or a dict of them (RL: `{"policy"}`, PPO adds
-`{"critic"}`), `batch` a pytree of arrays whose first axis is the (global) batch.
+`{"critic"}`), `batch` a pytree of arrays whose first axis is the (global) batch (RL's update:
+the buffer and its `MinibatchPlan`).
 """
 from __future__ import annotations
 
@@ -79,21 +80,39 @@ def gradient_step(minibatch_loss):
     return step
 
 
-def make_update(minibatch_loss, epochs: int, minibatches: int, seed: int = 0):
-    """update(state, buffer) -> (state, metrics): E epochs x M shuffled minibatches, one scan.
+@flax.struct.dataclass
+class MinibatchPlan:
+    """The E x M optimizer steps of one update: which buffer rows each step takes and, when
+    the prompts are packed (`packing.py`), each step's prompts packed."""
+    index: jax.Array                # int32 [E * M, B / M]
+    packing: Any = None             # packing.Packing with leaves [E * M, ...], or None
 
-    Shuffles are drawn from `fold_in(seed, state.step)`, so the update is a pure function of
-    (state, buffer) and a resumed run repeats it exactly. Metrics are averaged over the steps.
-    """
+
+def minibatch_index(seed: int, step: int, epochs: int, minibatches: int, rows: int):
+    """[E * M, B / M]: each epoch a permutation of the B buffer rows drawn from
+    `fold_in(seed, step)` (`step`: the optimizer's step count before the update), cut into M
+    minibatches. A function of (seed, step), so a resumed run repeats it exactly."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    perms = jnp.stack([jax.random.permutation(k, rows) for k in jax.random.split(key, epochs)])
+    return perms.reshape(epochs * minibatches, rows // minibatches)
+
+
+def make_update(minibatch_loss):
+    """update(state, (buffer, plan)) -> (state, metrics): the optimizer steps of a
+    `MinibatchPlan` over a buffer (a flax struct, batch first), one scan; metrics averaged
+    over the steps."""
     step = gradient_step(minibatch_loss)
 
-    def update(state, buffer):
-        B = jax.tree.leaves(buffer)[0].shape[0]
-        key = jax.random.fold_in(jax.random.key(seed), state.step)
-        perms = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, epochs)])
-        perms = perms.reshape(epochs * minibatches, B // minibatches)
-        state, metrics = jax.lax.scan(
-            lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], buffer)), state, perms)
+    def update(state, batch):
+        buffer, plan = batch
+
+        def one(state, xs):
+            idx, packing = xs
+            minibatch = jax.tree.map(lambda x: x[idx], buffer)
+            if packing is not None:
+                minibatch = minibatch.replace(packing=packing)
+            return step(state, minibatch)
+        state, metrics = jax.lax.scan(one, state, (plan.index, plan.packing))
         return state, jax.tree.map(jnp.mean, metrics)
     return update
 
@@ -124,9 +143,11 @@ def create_state(params, tx, shardings) -> TrainState:
     return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
 
 
-def jit_step(step_fn, state_sharding, batch_example, mesh):
-    """Compile `step_fn(state, batch) -> (state, metrics)` with explicit shardings; the state
-    is donated so parameters and optimizer moments are updated in place."""
-    batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch_example)
+def jit_step(step_fn, state_sharding, batch_example, mesh, batch_shardings=None):
+    """Compile `step_fn(state, batch) -> (state, metrics)` with explicit shardings (the
+    batch's: `batch_shardings`, by default each leaf's first axis over the batch devices);
+    the state is donated so parameters and optimizer moments are updated in place."""
+    batch_sh = batch_shardings or jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)),
+                                               batch_example)
     return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))

@@ -1,6 +1,7 @@
 """The benchmark's FLOP formula against XLA's own count, and the iteration section end to end on
 a tiny workload (the JSON it prints)."""
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -46,12 +47,54 @@ def test_executed_flops_formula_matches_xla_cost_analysis():
     assert model["update"] == 3 * model["generate"]
 
 
-def test_iteration_section_prints_split_and_mfu():
+def test_packed_executed_flops_match_xla_and_useful_flops_count_real_tokens():
+    """Variable prompt and response lengths (W2's shape in small): the packed programs run
+    R < B prompt rows and XLA counts what the formula says; the useful count is the model
+    count at the real lengths, below the padded one; at full lengths the two agree."""
+    w = dataclasses.replace(TINY, prompt_len_min=3, new_tokens_min=2)
+    prompt_lengths, response_lengths = w.lengths()
+    assert prompt_lengths.min() < w.prompt_len and response_lengths.min() < w.new_tokens
+    mesh = make_mesh(devices=jax.devices()[:1])    # R is not rounded up for a batch split
+    with jax.set_mesh(mesh):
+        run = bench.Iteration(w, mesh=mesh)
+        samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0), run.packing,
+                                run.limits)
+        score = RLIteration.score.lower(run.rl, run.state.params, run.ref, run.rm, run.prompts,
+                                        samples, run.carry, None, run.packing).compile()
+    R = run.packed_rows
+    assert R < w.prompts
+    flops = bench.model_flops(w, R)
+    assert 1.0 <= xla_flops(score) * run.rl.mesh.size / flops["executed"]["score"] < 1.1
+    assert flops["useful"]["iteration"] < flops["model"]["iteration"]
+    assert flops["useful"] == bench.stage_flops(w.model, prompt_lengths, response_lengths) | {
+        "iteration": flops["useful"]["iteration"]}
+    full = bench.model_flops(TINY)
+    assert full["useful"] == full["model"]
+
+
+def test_workload_presets_and_names():
+    assert bench.WORKLOADS["w1"].name == "w1" and bench.WORKLOADS["w2_var"].name == "w2_var"
+    assert dataclasses.replace(bench.W2, dtype="bfloat16").name == "w2_bfloat16"
+    assert dataclasses.replace(bench.W2, pack_prompts=False).name == "w2_padded"
+    assert TINY.name == "custom"
+    w2 = bench.W2.model
+    assert (w2.n_layers, w2.d_model, w2.vocab_size, w2.rotary_dim, w2.parallel_residual) == (
+        12, 768, 50304, 16, True)
+    lengths, responses = bench.WORKLOADS["w2_var"].lengths()
+    assert 128 <= lengths.min() and lengths.max() <= 512 and len(set(lengths)) > 4
+    assert 8 <= responses.min() and responses.max() <= 53 and responses.shape == (8, 2)
+    _, workloads = bench.parse_args(["workloads=w1,w2", "layers=3"])
+    assert [w.layers for w in workloads] == [3, 3] and workloads[1].family == "gpt_neox"
+
+
+def test_iteration_and_loop_sections_print_split_and_mfu():
     out = io.StringIO()
     args = [f"{k}={v}" for k, v in vars(TINY).items()]
     with contextlib.redirect_stdout(out):
-        assert bench.main([*args, "only=iteration", "repeats=2"]) == 0
-    machine, iteration = (json.loads(line) for line in out.getvalue().splitlines())
+        assert bench.main([*args, "workloads=custom", "only=iteration,loop", "repeats=2"]) == 0
+    machine, iteration, loop = (json.loads(line) for line in out.getvalue().splitlines())
+    assert loop["section"] == "loop" and loop["custom.loop_iteration_s"] > 0
+    assert loop["custom.loop_programs_s"] < loop["custom.loop_iteration_s"]
     assert machine["section"] == "machine" and machine["machine.matmul_gflops_f32"] > 0
     p = iteration
     assert iteration["section"] == "iteration"

@@ -1,52 +1,64 @@
-"""Performance of an RL iteration (workload W1), measured against the machine's own limits.
+"""Performance of an RL iteration (workloads W1, W2, W2-var), measured against the machine's
+own limits.
 
-    python -m p3o_jax.cli.bench [dtype=bfloat16] [only=machine,iteration,torch,memory]
-    make bench ARGS="dtype=bfloat16"
+    python -m p3o_jax.cli.bench [workloads=w1,w2,w2_var] [only=machine,iteration,loop,torch,memory]
+    make bench ARGS="workloads=w2 only=iteration"
 
-Workload W1: GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocab 8192, float32 compute;
-a policy, its frozen copy as the reference and a reward model of the same size. Per iteration
-16 prompts of 64 tokens, 2 responses each of exactly 48 tokens (EOS disabled), then one P3O
-update (one epoch of one minibatch, beta 0.05). The iteration is the training loop's own
-`rl.RLIteration`: three compiled programs, each timed up to `block_until_ready`: generate
-(`sampler.sample_pairs`), score (the reference's log-probs, the old ones too with
-`recompute_old=true`, the reward model, P3O's Delta: `rollout.score` and `algos.p3o.prepare`)
-and update (`train_state.make_update` of `algos.p3o.loss` under `jit_step`, state donated).
-Scoring and the update run each prompt once for its n responses (`rollout.prompt_once_hidden`).
-Every workload field is a key (`layers=12 d_model=768 ...`), plus `only`, `repeats`,
-`torch_threads`.
+Workloads (`WORKLOADS`; kept exactly, so that numbers compare across changes):
+- W1: GPT-2 architecture, 4 layers, d_model 256, 4 heads, vocab 8192; 16 prompts of 64 tokens,
+  2 responses each of exactly 48 tokens.
+- W2: GPT-NeoX / Pythia-160M shape (12 layers, d_model 768, 12 heads, vocab 50304, rotary_pct
+  0.25, parallel residual); 8 prompts whose real lengths are drawn uniformly from 128..512
+  (fixed seed) and left-padded to 512, 2 responses each of exactly 53 tokens.
+- W2-var: W2 with each response's length drawn uniformly from 8..53 (per-response limits, in
+  place of EOS).
+Float32 compute; a policy, its frozen copy as the reference and a reward model of the same
+shape; EOS disabled; one P3O update (one epoch of one minibatch, beta 0.05). The iteration is
+the training loop's own `rl.RLIteration`: three compiled programs, each timed up to
+`block_until_ready`: generate (`sampler.sample_pairs`), score (the reference's log-probs, the
+old ones too with `recompute_old=true`, the reward model, P3O's Delta: `rollout.score` and
+`algos.p3o.prepare`) and update (`train_state.make_update` of `algos.p3o.loss` under
+`jit_step`, state donated). Scoring and the update run each prompt once for its n responses
+(`rollout.prompt_once_hidden`), and every prompt pass runs on the prompts packed
+(`packing.py`; `pack_prompts=false` for the padded programs). Every workload field is a key
+(`layers=12 d_model=768 ...`, applied to each selected workload; a changed workload is called
+`custom`), plus `workloads`, `only`, `repeats`, `torch_threads`.
 
-Sections, one JSON line each (every line carries the load average, since the machine is often
-shared): `machine` (the best float32/bfloat16 matmul rate over square sizes and the workload's
-own matmul shapes; the bandwidth of an in-place update and of a sum, at DRAM size and at a
-decode step's working-set size), `iteration` (stage times, medians over `repeats` iterations
-after a compiling one; tokens/s; the decode step against its
-bandwidth and FLOP bounds; MFU), `torch` (transformers' PyTorch `generate` on the same weights
-and shapes, best over thread counts), `memory` (peak resident memory of a P3O and of a PPO
-iteration, each in a fresh process).
+Sections, one JSON line each per workload (every line carries the load average, since the
+machine is often shared): `machine` (once: the best float32/bfloat16 matmul rate over square
+sizes and the workloads' own matmul shapes; the bandwidth of an in-place update and of a sum, at
+DRAM size and at a decode step's working-set size), `iteration` (stage times, medians over
+`repeats` iterations after a compiling one; tokens/s; the decode step against its bandwidth and
+FLOP bounds; MFU on the padded shapes and useful MFU on the real tokens), `loop` (the training
+loop's own RL stage, `pipeline.stage_rl`, with its host code, metrics, logging and checkpoints:
+the wall time per iteration beside the sum of its three programs), `torch` (transformers'
+PyTorch `generate` on the same weights and shapes, best over thread counts), `memory` (peak
+resident memory of a P3O and of a PPO iteration, each in a fresh process).
 
 Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
 is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
-B prompts, n responses each, P prompt tokens, N response tokens.
+B prompts, n responses each; prompt b has p_b real tokens, its responses j_bi.
 
     per token, trunk:           t    = 2 L (2 D H E + 2 D K E + m D F)       m = 2 (3 if gated)
     one query over s keys:      a(s) = 4 L H E s                                 (q.k and p.v)
     one position, LM head:      h    = 2 D V
-    prompt, once per prompt:    pre  = P t + sum_{s=1..P} a(s)
-    j response tokens after it: r(j) = sum_{i=1..j} (t + a(P + i))
+    prompt of p tokens:         pre(p)  = p t + sum_{s=1..p} a(s)
+    j response tokens after it: r(p, j) = sum_{i=1..j} (t + a(p + i))
 
-    generate    = B (pre + h) + B n (r(N-1) + (N-1) h)     prefill; decode feeds N-1 tokens
-    log-probs   = the same count                           (the logits of every response token)
-    score       = log-probs (the reference's) + RM         RM = B pre + B n r(N) + B n 2 D
-    update      = 3 x log-probs                            forward + backward of the policy
+    generate    = sum_b (pre(p_b) + h) + sum_bi (r(p_b, j_bi - 1) + (j_bi - 1) h)
+    log-probs   = the same count                       (the logits of every response token)
+    score       = log-probs (the reference's) + RM     RM = sum_b pre(p_b) + sum_bi r(p_b, j_bi) + 2 D
+    update      = 3 x log-probs                        forward + backward of the policy
     iteration   = generate + score + update
 
-Old log-probs are a recomputation (the sampler had them, and at theta_old the update's own
-forward computes them again), so with `--recompute-old` they are timed but add no model FLOPs;
-nor would a response's prompt computed once per response instead of once per prompt. MFU =
-model FLOPs / time / the best matmul rate measured in the same run. `executed_gflop` counts what
-the programs do run (attention over every one of the P + N key slots, where the model count has
-the causal triangle; old log-probs if recomputed), so `iteration_hfu` (hardware FLOPs
-utilisation) separates kernel efficiency from recomputation.
+`model_gflop` and `*_mfu` count the padded shapes (every p_b = P, j_bi = N); `useful_gflop` and
+`*_useful_mfu` the real tokens only (W1: the same). Old log-probs are a recomputation (the
+sampler had them), so with `recompute_old` they are timed but add no model FLOPs. MFU = FLOPs /
+time / the best matmul rate measured in the same run. `executed_gflop` counts what the
+programs do run (the prompt passes over R packed rows of P slots, or B rows unpacked, with
+attention over all P slots; responses over N slots attending to all P + N key slots; decoding
+until the longest response ends; old log-probs if recomputed), so `iteration_hfu` (hardware
+FLOPs utilisation) separates kernel efficiency from padding and recomputation.
 """
 from __future__ import annotations
 
@@ -66,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import model as M
+from p3o_jax import packing as PK
 from p3o_jax import sampler as S
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import OneOf, Positive, SubsetOf
@@ -74,7 +87,7 @@ from p3o_jax.rl import RLIteration, initial_params
 from p3o_jax.sharding import make_mesh
 from p3o_jax.train_state import OptimConfig, make_optimizer
 
-SECTIONS = ("machine", "iteration", "torch", "memory")
+SECTIONS = ("machine", "iteration", "loop", "torch", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,34 +96,42 @@ class Workload:
     family: Annotated[str, OneOf(*M.FAMILIES)] = "gpt2"
     prompts: int = 16
     responses: int = 2
-    prompt_len: int = 64
-    new_tokens: int = 48
+    prompt_len: int = 64            # P: prompts are left-padded to P slots
+    prompt_len_min: int = 0         # > 0: real prompt lengths uniform in [min, P] (else P)
+    new_tokens: int = 48            # N
+    new_tokens_min: int = 0         # > 0: per-response limits uniform in [min, N] (else N)
     layers: int = 4
     d_model: int = 256
     heads: int = 4
     vocab: int = 8192
+    rotary_pct: float = 1.0
     dtype: str = "float32"
     beta: float = 0.05
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     recompute_old: bool = False     # recompute pi_old's log-probs (off: the sampler's are reused)
+    pack_prompts: bool = True       # prompt passes on the packed prompts (`rl.pack_prompts`)
+    seed: int = 0                   # weights, prompts and lengths
 
     @property
     def name(self) -> str:
-        """Prefix of the output keys: `w1` (`w1_bfloat16` with that dtype) or `custom`."""
-        if dataclasses.replace(self, dtype="float32") != Workload():
-            return "custom"
-        return "w1" if self.dtype == "float32" else f"w1_{self.dtype}"
+        """Prefix of the output keys: the preset's name (`w2_bfloat16` with that dtype, and
+        `_padded` without packing) or `custom`."""
+        base = dataclasses.replace(self, dtype="float32", pack_prompts=True)
+        name = next((k for k, v in WORKLOADS.items() if v == base), "custom")
+        return (name + ("" if self.dtype == "float32" else f"_{self.dtype}")
+                + ("" if self.pack_prompts else "_padded"))
 
     @property
     def model(self) -> M.ModelConfig:
         return M.ModelConfig(family=self.family, vocab_size=self.vocab, d_model=self.d_model,
                              n_layers=self.layers, n_heads=self.heads,
+                             rotary_pct=self.rotary_pct,
                              max_len=self.prompt_len + self.new_tokens, dtype=self.dtype)
 
     @property
-    def sampling(self) -> S.SamplingConfig:   # eos_id=None: every response has N tokens
+    def sampling(self) -> S.SamplingConfig:   # eos_id=None: responses end at their limits
         return S.SamplingConfig(max_new_tokens=self.new_tokens, temperature=self.temperature,
                                 top_k=self.top_k, top_p=self.top_p)
 
@@ -119,11 +140,27 @@ class Workload:
         return ExperimentConfig(algo=algo, policy=self.model, rl=RLConfig(
             prompts_per_iter=self.prompts, n_samples=self.responses, epochs=1, minibatches=1,
             beta=self.beta, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            recompute_logp_old=self.recompute_old, optim=OptimConfig(lr=1e-5, warmup_steps=0)))
+            recompute_logp_old=self.recompute_old, pack_prompts=self.pack_prompts,
+            optim=OptimConfig(lr=1e-5, warmup_steps=0)))
+
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Real prompt lengths [B] and response lengths [B, n] (fixed by `seed`)."""
+        rng = np.random.default_rng(self.seed + 100)
+        B, n, P, N = self.prompts, self.responses, self.prompt_len, self.new_tokens
+        prompt = (rng.integers(self.prompt_len_min, P + 1, B) if self.prompt_len_min
+                  else np.full(B, P))
+        response = (rng.integers(self.new_tokens_min, N + 1, (B, n)) if self.new_tokens_min
+                    else np.full((B, n), N))
+        return prompt, response
 
     @property
     def generated_tokens(self) -> int:
-        return self.prompts * self.responses * self.new_tokens
+        return int(self.lengths()[1].sum())
+
+
+W2 = Workload(family="gpt_neox", prompts=8, prompt_len=512, prompt_len_min=128, new_tokens=53,
+              layers=12, d_model=768, heads=12, vocab=50304, rotary_pct=0.25)
+WORKLOADS = {"w1": Workload(), "w2": W2, "w2_var": dataclasses.replace(W2, new_tokens_min=8)}
 
 
 def emit(section: str, **fields):
@@ -173,15 +210,17 @@ def memory_bandwidth(mib: int, repeats: int = 5) -> dict:
     return {"copy": 2 * nbytes / min(timed(update, repeats)), "sum": read}
 
 
-def machine_section(w: Workload) -> dict:
-    """The best matmul rate over square sizes and the workload's own trunk and LM-head shapes,
+def machine_section(workloads: list[Workload]) -> dict:
+    """The best matmul rate over square sizes and the workloads' own trunk and LM-head shapes,
     and the bandwidth of DRAM (512 MiB) and of a decode step's working set (48 MiB, which the
     last-level cache may hold)."""
-    rows = w.prompts * w.responses
-    tokens, heads = rows * (w.prompt_len + w.new_tokens), rows * w.new_tokens
-    shapes = [(n, n, n) for n in (512, 1024, 2048)] + [
-        (tokens, w.d_model, 4 * w.d_model), (tokens, 4 * w.d_model, w.d_model),
-        (heads, w.d_model, w.vocab)]
+    shapes = [(n, n, n) for n in (512, 1024, 2048)]
+    for w in workloads:
+        rows = w.prompts * w.responses
+        tokens, heads = rows * (w.prompt_len + w.new_tokens), rows * w.new_tokens
+        shapes += [(tokens, w.d_model, 4 * w.d_model), (tokens, 4 * w.d_model, w.d_model),
+                   (heads, w.d_model, w.vocab)]
+    shapes = list(dict.fromkeys(shapes))
     f32, bf16 = matmul_rate(jnp.float32, shapes), matmul_rate(jnp.bfloat16, shapes)
     dram, cached = memory_bandwidth(512), memory_bandwidth(48)
     limits = dict(matmul_f32=max(f32.values()), matmul_bf16=max(bf16.values()),
@@ -212,39 +251,60 @@ def unit_flops(cfg: M.ModelConfig):
     return 2 * L * (2 * D * H * E + 2 * D * K * E + mlp), 4 * L * H * E, 2 * D * cfg.vocab_size
 
 
-def model_flops(w: Workload) -> dict:
-    """{"model": ..., "executed": ...} FLOPs per stage and per iteration."""
+def stage_flops(cfg: M.ModelConfig, prompt_lengths, response_lengths) -> dict:
+    """Model FLOPs of each stage (module docstring) for prompts of `prompt_lengths` [B] real
+    tokens with responses of `response_lengths` [B, n]."""
+    t, a, h = unit_flops(cfg)
+    pre = lambda p: p * t + a * p * (p + 1) // 2
+    r = lambda p, j: j * t + a * (j * p + j * (j + 1) // 2)
+    pairs = [(int(p), int(j)) for p, row in zip(prompt_lengths, response_lengths) for j in row]
+    logprobs = (sum(pre(int(p)) + h for p in prompt_lengths)
+                + sum(r(p, max(j - 1, 0)) + max(j - 1, 0) * h for p, j in pairs))
+    rm = sum(pre(int(p)) for p in prompt_lengths) + sum(r(p, j) + 2 * cfg.d_model
+                                                         for p, j in pairs)
+    return dict(generate=logprobs, score=logprobs + rm, update=3 * logprobs)
+
+
+def model_flops(w: Workload, packed_rows: int | None = None) -> dict:
+    """{"model": the padded shapes' FLOPs, "useful": the real tokens', "executed": what the
+    programs run} per stage and per iteration; `packed_rows`: R of the packed prompts (None:
+    unpacked, R = B)."""
     t, a, h = unit_flops(w.model)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
-    pre = P * t + a * P * (P + 1) // 2
-    r = lambda j: sum(t + a * (P + i) for i in range(1, j + 1))
-    logprobs = B * (pre + h) + B * n * (r(N - 1) + (N - 1) * h)
-    score = B * pre + B * n * r(N) + B * n * 2 * w.d_model
-    model = dict(generate=logprobs, score=logprobs + score, update=3 * logprobs)
-    # What the programs run: attention over every key slot of the [P + N] cache, the LM head
-    # on every response token, old log-probs only if recomputed.
-    S_ = P + N
-    once = B * P * (t + a * P) + B * n * N * (t + a * S_)     # `rollout.prompt_once_hidden`
-    executed = dict(generate=B * P * (t + a * S_) + B * h + B * n * (N - 1) * (t + a * S_ + h),
+    prompt_lengths, response_lengths = w.lengths()
+    model = stage_flops(w.model, [P] * B, [[N] * n] * B)
+    useful = stage_flops(w.model, prompt_lengths, response_lengths)
+    # What the programs run: the prompt passes over R rows of P slots (attention over all P),
+    # responses' N slots attending to all P + N keys, the LM head on every response slot,
+    # decoding until the longest response ends, old log-probs only if recomputed.
+    R, S_, steps = packed_rows or B, P + N, int(response_lengths.max())
+    once = R * P * (t + a * P) + B * n * N * (t + a * S_)     # `rollout.prompt_once_hidden`
+    executed = dict(generate=R * P * (t + a * P) + B * h
+                    + B * n * (steps - 1) * (t + a * S_ + h),
                     score=(1 + w.recompute_old) * (once + B * n * N * h)
                     + once + B * n * (N + 1) * 2 * w.d_model,
                     update=3 * (once + B * n * N * h))
     return {kind: dict(f, iteration=sum(f.values())) for kind, f in
-            (("model", model), ("executed", executed))}
+            (("model", model), ("useful", useful), ("executed", executed))}
 
 
 # ---------------------------------------------------------------------------------------------
 # the iteration
 
-def build_models(w: Workload, seed: int = 0):
-    """Policy, reference (a copy) and a reward model with a random reward head; prompts."""
-    cfg = w.model
+def build_models(w: Workload):
+    """Policy, reference (a copy) and a reward model with a random reward head; prompts
+    {"ids", "mask"} [B, P] left-padded to their real lengths; per-response limits [B, n]
+    (None when every response has N tokens)."""
+    cfg, seed = w.model, w.seed
     policy = M.init_params(cfg, jax.random.key(seed))
     rm = M.init_params(cfg, jax.random.key(seed + 1))
     rm["reward_head"]["w"] = 0.02 * jax.random.normal(jax.random.key(seed + 2), (cfg.d_model,))
-    prompts = np.random.default_rng(seed).integers(1, cfg.vocab_size, (w.prompts, w.prompt_len))
-    return policy, jax.tree.map(jnp.copy, policy), rm, (
-        jnp.asarray(prompts, jnp.int32), jnp.ones((w.prompts, w.prompt_len), jnp.int32))
+    prompt_lengths, response_lengths = w.lengths()
+    ids = np.random.default_rng(seed).integers(1, cfg.vocab_size, (w.prompts, w.prompt_len))
+    mask = np.arange(w.prompt_len)[None] >= w.prompt_len - prompt_lengths[:, None]
+    limits = jnp.asarray(response_lengths, jnp.int32) if w.new_tokens_min else None
+    return policy, jax.tree.map(jnp.copy, policy), rm, {
+        "ids": jnp.asarray(ids * mask, jnp.int32), "mask": jnp.asarray(mask, jnp.int32)}, limits
 
 
 class Iteration:
@@ -254,32 +314,38 @@ class Iteration:
     reward model, its values, GAE) exists to compare memory at the same shapes.
     """
 
-    def __init__(self, w: Workload, algo: str = "p3o"):
+    def __init__(self, w: Workload, algo: str = "p3o", mesh=None):
         self.w = w
-        policy, self.ref, self.rm, (ids, mask) = build_models(w)
-        self.prompts = {"ids": ids, "mask": mask}
+        policy, self.ref, self.rm, self.prompts, self.limits = build_models(w)
         cfg = w.experiment(algo)
-        self.rl = RLIteration(cfg, make_mesh(), w.sampling, make_optimizer(cfg.rl.optim, 1000))
+        self.rl = RLIteration(cfg, mesh or make_mesh(), w.sampling,
+                              make_optimizer(cfg.rl.optim, 1000))
         self.state = self.rl.init_state(initial_params(cfg, policy, self.rm))
         self.carry = ALGORITHMS[algo].init_carry(cfg)
+        self.packing = self.rl.packing(self.prompts["ids"], self.prompts["mask"])
+
+    @property
+    def packed_rows(self) -> int | None:
+        return None if self.packing is None else self.packing.tokens.shape[0]
 
     @functools.partial(jax.jit, static_argnums=0)
     def prefill(self, params):
         """The prefill part of `generate` alone (for the per-step decode time)."""
         return S.prefill(params["policy"], self.w.model, self.prompts["ids"],
-                         self.prompts["mask"], self.w.new_tokens)
+                         self.prompts["mask"], self.w.new_tokens, self.packing)
 
     def buffer(self):
         """A prepared buffer of the current policy, as the update takes it."""
-        samples = self.rl.sample(self.state.params, self.prompts, jax.random.key(0))
+        samples = self.rl.sample(self.state.params, self.prompts, jax.random.key(0),
+                                 self.packing, self.limits)
         buffer, _ = self.rl.score(self.state.params, self.ref, self.rm, self.prompts, samples,
-                                  self.carry)
+                                  self.carry, None, self.packing)
         return buffer.replace(entropy=None)
 
     def step(self, it: int) -> dict:
         """One iteration; the wall seconds of each program (`generate`, `score`, `update`)."""
         self.state, _, metrics = self.rl(self.state, self.carry, self.ref, self.rm, self.prompts,
-                                         jax.random.key(it))
+                                         jax.random.key(it), self.limits)
         if metrics["skipped_nonfinite"]:
             raise FloatingPointError(f"iteration {it}: the update was skipped (non-finite)")
         return {k: metrics[f"time_{k}"] for k in STAGES}
@@ -312,16 +378,22 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     total = [sum(s[k] for k in STAGES) for s in steps]
     iteration = statistics.median(total)
-    flops = model_flops(w)
+    flops = model_flops(w, run.packed_rows)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
     mfu = lambda f, s: round(f / s / peak, 3)
-    decode_step = (med["generate"] - prefill) / (w.new_tokens - 1)
+    decode_step = (med["generate"] - prefill) / (int(w.lengths()[1].max()) - 1)
     bounds = decode_bounds(w, limits)
     p = w.name
+    gflop = lambda kind: {k: round(v / 1e9, 2) for k, v in flops[kind].items()}
+    prompt_lengths, response_lengths = w.lengths()
     emit("iteration", workload=dataclasses.asdict(w), repeats=repeats, **{
         f"{p}.iteration_s": round(iteration, 4),
         f"{p}.iteration_times_s": [round(x, 4) for x in total],
         **{f"{p}.{k}_s": round(v, 4) for k, v in med.items()},
+        f"{p}.real_prompt_tokens": int(prompt_lengths.sum()),
+        f"{p}.prompt_slots": w.prompts * w.prompt_len,
+        f"{p}.packed_rows": run.packed_rows,
+        f"{p}.real_response_tokens": int(response_lengths.sum()),
         f"{p}.generate_tokens_per_s": round(w.generated_tokens / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
         f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
@@ -329,12 +401,69 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.decode_step_weight_mb": round(bounds["weight_bytes"] / 1e6, 1),
         f"{p}.decode_step_at_bandwidth_ms": round(1e3 * bounds["bandwidth_s"], 3),
         f"{p}.decode_step_at_peak_flops_ms": round(1e3 * bounds["compute_s"], 3),
-        f"{p}.model_gflop": {k: round(v / 1e9, 2) for k, v in flops["model"].items()},
-        f"{p}.executed_gflop": {k: round(v / 1e9, 2) for k, v in flops["executed"].items()},
+        f"{p}.model_gflop": gflop("model"),
+        f"{p}.useful_gflop": gflop("useful"),
+        f"{p}.executed_gflop": gflop("executed"),
         f"{p}.peak_gflops": round(peak / 1e9, 1),
         **{f"{p}.{k}_mfu": mfu(flops["model"][k], med[k]) for k in STAGES},
+        **{f"{p}.{k}_useful_mfu": mfu(flops["useful"][k], med[k]) for k in STAGES},
         f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
+        f"{p}.iteration_useful_mfu": mfu(flops["useful"]["iteration"], iteration),
         f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop's own iteration
+
+class WorkloadTask:
+    """The workload's prompts as the task of `pipeline.stage_rl` (what the RL stage reads):
+    every iteration the same prompts, no gold reward, no EOS."""
+
+    def __init__(self, w: Workload, prompts: dict):
+        self.vocab_size, self.prompt_len, self.response_len = w.vocab, w.prompt_len, w.new_tokens
+        self.tokenizer, self.eos_id, self.pad_id, self.stop_sequences = None, None, 0, ()
+        self.gold_reward = None
+        self.ids, self.mask = (np.asarray(prompts[k]) for k in ("ids", "mask"))
+
+    def prompts(self, n: int, split: str, start: int = 0):
+        return self.ids[:n], self.mask[:n]
+
+
+def loop_section(w: Workload, repeats: int):
+    """`pipeline.stage_rl` (the training loop's RL stage: prompts placed on the mesh, the
+    iteration, metrics to float, logging to JSONL and TensorBoard, checkpoints, the progress
+    bar) for `repeats` + 1 iterations: the wall time between consecutive iterations' log
+    lines beside the sum of their three programs, medians after the compiling first."""
+    from p3o_jax.logger import MetricsLogger
+    from p3o_jax.pipeline import stage_rl
+    from p3o_jax.stage import Run
+
+    if w.new_tokens_min:
+        raise ConfigError("loop: per-response limits exist only in the benchmark's iteration "
+                          "(the training loop stops rows at EOS)")
+    policy, ref, rm, prompts, _ = build_models(w)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = w.experiment()
+        cfg = dataclasses.replace(cfg, out_dir=out, rl=dataclasses.replace(
+            cfg.rl, iterations=repeats + 1))
+        mesh = make_mesh()
+        run = Run(cfg, mesh, WorkloadTask(w, prompts), MetricsLogger(out))
+        with jax.set_mesh(mesh):
+            stage_rl(run, ref, rm)
+        run.logger.close()
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [r for r in map(json.loads, f) if r["stage"] == "rl:p3o"]
+    rows.sort(key=lambda r: r["step"])
+    wall = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    programs = [sum(r[f"time_{k}"] for k in STAGES) for r in rows[1:]]
+    loop, inside = statistics.median(wall), statistics.median(programs)
+    p = w.name
+    emit("loop", repeats=repeats, **{
+        f"{p}.loop_iteration_s": round(loop, 4),
+        f"{p}.loop_iteration_times_s": [round(x, 4) for x in wall],
+        f"{p}.loop_programs_s": round(inside, 4),
+        f"{p}.loop_host_s": round(loop - inside, 4),
+        f"{p}.loop_host_fraction": round((loop - inside) / loop, 4)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +472,10 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
 def torch_section(w: Workload, repeats: int, threads: list[int]):
     """transformers' `generate` at each PyTorch thread count and our `sample_pairs`, on the same
     weights, prompts and sampling settings, timed in alternation so that both see the same
-    load; medians of `repeats` rounds, and our speed-up over the best thread count."""
+    load; medians of `repeats` rounds, and our speed-up over the best thread count. With
+    per-response limits (W2-var), which `generate` has no way to take, it generates every
+    row to N (as a batch it runs until its longest row ends anyway) and both rates count the
+    real tokens."""
     import torch
     import transformers
 
@@ -351,13 +483,13 @@ def torch_section(w: Workload, repeats: int, threads: list[int]):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    policy, _, _, (prompts, prompt_mask) = build_models(w)
+    policy, _, _, prompts, limits = build_models(w)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(policy, w.model, d)
-        model = transformers.GPT2LMHeadModel.from_pretrained(
+        model = transformers.AutoModelForCausalLM.from_pretrained(
             d, dtype=torch.bfloat16 if w.dtype == "bfloat16" else torch.float32).eval()
-    ids = torch.tensor(np.asarray(prompts), dtype=torch.long)
-    attention_mask = torch.tensor(np.asarray(prompt_mask), dtype=torch.long)
+    ids = torch.tensor(np.asarray(prompts["ids"]), dtype=torch.long)
+    attention_mask = torch.tensor(np.asarray(prompts["mask"]), dtype=torch.long)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
 
     def theirs(n_threads):
@@ -369,8 +501,9 @@ def torch_section(w: Workload, repeats: int, threads: list[int]):
                                  pad_token_id=0, eos_token_id=None)
         assert out.shape == (B * n, P + N)
 
-    ours = lambda: S.sample_pairs(policy, w.model, w.sampling, prompts, prompt_mask,
-                                  jax.random.key(0), n=n)
+    packing = (PK.pack_prompts(prompts["ids"], prompts["mask"]) if w.pack_prompts else None)
+    ours = lambda: S.sample_pairs(policy, w.model, w.sampling, prompts["ids"], prompts["mask"],
+                                  jax.random.key(0), n=n, max_lengths=limits, packing=packing)
     runs = {"ours": ours, **{t: functools.partial(theirs, t) for t in threads}}
     times = {k: [] for k in runs}
     for k, fn in runs.items():
@@ -401,15 +534,17 @@ def peak_rss_mib() -> float:
 
 
 def memory_child(w: Workload, algo: str):
-    """Run in a fresh process: peak resident memory of three iterations beyond the peak after
+    """Run in a fresh process: peak resident memory of two iterations beyond the peak after
     imports, the train state's size and XLA's temporary buffers of the update."""
     base = peak_rss_mib()
     with jax.set_mesh(make_mesh()):
         run = Iteration(w, algo)
-        for i in range(3):
+        for i in range(2):
             run.step(i)
         peak = peak_rss_mib()
-        update = run.rl.update.lower(run.state, run.buffer()).compile().memory_analysis()
+        buffer = run.buffer()
+        update = run.rl.update.lower(run.state, (buffer, run.rl.plan(run.state, buffer))
+                                     ).compile().memory_analysis()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
     print(json.dumps(dict(peak_mib=peak - base, state_mib=state_bytes / 2 ** 20,
                           update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
@@ -428,8 +563,8 @@ def memory_section(w: Workload):
         for algo in ("p3o", "ppo"):
             for _ in range(2):
                 res = subprocess.run([sys.executable, "-m", "p3o_jax.cli.bench", *workload,
-                                      f"memory_child={algo}"], check=True, capture_output=True,
-                                     text=True, env=env)
+                                      "workloads=custom", f"memory_child={algo}"], check=True,
+                                     capture_output=True, text=True, env=env)
             out[algo] = json.loads(res.stdout.strip().splitlines()[-1])
     p = w.name
     emit("memory", **{f"{p}.{algo}_{k}": round(v, 1) for algo, r in out.items()
@@ -441,40 +576,49 @@ def memory_section(w: Workload):
 
 @dataclasses.dataclass(frozen=True)
 class BenchArgs:
+    workloads: Annotated[str, SubsetOf(*WORKLOADS, "custom")] = ",".join(WORKLOADS)
     only: Annotated[str, SubsetOf(*SECTIONS)] = ",".join(SECTIONS)   # sections to run
-    repeats: Annotated[int, Positive] = 7           # timed iterations (median)
+    repeats: Annotated[int, Positive] = 5           # timed iterations (median)
     torch_threads: Annotated[tuple[int, ...], Positive] = tuple(sorted({1, os.cpu_count()}))
     memory_child: Annotated[str, OneOf("", *ALGORITHMS)] = ""   # internal: memory_section
 
 
-def parse_args(argv: list[str]) -> tuple[BenchArgs, Workload]:
-    """`key=value` for the workload's fields and BenchArgs'; any other key is an error."""
-    w, rest = tool_args(argv, Workload())
-    args, rest = tool_args(rest, BenchArgs())
-    if rest:
-        raise ConfigError(f"unknown config key {rest[0].partition('=')[0]!r} (the benchmark's "
-                          f"keys: the fields of Workload and BenchArgs)")
-    return args, w
+def parse_args(argv: list[str]) -> tuple[BenchArgs, list[Workload]]:
+    """`key=value` for BenchArgs' fields and the workload's (applied to every selected preset;
+    `workloads=custom`: W1 with them); any other key is an error."""
+    args, rest = tool_args(argv, BenchArgs())
+    names = args.workloads.split(",")
+    workloads = []
+    for name in names:
+        w, left = tool_args(rest, WORKLOADS.get(name, Workload()))
+        if left:
+            raise ConfigError(f"unknown config key {left[0].partition('=')[0]!r} (the "
+                              f"benchmark's keys: the fields of Workload and BenchArgs)")
+        workloads.append(w)
+    return args, workloads
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, w = parse_args(argv)
+        args, workloads = parse_args(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.memory_child:
-        memory_child(w, args.memory_child)
+        memory_child(workloads[0], args.memory_child)
         return 0
     sections = args.only.split(",")
-    limits = machine_section(w) if {"machine", "iteration"} & set(sections) else None
-    if "iteration" in sections:
-        iteration_section(w, limits, args.repeats)
-    if "torch" in sections:
-        torch_section(w, args.repeats, list(args.torch_threads))
-    if "memory" in sections:
-        memory_section(w)
+    limits = (machine_section(workloads) if {"machine", "iteration"} & set(sections) else None)
+    for w in workloads:
+        if "iteration" in sections:
+            iteration_section(w, limits, args.repeats)
+        if "loop" in sections and not w.new_tokens_min:   # the loop's responses end at EOS
+            loop_section(w, args.repeats)
+        if "torch" in sections:
+            torch_section(w, args.repeats, list(args.torch_threads))
+        if "memory" in sections:
+            memory_section(w)
     return 0
 
 

@@ -1,0 +1,111 @@
+"""Prompt packing: the trunk runs over the prompts' real tokens, not their left padding.
+
+A batch of B prompts left-padded to P tokens holds sum(lengths) real tokens in B x P slots; at
+TL;DR lengths (128..512 real tokens of 512) a third of every prompt pass is padding. Every
+forward here runs each prompt once (`rollout.prompt_once_hidden`, `sampler.prefill`), so the
+prompt pass is where the padding costs: `pack_prompts` lays the prompts back to back in R <= B
+rows of P slots (first-fit decreasing, on the host), the trunk runs on [R, P] with each token
+attending only to earlier tokens of its own prompt, and `prompt_forward` gathers every layer's
+keys and values back into the left-padded [B, K, P, E] layout the responses attend to. What
+follows (decoding, the response tokens' forward, losses) is unchanged, and the results equal
+the padded computation's up to float rounding (tests/test_packing.py).
+
+Shapes: B prompts, P prompt slots, R packed rows, K kv heads, E head dim, D d_model.
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from p3o_jax import model as M
+
+
+@flax.struct.dataclass
+class Packing:
+    """B left-padded prompts laid back to back in R rows (leaves may carry a leading
+    minibatch axis, `stack`)."""
+    tokens: jax.Array       # int32 [R, P]  the prompts' real tokens, each prompt contiguous
+    positions: jax.Array    # int32 [R, P]  each token's position within its prompt
+    segments: jax.Array     # int32 [R, P]  1 + the prompt's index in the batch; 0: empty slot
+    source: jax.Array       # int32 [B, P]  slot s of prompt b's left-padded row comes from
+                            #               packed slot source[b, s] of the [R * P] flattening
+                            #               (pad slots point at the prompt's first token)
+
+
+def rows_needed(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing: (row [B], offset [B], rows used) placing sequences of `lengths`
+    into rows of `width` slots."""
+    fill: list[int] = []
+    row, offset = np.zeros(len(lengths), np.int32), np.zeros(len(lengths), np.int32)
+    for b in np.argsort(-lengths, kind="stable"):
+        r = next((r for r, used in enumerate(fill) if used + lengths[b] <= width), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row[b], offset[b] = r, fill[r]
+        fill[r] += int(lengths[b])
+    return row, offset, len(fill)
+
+
+def pack_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 1,
+                 rows: int | None = None) -> Packing:
+    """Host-side packing of left-padded prompts ids, mask [B, P] (numpy) into
+    R = `rows` (default: the rows first-fit decreasing needs, rounded up to `multiple`) rows."""
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    B, P = mask.shape
+    lengths = mask.sum(-1)
+    row, offset, used = rows_needed(lengths, P)
+    R = rows if rows is not None else -(-used // multiple) * multiple
+    if R < used:
+        raise ValueError(f"pack_prompts: {B} prompts need {used} rows of {P}, got rows={R}")
+    tokens, positions, segments = (np.zeros((R, P), np.int32) for _ in range(3))
+    source = np.zeros((B, P), np.int32)
+    for b in range(B):
+        real = np.flatnonzero(mask[b])
+        n, r, c = len(real), row[b], offset[b]
+        tokens[r, c:c + n] = ids[b, real]
+        positions[r, c:c + n] = np.arange(n)
+        segments[r, c:c + n] = b + 1
+        source[b] = r * P + c
+        source[b, real] = r * P + c + np.arange(n)
+    return Packing(tokens, positions, segments, source)
+
+
+def pack_minibatches(ids: np.ndarray, mask: np.ndarray, index: np.ndarray,
+                     multiple: int = 1) -> Packing:
+    """Each minibatch's prompts (ids, mask [B, P]; index [S, b] rows of each) packed into the
+    same number of rows (the most any needs, rounded up to `multiple`): leaves [S, ...]."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    width = mask.shape[-1]
+    used = max(rows_needed(mask[i].astype(bool).sum(-1), width)[2] for i in index)
+    rows = -(-used // multiple) * multiple
+    packs = [pack_prompts(ids[i], mask[i], rows=rows) for i in index]
+    return jax.tree.map(lambda *x: np.stack(x), *packs)
+
+
+def packed_rows(num_prompts: int, batch_ways: int) -> int:
+    """The multiple R is rounded up to: divisible over the batch's devices, and coarse enough
+    that a run compiles at most ~8 shapes (R in steps of B / 8)."""
+    step = max(-(-num_prompts // 8), 1)
+    return step * batch_ways // np.gcd(step, batch_ways)
+
+
+def prompt_forward(params, cfg: M.ModelConfig, prompts, prompt_mask, packing: Packing | None = None):
+    """Each left-padded prompt [B, P] through the trunk once: (hidden of its last slot
+    [B, D], per layer {"k", "v": [B, K, P, E]} in the left-padded layout). With `packing`
+    the trunk runs on its [R, P] rows instead; the pads' keys and values are then copies of
+    real ones, which no query sees (the prompt mask hides them)."""
+    B, P = prompts.shape
+    if packing is None:
+        hidden, cache = M.forward(params, cfg, prompts, prompt_mask, M.init_cache(cfg, B, P), 0,
+                                  positions=M.positions_from_mask(prompt_mask))
+        return hidden[:, -1], cache
+    R = packing.tokens.shape[0]
+    seg = packing.segments
+    sees = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)        # [R, P, P]
+    hidden, cache = M.forward(params, cfg, packing.tokens, sees, M.init_cache(cfg, R, P), 0,
+                              positions=packing.positions)
+    row, col = packing.source // P, packing.source % P                          # [B, P]
+    unpack = lambda c: c[row, :, col].transpose(0, 2, 1, 3)          # [B, P, K, E] -> [B, K, P, E]
+    return hidden[row[:, -1], col[:, -1]], jax.tree.map(unpack, cache)

@@ -1,0 +1,140 @@
+"""Prompt packing (`p3o_jax/packing.py`): the layout, and every computation that packs (the
+prompt pass, sampling, scoring, one RL update of every online algorithm) equals the padded
+one up to float rounding."""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p3o_jax import packing as PK
+from p3o_jax import rollout as R
+from p3o_jax import sampler as S
+from p3o_jax.algos import ALGORITHMS
+from p3o_jax.config import ExperimentConfig, RLConfig
+from p3o_jax.rl import RLIteration, initial_params
+from p3o_jax.sharding import make_mesh
+from p3o_jax.train_state import OptimConfig, minibatch_index
+from tests.test_sampler import FAMILIES, left_padded_prompts, random_params
+
+P, N = 12, 5
+LENGTHS = [12, 3, 7, 1, 9, 5, 2, 8]          # 47 real tokens in 8 x 12 slots: 4 packed rows
+
+
+def prompts(vocab, lengths=LENGTHS, seed=0):
+    return left_padded_prompts(len(lengths), P, vocab, lengths, seed)
+
+
+def test_layout_holds_every_real_token_once_in_fewer_rows():
+    ids, mask = prompts(64)
+    pk = PK.pack_prompts(ids, mask)
+    R_ = pk.tokens.shape[0]
+    assert R_ == 4 < len(LENGTHS)                                 # ceil(47 / 12) rows suffice
+    ids, mask = np.asarray(ids), np.asarray(mask, bool)
+    flat = pk.tokens.reshape(-1)
+    for b, n in enumerate(LENGTHS):
+        src = pk.source[b][mask[b]]
+        np.testing.assert_array_equal(flat[src], ids[b][mask[b]])           # the same tokens
+        np.testing.assert_array_equal(pk.positions.reshape(-1)[src], np.arange(n))
+        assert (pk.segments.reshape(-1)[src] == b + 1).all()
+        assert np.all(np.diff(src) == 1)                           # contiguous, in order
+    assert (pk.segments > 0).sum() == sum(LENGTHS)                 # nothing else in the rows
+    assert PK.pack_prompts(ids, mask, multiple=3).tokens.shape[0] == 6
+    with pytest.raises(ValueError, match="need 4 rows"):
+        PK.pack_prompts(ids, mask, rows=3)
+
+
+def test_minibatch_packings_share_a_row_count():
+    ids, mask = prompts(64)
+    index = np.asarray(minibatch_index(0, 3, 2, 2, 8))
+    chex.assert_shape(index, (4, 4))
+    pk = PK.pack_minibatches(ids, mask, index)
+    S_, R_ = pk.tokens.shape[:2]
+    assert S_ == 4 and R_ == max(PK.rows_needed(np.asarray(mask)[i].sum(-1), P)[2] for i in index)
+    chex.assert_shape(pk.source, (4, 4, P))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompt_forward_matches_padded(family):
+    cfg = FAMILIES[family]
+    params = random_params(cfg, seed=1)
+    ids, mask = prompts(cfg.vocab_size)
+    fwd = jax.jit(PK.prompt_forward, static_argnums=1)
+    last, cache = fwd(params, cfg, ids, mask)
+    last_p, cache_p = fwd(params, cfg, ids, mask, PK.pack_prompts(ids, mask))
+    np.testing.assert_allclose(last_p, last, atol=2e-5)
+    real = np.asarray(mask, bool)                                 # the slots queries see
+    for c, cp in zip(cache, cache_p):
+        for k in ("k", "v"):
+            np.testing.assert_allclose(np.asarray(cp[k]).transpose(0, 2, 1, 3)[real],
+                                       np.asarray(c[k]).transpose(0, 2, 1, 3)[real], atol=2e-5)
+
+
+def test_sampling_and_scoring_match_padded():
+    cfg = FAMILIES["llama"]
+    policy, ref, rm = (random_params(cfg, seed=s) for s in (2, 3, 4))
+    ids, mask = prompts(cfg.vocab_size, seed=5)
+    pk = PK.pack_prompts(ids, mask)
+    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.9, eos_id=3)
+    key = jax.random.key(6)
+    padded = S.sample_pairs(policy, cfg, scfg, ids, mask, key)
+    packed = S.sample_pairs(policy, cfg, scfg, ids, mask, key, packing=pk)
+    np.testing.assert_array_equal(packed.tokens, padded.tokens)
+    chex.assert_trees_all_close(packed, padded, atol=2e-5)
+    score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
+    want = score(policy, ref, rm, cfg, cfg, ids, mask, padded, 0.9, True)
+    got = score(policy, ref, rm, cfg, cfg, ids, mask, padded, 0.9, True, packing=pk)
+    chex.assert_trees_all_close(got, want, atol=3e-5)
+    assert float(jnp.abs(want.seq_kl).max()) > 0.1                # not vacuous
+
+
+def experiment(algo, pack):
+    cfg = dataclasses.replace(FAMILIES["gpt_neox"], max_len=P + N)
+    return ExperimentConfig(algo=algo, policy=cfg, rl=RLConfig(
+        prompts_per_iter=8, epochs=2, minibatches=2, pack_prompts=pack,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0)))
+
+
+@pytest.mark.parametrize("algo", ["p3o", "ppo", "grpo", "dpo"])
+def test_rl_iteration_matches_padded(algo):
+    """One iteration (sample, score, an update of 2 epochs x 2 minibatches) with and without
+    packing: the same samples, the same buffer, the same loss gradient on each minibatch, and
+    the same params after the update (AdamW normalises each step, so there to the update's
+    rounding, not the gradient's)."""
+    cfg = experiment(algo, False).policy
+    policy, rm = random_params(cfg, seed=7, scale=0.1), random_params(cfg, seed=8, scale=0.1)
+    ids, mask = prompts(cfg.vocab_size, seed=9)
+    prompt = {"ids": ids, "mask": mask}
+    mesh = make_mesh(devices=jax.devices()[:2])          # 2-way batch: packed rows sharded
+    results = []
+    for pack in (False, True):
+        exp = experiment(algo, pack)
+        with jax.set_mesh(mesh):
+            it = RLIteration(exp, mesh, S.SamplingConfig(max_new_tokens=N))
+            assert it.pack == pack
+            state = it.init_state(initial_params(exp, policy, rm))
+            carry = ALGORITHMS[algo].init_carry(exp)
+            packing = it.packing(ids, mask)
+            samples = it.sample(state.params, prompt, jax.random.key(10), packing)
+            buffer, _ = it.score(state.params, policy, rm, prompt, samples, carry, None, packing)
+            buffer = buffer.replace(entropy=None)
+            plan = it.plan(state, buffer)
+            loss = lambda p, b: ALGORITHMS[algo].loss(p, b, exp)[0]
+            grads = [jax.grad(loss)(state.params, jax.tree.map(lambda x: x[i], buffer).replace(
+                packing=None if plan.packing is None else jax.tree.map(lambda x: x[s], plan.packing)))
+                for s, i in enumerate(plan.index[:2])]
+            before = jax.tree.map(np.asarray, state.params)
+            state, metrics = it.apply(state, buffer)
+        results.append((samples, buffer, grads, jax.tree.map(np.asarray, state.params), metrics))
+    (s0, b0, g0, p0, m0), (s1, b1, g1, p1, m1) = results
+    np.testing.assert_array_equal(s1.tokens, s0.tokens)
+    chex.assert_trees_all_close(b1, b0, atol=3e-5)
+    chex.assert_trees_all_close(g1, g0, atol=2e-6, rtol=1e-4)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0)) > 1e-3    # not vacuous
+    for k in ("loss", "grad_norm"):
+        np.testing.assert_allclose(m1[k], m0[k], atol=1e-6, rtol=1e-4)
+    chex.assert_trees_all_close(p1, p0, atol=1e-4)
+    assert max(float(np.abs(a - b).max()) for a, b in
+               zip(jax.tree.leaves(p0), jax.tree.leaves(before))) > 1e-3   # it did train
