@@ -381,11 +381,11 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
     flops = model_flops(w, run.packed_rows)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
     mfu = lambda f, s: round(f / s / peak, 3)
-    decode_step = (med["generate"] - prefill) / (int(w.lengths()[1].max()) - 1)
+    prompt_lengths, response_lengths = w.lengths()
+    decode_step = (med["generate"] - prefill) / (int(response_lengths.max()) - 1)
     bounds = decode_bounds(w, limits)
     p = w.name
     gflop = lambda kind: {k: round(v / 1e9, 2) for k, v in flops[kind].items()}
-    prompt_lengths, response_lengths = w.lengths()
     emit("iteration", workload=dataclasses.asdict(w), repeats=repeats, **{
         f"{p}.iteration_s": round(iteration, 4),
         f"{p}.iteration_times_s": [round(x, 4) for x in total],
@@ -394,7 +394,7 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.prompt_slots": w.prompts * w.prompt_len,
         f"{p}.packed_rows": run.packed_rows,
         f"{p}.real_response_tokens": int(response_lengths.sum()),
-        f"{p}.generate_tokens_per_s": round(w.generated_tokens / med["generate"], 1),
+        f"{p}.generate_tokens_per_s": round(int(response_lengths.sum()) / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
         f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
         f"{p}.decode_step_bytes_mb": round(bounds["bytes"] / 1e6, 1),
@@ -438,9 +438,6 @@ def loop_section(w: Workload, repeats: int):
     from p3o_jax.pipeline import stage_rl
     from p3o_jax.stage import Run
 
-    if w.new_tokens_min:
-        raise ConfigError("loop: per-response limits exist only in the benchmark's iteration "
-                          "(the training loop stops rows at EOS)")
     policy, ref, rm, prompts, _ = build_models(w)
     with tempfile.TemporaryDirectory() as out:
         cfg = w.experiment()
