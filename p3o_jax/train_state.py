@@ -69,31 +69,33 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def gradient_step(minibatch_loss):
-    """step(state, batch) -> (state, metrics): one optimizer step on
-    `minibatch_loss(params, batch) -> (loss, metrics)`."""
-    def step(state, batch):
+    """step(state, batch, *frozen) -> (state, metrics): one optimizer step on
+    `minibatch_loss(params, batch, *frozen) -> (loss, metrics)`, differentiated in `params`
+    only (`frozen`: arrays the loss reads but nothing trains, e.g. the base under LoRA)."""
+    def step(state, batch, *frozen):
         (loss, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(
-            state.params, batch)
+            state.params, batch, *frozen)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return state.apply_gradients(grads), metrics
     return step
 
 
 def make_update(minibatch_loss, epochs: int, minibatches: int, seed: int = 0):
-    """update(state, buffer) -> (state, metrics): E epochs x M shuffled minibatches, one scan.
+    """update(state, buffer, *frozen) -> (state, metrics): E epochs x M shuffled minibatches,
+    one scan (`frozen` as in `gradient_step`).
 
     Shuffles are drawn from `fold_in(seed, state.step)`, so the update is a pure function of
     (state, buffer) and a resumed run repeats it exactly. Metrics are averaged over the steps.
     """
     step = gradient_step(minibatch_loss)
 
-    def update(state, buffer):
+    def update(state, buffer, *frozen):
         B = jax.tree.leaves(buffer)[0].shape[0]
         key = jax.random.fold_in(jax.random.key(seed), state.step)
         perms = jnp.stack([jax.random.permutation(k, B) for k in jax.random.split(key, epochs)])
         perms = perms.reshape(epochs * minibatches, B // minibatches)
         state, metrics = jax.lax.scan(
-            lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], buffer)), state, perms)
+            lambda s, idx: step(s, jax.tree.map(lambda x: x[idx], buffer), *frozen), state, perms)
         return state, jax.tree.map(jnp.mean, metrics)
     return update
 
@@ -107,10 +109,13 @@ def _boxed_params(model_cfgs):
     return {k: _boxed_params(v) for k, v in model_cfgs.items()}
 
 
-def state_shardings(model_cfgs, tx, mesh):
+def state_shardings(model_cfgs, tx, mesh, trained=lambda params: params):
     """NamedShardings of a TrainState whose params are one model (a ModelConfig) or several (a
-    dict of them, e.g. PPO's policy and critic); optimizer moments follow their params."""
-    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), _boxed_params(model_cfgs))
+    dict of them, e.g. PPO's policy and critic), or `trained(params)` of them (the part RL
+    trains: a subtree keeps its logical axes, new leaves such as LoRA adapters are
+    replicated); optimizer moments follow their params."""
+    abstract = jax.eval_shape(lambda p: TrainState.create(trained(p), tx),
+                              _boxed_params(model_cfgs))
     return logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
 
 
@@ -124,9 +129,10 @@ def create_state(params, tx, shardings) -> TrainState:
     return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
 
 
-def jit_step(step_fn, state_sharding, batch_example, mesh):
-    """Compile `step_fn(state, batch) -> (state, metrics)` with explicit shardings; the state
-    is donated so parameters and optimizer moments are updated in place."""
+def jit_step(step_fn, state_sharding, batch_example, mesh, *frozen_shardings):
+    """Compile `step_fn(state, batch, *frozen) -> (state, metrics)` with explicit shardings;
+    the state is donated so parameters and optimizer moments are updated in place. `frozen`
+    (params nothing trains, with `frozen_shardings`) are read, not donated."""
     batch_sh = jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)), batch_example)
-    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh),
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh, *frozen_shardings),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
