@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -155,3 +156,16 @@ def test_every_trained_stage_exports_an_hf_folder(trained, tmp_path):
     assert export.main([f"run={path}", "stage=p3o", "step=1", f"to={tmp_path}/p3o-1"]) == 0
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p3o-1") is not None
     assert export.main([f"run={path}", "stage=p3o", "step=5"]) == 2
+
+
+@pytest.mark.parametrize("over", [{"rl.lora.rank": 4, "rl.lora.lr": 1e-2},
+                                  {"rl.train_top_layers": 1}], ids=["lora", "top_layers"])
+def test_rl_trains_a_part_of_the_policy_end_to_end(trained, tmp_path, over):
+    """RL on the SFT and RM stages of `trained` with LoRA adapters or the top block only: it
+    still beats the SFT policy on the RM, and saves and exports a plain (merged) policy."""
+    path, _ = trained
+    for name in ("sft", "rm"):
+        shutil.copytree(path / name, tmp_path / name)
+    summary = run_experiment(tiny(tmp_path, stages="rl", **over))
+    _check_rl(tmp_path, summary, "p3o")
+    assert os.path.isfile(tmp_path / "hf" / "p3o" / "model.safetensors")
