@@ -87,11 +87,12 @@ def test_merged_export_reloads_as_the_adapted_model(cfg, tmp_path):
     np.testing.assert_allclose(M.logits(reloaded, cfg2, ids, mask), adapted, atol=2e-5)
 
 
-def rl_config(**rl):
+def rl_config(devices=None, **rl):
+    """A tiny llama's RL config, resolved over `devices` (default: all)."""
     return C.resolve(C.from_args([
         "exp=toy", "policy.family=llama", "policy.vocab_size=132", "policy.d_model=32",
         "policy.n_heads=4", "policy.n_layers=3", "rl.prompts_per_iter=8", "rl.epochs=2",
-        "rl.optim.warmup_steps=0", *[f"rl.{k}={v}" for k, v in rl.items()]]), jax.device_count())
+        "rl.optim.warmup_steps=0", *[f"rl.{k}={v}" for k, v in rl.items()]]), devices or jax.device_count())
 
 
 def one_rl_iteration(cfg):
@@ -147,3 +148,19 @@ def test_config_names_the_bad_key(args, key, words):
     with pytest.raises(C.ConfigError) as e:
         C.resolve(C.from_args(["exp=toy", *args]), 1)      # toy: a gpt2, no gated MLP
     assert f"'{key}'" in str(e.value) and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("rl", [{"lora.rank": 2}, {"train_top_layers": 1}],
+                         ids=["lora", "top_layers"])
+def test_memory_plan_counts_the_trained_part_only(rl):
+    """`memory_plan`'s RL stage: params, gradients and AdamW moments of what the state
+    trains, the SFT policy (reference and frozen part) and the RM held once beside it."""
+    from p3o_jax import memory_plan
+    cfg, full = rl_config(1, **rl), rl_config(1)           # one device: whole arrays
+    plan, full_plan = (memory_plan.make_plan(c, 1, ("rl",)).stages[0] for c in (cfg, full))
+    trained = jax.eval_shape(lambda p: split_policy(cfg, p)[0],
+                             jax.eval_shape(lambda: M.init_params(cfg.policy, jax.random.key(0))))
+    assert plan.params == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trained))
+    assert 2 * plan.params <= plan.opt_state <= 2 * plan.params + 64   # + AdamW step counts
+    assert plan.frozen == full_plan.frozen
+    assert plan.params < full_plan.params
