@@ -35,7 +35,8 @@ from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.retokenize import RetokenizedReward
-from p3o_jax.rl import RLIteration, final_policy, initial_params, rl_optimizer, split_policy
+from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
+                        rl_optimizer)
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_pairs
 from p3o_jax.sharding import make_mesh
@@ -207,7 +208,7 @@ def stage_rl(run: Run, sft_params, rm_params):
     iteration = RLIteration(cfg, run.mesh, run.sampling,
                             reward_fn=reward_function(run, rm_params))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
-    frozen = split_policy(cfg, sft_params)[1]
+    frozen = frozen_policy(cfg, sft_params)
 
     def step(it, state, carry):
         prompts = run.prompts(cfg.rl.prompts_per_iter, "rl", start=it * cfg.rl.prompts_per_iter)
@@ -258,7 +259,7 @@ def stage_offline(run: Run, sft_params, rm_params):
     iteration = RLIteration(once, run.mesh, run.sampling,
                             rl_optimizer(once, steps * cfg.rl.minibatches))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
-    frozen = split_policy(cfg, sft_params)[1]
+    frozen = frozen_policy(cfg, sft_params)
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(cfg.dpo.epochs)])
 
