@@ -43,16 +43,15 @@ def trained_models(cfg) -> dict:
     return models
 
 
-def split_policy(cfg, policy, key=None) -> tuple[dict, dict | None]:
+def split_policy(cfg, policy) -> tuple[dict, dict | None]:
     """(trained, frozen) parts of the policy params RL starts from (or of their abstract or
     boxed shapes), by what `cfg.rl` trains: the whole policy and None; fresh LoRA adapters
     (`rl.lora.rank`, p3o_jax/lora.py) and the policy as their base; or the top blocks
     (`rl.train_top_layers`, p3o_jax/top_layers.py) and the trunk below. The frozen part shares
-    the arrays of `policy`."""
+    the arrays of `policy`; adapters are drawn from `cfg.seed`."""
     rl = cfg.rl
     if rl.lora.rank:
-        key = jax.random.key(cfg.seed) if key is None else key
-        trained = lora.init(rl.lora, nn.unbox(policy), jax.random.fold_in(key, 17))
+        trained = lora.init(rl.lora, nn.unbox(policy), jax.random.key(cfg.seed))
     elif rl.train_top_layers:
         trained = top_layers.split(policy, rl.train_top_layers)[0]
     else:
@@ -88,7 +87,7 @@ def final_policy(cfg, trained, frozen) -> dict:
 def initial_params(cfg, sft_params, rm_params) -> dict:
     """What the RL state trains, copied (the update donates it): the SFT policy's trained part
     (`split_policy`) and, for a critic, the reward model with its reward head as the value
-    head. The frozen part is `split_policy(cfg, sft_params)[1]`, not copied."""
+    head. The frozen part is `frozen_policy(cfg, sft_params)`, not copied."""
     params = {"policy": split_policy(cfg, sft_params)[0]}
     if ALGORITHMS[cfg.algo].critic:
         params["critic"] = dict(rm_params, value_head=rm_params["reward_head"])
