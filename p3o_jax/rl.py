@@ -3,10 +3,12 @@
     samples = sample_pairs(policy, prompts)             K responses per prompt, KV-cache decode
     buffer  = score(policy, ref, reward model, ...)     rollout.Rollout: log-probs, KL, rewards
     buffer  = algo.prepare(buffer, params, cfg, carry)  P3O's Delta, PPO's GAE, ...
-    state   = update(state, buffer)                     E epochs x M minibatches of algo.loss
+    state   = update(state, buffer, frozen)             E epochs x M minibatches of algo.loss
 
 Three compiled programs (sampling; scoring and preparing; the update under `jit_step` with the
-state donated). The training loop (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
+state donated). The state trains the whole policy, or LoRA adapters (`rl.lora`), or its top
+layers (`rl.train_top_layers`): `split_policy`; the frozen rest (the SFT policy's arrays, also
+the reference's) is a separate argument, joined to the state's params inside each program. The training loop (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
 both run `RLIteration`; evaluation samples and scores with the same two functions.
 """
 from __future__ import annotations
