@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from p3o_jax import config as C
+from p3o_jax import hf
+from p3o_jax import model as M
+from p3o_jax.cli import export
 from p3o_jax.cli.train import main
 from p3o_jax.pipeline import run_experiment
 
@@ -169,3 +172,12 @@ def test_rl_trains_a_part_of_the_policy_end_to_end(trained, tmp_path, over):
     summary = run_experiment(tiny(tmp_path, stages="rl", **over))
     _check_rl(tmp_path, summary, "p3o")
     assert os.path.isfile(tmp_path / "hf" / "p3o" / "model.safetensors")
+    # a checkpoint (the trained part only) exports as the whole policy: the last one is the
+    # finished policy
+    last = max(int(d) for d in os.listdir(tmp_path / "ckpt" / "p3o") if d.isdigit())
+    assert export.main([f"run={tmp_path}", "stage=p3o", f"step={last}",
+                        f"to={tmp_path}/ckpt_export"]) == 0
+    ids = np.arange(1, 13, dtype=np.int32).reshape(2, 6)
+    logits = [M.logits(*hf.load_pretrained(str(d))[::-1], ids, np.ones_like(ids))
+              for d in (tmp_path / "ckpt_export", tmp_path / "hf" / "p3o")]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
