@@ -151,11 +151,11 @@ def handle_preemption():
 # non-finite updates
 
 def skip_nonfinite(step_fn):
-    """Wrap `step(state, batch) -> (state, metrics)` (metrics with `loss` and `grad_norm`): a
+    """Wrap `step(state, batch, *frozen) -> (state, metrics)` (metrics with `loss` and `grad_norm`): a
     non-finite loss or gradient norm returns the input state unchanged, optimizer step and
     moments included, and `skipped_nonfinite` = 1."""
-    def step(state, batch):
-        new_state, metrics = step_fn(state, batch)
+    def step(state, batch, *frozen):
+        new_state, metrics = step_fn(state, batch, *frozen)
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
         return state, dict(metrics, skipped_nonfinite=(~ok).astype(jnp.float32))

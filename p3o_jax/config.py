@@ -25,6 +25,8 @@ import types
 import typing
 from typing import Annotated
 
+import jax
+
 from p3o_jax import hf
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.algos.dpo import DPOConfig
@@ -40,7 +42,8 @@ from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelS
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
-from p3o_jax.model import ModelConfig
+from p3o_jax.lora import LoraConfig, adapted_weights
+from p3o_jax.model import ModelConfig, init_params
 from p3o_jax.toy_task import ToyTaskConfig
 from p3o_jax.train_state import OptimConfig
 
@@ -90,6 +93,10 @@ class RLConfig:
                                     # the update) runs on the prompts' real tokens packed back
                                     # to back (p3o_jax/packing.py); one process only
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
+    lora: LoraConfig = LoraConfig()     # rank > 0: train LoRA adapters, not the policy
+                                    # (p3o_jax/lora.py)
+    train_top_layers: Annotated[int, NonNegative] = 0  # N > 0: train the top N blocks, final
+                                    # norm and untied LM head only (p3o_jax/top_layers.py); 0: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,6 +365,14 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
             except ValueError as e:
                 raise ConfigError(f"config key 'export_hf': the {name} has no HF form ({e}); "
                                   f"change it or set export_hf=false") from None
+    need(not (rl.lora.rank and rl.train_top_layers), "rl.train_top_layers",
+         "train either LoRA adapters (rl.lora.rank > 0) or the top layers, not both")
+    need(rl.train_top_layers <= cfg.policy.n_layers, "rl.train_top_layers",
+         f"{rl.train_top_layers} > the policy's n_layers={cfg.policy.n_layers}")
+    if rl.lora.rank:
+        shapes = jax.eval_shape(lambda: init_params(cfg.policy, jax.random.key(0)))
+        need(adapted_weights(rl.lora, shapes), "rl.lora.targets",
+             f"the policy ({cfg.policy.family}) has none of {rl.lora.targets}")
     length = cfg.prompt_len + cfg.response_len
     need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
          f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")

@@ -34,6 +34,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from p3o_jax import lora
 from p3o_jax import model as M
 from p3o_jax.checks import ConfigError
 from p3o_jax.distributed import to_host
@@ -582,8 +583,10 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=Non
     transformers scores a sequence at its last token that is not `pad_token_id` (taken from
     `tokenizer` when not given; required for a reward model), so the exported scores equal
     `sequence_reward`'s when the pad id never occurs as a real token (an EOS used as pad
-    does, at the end of a response: give the tokenizer a pad token of its own).
+    does, at the end of a response: give the tokenizer a pad token of its own). Params with
+    LoRA adapters are written merged (W + A B).
     """
+    params = lora.merge(params)     # LoRA adapters (p3o_jax/lora.py) folded into their weights
     hf_config = config_to_hf(cfg)
     if pad_token_id is None and tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id

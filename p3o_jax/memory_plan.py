@@ -5,7 +5,9 @@
 `jax.sharding.AbstractMesh`, so no device is needed, and for each stage adds up what one
 device holds:
 
-- `params`, `grads`, `opt_state`: the trained model(s) (RL with PPO: policy and critic).
+- `params`, `grads`, `opt_state`: the trained model(s) (RL with PPO: policy and critic; with
+  `rl.lora.rank` or `rl.train_top_layers`, only that part of the policy, and the backward pass
+  of a top-layer update reaches its blocks only).
   Exact: `jax.eval_shape` of the params and of the TrainState under the stage's optimizer
   (AdamW: two moments in the param dtype, float32 by default; gradient accumulation adds a
   third copy), each leaf's shard shape from the rule table (`train_state.state_shardings`).
@@ -63,6 +65,7 @@ from jax.sharding import AbstractMesh, AxisType
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, mesh_sizes
+from p3o_jax.rl import split_policy
 from p3o_jax.sharding import MESH_AXES, logical_shardings
 from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
 
@@ -152,24 +155,29 @@ def params_bytes(cfg: M.ModelConfig, mesh) -> int:
 
 
 def train_state_bytes(model_cfgs: tuple[M.ModelConfig, ...], optim: OptimConfig,
-                      mesh) -> tuple[int, int]:
+                      mesh, rl_cfg: ExperimentConfig | None = None) -> tuple[int, int]:
     """(params, optimizer state) bytes per device of the TrainState `create_state` builds for
     the trained models `model_cfgs`, with `optim`'s optimizer, on `mesh`: the shardings of
-    `train_state.state_shardings`, from a layout traced once per models and optimizer."""
-    specs, shapes = _state_layout(model_cfgs, optim)
+    `train_state.state_shardings`, from a layout traced once per models and optimizer. With
+    `rl_cfg`, the first model is RL's policy, of which the state holds the part `rl_cfg.rl`
+    trains (`rl.split_policy`: LoRA adapters, the top layers)."""
+    specs, shapes = _state_layout(model_cfgs, optim, rl_cfg)
     shardings = logical_shardings(specs, mesh, shapes)
     return (shard_bytes(shapes.params, shardings.params),
             shard_bytes(shapes.opt_state, shardings.opt_state))
 
 
 @functools.lru_cache(maxsize=None)
-def _state_layout(model_cfgs: tuple[M.ModelConfig, ...], optim: OptimConfig):
+def _state_layout(model_cfgs: tuple[M.ModelConfig, ...], optim: OptimConfig,
+                  rl_cfg: ExperimentConfig | None = None):
     """Logical specs and shapes of a TrainState over `model_cfgs` (optimizer moments carry
     their params' logical axes through `tx.init`)."""
     tx = make_optimizer(optim, 1)
     boxed = {i: jax.tree.map(lambda x, spec: nn.LogicallyPartitioned(x, tuple(spec)),
                              _param_shapes(c), _param_axes(c))
              for i, c in enumerate(model_cfgs)}
+    if rl_cfg is not None:
+        boxed[0] = jax.eval_shape(lambda p: split_policy(rl_cfg, p)[0], boxed[0])
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), boxed)
     return nn.get_partition_spec(state), nn.unbox(state)
 
@@ -188,9 +196,11 @@ def _split(n: int, ways: int) -> float:
 
 
 def activation_bytes(cfg: M.ModelConfig, seqs: int, length: int, head_positions: int, mesh,
-                     mode: str) -> int:
+                     mode: str, layers: int | None = None) -> int:
     """The module docstring's estimate for `seqs` sequences (global) of `length` tokens with
-    the LM head on `head_positions` of them; mode: "train", "remat" or "scoring"."""
+    the LM head on `head_positions` of them; mode: "train", "remat" or "scoring"; `layers`:
+    the blocks the backward pass reaches (None: all; `rl.train_top_layers`)."""
+    layers = cfg.n_layers if layers is None else layers
     t = mesh.shape["tensor"]
     n = math.ceil(seqs / (mesh.shape["data"] * mesh.shape["fsdp"]))
     s = jnp.dtype(cfg.compute_dtype).itemsize
@@ -199,22 +209,23 @@ def activation_bytes(cfg: M.ModelConfig, seqs: int, length: int, head_positions:
                       + _split(H, t) * length * (4 + s)
                       + (3 if cfg.gated_mlp else 2) * _split(F, t) * s)
     head = head_positions * 8 * _split(cfg.vocab_size, t)
-    per_seq = {"train": cfg.n_layers * layer + head,
-               "remat": cfg.n_layers * length * D * s + layer + head,
+    per_seq = {"train": layers * layer + head,
+               "remat": layers * length * D * s + layer + head,
                "scoring": layer + head}[mode]
     return int(n * per_seq)
 
 
-def _step(cfg, seqs, length, head_positions, mesh) -> dict:
-    return {"activations": activation_bytes(cfg, seqs, length, head_positions, mesh, "train"),
+def _step(cfg, seqs, length, head_positions, mesh, layers=None) -> dict:
+    return {"activations": activation_bytes(cfg, seqs, length, head_positions, mesh, "train",
+                                            layers),
             "activations_remat": activation_bytes(cfg, seqs, length, head_positions, mesh,
-                                                  "remat")}
+                                                  "remat", layers)}
 
 
-def _trained(model_cfgs: tuple, optim: OptimConfig, mesh) -> dict:
+def _trained(model_cfgs: tuple, optim: OptimConfig, mesh, rl_cfg=None) -> dict:
     # the state's shapes depend on the optimizer's structure only (accumulation or not)
     structure = OptimConfig(grad_accum=optim.grad_accum, grad_clip=float(optim.grad_clip > 0))
-    params, opt = train_state_bytes(model_cfgs, structure, mesh)
+    params, opt = train_state_bytes(model_cfgs, structure, mesh, rl_cfg)
     return {"params": params, "grads": params, "opt_state": opt}
 
 
@@ -243,17 +254,21 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
             **_step(rmc, 2 * cfg.rm.batch_size, L, 0, mesh))
     if "rl" in stages:
         trained = (pol, rmc) if algo.critic else (pol,)
+        layers = rl.train_top_layers or None     # the backward pass stops below them
         if algo.offline:  # reference log-probs, then DPO on the stored pairs
             seqs, kv = 2 * rl.prompts_per_iter, 0
-            step = _step(pol, seqs // rl.minibatches, L, N, mesh)
+            step = _step(pol, seqs // rl.minibatches, L, N, mesh, layers)
         else:
             seqs, kv = rl.prompts_per_iter * rl.n_samples, cache(rl.prompts_per_iter,
                                                                  rl.n_samples)
-            step = _step(pol, seqs // rl.minibatches, L, N, mesh)
+            step = _step(pol, seqs // rl.minibatches, L, N, mesh, layers)
             if algo.critic:  # the critic's forward and backward too
                 critic = _step(rmc, seqs // rl.minibatches, L, 0, mesh)
                 step = {k: v + critic[k] for k, v in step.items()}
-        plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh), frozen=sft_p + rm_p,
+        # the SFT policy (the reference, and the frozen part of a LoRA / top-layer policy)
+        part = cfg if rl.lora.rank or rl.train_top_layers else None
+        plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh, part),
+                                frozen=sft_p + rm_p,
                                 kv_cache=kv, scoring=scoring(pol, seqs, N), **step)
     if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch
         plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p,

@@ -199,6 +199,19 @@ def _param(module: nn.Module, name: str, shape, axes, init=nn.initializers.norma
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _adapted(module: nn.Module, name: str, x, y, n_in: int = 1):
+    """`y` (= x W, weight `name`) plus (x A) B where the params hold a LoRA adapter of `name`
+    (`lora_a_<name>` A [in dims.., r], `lora_b_<name>` B [r, out dims..], the scale already in
+    B: p3o_jax/lora.py); x's last `n_in` axes are W's input dims. Without one (init, the base,
+    the reference) `y` itself."""
+    if not module.has_variable("params", "lora_a_" + name):
+        return y
+    dt = module.cfg.compute_dtype
+    a = module.get_variable("params", "lora_a_" + name).astype(dt)
+    b = module.get_variable("params", "lora_b_" + name).astype(dt)
+    return y + jnp.tensordot(jnp.tensordot(x, a, n_in), b, 1)
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm (`cfg.norm`) over the last axis, of size `dim` (None: d_model)."""
     cfg: ModelConfig
@@ -306,7 +319,7 @@ class Attention(nn.Module):
 
         def proj(name, n, axis):
             w = _param(self, "w" + name, (D, n, E), ("embed", axis, "head_dim"))
-            y = jnp.einsum("btd,dhe->bthe", x, w.astype(dt))
+            y = _adapted(self, "w" + name, x, jnp.einsum("btd,dhe->bthe", x, w.astype(dt)))
             if cfg.qkv_bias:
                 y = y + _param(self, "b" + name, (n, E), (axis, "head_dim"), zeros).astype(dt)
             if cfg.qk_norm and name != "v":
@@ -343,7 +356,7 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bkse->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
         out = constrain(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         wo = _param(self, "wo", (H, E, D), ("heads", "head_dim", "embed"))
-        y = jnp.einsum("bthe,hed->btd", out, wo.astype(dt))
+        y = _adapted(self, "wo", out, jnp.einsum("bthe,hed->btd", out, wo.astype(dt)), 2)
         if cfg.out_bias:
             y = y + _param(self, "bo", (D,), ("embed",), zeros).astype(dt)
         return y, cache
@@ -361,7 +374,7 @@ class MLP(nn.Module):
 
         def dense(name, inp, shape, axes):
             w = _param(self, "w_" + name, shape, axes)
-            y = jnp.einsum("btd,df->btf", inp, w.astype(dt))
+            y = _adapted(self, "w_" + name, inp, jnp.einsum("btd,df->btf", inp, w.astype(dt)))
             if cfg.mlp_bias:
                 y = y + _param(self, "b_" + name, shape[-1:], axes[-1:], zeros).astype(dt)
             return y

@@ -35,7 +35,8 @@ from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax.retokenize import RetokenizedReward
-from p3o_jax.rl import RLIteration, initial_params, rl_optimizer
+from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
+                        rl_optimizer)
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_pairs
 from p3o_jax.sharding import make_mesh
@@ -173,15 +174,17 @@ def policy_evaluator(run: Run, sft_params, rm_params):
                                              run.sampling, run.task.gold_reward, reward_fn)
 
 
-def eval_along(run: Run, sft_params, rm_params, total: int):
+def eval_along(run: Run, sft_params, rm_params, total: int, frozen=None):
     """`evaluate(step, state)` for `stage_loop`: every `rl.eval_every` steps and at the end,
-    the policy against the SFT policy on the eval prompts; None when not due or off."""
+    the policy (the state's, joined to its `frozen` part) against the SFT policy on the eval
+    prompts; None when not due or off."""
     every = run.cfg.rl.eval_every
     if not every:
         return None
     _, evaluate = policy_evaluator(run, sft_params, rm_params)
     sft_eval = evaluate(sft_params)
-    return lambda step, state: (compare(evaluate(state.params["policy"]), sft_eval)
+    policy = lambda state: final_policy(run.cfg, state.params["policy"], frozen)
+    return lambda step, state: (compare(evaluate(policy(state)), sft_eval)
                                 if step % every == 0 or step == total else None)
 
 
@@ -195,18 +198,22 @@ def gold_of_samples(run: Run, prompts, samples) -> float:
 
 def stage_rl(run: Run, sft_params, rm_params):
     """Online RL: `rl.iterations` of `RLIteration` (sample -> score -> prepare -> update),
-    prompts and sampling keys addressed by the iteration, the algorithm's carry checkpointed."""
+    prompts and sampling keys addressed by the iteration, the algorithm's carry checkpointed.
+    The state trains the policy or a part of it (`rl.split_policy`: LoRA adapters, the top
+    layers); the SFT policy is the reference and, under those, also holds the frozen part.
+    Returns the plain policy (adapters merged)."""
     cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
     iteration = RLIteration(cfg, run.mesh, run.sampling,
                             reward_fn=reward_function(run, rm_params))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
+    frozen = frozen_policy(cfg, sft_params)
 
     def step(it, state, carry):
         prompts = run.prompts(cfg.rl.prompts_per_iter, "rl", start=it * cfg.rl.prompts_per_iter)
         state, samples, metrics = iteration(state, carry, sft_params, rm_params, prompts,
-                                            run.key(4, it))
+                                            run.key(4, it), frozen)
         if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
             metrics["gold_reward"] = gold_of_samples(run, prompts, samples)
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -214,8 +221,9 @@ def stage_rl(run: Run, sft_params, rm_params):
 
     state = stage_loop(run, "rl", f"rl:{algo.name}", state, cfg.rl.iterations, step,
                        carry=algo.init_carry(cfg), log_every=1, show=("rm_reward", "kl_k1"),
-                       evaluate=eval_along(run, sft_params, rm_params, cfg.rl.iterations))
-    return state.params["policy"]
+                       evaluate=eval_along(run, sft_params, rm_params, cfg.rl.iterations,
+                                           frozen))
+    return final_policy(cfg, state.params["policy"], frozen)
 
 
 def offline_steps(cfg: ExperimentConfig) -> int:
@@ -251,17 +259,18 @@ def stage_offline(run: Run, sft_params, rm_params):
     iteration = RLIteration(once, run.mesh, run.sampling,
                             rl_optimizer(once, steps * cfg.rl.minibatches))
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
+    frozen = frozen_policy(cfg, sft_params)
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(cfg.dpo.epochs)])
 
     def step(it, state, carry):
         idx = order[it * chunk:(it + 1) * chunk]
         batch = run.batch(chunk, lambda a, b: jax.tree.map(lambda x: x[idx[a:b]], buffer))
-        return *iteration.apply(state, batch), carry
+        return *iteration.apply(state, batch, frozen), carry
 
     state = stage_loop(run, "rl", "rl:dpo_offline", state, steps, step,
-                       evaluate=eval_along(run, sft_params, rm_params, steps))
-    return state.params["policy"]
+                       evaluate=eval_along(run, sft_params, rm_params, steps, frozen))
+    return final_policy(cfg, state.params["policy"], frozen)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,31 +3,38 @@
     samples = sample_pairs(policy, prompts)             K responses per prompt, KV-cache decode
     buffer  = score(policy, ref, reward model, ...)     rollout.Rollout: log-probs, KL, rewards
     buffer  = algo.prepare(buffer, params, cfg, carry)  P3O's Delta, PPO's GAE, ...
-    state   = update(state, buffer)                     E epochs x M minibatches of algo.loss
+    state   = update(state, buffer, frozen)             E epochs x M minibatches of algo.loss
 
 Three compiled programs (sampling; scoring and preparing; the update under `jit_step` with the
 state donated). With `rl.pack_prompts` every prompt pass in them runs on the prompts packed
 back to back (p3o_jax/packing.py): the host packs each iteration's prompts, and each
-minibatch's, which it draws itself (`train_state.minibatch_index`). The training loop (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
+minibatch's, which it draws itself (`train_state.minibatch_index`). The state trains the whole
+policy, or LoRA adapters (`rl.lora`), or its top layers (`rl.train_top_layers`):
+`split_policy`; the frozen rest (the SFT policy's arrays, also the reference's) is a separate
+argument, joined to the state's params inside each program. The training loop
+(p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
 both run `RLIteration`; evaluation samples and scores with the same two functions.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import rollout
+from p3o_jax import lora, rollout, top_layers
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 from p3o_jax.sharding import batch_sharding, replicated
 from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, jit_step,
-                                 make_optimizer, make_update, minibatch_index, state_shardings)
+                                 make_optimizer, make_update, minibatch_index, param_shardings,
+                                 state_shardings)
 
 
 def prompt_offset(prompts, prompt_mask):
@@ -46,19 +53,65 @@ def trained_models(cfg) -> dict:
     return models
 
 
+def split_policy(cfg, policy) -> tuple[dict, dict | None]:
+    """(trained, frozen) parts of the policy params RL starts from (or of their abstract or
+    boxed shapes), by what `cfg.rl` trains: the whole policy and None; fresh LoRA adapters
+    (`rl.lora.rank`, p3o_jax/lora.py) and the policy as their base; or the top blocks
+    (`rl.train_top_layers`, p3o_jax/top_layers.py) and the trunk below. The frozen part shares
+    the arrays of `policy`; adapters are drawn from `cfg.seed`."""
+    rl = cfg.rl
+    if rl.lora.rank:
+        trained = lora.init(rl.lora, nn.unbox(policy), jax.random.key(cfg.seed))
+    elif rl.train_top_layers:
+        trained = top_layers.split(policy, rl.train_top_layers)[0]
+    else:
+        trained = policy
+    return trained, frozen_policy(cfg, policy)
+
+
+def frozen_policy(cfg, policy):
+    """`split_policy`'s frozen part of `policy` (params, or any tree of their structure, such as
+    their shardings); None when RL trains all of it."""
+    if cfg.rl.lora.rank:
+        return policy
+    if cfg.rl.train_top_layers:
+        return top_layers.split(policy, cfg.rl.train_top_layers)[1]
+    return None
+
+
+def join_policy(cfg, trained, frozen) -> dict:
+    """The policy the model runs (sampling, scoring, the loss): `split_policy`'s inverse, with
+    LoRA the base plus its (scaled) adapters."""
+    if cfg.rl.lora.rank:
+        return lora.join(cfg.rl.lora, trained, frozen)
+    if cfg.rl.train_top_layers:
+        return top_layers.join(trained, frozen)
+    return trained
+
+
+def final_policy(cfg, trained, frozen) -> dict:
+    """Plain policy params (adapters merged into their weights) to save, export and evaluate."""
+    return lora.merge(join_policy(cfg, trained, frozen))
+
+
 def initial_params(cfg, sft_params, rm_params) -> dict:
-    """Copies (the update donates them) of the SFT policy and, for a critic, the reward model
-    with its reward head as the value head."""
-    params = {"policy": sft_params}
+    """What the RL state trains, copied (the update donates it): the SFT policy's trained part
+    (`split_policy`) and, for a critic, the reward model with its reward head as the value
+    head. The frozen part is `frozen_policy(cfg, sft_params)`, not copied."""
+    params = {"policy": split_policy(cfg, sft_params)[0]}
     if ALGORITHMS[cfg.algo].critic:
         params["critic"] = dict(rm_params, value_head=rm_params["reward_head"])
     return jax.tree.map(jnp.copy, params)
 
 
 def rl_optimizer(cfg, total_updates: int | None = None):
-    """RL's optimizer over `total_updates` steps (default: every update of the online loop)."""
+    """RL's optimizer over `total_updates` steps (default: every update of the online loop);
+    with LoRA adapters at `rl.lora.lr` (when set) instead of `rl.optim.lr`."""
     rl = cfg.rl
-    return make_optimizer(rl.optim, total_updates or rl.iterations * rl.epochs * rl.minibatches)
+    optim = rl.optim
+    if rl.lora.rank and rl.lora.lr is not None:
+        optim = dataclasses.replace(optim, lr=rl.lora.lr)
+    return make_optimizer(optim, total_updates or rl.iterations * rl.epochs * rl.minibatches)
 
 
 class RLIteration:
@@ -71,8 +124,13 @@ class RLIteration:
         self.cfg, self.mesh, self.sampling, self.reward_fn = cfg, mesh, sampling, reward_fn
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
-        self.shardings = state_shardings(trained_models(cfg), self.tx, mesh)
-        loss = functools.partial(self.algo.loss, cfg=cfg)
+        self.shardings = state_shardings(
+            trained_models(cfg), self.tx, mesh,
+            lambda p: dict(p, policy=split_policy(cfg, p["policy"])[0]))
+        self.frozen_shardings = frozen_policy(cfg, param_shardings(cfg.policy, mesh))
+
+        def loss(params, batch, frozen):
+            return self.algo.loss(self.params(params, frozen), batch, cfg=cfg)
         self._update = skip_nonfinite(make_update(loss))
         self.update = None        # the compiled update (`apply`)
         # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
@@ -80,7 +138,13 @@ class RLIteration:
         self.batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def init_state(self, params) -> TrainState:
+        """The sharded train state of `params`, what RL trains (`initial_params`)."""
         return create_state(params, self.tx, self.shardings)
+
+    def params(self, trained: dict, frozen) -> dict:
+        """The models the programs run: the state's params with the policy joined to its
+        frozen part (`join_policy`; `frozen` None: the state holds the whole policy)."""
+        return dict(trained, policy=join_policy(self.cfg, trained["policy"], frozen))
 
     def packing(self, ids, mask, index=None):
         """The prompts ids, mask [B, P] packed (`packing.pack_prompts`), or with index
@@ -126,37 +190,41 @@ class RLIteration:
         return MinibatchPlan(index, self.packing(buffer.tokens[:, 0, :P], buffer.mask[:, 0, :P],
                                                  index))
 
-    def apply(self, state: TrainState, buffer):
+    def apply(self, state: TrainState, buffer, frozen=None):
         """The update (E epochs x M minibatches of the algorithm's loss) on a prepared buffer,
         compiled by `jit_step` on first use, when the buffer gives the shapes (again for
-        another number of packed rows)."""
+        another number of packed rows); `frozen`: the policy's frozen part (`split_policy`),
+        an argument that is read, not donated."""
         plan = self.plan(state, buffer)
         if self.update is None:
             packed = lambda x: batch_sharding(self.mesh, x.ndim, axis=1)
             shardings = (jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), buffer),
                          MinibatchPlan(replicated(self.mesh),
                                        jax.tree.map(packed, plan.packing)))
-            self.update = jit_step(self._update, self.shardings, None, self.mesh, shardings)
-        return self.update(state, (buffer, plan))
+            self.update = jit_step(self._update, self.shardings, None, self.mesh,
+                                   self.frozen_shardings, batch_shardings=shardings)
+        return self.update(state, (buffer, plan), frozen)
 
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
-                 max_lengths=None):
+                 frozen=None, max_lengths=None):
         """One iteration: (state, samples, metrics); metrics include the wall time of each
-        program (`time_generate`, `time_score`, `time_update`), each synchronised."""
+        program (`time_generate`, `time_score`, `time_update`), each synchronised. `frozen`:
+        the policy's frozen part (`split_policy`; None when the state trains all of it)."""
         t0 = time.perf_counter()
+        params = self.params(state.params, frozen)
         packing = self.packing(prompts["ids"], prompts["mask"])
-        samples = jax.block_until_ready(self.sample(state.params, prompts, key, packing,
+        samples = jax.block_until_ready(self.sample(params, prompts, key, packing,
                                                     max_lengths))
         t1 = time.perf_counter()
         rewards = self.reward_fn(prompts, samples) if self.reward_fn else None
         t_rewards = time.perf_counter() - t1      # retokenising for another tokenizer's RM
-        buffer, metrics = self.score(state.params, ref, reward_model, prompts, samples, carry,
+        buffer, metrics = self.score(params, ref, reward_model, prompts, samples, carry,
                                      rewards, packing)
         buffer = jax.block_until_ready(buffer.replace(entropy=None))
         t2 = time.perf_counter()
         if self.reward_fn:
             metrics = dict(metrics, time_retokenized_reward=t_rewards)
-        state, update_metrics = jax.block_until_ready(self.apply(state, buffer))
+        state, update_metrics = jax.block_until_ready(self.apply(state, buffer, frozen))
         t3 = time.perf_counter()
         return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
                                 "time_score": t2 - t1, "time_update": t3 - t2}

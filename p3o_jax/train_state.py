@@ -70,11 +70,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def gradient_step(minibatch_loss):
-    """step(state, batch) -> (state, metrics): one optimizer step on
-    `minibatch_loss(params, batch) -> (loss, metrics)`."""
-    def step(state, batch):
+    """step(state, batch, *frozen) -> (state, metrics): one optimizer step on
+    `minibatch_loss(params, batch, *frozen) -> (loss, metrics)`, differentiated in `params`
+    only (`frozen`: arrays the loss reads but nothing trains, e.g. the base under LoRA)."""
+    def step(state, batch, *frozen):
         (loss, metrics), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(
-            state.params, batch)
+            state.params, batch, *frozen)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
         return state.apply_gradients(grads), metrics
     return step
@@ -98,12 +99,12 @@ def minibatch_index(seed: int, step: int, epochs: int, minibatches: int, rows: i
 
 
 def make_update(minibatch_loss):
-    """update(state, (buffer, plan)) -> (state, metrics): the optimizer steps of a
+    """update(state, (buffer, plan), *frozen) -> (state, metrics): the optimizer steps of a
     `MinibatchPlan` over a buffer (a flax struct, batch first), one scan; metrics averaged
-    over the steps."""
+    over the steps (`frozen` as in `gradient_step`)."""
     step = gradient_step(minibatch_loss)
 
-    def update(state, batch):
+    def update(state, batch, *frozen):
         buffer, plan = batch
 
         def one(state, xs):
@@ -111,7 +112,7 @@ def make_update(minibatch_loss):
             minibatch = jax.tree.map(lambda x: x[idx], buffer)
             if packing is not None:
                 minibatch = minibatch.replace(packing=packing)
-            return step(state, minibatch)
+            return step(state, minibatch, *frozen)
         state, metrics = jax.lax.scan(one, state, (plan.index, plan.packing))
         return state, jax.tree.map(jnp.mean, metrics)
     return update
@@ -126,10 +127,13 @@ def _boxed_params(model_cfgs):
     return {k: _boxed_params(v) for k, v in model_cfgs.items()}
 
 
-def state_shardings(model_cfgs, tx, mesh):
+def state_shardings(model_cfgs, tx, mesh, trained=lambda params: params):
     """NamedShardings of a TrainState whose params are one model (a ModelConfig) or several (a
-    dict of them, e.g. PPO's policy and critic); optimizer moments follow their params."""
-    abstract = jax.eval_shape(lambda p: TrainState.create(p, tx), _boxed_params(model_cfgs))
+    dict of them, e.g. PPO's policy and critic), or `trained(params)` of them (the part RL
+    trains: a subtree keeps its logical axes, new leaves such as LoRA adapters are
+    replicated); optimizer moments follow their params."""
+    abstract = jax.eval_shape(lambda p: TrainState.create(trained(p), tx),
+                              _boxed_params(model_cfgs))
     return logical_shardings(nn.get_partition_spec(abstract), mesh, nn.unbox(abstract))
 
 
@@ -143,11 +147,13 @@ def create_state(params, tx, shardings) -> TrainState:
     return jax.jit(lambda p: TrainState.create(p, tx), out_shardings=shardings)(params)
 
 
-def jit_step(step_fn, state_sharding, batch_example, mesh, batch_shardings=None):
-    """Compile `step_fn(state, batch) -> (state, metrics)` with explicit shardings (the
-    batch's: `batch_shardings`, by default each leaf's first axis over the batch devices);
-    the state is donated so parameters and optimizer moments are updated in place."""
+def jit_step(step_fn, state_sharding, batch_example, mesh, *frozen_shardings,
+             batch_shardings=None):
+    """Compile `step_fn(state, batch, *frozen) -> (state, metrics)` with explicit shardings
+    (the batch's: `batch_shardings`, by default each leaf's first axis over the batch devices);
+    the state is donated so parameters and optimizer moments are updated in place. `frozen`
+    (params nothing trains, with `frozen_shardings`) are read, not donated."""
     batch_sh = batch_shardings or jax.tree.map(lambda x: batch_sharding(mesh, jnp.ndim(x)),
                                                batch_example)
-    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh),
+    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sh, *frozen_shardings),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))

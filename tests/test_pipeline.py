@@ -2,11 +2,15 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from p3o_jax import config as C
+from p3o_jax import hf
+from p3o_jax import model as M
+from p3o_jax.cli import export
 from p3o_jax.cli.train import main
 from p3o_jax.pipeline import run_experiment
 
@@ -155,3 +159,25 @@ def test_every_trained_stage_exports_an_hf_folder(trained, tmp_path):
     assert export.main([f"run={path}", "stage=p3o", "step=1", f"to={tmp_path}/p3o-1"]) == 0
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p3o-1") is not None
     assert export.main([f"run={path}", "stage=p3o", "step=5"]) == 2
+
+
+@pytest.mark.parametrize("over", [{"rl.lora.rank": 4, "rl.lora.lr": 1e-2},
+                                  {"rl.train_top_layers": 1}], ids=["lora", "top_layers"])
+def test_rl_trains_a_part_of_the_policy_end_to_end(trained, tmp_path, over):
+    """RL on the SFT and RM stages of `trained` with LoRA adapters or the top block only: it
+    still beats the SFT policy on the RM, and saves and exports a plain (merged) policy."""
+    path, _ = trained
+    for name in ("sft", "rm"):
+        shutil.copytree(path / name, tmp_path / name)
+    summary = run_experiment(tiny(tmp_path, stages="rl", **over))
+    _check_rl(tmp_path, summary, "p3o")
+    assert os.path.isfile(tmp_path / "hf" / "p3o" / "model.safetensors")
+    # a checkpoint (the trained part only) exports as the whole policy: the last one is the
+    # finished policy
+    last = max(int(d) for d in os.listdir(tmp_path / "ckpt" / "p3o") if d.isdigit())
+    assert export.main([f"run={tmp_path}", "stage=p3o", f"step={last}",
+                        f"to={tmp_path}/ckpt_export"]) == 0
+    ids = np.arange(1, 13, dtype=np.int32).reshape(2, 6)
+    logits = [M.logits(*hf.load_pretrained(str(d))[::-1], ids, np.ones_like(ids))
+              for d in (tmp_path / "ckpt_export", tmp_path / "hf" / "p3o")]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)

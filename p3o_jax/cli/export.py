@@ -5,7 +5,8 @@
     python -m p3o_jax.cli.export run=runs/toy stage=p3o step=40 to=/tmp/p3o-40   # a checkpoint
 
 `stage` is `sft`, `rm` or an RL algorithm's name; without `step` the stage's final params
-(`<run>/<stage>`), with it the train state of `<run>/ckpt/<stage>/<step>`. Policies load with
+(`<run>/<stage>`), with it the train state of `<run>/ckpt/<stage>/<step>` (an RL run that
+trained LoRA adapters or the top layers: joined to `<run>/sft`, adapters merged). Policies load with
 `AutoModelForCausalLM`, the reward model with `AutoModelForSequenceClassification`. The
 tokenizer comes from `tokenizer=` (HF name or folder), else from the run's own exports
 (`<run>/hf/sft`, written when the run's stages finish). Output: `to`, by default
@@ -25,8 +26,10 @@ import transformers
 from p3o_jax import hf
 from p3o_jax.checks import ConfigError, ExistingDir, ModelSource, Pattern, Range, WritableDir
 from p3o_jax.checkpoint import load_params
-from p3o_jax.config import tool_args
+from p3o_jax.config import ExperimentConfig, RLConfig, tool_args
+from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
+from p3o_jax.rl import final_policy, frozen_policy
 from p3o_jax.sharding import make_mesh
 
 
@@ -39,15 +42,33 @@ class ExportArgs:
     tokenizer: Annotated[str, ModelSource()] = ""
 
 
-def run_model_config(run: str, stage: str) -> ModelConfig:
-    """The architecture of `stage`'s model, from the run's config.json."""
+def run_config(run: str) -> dict:
+    """The run's config.json."""
     path = os.path.join(run, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"config key 'run': {path} is missing; is {run} a run's out_dir?")
     with open(path) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def run_model_config(run: str, stage: str) -> ModelConfig:
+    """The architecture of `stage`'s model, from the run's config.json."""
+    cfg = run_config(run)
     model = cfg["reward_model"] or cfg["policy"] if stage == "rm" else cfg["policy"]
     return ModelConfig(**model)
+
+
+def whole_policy(args: ExportArgs, model_cfg: ModelConfig, trained: dict) -> dict:
+    """An RL checkpoint's policy: the state's params, or, when the run trained a part of the
+    policy (`rl.lora`, `rl.train_top_layers`), that part joined to the run's SFT policy (the
+    frozen rest), adapters merged."""
+    rl = run_config(args.run).get("rl", {})
+    lora, top = rl.get("lora", {}), rl.get("train_top_layers", 0)
+    if not (lora.get("rank") or top):
+        return trained
+    cfg = ExperimentConfig(rl=RLConfig(lora=LoraConfig(**lora), train_top_layers=top))
+    sft = load_params(os.path.join(args.run, "sft"), model_cfg, make_mesh())
+    return final_policy(cfg, trained, frozen_policy(cfg, sft))
 
 
 def stage_params(args: ExportArgs, model_cfg: ModelConfig):
@@ -65,7 +86,7 @@ def stage_params(args: ExportArgs, model_cfg: ModelConfig):
         state = manager.restore(args.step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore())).state
     params = state["params"]
-    return params["policy"] if "policy" in params else params
+    return whole_policy(args, model_cfg, params["policy"]) if "policy" in params else params
 
 
 def main(argv: list[str] | None = None) -> int:
