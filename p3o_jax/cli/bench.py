@@ -345,7 +345,7 @@ class Iteration:
     def step(self, it: int) -> dict:
         """One iteration; the wall seconds of each program (`generate`, `score`, `update`)."""
         self.state, _, metrics = self.rl(self.state, self.carry, self.ref, self.rm, self.prompts,
-                                         jax.random.key(it), self.limits)
+                                         jax.random.key(it), max_lengths=self.limits)
         if metrics["skipped_nonfinite"]:
             raise FloatingPointError(f"iteration {it}: the update was skipped (non-finite)")
         return {k: metrics[f"time_{k}"] for k in STAGES}
