@@ -109,3 +109,19 @@ def test_invariance_end_to_end(tmp_path):
     assert curve("P3O-V2", 0.0).shape == (4, 3)
     assert p3o < 1e-3 < ppo, (p3o, ppo)
     assert os.path.getsize(results / "invariance.png") > 10_000
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory maps")
+def test_runs_release_their_compiled_programs(tmp_path):
+    """Each run's compiled programs hold memory maps of JIT code (~1000 a toy run); a process
+    may hold 65530, so a sweep of 126 runs in one process must release them after each run."""
+    cfg = F.parse([*TINY, f"out_dir={tmp_path}/run", "sft.steps=4", "rm.steps=4",
+                   "rl.iterations=1", "eval_prompts=16"])[3]
+    base = F.train_sft_rm(cfg, 0, "maps")
+    over = dict(F.METHODS["P3O-V2"](0.1, cfg), **{"rl.eval_every": 1})
+    maps = []
+    for i in range(3):          # each run compiles its own programs (new closures)
+        F.rl_run(cfg, base, f"run{i}", over)
+        with open("/proc/self/maps") as f:
+            maps.append(sum(1 for _ in f))
+    assert maps[2] - maps[1] < 100, maps

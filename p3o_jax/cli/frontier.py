@@ -139,6 +139,7 @@ def train_sft_rm(cfg: ExperimentConfig, seed: int, folder: str) -> str:
     """SFT and the reward model of `seed` (reused if finished): their folder."""
     path = os.path.join(f"{cfg.out_dir.rstrip('/')}-{folder}", f"seed{seed}")
     run_experiment(dataclasses.replace(cfg, seed=seed, out_dir=path, stages="sft,rm"))
+    jax.clear_caches()
     return path
 
 
@@ -152,6 +153,10 @@ def rl_run(cfg: ExperimentConfig, base: str, name: str, over: dict) -> list[dict
         if not os.path.lexists(link):
             os.symlink(os.path.join("..", shared), link)
     run_experiment(overridden(dataclasses.replace(cfg, out_dir=path, stages="rl"), over))
+    # release the run's compiled programs: each keeps ~1000 memory maps of JIT code alive, and
+    # a process may hold 65530 (vm.max_map_count), so without this a sweep dies after ~60 runs
+    # ("LLVM compilation error: Cannot allocate memory"); the disk cache reloads them
+    jax.clear_caches()
     rows = {}
     with open(os.path.join(path, "metrics.jsonl")) as f:
         for r in map(json.loads, f):
