@@ -302,3 +302,25 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
         assert int(r.state["step"]) == updates and r.meta["step"] == saved
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(r.state["params"]))
     manager.close()
+
+
+@pytest.mark.parametrize("part", ["rl.lora.rank=2", "rl.train_top_layers=1"])
+def test_kill9_in_partial_rl_resumes_exactly(reference, env, tmp_path, part):
+    """LoRA adapters and top-N layers: the RL state (adapters or top blocks, their moments)
+    resumes bit for bit, the frozen rest rebuilt from the SFT policy. Both runs start from
+    the reference's SFT policy and reward model."""
+    runs = [tmp_path / "uninterrupted", tmp_path / "killed"]
+    for out in runs:
+        out.mkdir()
+        for shared in ("sft", "rm", "preferences.npz"):
+            (shutil.copytree if os.path.isdir(reference / shared) else shutil.copy)(
+                reference / shared, out / shared)
+    run_to_end(runs[0], env, part)
+    with Training(runs[1], env, part) as t:
+        t.wait_until(("rl", 1))
+        t.proc.send_signal(signal.SIGKILL)
+        t.proc.wait(timeout=30)
+    print(f"{part}: killed with checkpoints {sorted(checkpoints(runs[1]))}")
+    log = run_to_end(runs[1], env, part)
+    assert "rl: resuming at step" in log or "finished in an earlier run" in log, log[-3000:]
+    assert_same_run(*runs)
