@@ -71,6 +71,16 @@ from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
 
 GIB = 2 ** 30
 
+# Named TPU slices and GPU boxes: (devices, memory GiB per device, hosts). TPU names count
+# TensorCores for v4/v5p (2 per chip, one megacore device) and chips for v5e/v6e.
+SLICES = {
+    "v4-8": (4, 32, 1), "v4-16": (8, 32, 2), "v4-32": (16, 32, 4), "v4-64": (32, 32, 8),
+    "v5e-4": (4, 16, 1), "v5e-8": (8, 16, 1), "v5e-16": (16, 16, 4), "v5e-32": (32, 16, 8),
+    "v5p-8": (4, 95, 1), "v5p-16": (8, 95, 2), "v6e-8": (8, 32, 1),
+    "a100-80gb-x1": (1, 80, 1), "a100-80gb-x8": (8, 80, 1),
+    "h100-x1": (1, 80, 1), "h100-x8": (8, 80, 1), "h100-x16": (16, 80, 2),
+}
+
 class MemoryPlanError(ConfigError):
     """A configuration whose estimated memory exceeds the per-device budget."""
 
