@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = with_preset(cfg, args.model)
         rows = []
         for row in compile_check(cfg, args.target, names):
-            row = dict(row, model=args.model or cfg.base_model or "custom")
+            row = dict(row, model=args.model or cfg.base_model or "custom",
+                       args=" ".join(a for a in argv if not a.startswith("jsonl=")))
             line = json.dumps(row)
             print(line, flush=True)
             if args.jsonl:
