@@ -46,33 +46,42 @@ def test_programs_compile_sharded_by_the_rule_table(target):
         with jax.set_mesh(mesh):
             compiled = program.fn.lower(*program.args).compile()
         memory = compiled.memory_analysis()
-        # XLA's arguments hold at least every argument's shard (TPU pads small arrays)
-        assert memory.argument_size_in_bytes >= nbytes(program.args), name
-        assert memory.temp_size_in_bytes > 0, name
+        arrays = [x for x in jax.tree.leaves(program.args)
+                  if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+        # XLA's arguments are every argument's shard (jit drops unused leaves such as the
+        # reward head from the sampler; TPU pads small arrays)
+        assert memory.argument_size_in_bytes >= 0.99 * nbytes(arrays), name
+        if name != "rl_generate":        # activations and gradients
+            assert memory.temp_size_in_bytes > 0, name
         if name == "rl_generate":      # shardings come from the abstract arguments
             trained, frozen = compiled.input_shardings[0][:2]
-            embed = frozen["embed"]["embedding"]
+            embed = frozen["embed"]
         else:                          # jit_step's: the train state's
             state = compiled.input_shardings[0][0]
-            embed = (state.params["embed"]["embedding"] if name == "sft_step"
-                     else compiled.input_shardings[0][2]["embed"]["embedding"])   # frozen base
+            embed = (state.params["embed"] if name == "sft_step"
+                     else compiled.input_shardings[0][2]["embed"])   # frozen base
         # the rule table: ("vocab", "embed") -> (tensor, fsdp); fsdp = 8 splits d_model
         assert embed.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), (name, embed.spec)
         assert embed.shard_shape((cfg.policy.vocab_size, cfg.policy.d_model)) == (
             cfg.policy.vocab_size, cfg.policy.d_model // 8)
         assert embed.mesh.devices.flat[0].platform == PLATFORM[target]
-    # LoRA: the donated state is the adapters only; the base is a separate, read argument
-    update = progs["rl_update"]
-    state, _, frozen = update.args
-    assert nbytes(state.params) < nbytes(frozen) / 10
+    # LoRA: the donated state holds the adapters only (replicated: new leaves have no logical
+    # axes); the base is a separate, read argument, sharded like the SFT policy
+    state, _, frozen = progs["rl_update"].args
+    adapters = jax.tree_util.tree_leaves_with_path(state.params)
+    assert adapters and all(str(path[-1].key).startswith("lora_") and x.sharding.is_fully_replicated
+                            for path, x in adapters)
+    assert frozen["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_oversized_config_is_rejected_in_one_line(target, capsys):
-    # float32 logits of 8192 x 30 tokens x 32768 per device: 30 GiB on v5e (16 GiB), and x8
-    # the batch for the H100 (79 GiB)
-    batch = 65536 if target == "v5e-8" else 8 * 65536
-    argv = ["exp=toy", "policy.vocab_size=32768", f"sft.batch_size={batch}",
+    # 6 blocks of width 16384: 19 B params; float32 params and AdamW moments alone are 27 GiB
+    # per device under FSDP over 8, and XLA's temporaries hold an unsharded float32 copy of
+    # the weights (72 GiB): over a v5e's 16 GiB and an H100's 79 GiB. (Sequences of 32
+    # tokens: with 29, 232-row dots this wide fail XLA:GPU's deviceless Triton tiling.)
+    argv = ["exp=toy", "policy.d_model=16384", "policy.n_heads=128", "policy.n_layers=6",
+            "toy.response_len=13",
             f"target={target}", "programs=sft_step"]
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
