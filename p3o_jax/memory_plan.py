@@ -45,11 +45,13 @@ scale: XLA's memory analysis of a compiled float32 SFT step on CPU (GPT-NeoX, 4 
 256, 16 x 128 tokens) reports 375 MiB of temporaries where activations + gradients estimate
 292 MiB, the rest being the optimizer update's temporaries (~4x the params).
 
-Compiling instead of estimating: `jax.experimental.topologies.get_topology_desc` would let
-this CPU host AOT-compile the P3O step for a TPU topology and read its memory analysis, but
-it needs libtpu (the `jax[tpu]` extra); without it it raises "JAX TPU support not installed",
-so the plan is analytic. With libtpu, `jax.jit(...).lower(...).compile().memory_analysis()`
-on that topology's mesh checks these numbers.
+Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
+compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
+analysis beside these numbers (README, "Real compiles"). Where they disagree: XLA's
+temporaries of a full fine-tuning update hold about one unsharded copy of the weights in their
+param dtype besides the terms above (FSDP all-gathers not freed between layers), and
+`policy.remat=block` does not lower them, so for full fine-tuning this plan is an
+underestimate by that copy.
 """
 from __future__ import annotations
 
