@@ -47,11 +47,10 @@ scale: XLA's memory analysis of a compiled float32 SFT step on CPU (GPT-NeoX, 4 
 
 Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
-analysis beside these numbers (README, "Real compiles"). Where they disagree: XLA's
-temporaries of a full fine-tuning update hold about one unsharded copy of the weights in their
-param dtype besides the terms above (FSDP all-gathers not freed between layers), and
-`policy.remat=block` does not lower them, so for full fine-tuning this plan is an
-underestimate by that copy.
+analysis beside these numbers (README, "Real compiles"). Training steps of SFT agree to within
+10%; the RL update needs 1.6-2.8 x this plan: for Pythia-6.9B its temporaries are about one
+unsharded float32 copy of the weights (not counted here; cause not yet diagnosed) and
+`policy.remat=block` does not lower them. Not recalibrated: read the RL plan as a lower bound.
 """
 from __future__ import annotations
 
