@@ -13,6 +13,10 @@ JAX_EXTRA_cpu := jax[cpu]==0.10.2
 JAX_EXTRA_cuda := jax[cuda12]==0.10.2
 JAX_EXTRA_tpu := jax[tpu]==0.10.2
 JAX_EXTRA := $(JAX_EXTRA_$(ACCEL))
+# ACCEL=cpu runs on the CPU even where the test requirements put libtpu and the CUDA plugin
+# into .venv (for compile_check's AOT compiles), so jax does not probe for a TPU or GPU
+RUN_ENV_cpu := JAX_PLATFORMS=cpu
+RUN_ENV := $(RUN_ENV_$(ACCEL))
 ifeq ($(JAX_EXTRA),)
 $(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
 endif
@@ -30,16 +34,16 @@ $(VENV)/.test-$(ACCEL): requirements-test.txt $(VENV)/.runtime-$(ACCEL)
 	touch $@
 
 train: $(VENV)/.runtime-$(ACCEL)
-	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
+	$(RUN_ENV) $(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
 test: $(VENV)/.test-$(ACCEL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 frontier: $(VENV)/.runtime-$(ACCEL)
-	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
+	$(RUN_ENV) $(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
 
 bench: $(VENV)/.test-$(ACCEL)
-	$(PY) -m p3o_jax.cli.bench $(ARGS)
+	$(RUN_ENV) $(PY) -m p3o_jax.cli.bench $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -54,14 +54,25 @@ def init_sharded(model_cfg: M.ModelConfig, key, mesh):
 # ---------------------------------------------------------------------------------------------
 # SFT and the reward model
 
+def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):
+    """The compiled optimizer step of SFT and reward modelling, `(state, batch) -> (state,
+    metrics)` (`jit_step`: state donated, batch over the batch devices), with its optimizer and
+    state shardings: (update, tx, shardings). `batch_example`: arrays or ShapeDtypeStructs of
+    the batch's shapes (SFT: input_ids, attention_mask, loss_mask [B, L]; reward model: tokens,
+    mask [B, 2, L] and resp_mask [B, 2, N]). p3o_jax/compile_check.py compiles the same step."""
+    tx = make_optimizer(optim, steps)
+    shardings = state_shardings(model_cfg, tx, mesh)
+    loss = functools.partial(loss_fn, cfg=model_cfg)
+    update = jit_step(skip_nonfinite(gradient_step(loss)), shardings, batch_example, mesh)
+    return update, tx, shardings
+
+
 def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, steps, optim):
     """SFT and reward modelling: `steps` optimizer steps of `loss_fn(params, batch, cfg)`,
     `batches(i)` giving step i's batch on the mesh."""
-    tx = make_optimizer(optim, steps)
-    shardings = state_shardings(model_cfg, tx, run.mesh)
+    update, tx, shardings = supervised_step(model_cfg, loss_fn, optim, steps, run.mesh,
+                                            batches(0))
     state = create_state(params, tx, shardings)
-    loss = functools.partial(loss_fn, cfg=model_cfg)
-    update = jit_step(skip_nonfinite(gradient_step(loss)), shardings, batches(0), run.mesh)
 
     def step(i, state, carry):
         return *update(state, batches(i)), carry

@@ -197,13 +197,19 @@ class RLIteration:
         an argument that is read, not donated."""
         plan = self.plan(state, buffer)
         if self.update is None:
-            packed = lambda x: batch_sharding(self.mesh, x.ndim, axis=1)
-            shardings = (jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), buffer),
-                         MinibatchPlan(replicated(self.mesh),
-                                       jax.tree.map(packed, plan.packing)))
-            self.update = jit_step(self._update, self.shardings, None, self.mesh,
-                                   self.frozen_shardings, batch_shardings=shardings)
+            self.update = self.update_program(buffer, plan)
         return self.update(state, (buffer, plan), frozen)
+
+    def update_program(self, buffer, plan: MinibatchPlan):
+        """The jitted update `(state, (buffer, plan), frozen) -> (state, metrics)` (`jit_step`,
+        state donated) for a buffer and plan of these shapes (arrays or ShapeDtypeStructs):
+        buffer rows over the batch devices, the plan's index [E * M, B / M] replicated, its
+        packed prompts [E * M, R, ...] split along R."""
+        packed = lambda x: batch_sharding(self.mesh, x.ndim, axis=1)
+        shardings = (jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), buffer),
+                     MinibatchPlan(replicated(self.mesh), jax.tree.map(packed, plan.packing)))
+        return jit_step(self._update, self.shardings, None, self.mesh, self.frozen_shardings,
+                        batch_shardings=shardings)
 
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
                  frozen=None, max_lengths=None):

@@ -24,6 +24,15 @@ from p3o_jax.sharding import shard_batch
 from p3o_jax.tasks import Task
 
 
+def sampling_config(rl, response_len: int, eos_id, pad_id: int = 0,
+                    stop_sequences=()) -> SamplingConfig:
+    """Sampling of RL, the reward model's pairs and evaluation: `rl.temperature / top_k /
+    top_p`, responses of up to `response_len` tokens, the task's EOS, padding and stops."""
+    return SamplingConfig(max_new_tokens=response_len, temperature=rl.temperature,
+                          top_k=rl.top_k, top_p=rl.top_p, eos_id=eos_id, pad_id=pad_id,
+                          stop_sequences=stop_sequences)
+
+
 @dataclasses.dataclass
 class Run:
     """What every stage needs: the resolved config, mesh, task, logger."""
@@ -38,11 +47,8 @@ class Run:
     @functools.cached_property
     def sampling(self) -> SamplingConfig:
         """How RL, the reward model's pairs and evaluation sample (`rl.*` and the task's)."""
-        rl = self.cfg.rl
-        return SamplingConfig(max_new_tokens=self.task.response_len,
-                              temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
-                              eos_id=self.task.eos_id, pad_id=self.task.pad_id,
-                              stop_sequences=self.task.stop_sequences)
+        return sampling_config(self.cfg.rl, self.task.response_len, self.task.eos_id,
+                               self.task.pad_id, self.task.stop_sequences)
 
     @functools.cached_property
     def rm_tokenizer(self):

@@ -18,7 +18,7 @@ from typing import Annotated
 from p3o_jax import model as M
 from p3o_jax.checks import NonNegative, OneOf
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, resolve, tool_args
-from p3o_jax.memory_plan import GIB, MemoryPlanError, StagePlan, make_plan
+from p3o_jax.memory_plan import GIB, SLICES, MemoryPlanError, StagePlan, make_plan
 
 # Architectures of the hub checkpoints (their config.json), for plans without a download.
 MODELS = {
@@ -35,17 +35,10 @@ MODELS = {
                                  rotary_pct=0.25),
     "llama-7b": M.ModelConfig(family="llama", vocab_size=32000, d_model=4096, n_layers=32,
                               n_heads=32, d_ff=11008, max_len=4096),
+    "llama-3-8b": M.ModelConfig(family="llama", vocab_size=128256, d_model=4096, n_layers=32,
+                                n_heads=32, n_kv_heads=8, d_ff=14336, max_len=8192,
+                                rope_theta=500000.0),
 }
-
-# name: (chips, HBM GiB per chip, hosts). TPU names count TensorCores for v4/v5p (2 per chip)
-# and chips for v5e.
-SLICES = {
-    "v4-8": (4, 32, 1), "v4-16": (8, 32, 2), "v4-32": (16, 32, 4), "v4-64": (32, 32, 8),
-    "v5e-4": (4, 16, 1), "v5e-8": (8, 16, 1), "v5e-16": (16, 16, 4), "v5e-32": (32, 16, 8),
-    "v5p-8": (4, 95, 1), "v5p-16": (8, 95, 2),
-    "a100-80gb-x8": (8, 80, 1), "h100-x8": (8, 80, 1), "h100-x16": (16, 80, 2),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class PlanArgs:
@@ -56,10 +49,12 @@ class PlanArgs:
 
 
 def with_preset(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
-    """`cfg` with the policy (and reward model) of preset `name`, its dtypes kept."""
+    """`cfg` with the policy (and reward model) of preset `name`, its dtypes and
+    `policy.remat` kept (and `base_model`'s tokenizer as `data.tokenizer`: nothing is read)."""
     policy = dataclasses.replace(MODELS[name], dtype=cfg.policy.dtype,
-                                 param_dtype=cfg.policy.param_dtype)
-    return dataclasses.replace(cfg, policy=policy, reward_model=None, base_model="")
+                                 param_dtype=cfg.policy.param_dtype, remat=cfg.policy.remat)
+    data = dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or cfg.base_model)
+    return dataclasses.replace(cfg, policy=policy, reward_model=None, base_model="", data=data)
 
 
 def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b", "llama-7b"),

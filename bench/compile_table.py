@@ -1,0 +1,36 @@
+"""The README's table of real compiles from compile_check's JSON lines (bench/compile_grid.sh):
+
+    python bench/compile_table.py [bench/compile_check.jsonl]
+
+One markdown row per compiled program, GiB per device: XLA's arguments / outputs - aliased /
+temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
+estimate of the same program (p3o_jax/memory_plan.py) and their ratio, the compile time.
+"""
+import json
+import sys
+
+
+def main(path="bench/compile_check.jsonl"):
+    rows = [json.loads(line) for line in open(path)]
+    print("| model | target (devices x GiB) | data x fsdp x tensor | RL trains | program | "
+          "XLA args / out - alias / temp | resident | plan | resident / plan | compile s | fits |")
+    print("|---" * 11 + "|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['args']} | skipped: {r['skipped']} |" + " |" * 9)
+            continue
+        if "xla_gib" in r:
+            xla = (f"{r['argument_gib']:.1f} / {r['output_gib'] - r['alias_gib']:.1f} / "
+                   f"{r['temp_gib']:.1f}")
+            resident, ratio = f"{r['resident_gib']:.1f}", f"{r['resident_gib'] / r['plan_gib']:.2f}"
+        else:       # the TPU compiler refused it: its message gives the temporaries
+            xla, resident, ratio = r["why"].split("(")[1].split(")")[0], "-", "-"
+            xla = f"temp {xla}"
+        fits = "yes" if r["fits"] else "**no**"
+        print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
+              f"{r['mesh'].replace('x', ' x ')} | {r['mode']} | {r['program']} | {xla} | "
+              f"{resident} | {r['plan_gib']:.1f} | {ratio} | {r['compile_s']:.0f} | {fits} |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Compile a run's programs for a named TPU slice or GPU box on this host and print XLA's
+memory per device beside the analytic plan's (the library: p3o_jax/compile_check.py).
+
+    python -m p3o_jax.cli.compile_check model=pythia-6.9b target=v5e-16
+    python -m p3o_jax.cli.compile_check model=pythia-6.9b target=h100-x8 rl.lora.rank=8 \\
+        programs=rl_update jsonl=bench/compile_check.jsonl
+    python -m p3o_jax.cli.compile_check exp=tldr target=v4-32 policy.remat=block mesh.tensor=2
+
+Keys of this command: `target` (TPU: v4-8 v4-16 v4-32 v5e-4 v5e-8 v5e-16 v5e-32 v5p-8 v5p-16
+v6e-8; NVIDIA: h100-x1 h100-x8 h100-x16 a100-80gb-x1 a100-80gb-x8), `model` (a preset
+architecture of p3o_jax/cli/memory_plan.py's MODELS), `programs` (comma-separated, of sft_step
+rm_step rl_generate rl_score rl_update; default all), `jsonl` (append the JSON lines to this
+file too). Every other key overrides the experiment (`exp=tldr` by default), as for train:
+`policy.remat=block`, `rl.train_top_layers=2`, `rl.lora.rank=8`, `mesh.tensor=2`, ...
+
+Prints one JSON line per program as it compiles, then a table (GiB per device). TPU targets
+need libtpu (`jax[tpu]`), NVIDIA ones jax-cuda12-plugin and jax-cuda12-pjrt (both in
+requirements-test.txt); no accelerator is used. Exit 1 when a program does not fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Annotated
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the target, run nothing here
+
+from p3o_jax.checks import OneOf  # noqa: E402
+from p3o_jax.cli.memory_plan import MODELS, with_preset  # noqa: E402
+from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check  # noqa: E402
+from p3o_jax.config import ConfigError, from_args, tool_args  # noqa: E402
+
+COLUMNS = ("program", "argument_gib", "output_gib", "alias_gib", "temp_gib", "xla_gib",
+           "held_gib", "resident_gib", "plan_gib", "compile_s", "fits")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileArgs:
+    target: Annotated[str, OneOf(*TARGETS)] = "v5e-8"
+    model: Annotated[str, OneOf("", *MODELS)] = ""
+    programs: str = ",".join(PROGRAMS)
+    jsonl: str = ""
+
+
+def table(rows: list[dict]) -> str:
+    """The rows' COLUMNS, aligned; a program that does not fit shows its reason below."""
+    cells = [list(COLUMNS)] + [[str(r.get(c, "-")) for c in COLUMNS] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines += [f"{r['program']} does not fit: {r['why']}" for r in rows if not r["fits"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, rest = tool_args(argv, CompileArgs())
+        names = tuple(p for p in args.programs.split(",") if p)
+        unknown = set(names) - set(PROGRAMS)
+        if unknown or not names:
+            raise ConfigError(f"config key 'programs': {sorted(unknown) or 'none given'}; "
+                              f"choose from {', '.join(PROGRAMS)}")
+        exp = [] if any(a.startswith("exp=") for a in rest) else ["exp=tldr"]
+        cfg = from_args(exp + rest)
+        if args.model:
+            cfg = with_preset(cfg, args.model)
+        rows = []
+        for row in compile_check(cfg, args.target, names):
+            row = dict(row, model=args.model or cfg.base_model or "custom",
+                       args=" ".join(a for a in argv if not a.startswith("jsonl=")))
+            line = json.dumps(row)
+            print(line, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(line + "\n")
+            rows.append(row)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r = rows[0]
+    print(f"\n{r['model']} on {r['target']} ({r['devices']} devices x {r['hbm_gib']} GiB), "
+          f"mesh data x fsdp x tensor = {r['mesh']}, {r['mode']}, {r['algo']}, params/compute "
+          f"{r['dtype']}; GiB per device:\n{table(rows)}")
+    return 0 if all(r["fits"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

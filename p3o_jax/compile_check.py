@@ -1,0 +1,283 @@
+"""Real compiles of a run's programs for a named TPU slice or GPU box, on a host without one
+(the command: p3o_jax/cli/compile_check.py).
+
+`jax.experimental.topologies` describes the target's devices (TPU: libtpu, the `jax[tpu]`
+extra; NVIDIA: jax-cuda12-plugin and jax-cuda12-pjrt with a `GpuTargetConfig` from
+p3o_jax/gpu_specs/, and `JAX_PLATFORMS=cpu`); the run's mesh (`cfg.mesh`) is laid over them
+and each program the training loop jits is lowered on `jax.ShapeDtypeStruct`s carrying the
+loop's `NamedSharding`s, then compiled by XLA for that target. Nothing is allocated. The
+programs are the loop's own:
+
+    sft_step      pipeline.supervised_step(policy, sft.loss)     batch: sft.batch_size x L
+    rm_step       pipeline.supervised_step(rm_model, reward_model.loss)   rm.batch_size pairs
+    rl_generate   RLIteration.sample (sampler.sample_pairs)      prompts_per_iter x n_samples
+    rl_score      RLIteration.score (rollout.score, algo.prepare)
+    rl_update     RLIteration.update_program (E x M minibatch steps, state donated)
+
+with L = prompt_len + response_len. The RL programs take the train state (what `rl.lora.rank`
+/ `rl.train_top_layers` train, `rl.split_policy`) and the frozen rest of the policy as the
+loop passes them; the prompts are padded (`rl.pack_prompts`'s packed rows depend on the
+data; padded is their upper bound).
+
+Per program, bytes per device from XLA's `memory_analysis()`: arguments, outputs, aliased
+(donated state: output written over its argument), temporaries, and `xla` = argument + output
+- alias + temp. `resident` adds what the stage keeps alive besides the program's arguments
+(the optimizer state while sampling, the reference and reward model during the update, the
+SFT policy during reward modelling) and removes arrays passed twice (the frozen policy is also
+the reference under LoRA / top layers: `rl_score` reads both). `plan` is the analytic estimate
+of p3o_jax/memory_plan.py for the same program (params + opt state + frozen + the program's
+own: KV cache, scoring, or gradients + activations). A program that does not fit the device's
+memory fails TPU compilation (RESOURCE_EXHAUSTED); for GPUs XLA compiles anyway, so `resident`
+is compared with the card's memory here. Either way the result says "does not fit" with one
+line of why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from p3o_jax import memory_plan
+from p3o_jax import model as M
+from p3o_jax.algos import ALGORITHMS, reward_model, sft
+from p3o_jax.config import ConfigError, ExperimentConfig, resolve
+from p3o_jax.memory_plan import GIB, shard_bytes
+from p3o_jax.pipeline import supervised_step
+from p3o_jax.rl import RLIteration, frozen_policy, initial_params
+from p3o_jax.sharding import batch_sharding, make_mesh, replicated
+from p3o_jax.stage import sampling_config
+from p3o_jax.train_state import MinibatchPlan, TrainState, param_shardings
+
+PROGRAMS = ("sft_step", "rm_step", "rl_generate", "rl_score", "rl_update")
+SPECS_DIR = os.path.join(os.path.dirname(__file__), "gpu_specs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A TPU slice (`topology` as libtpu names it, `chip` its chip config) or an NVIDIA box
+    (`topology` "slices x hosts x GPUs per host", `chip` a gpu_specs/ file)."""
+    platform: str
+    topology: str
+    chip: str
+
+    def spec(self) -> str:
+        with open(os.path.join(SPECS_DIR, f"{self.chip}.txtpb")) as f:
+            return f.read()
+
+    def spec_memory(self) -> int:
+        line = next(l for l in self.spec().splitlines() if "device_memory_size" in l)
+        return int(line.split(":")[1])
+
+
+TARGETS = {
+    "v4-8": Target("tpu", "v4:2x2x1", "megacore"),
+    "v4-16": Target("tpu", "v4:2x2x2", "megacore"),
+    "v4-32": Target("tpu", "v4:2x2x4", "megacore"),
+    "v5e-4": Target("tpu", "v5e:2x2", "default"),
+    "v5e-8": Target("tpu", "v5e:2x4", "default"),
+    "v5e-16": Target("tpu", "v5e:4x4", "default"),
+    "v5e-32": Target("tpu", "v5e:4x8", "default"),
+    "v5p-8": Target("tpu", "v5p:2x2x1", "megacore"),
+    "v5p-16": Target("tpu", "v5p:2x2x2", "megacore"),
+    "v6e-8": Target("tpu", "v6e:2x4", "default"),
+    "h100-x1": Target("cuda", "1x1x1", "h100_sxm_80gb"),
+    "h100-x8": Target("cuda", "1x1x8", "h100_sxm_80gb"),
+    "h100-x16": Target("cuda", "1x2x8", "h100_sxm_80gb"),
+    "a100-80gb-x1": Target("cuda", "1x1x1", "a100_sxm_80gb"),
+    "a100-80gb-x8": Target("cuda", "1x1x8", "a100_sxm_80gb"),
+}
+
+
+def target_devices(name: str) -> list:
+    """The devices of target `name` (TARGETS), described, not attached. ConfigError naming
+    what to install when the compiler plugin is missing."""
+    from jax.experimental import topologies
+    t = TARGETS[name]
+    try:
+        if t.platform == "tpu":
+            topo = topologies.get_topology_desc(
+                platform="tpu", topology_name=t.topology, chip_config_name=t.chip,
+                chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
+        else:
+            topo = topologies.get_topology_desc(platform="cuda", target_config=t.spec(),
+                                                topology=t.topology)
+    except Exception as e:   # the plugins raise RuntimeError / ValueError / XlaRuntimeError
+        extra = ("jax[tpu]==0.10.2" if t.platform == "tpu" else
+                 "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (and JAX_PLATFORMS=cpu)")
+        raise ConfigError(f"config key 'target': {name} needs {extra}: "
+                          f"{str(e).strip().splitlines()[0]}") from e
+    return list(topo.devices)
+
+
+def hbm_bytes(name: str) -> int:
+    """Memory per device of target `name`: the GPU spec's, or `memory_plan.SLICES`' GiB."""
+    t = TARGETS[name]
+    return t.spec_memory() if t.platform == "cuda" else int(memory_plan.SLICES[name][1] * GIB)
+
+
+def abstract(shapes, shardings):
+    """ShapeDtypeStructs of `shapes` (a pytree of arrays / ShapeDtypeStructs) placed by
+    `shardings` (a matching pytree of NamedShardings)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def batch_of(shapes, mesh):
+    """`shapes` placed as the loop places batches: leading axis over (data, fsdp), scalars
+    replicated (`sharding.batch_sharding`)."""
+    place = lambda x: batch_sharding(mesh, x.ndim) if x.ndim else replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=place(x)),
+                        shapes)
+
+
+def nbytes(tree) -> int:
+    """Bytes per device of a pytree of ShapeDtypeStructs with shardings."""
+    return shard_bytes(tree, [x.sharding for x in jax.tree.leaves(tree)])
+
+
+def tokens(mesh, *shape):
+    """An int32 batch [shape] over the batch devices."""
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding(mesh, len(shape)))
+
+
+@dataclasses.dataclass
+class Program:
+    """A jitted program, its abstract arguments, and the stage's other resident bytes per
+    device (`held`: alive but not arguments; minus arrays passed twice)."""
+    fn: object
+    args: tuple
+    held: int
+    plan: int          # the analytic estimate (memory_plan) of the same program
+
+
+def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
+    """The loop's programs `names` for the resolved `cfg` on `mesh`, with abstract arguments
+    (built outside `jax.set_mesh`: the rule table's eager helpers cannot run on a described
+    mesh; lower them under it)."""
+    plan = {s.stage: s for s in memory_plan.make_plan(cfg, mesh.size, ("sft", "rm", "rl")).stages}
+    remat = cfg.policy.remat != "none"
+    act = lambda s: s.activations_remat if remat else s.activations
+    base = lambda s: s.params + s.opt_state + s.frozen
+    P, N = cfg.prompt_len, cfg.response_len
+    L = P + N
+    pol, rmc = cfg.policy, cfg.rm_model
+    shapes = lambda c: jax.eval_shape(lambda: M.init_params(c, jax.random.key(0)))
+    sft_params = abstract(shapes(pol), param_shardings(pol, mesh))
+    out = {}
+    for name, model_cfg, loss, c, batch in (
+            ("sft_step", pol, sft.loss, cfg.sft,
+             {k: tokens(mesh, cfg.sft.batch_size, L)
+              for k in ("input_ids", "attention_mask", "loss_mask")}),
+            ("rm_step", rmc, reward_model.loss, cfg.rm,
+             {"tokens": tokens(mesh, cfg.rm.batch_size, 2, L),
+              "mask": tokens(mesh, cfg.rm.batch_size, 2, L),
+              "resp_mask": tokens(mesh, cfg.rm.batch_size, 2, N)})):
+        if name not in names:
+            continue
+        step, tx, shardings = supervised_step(model_cfg, loss, c.optim, c.steps, mesh, batch)
+        state = abstract(jax.eval_shape(lambda p: TrainState.create(p, tx), shapes(model_cfg)),
+                         shardings)
+        stage = plan[name[:-5]]
+        held = nbytes(sft_params) if name == "rm_step" else 0  # the SFT policy
+        out[name] = Program(step, (state, batch), held, base(stage) + stage.grads + act(stage))
+    if not set(names) & {"rl_generate", "rl_score", "rl_update"}:
+        return out
+    if ALGORITHMS[cfg.algo].offline:
+        raise ConfigError(f"config key 'algo': {cfg.algo} is offline; compile_check compiles "
+                          f"the online RL programs (leave out rl_* with programs=...)")
+    it = RLIteration(cfg, mesh, sampling_config(cfg.rl, N, eos_id=0))
+    rm_params = abstract(shapes(rmc), param_shardings(rmc, mesh))
+    trained = jax.eval_shape(lambda p, r: initial_params(cfg, p, r), sft_params, rm_params)
+    state = abstract(jax.eval_shape(lambda p: TrainState.create(p, it.tx), trained),
+                     it.shardings)
+    frozen = frozen_policy(cfg, sft_params)
+    state_b, params_b, sft_b, rm_b, frozen_b = map(
+        nbytes, (state, state.params, sft_params, rm_params, frozen))
+    B = cfg.rl.prompts_per_iter
+    prompts = {"ids": tokens(mesh, B, P), "mask": tokens(mesh, B, P)}
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=replicated(mesh))
+    generate = jax.jit(lambda t, f, pr, k: it.sample(it.params(t, f), pr, k))
+    samples = batch_of(jax.eval_shape(generate, state.params, frozen, prompts, key), mesh)
+    carry = it.algo.init_carry(cfg)
+    score = jax.jit(lambda t, f, ref, rm, pr, s, c: it.score(it.params(t, f), ref, rm, pr, s, c))
+    score_args = (state.params, frozen, sft_params, rm_params, prompts, samples, carry)
+    buffer = batch_of(jax.eval_shape(score, *score_args)[0].replace(entropy=None), mesh)
+    rl = cfg.rl
+    minibatches = MinibatchPlan(jax.ShapeDtypeStruct(
+        (rl.epochs * rl.minibatches, B // rl.minibatches), jnp.int32, sharding=replicated(mesh)))
+    stage = plan["rl"]
+    opt_b = state_b - params_b
+    candidates = {
+        # the optimizer state, the reference's part outside `frozen`, the reward model
+        "rl_generate": Program(generate, (state.params, frozen, prompts, key),
+                               opt_b + sft_b - frozen_b + rm_b, base(stage) + stage.kv_cache),
+        # the optimizer state; `frozen` is also inside the reference argument
+        "rl_score": Program(score, score_args, opt_b - frozen_b, base(stage) + stage.scoring),
+        # the reference's part outside `frozen`, the reward model
+        "rl_update": Program(it.update_program(buffer, minibatches),
+                             (state, (buffer, minibatches), frozen), sft_b - frozen_b + rm_b,
+                             base(stage) + stage.grads + act(stage)),
+    }
+    out.update({k: v for k, v in candidates.items() if k in names})
+    return out
+
+
+def describe(cfg: ExperimentConfig) -> str:
+    """What RL trains and how: full | lora-r8 | top2, with +remat-<policy>."""
+    mode = (f"lora-r{cfg.rl.lora.rank}" if cfg.rl.lora.rank else
+            f"top{cfg.rl.train_top_layers}" if cfg.rl.train_top_layers else "full")
+    return mode + (f"+remat-{cfg.policy.remat}" if cfg.policy.remat != "none" else "")
+
+
+def compile_program(program: Program, hbm: int) -> dict:
+    """Lower and compile `program`; XLA's bytes per device, the resident total, the plan's
+    estimate, compile seconds, and `fits` (with `why`, one line, when it does not)."""
+    start = time.perf_counter()
+    try:
+        compiled = program.fn.lower(*program.args).compile()
+    except Exception as e:       # XlaRuntimeError: RESOURCE_EXHAUSTED on TPU
+        message = str(e).strip()
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise
+        line = next(l for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l)
+        return dict(fits=False, why=line.strip()[:300], plan_gib=gib(program.plan),
+                    compile_s=round(time.perf_counter() - start, 1))
+    seconds = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    xla = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+           + m.temp_size_in_bytes)
+    resident = xla + program.held
+    row = dict(argument_gib=gib(m.argument_size_in_bytes), output_gib=gib(m.output_size_in_bytes),
+               alias_gib=gib(m.alias_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
+               xla_gib=gib(xla), held_gib=gib(program.held), resident_gib=gib(resident),
+               plan_gib=gib(program.plan), compile_s=round(seconds, 1), fits=resident <= hbm)
+    if not row["fits"]:
+        row["why"] = (f"needs {resident / GIB:.2f} GiB per device (XLA {xla / GIB:.2f} + "
+                      f"{program.held / GIB:.2f} held), over the {hbm / GIB:.2f} GiB of the device")
+    return row
+
+
+def gib(b: int) -> float:
+    return round(b / GIB, 3)
+
+
+def compile_check(cfg: ExperimentConfig, target: str, names=PROGRAMS):
+    """Compile the programs `names` of `cfg` (resolved here over the target's devices) for
+    `target`; yields one result dict per program, as it is compiled."""
+    devices = target_devices(target)
+    cfg = resolve(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False)),
+                  len(devices))
+    m = cfg.mesh
+    mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    hbm = hbm_bytes(target)
+    head = dict(target=target, devices=len(devices), hbm_gib=gib(hbm),
+                mesh=f"{m.data}x{m.fsdp}x{m.tensor}", mode=describe(cfg), algo=cfg.algo,
+                dtype=f"{cfg.policy.param_dtype}/{cfg.policy.dtype}")
+    for name, program in programs(cfg, mesh, names).items():
+        with jax.set_mesh(mesh):     # what the loop traces under (`sharding.constrain`)
+            row = compile_program(program, hbm)
+        yield dict(head, program=name, **row)
