@@ -44,7 +44,7 @@ from p3o_jax import memory_plan
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, reward_model, sft
 from p3o_jax.config import ConfigError, ExperimentConfig, resolve
-from p3o_jax.memory_plan import GIB, shard_bytes
+from p3o_jax.memory_plan import GIB, MemoryPlanError, shard_bytes
 from p3o_jax.pipeline import supervised_step
 from p3o_jax.rl import RLIteration, frozen_policy, initial_params
 from p3o_jax.sharding import batch_sharding, make_mesh, replicated
@@ -52,6 +52,8 @@ from p3o_jax.stage import sampling_config
 from p3o_jax.train_state import MinibatchPlan, TrainState, param_shardings
 
 PROGRAMS = ("sft_step", "rm_step", "rl_generate", "rl_score", "rl_update")
+COLUMNS = ("program", "argument_gib", "output_gib", "alias_gib", "temp_gib", "xla_gib",
+           "held_gib", "resident_gib", "plan_gib", "compile_s", "fits")
 SPECS_DIR = os.path.join(os.path.dirname(__file__), "gpu_specs")
 
 
@@ -263,6 +265,42 @@ def compile_program(program: Program, hbm: int) -> dict:
 
 def gib(b: int) -> float:
     return round(b / GIB, 3)
+
+
+def table(rows: list[dict]) -> str:
+    """The rows' COLUMNS, aligned; a program that does not fit shows its reason below."""
+    cells = [list(COLUMNS)] + [[str(r.get(c, "-")) for c in COLUMNS] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines += [f"{r['program']} does not fit: {r['why']}" for r in rows if not r["fits"]]
+    return "\n".join(lines)
+
+
+def check_run(cfg: ExperimentConfig, mesh, budget: int) -> list[dict]:
+    """`dist.check_memory=true`, before anything trains: compile the programs of the stages
+    `cfg` runs (resolved) for the run's own devices (`mesh`) and raise MemoryPlanError, with
+    XLA's bytes per device of each, when one needs more than `budget` bytes per device. What
+    no program here covers (an offline algorithm's update, the final evaluation) is checked
+    against the analytic plan (`memory_plan.make_plan`). Returns the compiled programs' rows."""
+    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False))
+    offline = ALGORITHMS[cfg.algo].offline
+    names = [name for name in PROGRAMS
+             if name.split("_")[0] in cfg.stage_list and not (offline and name[:3] == "rl_")]
+    rows = []
+    for name, program in programs(cfg, mesh, names).items():
+        with jax.set_mesh(mesh):
+            rows.append(dict(program=name, **compile_program(program, budget)))
+    if not all(r["fits"] for r in rows):
+        sizes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        raise MemoryPlanError(
+            f"{', '.join(r['program'] for r in rows if not r['fits'])} does not fit "
+            f"{budget / GIB:.4g} GiB per device on a {sizes} mesh of {mesh.devices.flat[0].platform}"
+            f" devices (XLA's compiled programs, p3o_jax/compile_check.py; GiB per device):\n"
+            f"{table(rows)}\nSet policy.remat=block, rl.train_top_layers, rl.lora.rank, raise "
+            f"rl.minibatches, lower the batch sizes, or add devices or mesh.tensor.")
+    rest = ("eval",) + (("rl",) if offline and "rl" in cfg.stage_list else ())
+    memory_plan.make_plan(cfg, mesh.size, rest).check(budget, remat=cfg.policy.remat != "none")
+    return rows
 
 
 def compile_check(cfg: ExperimentConfig, target: str, names=PROGRAMS):

@@ -288,14 +288,6 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
     return Plan(dict(mesh.shape), tuple(plans[s] for s in stages if s in plans))
 
 
-def check_config(cfg: ExperimentConfig, n_devices: int, hbm_bytes: int) -> Plan:
-    """The run's stages (and the final evaluation) against `hbm_bytes` per device; raises
-    MemoryPlanError with the breakdown if one does not fit."""
-    plan = make_plan(cfg, n_devices, cfg.stage_list + ("eval",))
-    plan.check(hbm_bytes, remat=cfg.policy.remat != "none")
-    return plan
-
-
 def device_budget(dist: DistConfig) -> int:
     """Bytes per device a run may use: `dist.hbm_gib`, else the device's own limit."""
     if dist.hbm_gib:

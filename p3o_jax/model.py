@@ -407,8 +407,11 @@ def stored_cotangent(x):
     drops `optimization_barrier` before fusion, so the barrier is a conditional that cannot be
     folded: the gradient passes unchanged unless its first entry is NaN, in which case all of it
     is NaN (an update that the non-finite check skips anyway). Other backends skip it: a
-    conditional there costs a device-to-host sync."""
-    return _stored_cotangent(x) if jax.default_backend() == "cpu" else x
+    conditional there costs a device-to-host sync. The backend is the mesh's (`jax.set_mesh`:
+    a TPU or GPU program compiled on a CPU host is the accelerator's), else the default."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return _stored_cotangent(x) if platform == "cpu" else x
 
 
 class Block(nn.Module):

@@ -318,6 +318,18 @@ def make_task(cfg: ExperimentConfig) -> Task:
     return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model, cfg.seed)
 
 
+def check_memory(cfg: ExperimentConfig, mesh) -> None:
+    """`dist.check_memory`: the run's programs compiled for `mesh`'s devices against the
+    per-device budget (`compile_check.check_run`), their XLA memory printed; MemoryPlanError
+    when one does not fit."""
+    from p3o_jax.compile_check import check_run, table   # it builds on this module's steps
+    budget = memory_plan.device_budget(cfg.dist)
+    rows = check_run(cfg, mesh, budget)
+    if is_main_process():
+        print(f"memory check: the run's programs fit {budget / memory_plan.GIB:.2f} GiB per "
+              f"device (GiB per device):\n{table(rows)}", file=sys.stderr)
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Every stage of `cfg` (checked and resolved first), then the evaluation table."""
     cfg = resolve(cfg, jax.device_count())
@@ -325,13 +337,13 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
-        memory_plan.check_config(cfg, jax.device_count(), memory_plan.device_budget(cfg.dist))
+        check_memory(cfg, mesh)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if is_main_process():
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()))
     stages = cfg.stage_list
     if not cfg.resume:

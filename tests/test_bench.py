@@ -105,6 +105,17 @@ def test_iteration_and_loop_sections_print_split_and_mfu():
     assert p["custom.generate_tokens_per_s"] > 0
 
 
+def test_memory_child_measures_p3o_and_ppo(capsys):
+    # what each fresh process of the memory section prints (its last line)
+    rows = {}
+    for algo in ("p3o", "ppo"):
+        bench.memory_child(TINY, algo)
+        rows[algo] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(r["peak_mib"] >= 0 and r["update_temp_mib"] > 0 for r in rows.values())
+    # PPO's state adds a critic the size of the policy, with its AdamW moments
+    assert rows["ppo"]["state_mib"] == pytest.approx(2 * rows["p3o"]["state_mib"], rel=0.05)
+
+
 def test_bench_takes_the_key_value_grammar(capsys):
     assert bench.main(["layers=two"]) == 2
     assert bench.main(["only=iteration,gpu"]) == 2

@@ -12,8 +12,9 @@ import jax
 import pytest
 
 from p3o_jax.cli import compile_check as cli
-from p3o_jax.compile_check import hbm_bytes, nbytes, programs, target_devices
+from p3o_jax.compile_check import PROGRAMS, check_run, hbm_bytes, nbytes, programs, target_devices
 from p3o_jax.config import from_args, resolve
+from p3o_jax.memory_plan import GIB, MemoryPlanError
 from p3o_jax.sharding import make_mesh
 
 HAVE = {"v5e-8": importlib.util.find_spec("libtpu") is not None,
@@ -30,16 +31,16 @@ TINY = ["exp=toy", "policy.vocab_size=1024", "policy.n_layers=4", "rl.prompts_pe
         "rl.lora.rank=4"]
 
 
-def tiny_programs(target, names, extra=()):
-    devices = target_devices(target)
-    cfg = resolve(from_args(TINY + list(extra)), len(devices))
+def tiny_programs(devices, names):
+    cfg = resolve(from_args(TINY), len(devices))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     return cfg, mesh, programs(cfg, mesh, names)
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_programs_compile_sharded_by_the_rule_table(target):
-    cfg, mesh, progs = tiny_programs(target, ("sft_step", "rl_generate", "rl_update"))
+    cfg, mesh, progs = tiny_programs(target_devices(target),
+                                     ("sft_step", "rl_generate", "rl_update"))
     assert mesh.devices.size == 8 and mesh.shape["fsdp"] == 8
     assert {d.platform for d in mesh.devices.flat} == {PLATFORM[target]}
     for name, program in progs.items():
@@ -51,8 +52,8 @@ def test_programs_compile_sharded_by_the_rule_table(target):
         # XLA's arguments are every argument's shard (jit drops unused leaves such as the
         # reward head from the sampler; TPU pads small arrays)
         assert memory.argument_size_in_bytes >= 0.99 * nbytes(arrays), name
-        if name != "rl_generate":        # activations and gradients
-            assert memory.temp_size_in_bytes > 0, name
+        if name == "rl_update":   # activations and gradients (the tiny SFT step's fit in a
+            assert memory.temp_size_in_bytes > 0, name    # TPU core's on-chip memory: 0 here)
         if name == "rl_generate":      # shardings come from the abstract arguments
             trained, frozen = compiled.input_shardings[0][:2]
             embed = frozen["embed"]
@@ -98,3 +99,45 @@ def test_unknown_program_and_target_name_the_key(capsys):
     assert "config key 'programs'" in capsys.readouterr().err
     assert cli.main(["exp=toy", "target=v9-8"]) == 2
     assert "target" in capsys.readouterr().err
+
+
+def test_check_memory_compiles_the_runs_own_programs():
+    # dist.check_memory on the run's devices (8 CPU devices here): each program of the stages
+    # the run has, compiled; a budget between two programs' needs stops the run naming the
+    # ones over it, with XLA's table
+    cfg = resolve(from_args(TINY), jax.device_count())
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    rows = check_run(cfg, mesh, 64 * GIB)
+    assert [r["program"] for r in rows] == list(PROGRAMS)
+    assert all(r["fits"] and r["xla_gib"] > 0 for r in rows)
+    need = sorted(r["resident_gib"] for r in rows if r["program"].startswith("rl_"))
+    assert need[-2] < need[-1], need
+    top = max(rows, key=lambda r: r["resident_gib"] * r["program"].startswith("rl_"))["program"]
+    # only the stages the run has (stages=rl: the RL programs)
+    rl_only = resolve(from_args(TINY + ["stages=rl"]), jax.device_count())
+    with pytest.raises(MemoryPlanError) as e:
+        check_run(rl_only, mesh, int((need[-2] + need[-1]) / 2 * GIB))
+    message = str(e.value)
+    assert message.startswith(f"{top} does not fit") and f"{top} does not fit: needs" in message
+    assert "mesh of cpu devices (XLA's compiled programs" in message.splitlines()[0]
+    table = message.split("GiB per device):\n")[1]
+    assert "temp_gib" in table and "rl_generate" in table and "sft_step" not in table
+    # an offline algorithm's update and the evaluation are the analytic plan's, which a budget
+    # below the evaluation's KV cache fails
+    dpo = resolve(from_args(TINY + ["algo=dpo_offline", "stages=rl"]), jax.device_count())
+    assert check_run(dpo, mesh, 64 * GIB) == []
+    with pytest.raises(MemoryPlanError, match="stage eval, rl needs"):
+        check_run(dpo, mesh, 1024)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_cpu_only_rewrites_stay_out_of_accelerator_programs(target):
+    # model.stored_cotangent's conditional is an XLA:CPU fusion workaround: a program lowered
+    # for a TPU or GPU mesh from this CPU host has none, the same program for CPUs has it
+    conditionals = {}
+    for platform, devices in (("target", target_devices(target)), ("cpu", jax.devices()[:8])):
+        _, mesh, progs = tiny_programs(devices, ("sft_step",))
+        with jax.set_mesh(mesh):
+            text = progs["sft_step"].fn.lower(*progs["sft_step"].args).as_text()
+        conditionals[platform] = text.count("stablehlo.case") + text.count("stablehlo.if")
+    assert conditionals["target"] == 0 and conditionals["cpu"] > 0, conditionals

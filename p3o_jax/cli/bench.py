@@ -540,7 +540,7 @@ def memory_child(w: Workload, algo: str):
             run.step(i)
         peak = peak_rss_mib()
         buffer = run.buffer()
-        update = run.rl.update.lower(run.state, (buffer, run.rl.plan(run.state, buffer))
+        update = run.rl.update.lower(run.state, (buffer, run.rl.plan(run.state, buffer)), None
                                      ).compile().memory_analysis()
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
     print(json.dumps(dict(peak_mib=peak - base, state_mib=state_bytes / 2 ** 20,

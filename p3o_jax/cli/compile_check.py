@@ -29,11 +29,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the target, run no
 
 from p3o_jax.checks import OneOf  # noqa: E402
 from p3o_jax.cli.memory_plan import MODELS, with_preset  # noqa: E402
-from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check  # noqa: E402
+from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check, table  # noqa: E402
 from p3o_jax.config import ConfigError, from_args, tool_args  # noqa: E402
-
-COLUMNS = ("program", "argument_gib", "output_gib", "alias_gib", "temp_gib", "xla_gib",
-           "held_gib", "resident_gib", "plan_gib", "compile_s", "fits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,15 +39,6 @@ class CompileArgs:
     model: Annotated[str, OneOf("", *MODELS)] = ""
     programs: str = ",".join(PROGRAMS)
     jsonl: str = ""
-
-
-def table(rows: list[dict]) -> str:
-    """The rows' COLUMNS, aligned; a program that does not fit shows its reason below."""
-    cells = [list(COLUMNS)] + [[str(r.get(c, "-")) for c in COLUMNS] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines += [f"{r['program']} does not fit: {r['why']}" for r in rows if not r["fits"]]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
