@@ -32,9 +32,9 @@ from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 from p3o_jax.sharding import batch_sharding, replicated
-from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, jit_step,
-                                 make_optimizer, make_update, minibatch_index, param_shardings,
-                                 state_shardings)
+from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, gradient_step,
+                                 jit_step, make_optimizer, make_update, minibatch_index,
+                                 param_shardings, state_shardings)
 
 
 def prompt_offset(prompts, prompt_mask):
@@ -131,7 +131,9 @@ class RLIteration:
 
         def loss(params, batch, frozen):
             return self.algo.loss(self.params(params, frozen), batch, cfg=cfg)
-        self._update = skip_nonfinite(make_update(loss))
+        # each minibatch step is skipped on its own: a guard around the whole scan would keep
+        # the state it started from alive throughout, a second copy of params and moments
+        self._update = make_update(skip_nonfinite(gradient_step(loss)))
         self.update = None        # the compiled update (`apply`)
         # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
         self.pack = cfg.rl.pack_prompts and jax.process_count() == 1

@@ -98,12 +98,11 @@ def minibatch_index(seed: int, step: int, epochs: int, minibatches: int, rows: i
     return perms.reshape(epochs * minibatches, rows // minibatches)
 
 
-def make_update(minibatch_loss):
-    """update(state, (buffer, plan), *frozen) -> (state, metrics): the optimizer steps of a
+def make_update(step):
+    """update(state, (buffer, plan), *frozen) -> (state, metrics): the optimizer steps
+    `step(state, minibatch, *frozen) -> (state, metrics)` (e.g. `gradient_step`) of a
     `MinibatchPlan` over a buffer (a flax struct, batch first), one scan; metrics averaged
-    over the steps (`frozen` as in `gradient_step`)."""
-    step = gradient_step(minibatch_loss)
-
+    over the steps."""
     def update(state, batch, *frozen):
         buffer, plan = batch
 

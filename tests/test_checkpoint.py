@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,7 @@ from p3o_jax.config import from_args
 from p3o_jax.tasks import ToyRLHF
 from p3o_jax.cli.train import main
 from p3o_jax.pipeline import run_experiment
-from p3o_jax.train_state import TrainState
+from p3o_jax.train_state import MinibatchPlan, TrainState, gradient_step, make_update
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {"sft": 8, "rm": 6, "rl": 4}
@@ -261,6 +262,38 @@ def test_skip_nonfinite_keeps_the_state_exactly():
         assert m["skipped_nonfinite"] == 1
         assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                                 same, new)))
+
+
+def test_rl_update_skips_only_the_nonfinite_minibatch():
+    # RL's update (make_update over skip_nonfinite steps): a NaN minibatch is skipped alone,
+    # the others apply; and the guard sits inside the scan, so the compiled update does not
+    # keep the state it started from alive beside the one it updates
+    tx = optax.adam(0.1)
+    loss = lambda params, batch: (jnp.sum(params["w"] * batch["x"]), {})
+    update = jax.jit(make_update(skip_nonfinite(gradient_step(loss))), donate_argnums=0)
+    rows = np.ones((3, 4), np.float32)
+    rows[1, 2] = np.nan
+    plan = MinibatchPlan(jnp.arange(3)[:, None])              # three steps, a row each
+    state = lambda: TrainState.create({"w": jnp.arange(4.0)}, tx)
+    new, m = update(state(), ({"x": jnp.asarray(rows)}, plan))
+    assert m["skipped_nonfinite"] == pytest.approx(1 / 3) and int(new.step) == 2
+    step = jax.jit(gradient_step(loss))
+    want = state()
+    for i in (0, 2):
+        want, _ = step(want, {"x": jnp.asarray(rows[i:i + 1])})
+    chex.assert_trees_all_equal(new, want)
+    # memory: a 64 MiB parameter, its two moments; ten steps. Skipping around the whole scan
+    # (the old RL update) holds a second copy of all three as temporaries
+    big = TrainState.create({"w": jnp.zeros(1 << 24)}, tx)
+    x = {"x": jnp.ones((10, 1))}
+    plan = MinibatchPlan(jnp.arange(10)[:, None])
+    temp = lambda fn: fn.lower(big, (x, plan)).compile().memory_analysis().temp_size_in_bytes
+    state_bytes = 3 * (4 << 24)
+    guarded_steps = temp(jax.jit(make_update(skip_nonfinite(gradient_step(loss))),
+                                 donate_argnums=0))
+    guarded_scan = temp(jax.jit(skip_nonfinite(make_update(gradient_step(loss))),
+                                donate_argnums=0))
+    assert guarded_scan - guarded_steps >= state_bytes, (guarded_scan, guarded_steps)
 
 
 @pytest.fixture
