@@ -8,8 +8,8 @@ and each program the training loop jits is lowered on `jax.ShapeDtypeStruct`s ca
 loop's `NamedSharding`s, then compiled by XLA for that target. Nothing is allocated. The
 programs are the loop's own:
 
-    sft_step      pipeline.supervised_step(policy, sft.loss)     batch: sft.batch_size x L
-    rm_step       pipeline.supervised_step(rm_model, reward_model.loss)   rm.batch_size pairs
+    sft_step      stage.supervised_step(policy, sft.loss)     batch: sft.batch_size x L
+    rm_step       stage.supervised_step(rm_model, reward_model.loss)   rm.batch_size pairs
     rl_generate   RLIteration.sample (sampler.sample_pairs)      prompts_per_iter x n_samples
     rl_score      RLIteration.score (rollout.score, algo.prepare)
     rl_update     RLIteration.update_program (E x M minibatch steps, state donated)
@@ -45,10 +45,9 @@ from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, reward_model, sft
 from p3o_jax.config import ConfigError, ExperimentConfig, resolve
 from p3o_jax.memory_plan import GIB, MemoryPlanError, shard_bytes
-from p3o_jax.pipeline import supervised_step
 from p3o_jax.rl import RLIteration, frozen_policy, initial_params
 from p3o_jax.sharding import batch_sharding, make_mesh, replicated
-from p3o_jax.stage import sampling_config
+from p3o_jax.stage import sampling_config, supervised_step
 from p3o_jax.train_state import MinibatchPlan, TrainState, param_shardings
 
 PROGRAMS = ("sft_step", "rm_step", "rl_generate", "rl_score", "rl_update")

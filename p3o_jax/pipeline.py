@@ -28,7 +28,7 @@ import numpy as np
 from p3o_jax import checkpoint, hf, memory_plan
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
-from p3o_jax.checkpoint import load_params, save_params, skip_nonfinite
+from p3o_jax.checkpoint import load_params, save_params
 from p3o_jax.config import ConfigError, ExperimentConfig, resolve
 from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
@@ -40,10 +40,10 @@ from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_pairs
 from p3o_jax.sharding import make_mesh
-from p3o_jax.stage import Run, stage_loop
+from p3o_jax.compile_check import check_run, table
+from p3o_jax.stage import Run, stage_loop, supervised_step
 from p3o_jax.tasks import Task, TextRLHF, ToyRLHF
-from p3o_jax.train_state import (create_state, gradient_step, jit_step, make_optimizer,
-                                 param_shardings, state_shardings)
+from p3o_jax.train_state import create_state, param_shardings
 
 
 def init_sharded(model_cfg: M.ModelConfig, key, mesh):
@@ -53,19 +53,6 @@ def init_sharded(model_cfg: M.ModelConfig, key, mesh):
 
 # ---------------------------------------------------------------------------------------------
 # SFT and the reward model
-
-def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):
-    """The compiled optimizer step of SFT and reward modelling, `(state, batch) -> (state,
-    metrics)` (`jit_step`: state donated, batch over the batch devices), with its optimizer and
-    state shardings: (update, tx, shardings). `batch_example`: arrays or ShapeDtypeStructs of
-    the batch's shapes (SFT: input_ids, attention_mask, loss_mask [B, L]; reward model: tokens,
-    mask [B, 2, L] and resp_mask [B, 2, N]). p3o_jax/compile_check.py compiles the same step."""
-    tx = make_optimizer(optim, steps)
-    shardings = state_shardings(model_cfg, tx, mesh)
-    loss = functools.partial(loss_fn, cfg=model_cfg)
-    update = jit_step(skip_nonfinite(gradient_step(loss)), shardings, batch_example, mesh)
-    return update, tx, shardings
-
 
 def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, steps, optim):
     """SFT and reward modelling: `steps` optimizer steps of `loss_fn(params, batch, cfg)`,
@@ -322,7 +309,6 @@ def check_memory(cfg: ExperimentConfig, mesh) -> None:
     """`dist.check_memory`: the run's programs compiled for `mesh`'s devices against the
     per-device budget (`compile_check.check_run`), their XLA memory printed; MemoryPlanError
     when one does not fit."""
-    from p3o_jax.compile_check import check_run, table   # it builds on this module's steps
     budget = memory_plan.device_budget(cfg.dist)
     rows = check_run(cfg, mesh, budget)
     if is_main_process():

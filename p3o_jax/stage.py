@@ -1,4 +1,5 @@
-"""What every stage shares: the run's context (`Run`) and the one stage loop,
+"""What every stage shares: the run's context (`Run`), the SFT and RM optimizer step
+(`supervised_step`) and the one stage loop,
 restore -> step -> log -> checkpoint -> finish, that SFT, the reward model, online RL and
 offline DPO all run (`stage_loop`)."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from p3o_jax import hf
 
-from p3o_jax.checkpoint import StageCheckpoints
+from p3o_jax.checkpoint import StageCheckpoints, skip_nonfinite
 from p3o_jax.config import ExperimentConfig
 from p3o_jax.distributed import is_main_process, local_rows
 from p3o_jax.logger import MetricsLogger
@@ -22,6 +23,7 @@ from p3o_jax.retokenize import same_vocabulary
 from p3o_jax.sampler import SamplingConfig
 from p3o_jax.sharding import shard_batch
 from p3o_jax.tasks import Task
+from p3o_jax.train_state import gradient_step, jit_step, make_optimizer, state_shardings
 
 
 def sampling_config(rl, response_len: int, eos_id, pad_id: int = 0,
@@ -31,6 +33,19 @@ def sampling_config(rl, response_len: int, eos_id, pad_id: int = 0,
     return SamplingConfig(max_new_tokens=response_len, temperature=rl.temperature,
                           top_k=rl.top_k, top_p=rl.top_p, eos_id=eos_id, pad_id=pad_id,
                           stop_sequences=stop_sequences)
+
+
+def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):
+    """The compiled optimizer step of SFT and reward modelling, `(state, batch) -> (state,
+    metrics)` (`jit_step`: state donated, batch over the batch devices), with its optimizer and
+    state shardings: (update, tx, shardings). `batch_example`: arrays or ShapeDtypeStructs of
+    the batch's shapes (SFT: input_ids, attention_mask, loss_mask [B, L]; reward model: tokens,
+    mask [B, 2, L] and resp_mask [B, 2, N]). p3o_jax/compile_check.py compiles the same step."""
+    tx = make_optimizer(optim, steps)
+    shardings = state_shardings(model_cfg, tx, mesh)
+    loss = functools.partial(loss_fn, cfg=model_cfg)
+    update = jit_step(skip_nonfinite(gradient_step(loss)), shardings, batch_example, mesh)
+    return update, tx, shardings
 
 
 @dataclasses.dataclass

@@ -52,8 +52,8 @@ def test_programs_compile_sharded_by_the_rule_table(target):
         # XLA's arguments are every argument's shard (jit drops unused leaves such as the
         # reward head from the sampler; TPU pads small arrays)
         assert memory.argument_size_in_bytes >= 0.99 * nbytes(arrays), name
-        if name == "rl_update":   # activations and gradients (the tiny SFT step's fit in a
-            assert memory.temp_size_in_bytes > 0, name    # TPU core's on-chip memory: 0 here)
+        if name == "rl_update" and target != "v5e-8":   # activations and gradients (a
+            assert memory.temp_size_in_bytes > 0, name  # TPU core keeps this tiny one on chip)
         if name == "rl_generate":      # shardings come from the abstract arguments
             trained, frozen = compiled.input_shardings[0][:2]
             embed = frozen["embed"]
