@@ -1,10 +1,12 @@
 """The README's table of real compiles from compile_check's JSON lines (bench/compile_grid.sh):
 
     python bench/compile_table.py [bench/compile_check.jsonl]
+    python bench/compile_table.py compare bench/compile_check.jsonl bench/compile_check_s6.jsonl
 
 One markdown row per compiled program, GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
 estimate of the same program (p3o_jax/memory_plan.py) and their ratio, the compile time.
+`compare`: the rows of a later file beside the same command's row in an earlier one.
 """
 import json
 import sys
@@ -32,5 +34,28 @@ def main(path="bench/compile_check.jsonl"):
               f"{resident} | {r['plan_gib']:.1f} | {ratio} | {r['compile_s']:.0f} | {fits} |")
 
 
+def temp_gib(r) -> str:
+    """XLA's temporaries; when the TPU compiler refused the program, its message's figure."""
+    if "temp_gib" in r:
+        return f"{r['temp_gib']:.1f}"
+    return r["why"].split("temporaries (")[1].split("G)")[0]
+
+
+def compare(before_path, after_path):
+    before = {r["args"]: r for r in map(json.loads, open(before_path)) if "skipped" not in r}
+    for r in map(json.loads, open(after_path)):
+        b = before.get(r["args"])
+        if b is None or "skipped" in r:
+            continue
+        res = lambda x: f"{x['resident_gib']:.1f}" if "resident_gib" in x else "-"
+        ratio = f"{r['resident_gib'] / r['plan_gib']:.2f}" if "resident_gib" in r else "-"
+        print(f"| {r['model']} | {r['target']} | {r['mode']} | {r['program']} | "
+              f"{temp_gib(b)} -> {temp_gib(r)} | {res(b)} -> {res(r)} | {r['plan_gib']:.1f} | "
+              f"{ratio} | {'yes' if r['fits'] else '**no**'} |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["compare"]:
+        compare(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
