@@ -290,11 +290,11 @@ def check_run(cfg: ExperimentConfig, mesh, budget: int) -> list[dict]:
         with jax.set_mesh(mesh):
             rows.append(dict(program=name, **compile_program(program, budget)))
     if not all(r["fits"] for r in rows):
-        sizes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+        over = ", ".join(r["program"] for r in rows if not r["fits"])
         raise MemoryPlanError(
-            f"{', '.join(r['program'] for r in rows if not r['fits'])} does not fit "
-            f"{budget / GIB:.4g} GiB per device on a {sizes} mesh of {mesh.devices.flat[0].platform}"
-            f" devices (XLA's compiled programs, p3o_jax/compile_check.py; GiB per device):\n"
+            f"{over} does not fit {budget / GIB:.4g} GiB per device on a "
+            f"{memory_plan.mesh_text(mesh.shape)} mesh of {mesh.devices.flat[0].platform} "
+            f"devices (XLA's compiled programs, p3o_jax/compile_check.py; GiB per device):\n"
             f"{table(rows)}\nSet policy.remat=block, rl.train_top_layers, rl.lora.rank, raise "
             f"rl.minibatches, lower the batch sizes, or add devices or mesh.tensor.")
     rest = ("eval",) + (("rl",) if offline and "rl" in cfg.stage_list else ())

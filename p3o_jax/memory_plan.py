@@ -131,13 +131,17 @@ class Plan:
         """Raise MemoryPlanError, with the breakdown, if a stage's peak exceeds `hbm_bytes`."""
         over = [s.stage for s in self.stages if s.peak(remat) > hbm_bytes]
         if over:
-            mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
             raise MemoryPlanError(
                 f"stage {', '.join(over)} needs {self.peak(remat) / GIB:.2f} GiB per device, "
-                f"over the budget of {hbm_bytes / GIB:.2f} GiB, on a {mesh} "
+                f"over the budget of {hbm_bytes / GIB:.2f} GiB, on a {mesh_text(self.mesh)} "
                 f"mesh; estimated GiB per device (p3o_jax/memory_plan.py):\n{self.table()}\n"
                 f"Lower sft.batch_size / rm.batch_size / eval_prompts, raise rl.minibatches, "
                 f"add devices or mesh.tensor, or set policy.param_dtype=bfloat16.")
+
+
+def mesh_text(shape) -> str:
+    """A mesh's axis sizes as "data=1 x fsdp=8 x tensor=1"."""
+    return " x ".join(f"{k}={v}" for k, v in shape.items())
 
 
 def abstract_mesh(mesh_cfg, n_devices: int) -> AbstractMesh:
