@@ -189,7 +189,8 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
     if ALGORITHMS[cfg.algo].offline:
         raise ConfigError(f"config key 'algo': {cfg.algo} is offline; compile_check compiles "
                           f"the online RL programs (leave out rl_* with programs=...)")
-    it = RLIteration(cfg, mesh, sampling_config(cfg.rl, N, eos_id=0))
+    padded = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False))
+    it = RLIteration(padded, mesh, sampling_config(cfg.rl, N, eos_id=0))
     rm_params = abstract(shapes(rmc), param_shardings(rmc, mesh))
     trained = jax.eval_shape(lambda p, r: initial_params(cfg, p, r), sft_params, rm_params)
     state = abstract(jax.eval_shape(lambda p: TrainState.create(p, it.tx), trained),
@@ -281,7 +282,6 @@ def check_run(cfg: ExperimentConfig, mesh, budget: int) -> list[dict]:
     XLA's bytes per device of each, when one needs more than `budget` bytes per device. What
     no program here covers (an offline algorithm's update, the final evaluation) is checked
     against the analytic plan (`memory_plan.make_plan`). Returns the compiled programs' rows."""
-    cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False))
     offline = ALGORITHMS[cfg.algo].offline
     names = [name for name in PROGRAMS
              if name.split("_")[0] in cfg.stage_list and not (offline and name[:3] == "rl_")]
@@ -306,8 +306,7 @@ def compile_check(cfg: ExperimentConfig, target: str, names=PROGRAMS):
     """Compile the programs `names` of `cfg` (resolved here over the target's devices) for
     `target`; yields one result dict per program, as it is compiled."""
     devices = target_devices(target)
-    cfg = resolve(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False)),
-                  len(devices))
+    cfg = resolve(cfg, len(devices))
     m = cfg.mesh
     mesh = make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     hbm = hbm_bytes(target)
