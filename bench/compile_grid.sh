@@ -5,13 +5,14 @@
 # per program); ~2-3 min per 6.9B program on 2 CPU cores and ~4 GiB of host memory (LoRA:
 # ~8 min, ~10 GiB).
 #   MAX_RSS_GIB=8 bash bench/compile_grid.sh [OUT]     (default bench/compile_check.jsonl)
+# PYTHON: the interpreter (default: the Makefile's .venv/bin/python).
 OUT=${1:-bench/compile_check.jsonl}
 REMAT=policy.remat=block LORA=rl.lora.rank=8 TOP=rl.train_top_layers=2
 UPD=programs=rl_update REST=programs=sft_step,rm_step,rl_generate,rl_score
 run() {
   while [ -e "${PAUSE:-/nonexistent}" ]; do sleep 5; done   # PAUSE=file: wait while it exists
   grep -qF "\"args\": \"$*\"" "$OUT" 2>/dev/null && return   # done in an earlier pass
-  python -m p3o_jax.cli.compile_check jsonl="$OUT" "$@" > "$OUT.log" 2>&1 &
+  ${PYTHON:-.venv/bin/python} -m p3o_jax.cli.compile_check jsonl="$OUT" "$@" > "$OUT.log" 2>&1 &
   local pid=$! rss
   while kill -0 $pid 2>/dev/null; do    # MAX_RSS_GIB: stop a compile that needs more host memory
     rss=$(awk '/VmRSS/{print $2}' /proc/$pid/status 2>/dev/null)
@@ -23,34 +24,40 @@ run() {
   done
   grep -E '^\{|does not fit|^error' "$OUT.log"
 }
-# the paper's largest setting: Pythia-6.9B policy, reference and reward model
+# the RL update (the program that decides fit), post-fix (session 6), largest first
 run model=pythia-6.9b target=v5e-16 $UPD
-run model=pythia-6.9b target=v5e-16 $UPD $REMAT
-run model=pythia-6.9b target=v5e-16 $UPD $LORA
-run model=pythia-6.9b target=v4-32 $UPD
-run model=pythia-6.9b target=v5e-16 $UPD $REMAT mesh.tensor=4
 run model=pythia-6.9b target=h100-x8 $UPD
-run model=pythia-6.9b target=v5e-16 $UPD $REMAT policy.param_dtype=bfloat16
-run model=pythia-6.9b target=h100-x8 $REST
+run model=pythia-6.9b target=v4-32 $UPD
 run model=pythia-6.9b target=v5e-16 $UPD $TOP
-run model=pythia-6.9b target=v5e-16 $REST $REMAT mesh.tensor=4
-run model=pythia-6.9b target=v4-32 $UPD $REMAT
-# smaller models, more slices
-run model=pythia-1b target=v5e-8 programs=sft_step,rm_step,rl_generate,rl_score,rl_update
-run model=pythia-1b target=v5e-8 $UPD $REMAT
-run model=pythia-2.8b target=v5e-8 $UPD
-run model=pythia-2.8b target=v5e-8 $UPD $REMAT mesh.tensor=2
-run model=pythia-1b target=v4-8 $UPD
-run model=pythia-1b target=v4-8 $UPD $LORA
-run model=pythia-2.8b target=v5e-8 $UPD $TOP
 run model=llama-3-8b target=h100-x8 $UPD
-run model=llama-3-8b target=v5e-16 $UPD $REMAT mesh.tensor=4
+run model=llama-3-8b target=v4-32 $UPD
+run model=pythia-6.9b target=v5e-16 $UPD $LORA
+run model=llama-3-8b target=v5e-16 $UPD $TOP
+run model=pythia-6.9b target=h100-x8 $UPD $LORA
+run model=pythia-6.9b target=v5e-16 $UPD $REMAT
+run model=pythia-1b target=v5e-8 $UPD $REMAT
+run model=pythia-1b target=v5e-8 $UPD
+run model=pythia-1b target=v4-8 $UPD
+run model=pythia-1b target=v5e-8 $UPD $LORA
+run model=pythia-1b target=v5e-8 $UPD $TOP
+run model=pythia-2.8b target=v5e-8 $UPD
+run model=pythia-2.8b target=v5e-8 $UPD $REMAT
+run model=pythia-2.8b target=v5e-8 $UPD $TOP
+run model=pythia-2.8b target=v5e-8 $UPD $LORA
 run model=pythia-2.8b target=h100-x8 $UPD
+run model=llama-3-8b target=v5e-16 $UPD $LORA
+run model=llama-3-8b target=h100-x8 $UPD $TOP
+run model=pythia-6.9b target=h100-x8 $UPD $REMAT
+run model=pythia-6.9b target=v4-32 $UPD $TOP
+run model=llama-3-8b target=v4-32 $UPD $REMAT
+run model=pythia-1b target=v4-8 $UPD $LORA
+run model=pythia-2.8b target=v4-8 $UPD $REMAT
+run model=pythia-6.9b target=v5p-8 $UPD
+run model=pythia-6.9b target=v6e-8 $UPD $REMAT
 run model=pythia-1b target=h100-x1 $UPD
 run model=pythia-1b target=a100-80gb-x1 $UPD
-run model=pythia-6.9b target=v5p-8 $UPD
-run model=pythia-6.9b target=v6e-8 $UPD $REMAT mesh.tensor=2
-run model=pythia-1b target=v5e-8 $UPD $TOP
-run model=pythia-2.8b target=v5e-8 $UPD $LORA
-run model=pythia-2.8b target=v4-8 $UPD $REMAT
-run model=llama-3-8b target=v4-32 $UPD $REMAT
+# the other stages (unchanged by the fix)
+run model=pythia-6.9b target=h100-x8 $REST
+run model=pythia-1b target=v5e-8 $REST
+run model=pythia-6.9b target=v5e-16 $REST $REMAT mesh.tensor=4
+run model=llama-3-8b target=h100-x8 $REST

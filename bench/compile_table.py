@@ -1,7 +1,7 @@
 """The README's table of real compiles from compile_check's JSON lines (bench/compile_grid.sh):
 
     python bench/compile_table.py [bench/compile_check.jsonl]
-    python bench/compile_table.py compare bench/compile_check.jsonl bench/compile_check_s6.jsonl
+    python bench/compile_table.py compare bench/compile_check_before_fix.jsonl bench/compile_check.jsonl
 
 One markdown row per compiled program, GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's

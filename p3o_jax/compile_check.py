@@ -97,6 +97,9 @@ def target_devices(name: str) -> list:
     what to install when the compiler plugin is missing."""
     from jax.experimental import topologies
     t = TARGETS[name]
+    # libtpu takes a machine-wide lock meant for attached chips; nothing is attached here, so
+    # concurrent compiles (two test workers, a compile beside a test run) may share the host.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         if t.platform == "tpu":
             topo = topologies.get_topology_desc(

@@ -4,6 +4,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import signal
+import subprocess
 
 import jax
 import pytest
@@ -106,14 +108,35 @@ def test_iteration_and_loop_sections_print_split_and_mfu():
 
 
 def test_memory_child_measures_p3o_and_ppo(capsys):
-    # what each fresh process of the memory section prints (its last line)
+    # what each fresh process of the memory section prints: XLA's figures, then the peak
     rows = {}
     for algo in ("p3o", "ppo"):
         bench.memory_child(TINY, algo)
-        rows[algo] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        lines = capsys.readouterr().out.strip().splitlines()
+        rows[algo] = {k: v for line in lines[-2:] for k, v in json.loads(line).items()}
     assert all(r["peak_mib"] >= 0 and r["update_temp_mib"] > 0 for r in rows.values())
     # PPO's state adds a critic the size of the policy, with its AdamW moments
     assert rows["ppo"]["state_mib"] == pytest.approx(2 * rows["p3o"]["state_mib"], rel=0.05)
+
+
+def test_memory_section_reports_a_child_killed_for_memory(monkeypatch, capsys):
+    # PPO at W2 outgrows this VM: the kernel kills the child after its first line
+    def run(cmd, **kw):
+        algo = cmd[-1].split("=")[1]
+        if algo == "ppo":
+            return subprocess.CompletedProcess(cmd, -signal.SIGKILL, json.dumps(
+                {"state_mib": 200.0, "update_temp_mib": 900.0}) + "\n", "")
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(
+            {"state_mib": 100.0, "update_temp_mib": 300.0}) + "\n" + json.dumps(
+            {"peak_mib": 700.0}) + "\n", "")
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    bench.memory_section(TINY)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    p = TINY.name
+    assert row[f"{p}.p3o_peak_mib"] == 700.0 and row[f"{p}.ppo_peak_mib"] is None
+    assert "out of memory" in row[f"{p}.ppo_killed"] and f"{p}.p3o_killed" not in row
+    assert f"{p}.p3o_saves_mib" not in row
+    assert row[f"{p}.p3o_saves_xla_mib"] == 700.0
 
 
 def test_bench_takes_the_key_value_grammar(capsys):

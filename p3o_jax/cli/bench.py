@@ -66,6 +66,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -531,28 +532,32 @@ def peak_rss_mib() -> float:
 
 
 def memory_child(w: Workload, algo: str):
-    """Run in a fresh process: peak resident memory of two iterations beyond the peak after
-    imports, the train state's size and XLA's temporary buffers of the update."""
+    """Run in a fresh process. First line: the train state's size and XLA's temporaries of
+    the compiled update, known before anything big runs; second line:
+    the peak resident memory of two iterations beyond the peak after imports."""
     base = peak_rss_mib()
     with jax.set_mesh(make_mesh()):
         run = Iteration(w, algo)
+        buffer = run.buffer()
+        plan = run.rl.plan(run.state, buffer)
+        run.rl.update = run.rl.update_program(buffer, plan)
+        update = run.rl.update.lower(run.state, (buffer, plan), None).compile().memory_analysis()
+        del buffer
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
+        print(json.dumps(dict(state_mib=state_bytes / 2 ** 20,
+                              update_temp_mib=update.temp_size_in_bytes / 2 ** 20)), flush=True)
         for i in range(2):
             run.step(i)
-        peak = peak_rss_mib()
-        buffer = run.buffer()
-        update = run.rl.update.lower(run.state, (buffer, run.rl.plan(run.state, buffer)), None
-                                     ).compile().memory_analysis()
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
-    print(json.dumps(dict(peak_mib=peak - base, state_mib=state_bytes / 2 ** 20,
-                          update_temp_mib=update.temp_size_in_bytes / 2 ** 20)))
+    print(json.dumps(dict(peak_mib=peak_rss_mib() - base)), flush=True)
 
 
 def memory_section(w: Workload):
     """Each algorithm runs twice in a fresh process sharing a persistent compilation cache: the
     first run fills the cache, the second (measured) loads its programs from it, so its peak
-    is the iteration's own memory and not the compiler's."""
+    is the iteration's own memory and not the compiler's. A child the kernel kills for memory
+    is reported as such (`<algo>_peak_mib`: null, `<algo>_killed`), with XLA's figures."""
     workload = [f"{k}={v}" for k, v in dataclasses.asdict(w).items()]
-    out = {}
+    out, killed = {}, {}
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -560,13 +565,31 @@ def memory_section(w: Workload):
         for algo in ("p3o", "ppo"):
             for _ in range(2):
                 res = subprocess.run([sys.executable, "-m", "p3o_jax.cli.bench", *workload,
-                                      "workloads=custom", f"memory_child={algo}"], check=True,
+                                      "workloads=custom", f"memory_child={algo}"],
                                      capture_output=True, text=True, env=env)
-            out[algo] = json.loads(res.stdout.strip().splitlines()[-1])
+                lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+                out[algo] = {"peak_mib": None, **{k: v for l in lines for k, v in l.items()}}
+                if res.returncode == -signal.SIGKILL:
+                    killed[algo] = ("killed by the kernel (out of memory) at "
+                                    f"{total_memory_gib():.1f} GiB of RAM")
+                    break
+                if res.returncode:
+                    raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout,
+                                                        res.stderr)
     p = w.name
-    emit("memory", **{f"{p}.{algo}_{k}": round(v, 1) for algo, r in out.items()
-                      for k, v in r.items()},
-         **{f"{p}.p3o_saves_mib": round(out["ppo"]["peak_mib"] - out["p3o"]["peak_mib"], 1)})
+    fields = {f"{p}.{algo}_{k}": (None if v is None else round(v, 1))
+              for algo, r in out.items() for k, v in r.items()}
+    fields.update({f"{p}.{algo}_killed": why for algo, why in killed.items()})
+    if out["p3o"]["peak_mib"] is not None and out["ppo"]["peak_mib"] is not None:
+        fields[f"{p}.p3o_saves_mib"] = round(out["ppo"]["peak_mib"] - out["p3o"]["peak_mib"], 1)
+    fields[f"{p}.p3o_saves_xla_mib"] = round(
+        sum(out["ppo"][k] - out["p3o"][k] for k in ("state_mib", "update_temp_mib")), 1)
+    emit("memory", **fields)
+
+
+def total_memory_gib() -> float:
+    with open("/proc/meminfo") as f:
+        return int(f.readline().split()[1]) / 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------
