@@ -163,7 +163,6 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
     mesh; lower them under it)."""
     plan = {s.stage: s for s in memory_plan.make_plan(cfg, mesh.size, ("sft", "rm", "rl")).stages}
     remat = cfg.policy.remat != "none"
-    act = lambda s: s.activations_remat if remat else s.activations
     base = lambda s: s.params + s.opt_state + s.frozen
     P, N = cfg.prompt_len, cfg.response_len
     L = P + N
@@ -186,7 +185,7 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
                          shardings)
         stage = plan[name[:-5]]
         held = nbytes(sft_params) if name == "rm_step" else 0  # the SFT policy
-        out[name] = Program(step, (state, batch), held, base(stage) + stage.grads + act(stage))
+        out[name] = Program(step, (state, batch), held, base(stage) + stage.step(remat))
     if not set(names) & {"rl_generate", "rl_score", "rl_update"}:
         return out
     if ALGORITHMS[cfg.algo].offline:
@@ -225,7 +224,7 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
         # the reference's part outside `frozen`, the reward model
         "rl_update": Program(it.update_program(buffer, minibatches),
                              (state, (buffer, minibatches), frozen), sft_b - frozen_b + rm_b,
-                             base(stage) + stage.grads + act(stage)),
+                             base(stage) + stage.step(remat)),
     }
     out.update({k: v for k, v in candidates.items() if k in names})
     return out

@@ -38,19 +38,20 @@ a term divided by t only when t divides its heads / F / V)::
 
 with n the sequences per device (the step's batch / (data x fsdp)). `check` uses the remat
 numbers when the policy rematerialises its blocks (`policy.remat=block|save_matmuls`; the
-save_matmuls policy is counted as block, a lower bound), the no-remat ones otherwise. Peak of a stage = params + opt_state + frozen +
-max(kv_cache, scoring, grads + activations): sampling, scoring and the update take turns.
-XLA's own buffers, fragmentation and the runtime's reserve come on top: leave ~10-15%. For
-scale: XLA's memory analysis of a compiled float32 SFT step on CPU (GPT-NeoX, 4 layers, d_model
-256, 16 x 128 tokens) reports 375 MiB of temporaries where activations + gradients estimate
-292 MiB, the rest being the optimizer update's temporaries (~4x the params).
+save_matmuls policy is counted as block, a lower bound), the no-remat ones otherwise. A
+training step's temporaries = step_factor x (grads + activations): 1 for SFT and RM (XLA's
+compiled steps agree to within 10%), RL_UPDATE_FACTOR = 1.7 for the RL update, whose compiled
+programs hold 1.6-2.0x (see RL_UPDATE_FACTOR). Peak of a stage = params + opt_state + frozen +
+max(kv_cache, scoring, step): sampling, scoring and the update take turns. XLA's own buffers,
+fragmentation and the runtime's reserve come on top: leave ~10%.
 
 Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
-analysis beside these numbers (README, "Real compiles"). Training steps of SFT agree to within
-10%; the RL update needs 1.6-2.8 x this plan: for Pythia-6.9B its temporaries are about one
-unsharded float32 copy of the weights (not counted here; cause not yet diagnosed) and
-`policy.remat=block` does not lower them. Not recalibrated: read the RL plan as a lower bound.
+analysis beside these numbers (README, "Real compiles"). With the factor, full fine-tuning's RL
+update is within -3%..+7% of XLA's resident bytes (Pythia-1B to Llama-3-8B, v4-32, v5e-8 and
+8 x H100). Not modelled: with `rl.train_top_layers` (and, likely, LoRA) XLA keeps the frozen
+trunk's FSDP-gathered weights alive across the update's forward (1.8-2.3x this plan for
+Pythia-6.9B): read that plan as a lower bound and compile.
 """
 from __future__ import annotations
 
@@ -82,6 +83,13 @@ SLICES = {
     "h100-x1": (1, 80, 1), "h100-x8": (8, 80, 1), "h100-x16": (16, 80, 2),
 }
 
+# XLA's compiled RL update holds 1.6-2.0x the gradients + activations counted below (full
+# fine-tuning, TPU v4/v5e and 8 x H100, Pythia-1B to Llama-3-8B; README "Real compiles"):
+# AdamW's update of each minibatch step, the scan's carry and the weights FSDP gathers for the
+# backward pass. The RL stage scales that term by the middle of the measured range.
+RL_UPDATE_FACTOR = 1.7
+
+
 class MemoryPlanError(ConfigError):
     """A configuration whose estimated memory exceeds the per-device budget."""
 
@@ -98,14 +106,19 @@ class StagePlan:
     scoring: int = 0
     activations: int = 0
     activations_remat: int = 0
+    step_factor: float = 1.0        # the step's measured temporaries / (grads + activations)
+
+    def step(self, remat: bool = False) -> int:
+        """Bytes of a training step's temporaries: gradients and activations, calibrated."""
+        act = self.activations_remat if remat else self.activations
+        return int(self.step_factor * (self.grads + act))
 
     def peak(self, remat: bool = False) -> int:
-        act = self.activations_remat if remat else self.activations
         return (self.params + self.opt_state + self.frozen
-                + max(self.kv_cache, self.scoring, self.grads + act))
+                + max(self.kv_cache, self.scoring, self.step(remat)))
 
 
-COMPONENTS = [f.name for f in dataclasses.fields(StagePlan)][1:]
+COMPONENTS = [f.name for f in dataclasses.fields(StagePlan) if f.type == "int"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,8 +296,9 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
         # the SFT policy (the reference, and the frozen part of a LoRA / top-layer policy)
         part = cfg if rl.lora.rank or rl.train_top_layers else None
         plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh, part),
-                                frozen=sft_p + rm_p,
-                                kv_cache=kv, scoring=scoring(pol, seqs, N), **step)
+                                frozen=sft_p + rm_p, kv_cache=kv,
+                                scoring=scoring(pol, seqs, N), step_factor=RL_UPDATE_FACTOR,
+                                **step)
     if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch
         plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p,
                                   kv_cache=cache(cfg.eval_prompts, 2),
