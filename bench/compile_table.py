@@ -5,11 +5,31 @@
 
 One markdown row per compiled program, GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
-estimate of the same program (p3o_jax/memory_plan.py) and their ratio, the compile time.
-`compare`: the rows of a later file beside the same command's row in an earlier one.
+estimate of the same program as p3o_jax/memory_plan.py computes it today (not the `plan_gib`
+recorded at compile time) and their ratio, the compile time. `compare`: the rows of a later
+file beside the same command's row in an earlier one.
 """
+import functools
 import json
+import os
 import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@functools.cache
+def plan_gib(args: str, devices: int, program: str) -> float:
+    """Today's plan of the program a compile_check command (`args`) compiled."""
+    from p3o_jax.cli.compile_check import CompileArgs
+    from p3o_jax.cli.memory_plan import with_preset
+    from p3o_jax.compile_check import program_plan
+    from p3o_jax.config import from_args, resolve, tool_args
+    from p3o_jax.memory_plan import GIB
+    tool, rest = tool_args(args.split(), CompileArgs())
+    exp = [] if any(a.startswith("exp=") for a in rest) else ["exp=tldr"]
+    cfg = from_args(exp + rest)
+    cfg = resolve(with_preset(cfg, tool.model) if tool.model else cfg, devices)
+    return program_plan(cfg, devices, program) / GIB
 
 
 def main(path="bench/compile_check.jsonl"):
@@ -24,14 +44,16 @@ def main(path="bench/compile_check.jsonl"):
         if "xla_gib" in r:
             xla = (f"{r['argument_gib']:.1f} / {r['output_gib'] - r['alias_gib']:.1f} / "
                    f"{r['temp_gib']:.1f}")
-            resident, ratio = f"{r['resident_gib']:.1f}", f"{r['resident_gib'] / r['plan_gib']:.2f}"
+            plan = plan_gib(r["args"], r["devices"], r["program"])
+            resident, ratio = f"{r['resident_gib']:.1f}", f"{r['resident_gib'] / plan:.2f}"
         else:       # the TPU compiler refused it: its message gives the temporaries
             xla, resident, ratio = r["why"].split("(")[1].split(")")[0], "-", "-"
             xla = f"temp {xla}"
         fits = "yes" if r["fits"] else "**no**"
         print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
               f"{r['mesh'].replace('x', ' x ')} | {r['mode']} | {r['program']} | {xla} | "
-              f"{resident} | {r['plan_gib']:.1f} | {ratio} | {r['compile_s']:.0f} | {fits} |")
+              f"{resident} | {plan_gib(r['args'], r['devices'], r['program']):.1f} | {ratio} | "
+              f"{r['compile_s']:.0f} | {fits} |")
 
 
 def temp_gib(r) -> str:
@@ -48,9 +70,10 @@ def compare(before_path, after_path):
         if b is None or "skipped" in r:
             continue
         res = lambda x: f"{x['resident_gib']:.1f}" if "resident_gib" in x else "-"
-        ratio = f"{r['resident_gib'] / r['plan_gib']:.2f}" if "resident_gib" in r else "-"
+        plan = plan_gib(r["args"], r["devices"], r["program"])
+        ratio = f"{r['resident_gib'] / plan:.2f}" if "resident_gib" in r else "-"
         print(f"| {r['model']} | {r['target']} | {r['mode']} | {r['program']} | "
-              f"{temp_gib(b)} -> {temp_gib(r)} | {res(b)} -> {res(r)} | {r['plan_gib']:.1f} | "
+              f"{temp_gib(b)} -> {temp_gib(r)} | {res(b)} -> {res(r)} | {plan:.1f} | "
               f"{ratio} | {'yes' if r['fits'] else '**no**'} |")
 
 

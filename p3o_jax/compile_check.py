@@ -157,13 +157,21 @@ class Program:
     plan: int          # the analytic estimate (memory_plan) of the same program
 
 
+def program_plan(cfg: ExperimentConfig, n_devices: int, name: str) -> int:
+    """The analytic plan's bytes per device of program `name` (PROGRAMS) of the resolved `cfg`:
+    its stage's params, optimizer state and frozen models, plus the program's own term (a
+    training step's temporaries, the KV cache, scoring's activations)."""
+    stage = memory_plan.make_plan(cfg, n_devices, (name.split("_")[0],)).stages[0]
+    own = {"rl_generate": stage.kv_cache, "rl_score": stage.scoring}.get(
+        name, stage.step(cfg.policy.remat != "none"))
+    return stage.params + stage.opt_state + stage.frozen + own
+
+
 def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
     """The loop's programs `names` for the resolved `cfg` on `mesh`, with abstract arguments
     (built outside `jax.set_mesh`: the rule table's eager helpers cannot run on a described
     mesh; lower them under it)."""
-    plan = {s.stage: s for s in memory_plan.make_plan(cfg, mesh.size, ("sft", "rm", "rl")).stages}
-    remat = cfg.policy.remat != "none"
-    base = lambda s: s.params + s.opt_state + s.frozen
+    plan = lambda name: program_plan(cfg, mesh.size, name)
     P, N = cfg.prompt_len, cfg.response_len
     L = P + N
     pol, rmc = cfg.policy, cfg.rm_model
@@ -183,9 +191,8 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
         step, tx, shardings = supervised_step(model_cfg, loss, c.optim, c.steps, mesh, batch)
         state = abstract(jax.eval_shape(lambda p: TrainState.create(p, tx), shapes(model_cfg)),
                          shardings)
-        stage = plan[name[:-5]]
         held = nbytes(sft_params) if name == "rm_step" else 0  # the SFT policy
-        out[name] = Program(step, (state, batch), held, base(stage) + stage.step(remat))
+        out[name] = Program(step, (state, batch), held, plan(name))
     if not set(names) & {"rl_generate", "rl_score", "rl_update"}:
         return out
     if ALGORITHMS[cfg.algo].offline:
@@ -213,18 +220,17 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
     rl = cfg.rl
     minibatches = MinibatchPlan(jax.ShapeDtypeStruct(
         (rl.epochs * rl.minibatches, B // rl.minibatches), jnp.int32, sharding=replicated(mesh)))
-    stage = plan["rl"]
     opt_b = state_b - params_b
     candidates = {
         # the optimizer state, the reference's part outside `frozen`, the reward model
         "rl_generate": Program(generate, (state.params, frozen, prompts, key),
-                               opt_b + sft_b - frozen_b + rm_b, base(stage) + stage.kv_cache),
+                               opt_b + sft_b - frozen_b + rm_b, plan("rl_generate")),
         # the optimizer state; `frozen` is also inside the reference argument
-        "rl_score": Program(score, score_args, opt_b - frozen_b, base(stage) + stage.scoring),
+        "rl_score": Program(score, score_args, opt_b - frozen_b, plan("rl_score")),
         # the reference's part outside `frozen`, the reward model
         "rl_update": Program(it.update_program(buffer, minibatches),
                              (state, (buffer, minibatches), frozen), sft_b - frozen_b + rm_b,
-                             base(stage) + stage.step(remat)),
+                             plan("rl_update")),
     }
     out.update({k: v for k, v in candidates.items() if k in names})
     return out
