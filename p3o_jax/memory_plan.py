@@ -41,17 +41,20 @@ numbers when the policy rematerialises its blocks (`policy.remat=block|save_matm
 save_matmuls policy is counted as block, a lower bound), the no-remat ones otherwise. A
 training step's temporaries = step_factor x (grads + activations): 1 for SFT and RM (XLA's
 compiled steps agree to within 10%), RL_UPDATE_FACTOR = 1.7 for the RL update, whose compiled
-programs hold 1.6-2.0x (see RL_UPDATE_FACTOR). Peak of a stage = params + opt_state + frozen +
+programs hold 1.2-2.0x (see RL_UPDATE_FACTOR). Peak of a stage = params + opt_state + frozen +
 max(kv_cache, scoring, step): sampling, scoring and the update take turns. XLA's own buffers,
 fragmentation and the runtime's reserve come on top: leave ~10%.
 
 Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
 analysis beside these numbers (README, "Real compiles"). With the factor, full fine-tuning's RL
-update is within -3%..+7% of XLA's resident bytes (Pythia-1B to Llama-3-8B, v4-32, v5e-8 and
-8 x H100). Not modelled: with `rl.train_top_layers` (and, likely, LoRA) XLA keeps the frozen
-trunk's FSDP-gathered weights alive across the update's forward (1.8-2.3x this plan for
-Pythia-6.9B): read that plan as a lower bound and compile.
+update is within -3%..+7% of XLA's resident bytes for Pythia-6.9B and Llama-3-8B (v4-32,
+8 x H100) and Pythia-1B with remat (v5e-8); Pythia-1B without remat is over-estimated (0.77x),
+LoRA 1.03-1.20x. Not modelled: with `rl.train_top_layers` XLA keeps the frozen trunk's
+FSDP-gathered weights alive across the update's forward (1.8-2.3x this plan for Pythia-6.9B
+and Llama-3-8B), and on a v5e-16 `policy.remat=block` does not lower the 6.9B update's
+temporaries (18.6 GiB where the plan expects 11.7): read those plans as lower bounds and
+compile.
 """
 from __future__ import annotations
 
@@ -83,8 +86,9 @@ SLICES = {
     "h100-x1": (1, 80, 1), "h100-x8": (8, 80, 1), "h100-x16": (16, 80, 2),
 }
 
-# XLA's compiled RL update holds 1.6-2.0x the gradients + activations counted below (full
-# fine-tuning, TPU v4/v5e and 8 x H100, Pythia-1B to Llama-3-8B; README "Real compiles"):
+# XLA's compiled RL update holds 1.2-2.0x the gradients + activations counted below (full
+# fine-tuning, TPU v4/v5e and 8 x H100, Pythia-1B to Llama-3-8B, 1.6-1.75x from 6.9B up;
+# README "Real compiles"):
 # AdamW's update of each minibatch step, the scan's carry and the weights FSDP gathers for the
 # backward pass. The RL stage scales that term by the middle of the measured range.
 RL_UPDATE_FACTOR = 1.7
