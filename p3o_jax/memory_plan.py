@@ -49,10 +49,10 @@ Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cl
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
 analysis beside these numbers (README, "Real compiles"). With the factor, full fine-tuning's RL
 update is within -3%..+7% of XLA's resident bytes for Pythia-6.9B and Llama-3-8B (v4-32,
-8 x H100) and Pythia-1B with remat (v5e-8); Pythia-1B without remat is over-estimated (0.77x),
-LoRA 0.52x (1B) to 1.03-1.20x (6.9B). Not modelled: with `rl.train_top_layers` XLA keeps the
-frozen trunk's FSDP-gathered weights alive across the update's forward (1.8-2.3x this plan
-for Pythia-6.9B and Llama-3-8B), and on TPU `policy.remat=block` hardly lowers the 6.9B
+8 x H100) and Pythia-1B with remat (v5e-8); Pythia-1B / 2.8B without remat are over-estimated
+(0.74-0.77x), LoRA 0.52-0.59x (1B, 2.8B) to 0.98-1.20x (6.9B, 8B). Not modelled: with
+`rl.train_top_layers` XLA keeps the frozen trunk's FSDP-gathered weights alive across the
+update's forward (1.4-2.7x this plan for Pythia-6.9B and Llama-3-8B), and on TPU `policy.remat=block` hardly lowers the 6.9B
 update's temporaries (v4-32: 17.9 -> 17.0 GiB, 2.1x the plan; 8 x H100: 34.9 -> 9.9): read
 those plans as lower bounds and compile.
 """
