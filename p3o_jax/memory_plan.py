@@ -52,9 +52,9 @@ update is within -3%..+7% of XLA's resident bytes for Pythia-6.9B and Llama-3-8B
 8 x H100) and Pythia-1B with remat (v5e-8); Pythia-1B / 2.8B without remat are over-estimated
 (0.74-0.77x), LoRA 0.52-0.59x (1B, 2.8B) to 0.98-1.20x (6.9B, 8B). Not modelled: with
 `rl.train_top_layers` XLA keeps the frozen trunk's FSDP-gathered weights alive across the
-update's forward (1.4-2.7x this plan for Pythia-6.9B and Llama-3-8B), and on TPU `policy.remat=block` hardly lowers the 6.9B
-update's temporaries (v4-32: 17.9 -> 17.0 GiB, 2.1x the plan; 8 x H100: 34.9 -> 9.9): read
-those plans as lower bounds and compile.
+update's forward (1.4-2.7x this plan for Pythia-6.9B and Llama-3-8B), and on TPU
+`policy.remat=block` hardly lowers the 6.9B update's temporaries (v4-32: 17.9 -> 17.0 GiB,
+2.1x the plan; 8 x H100: 34.9 -> 9.9): read those plans as lower bounds and compile.
 """
 from __future__ import annotations
 
