@@ -20,15 +20,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 @functools.cache
 def plan_gib(args: str, devices: int, program: str) -> float:
     """Today's plan of the program a compile_check command (`args`) compiled."""
-    from p3o_jax.cli.compile_check import CompileArgs
-    from p3o_jax.cli.memory_plan import with_preset
+    from p3o_jax.cli.compile_check import parse
     from p3o_jax.compile_check import program_plan
-    from p3o_jax.config import from_args, resolve, tool_args
+    from p3o_jax.config import resolve
     from p3o_jax.memory_plan import GIB
-    tool, rest = tool_args(args.split(), CompileArgs())
-    exp = [] if any(a.startswith("exp=") for a in rest) else ["exp=tldr"]
-    cfg = from_args(exp + rest)
-    cfg = resolve(with_preset(cfg, tool.model) if tool.model else cfg, devices)
+    cfg = resolve(parse(args.split())[1], devices)
     return program_plan(cfg, devices, program) / GIB
 
 
@@ -41,10 +37,10 @@ def main(path="bench/compile_check.jsonl"):
         if "skipped" in r:
             print(f"| {r['args']} | skipped: {r['skipped']} |" + " |" * 9)
             continue
+        plan = plan_gib(r["args"], r["devices"], r["program"])
         if "xla_gib" in r:
             xla = (f"{r['argument_gib']:.1f} / {r['output_gib'] - r['alias_gib']:.1f} / "
                    f"{r['temp_gib']:.1f}")
-            plan = plan_gib(r["args"], r["devices"], r["program"])
             resident, ratio = f"{r['resident_gib']:.1f}", f"{r['resident_gib'] / plan:.2f}"
         else:       # the TPU compiler refused it: its message gives the temporaries
             xla, resident, ratio = r["why"].split("(")[1].split(")")[0], "-", "-"
@@ -52,7 +48,7 @@ def main(path="bench/compile_check.jsonl"):
         fits = "yes" if r["fits"] else "**no**"
         print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
               f"{r['mesh'].replace('x', ' x ')} | {r['mode']} | {r['program']} | {xla} | "
-              f"{resident} | {plan_gib(r['args'], r['devices'], r['program']):.1f} | {ratio} | "
+              f"{resident} | {plan:.1f} | {ratio} | "
               f"{r['compile_s']:.0f} | {fits} |")
 
 

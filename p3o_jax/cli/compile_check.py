@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the target, run no
 from p3o_jax.checks import OneOf  # noqa: E402
 from p3o_jax.cli.memory_plan import MODELS, with_preset  # noqa: E402
 from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check, table  # noqa: E402
-from p3o_jax.config import ConfigError, from_args, tool_args  # noqa: E402
+from p3o_jax.config import ConfigError, ExperimentConfig, from_args, tool_args  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,19 +41,24 @@ class CompileArgs:
     jsonl: str = ""
 
 
+def parse(argv: list[str]) -> tuple[CompileArgs, ExperimentConfig]:
+    """This command's keys and the experiment the rest describe (`exp=tldr` by default, the
+    `model` preset applied). Also reads back a JSON line's `args` (bench/compile_table.py)."""
+    args, rest = tool_args(argv, CompileArgs())
+    exp = [] if any(a.startswith("exp=") for a in rest) else ["exp=tldr"]
+    cfg = from_args(exp + rest)
+    return args, (with_preset(cfg, args.model) if args.model else cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, rest = tool_args(argv, CompileArgs())
+        args, cfg = parse(argv)
         names = tuple(p for p in args.programs.split(",") if p)
         unknown = set(names) - set(PROGRAMS)
         if unknown or not names:
             raise ConfigError(f"config key 'programs': {sorted(unknown) or 'none given'}; "
                               f"choose from {', '.join(PROGRAMS)}")
-        exp = [] if any(a.startswith("exp=") for a in rest) else ["exp=tldr"]
-        cfg = from_args(exp + rest)
-        if args.model:
-            cfg = with_preset(cfg, args.model)
         rows = []
         for row in compile_check(cfg, args.target, names):
             row = dict(row, model=args.model or cfg.base_model or "custom",
