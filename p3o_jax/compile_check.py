@@ -243,12 +243,30 @@ def describe(cfg: ExperimentConfig) -> str:
     return mode + (f"+remat-{cfg.policy.remat}" if cfg.policy.remat != "none" else "")
 
 
+# XLA:GPU's Triton gemm tiling fails on some large bf16 dots when compiling for a GPU that is
+# not attached (Pythia-6.9B's SFT, RM, sampler and scoring programs: "INTERNAL: Couldn't find
+# output tile sizes that satisfy ... dot"); with Triton gemms off cuBLAS takes those dots.
+TRITON_GEMM_OFF = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compile_lowered(lowered):
+    """`lowered.compile()`; (compiled, compiler options used: None, or TRITON_GEMM_OFF after
+    XLA:GPU's Triton tiling failure)."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:       # XlaRuntimeError
+        if "Couldn't find output tile sizes" not in str(e):
+            raise
+    return lowered.compile(compiler_options=TRITON_GEMM_OFF), TRITON_GEMM_OFF
+
+
 def compile_program(program: Program, hbm: int) -> dict:
     """Lower and compile `program`; XLA's bytes per device, the resident total, the plan's
-    estimate, compile seconds, and `fits` (with `why`, one line, when it does not)."""
+    estimate, compile seconds, and `fits` (with `why`, one line, when it does not);
+    `compiler_options` when compiling needed some (`compile_lowered`)."""
     start = time.perf_counter()
     try:
-        compiled = program.fn.lower(*program.args).compile()
+        compiled, options = compile_lowered(program.fn.lower(*program.args))
     except Exception as e:       # XlaRuntimeError: RESOURCE_EXHAUSTED on TPU
         message = str(e).strip()
         if "RESOURCE_EXHAUSTED" not in message:
@@ -265,6 +283,8 @@ def compile_program(program: Program, hbm: int) -> dict:
                alias_gib=gib(m.alias_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
                xla_gib=gib(xla), held_gib=gib(program.held), resident_gib=gib(resident),
                plan_gib=gib(program.plan), compile_s=round(seconds, 1), fits=resident <= hbm)
+    if options:
+        row["compiler_options"] = " ".join(f"{k}={str(v).lower()}" for k, v in options.items())
     if not row["fits"]:
         row["why"] = (f"needs {resident / GIB:.2f} GiB per device (XLA {xla / GIB:.2f} + "
                       f"{program.held / GIB:.2f} held), over the {hbm / GIB:.2f} GiB of the device")

@@ -1,6 +1,7 @@
 """Model layer: parity with transformers' PyTorch classes, HF round trip, sharding, bad input."""
 import json
 import os
+import unittest.mock
 
 import chex
 import jax
@@ -148,6 +149,27 @@ def test_heads_read_at_last_real_token():
     r = M.sequence_reward(params, cfg, tokens, mask)
     np.testing.assert_allclose(r, jnp.stack([scores[0, 4], scores[1, 5]]), rtol=1e-6)
     np.testing.assert_array_equal(M.last_token_index(mask), [4, 5])
+
+
+class FetchedAfterTest(chex.TestCase):
+    # the weight/activation tie (M.fetched_after, every block's weights) changes no value: the
+    # forward and the gradient in the params equal those of the model without it
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_values_and_gradients_are_the_untied_models(self):
+        cfg = M.ModelConfig(family="llama", vocab_size=VOCAB, d_model=32, n_layers=3, n_heads=4,
+                            n_kv_heads=2)
+        params = M.init_params(cfg, jax.random.key(0))
+        tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, VOCAB)
+        mask = jnp.ones_like(tokens)
+
+        def loss(p):
+            return jnp.mean(M.logits(p, cfg, tokens, mask) ** 2)
+
+        tied = self.variant(jax.value_and_grad(loss))(params)
+        with unittest.mock.patch.object(M, "fetched_after", lambda w, x: w):
+            untied = self.variant(jax.value_and_grad(loss))(params)
+        chex.assert_trees_all_close(tied, untied, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_equal_shapes_and_dtypes(tied[1], params)
 
 
 def test_param_axes_cover_every_param():
