@@ -159,12 +159,12 @@ class Program:
 
 def program_plan(cfg: ExperimentConfig, n_devices: int, name: str) -> int:
     """The analytic plan's bytes per device of program `name` (PROGRAMS) of the resolved `cfg`:
-    its stage's params, optimizer state and frozen models, plus the program's own term (a
-    training step's temporaries, the KV cache, scoring's activations)."""
+    its stage's params, optimizer state, frozen models and FSDP-gathered blocks, plus the
+    program's own term (a training step's temporaries, the KV cache, scoring's activations)."""
     stage = memory_plan.make_plan(cfg, n_devices, (name.split("_")[0],)).stages[0]
     own = {"rl_generate": stage.kv_cache, "rl_score": stage.scoring}.get(
         name, stage.step(cfg.policy.remat != "none"))
-    return stage.params + stage.opt_state + stage.frozen + own
+    return stage.params + stage.opt_state + stage.frozen + stage.gathered + own
 
 
 def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:

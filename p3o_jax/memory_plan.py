@@ -13,6 +13,10 @@ device holds:
   third copy), each leaf's shard shape from the rule table (`train_state.state_shardings`).
 - `frozen`: models held but not trained, exact likewise: the SFT policy during RM; the
   reference (the SFT policy) and the reward model during RL; all three at the evaluation.
+- `gathered`: with FSDP (`fsdp` > 1), the weights of the block running and of the next one,
+  gathered in the compute dtype (split over `tensor` only), of the stage's largest model.
+  Exact shapes; two blocks because `model.fetched_after` lets a block's gather start no
+  earlier than the previous block.
 - `kv_cache`: sampling. Exact shard shapes of `model.init_cache`'s [rows, P + N, kv heads,
   head dim] per layer (k and v, compute dtype; `model.KV_CACHE_AXES`), rows over `data` x
   `fsdp`, kv heads over
@@ -42,19 +46,17 @@ save_matmuls policy is counted as block, a lower bound), the no-remat ones other
 training step's temporaries = step_factor x (grads + activations): 1 for SFT and RM (XLA's
 compiled steps agree to within 10%), RL_UPDATE_FACTOR = 1.7 for the RL update, whose compiled
 programs hold 1.2-2.0x (see RL_UPDATE_FACTOR). Peak of a stage = params + opt_state + frozen +
-max(kv_cache, scoring, step): sampling, scoring and the update take turns. XLA's own buffers,
+gathered + max(kv_cache, scoring, step): sampling, scoring and the update take turns. XLA's own buffers,
 fragmentation and the runtime's reserve come on top: leave ~10%.
 
 Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
-analysis beside these numbers (README, "Real compiles"). With the factor, full fine-tuning's RL
-update is within -3%..+7% of XLA's resident bytes for Pythia-6.9B and Llama-3-8B (v4-32,
-8 x H100) and Pythia-1B with remat (v5e-8); Pythia-1B / 2.8B without remat are over-estimated
-(0.74-0.77x), LoRA 0.52-0.59x (1B, 2.8B) to 0.98-1.20x (6.9B, 8B). Not modelled: with
-`rl.train_top_layers` XLA keeps the frozen trunk's FSDP-gathered weights alive across the
-update's forward (1.4-2.7x this plan for Pythia-6.9B and Llama-3-8B), and on TPU
-`policy.remat=block` hardly lowers the 6.9B update's temporaries (v4-32: 17.9 -> 17.0 GiB,
-2.1x the plan; 8 x H100: 34.9 -> 9.9): read those plans as lower bounds and compile.
+analysis beside these numbers (README, "Real compiles", where each row's ratio is given).
+XLA's resident bytes over this plan, RL update, Pythia-6.9B and Llama-3-8B: full fine-tuning
+with or without `policy.remat=block` 0.95-1.07 (v4-32, v5e-16, 8 x H100); top-2 layers
+1.03-1.06 on v4-32 and 8 x H100 but 1.35-1.49 on v5e-16 (libtpu's v5e schedule); LoRA
+1.00-1.03 on v5e-16, 1.18 on 8 x H100. Smaller models are over-estimated (Pythia-1B / 2.8B
+full fine-tuning 0.7-0.8x): the factor is set where fitting matters.
 """
 from __future__ import annotations
 
@@ -106,6 +108,7 @@ class StagePlan:
     grads: int = 0
     opt_state: int = 0
     frozen: int = 0
+    gathered: int = 0
     kv_cache: int = 0
     scoring: int = 0
     activations: int = 0
@@ -118,7 +121,7 @@ class StagePlan:
         return int(self.step_factor * (self.grads + act))
 
     def peak(self, remat: bool = False) -> int:
-        return (self.params + self.opt_state + self.frozen
+        return (self.params + self.opt_state + self.frozen + self.gathered
                 + max(self.kv_cache, self.scoring, self.step(remat)))
 
 
@@ -222,6 +225,19 @@ def kv_cache_bytes(cfg: M.ModelConfig, rows: int, length: int, mesh) -> int:
     return 2 * cfg.n_layers * shard_bytes(shape, sharding)
 
 
+def gathered_bytes(cfg: M.ModelConfig, mesh) -> int:
+    """Bytes per device of two blocks' weights gathered over `fsdp` in the compute dtype (still
+    split over `tensor`): what FSDP materialises while a block runs, with one block of
+    prefetch (`model.fetched_after`). 0 when `fsdp` is 1 (the weights are used in place)."""
+    if mesh.shape["fsdp"] == 1:
+        return 0
+    whole = AbstractMesh((mesh.shape["data"], 1, mesh.shape["tensor"]), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * 3)
+    block = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype),
+                         _param_shapes(cfg)["layer_0"])
+    return 2 * shard_bytes(block, logical_shardings(_param_axes(cfg)["layer_0"], whole, block))
+
+
 def _split(n: int, ways: int) -> float:
     """n / ways if `ways` divides n (the rule table shards it), else n (replicated)."""
     return n / ways if n % ways == 0 else n
@@ -273,14 +289,17 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
     cache = lambda prompts, k: (kv_cache_bytes(pol, prompts * k, L, mesh)
                                 + kv_cache_bytes(pol, prompts, L, mesh))
     scoring = lambda c, seqs, head: activation_bytes(c, seqs, L, head, mesh, "scoring")
+    gathered = lambda *cfgs: max(gathered_bytes(c, mesh) for c in cfgs)
     plans = {}
     if "sft" in stages:
         plans["sft"] = StagePlan("sft", **_trained((pol,), cfg.sft.optim, mesh),
+                                 gathered=gathered(pol),
                                  **_step(pol, cfg.sft.batch_size, L, L, mesh))
     if "rm" in stages:
         sampled = cfg.task == "toy"  # the toy task samples its pairs from the SFT policy
         plans["rm"] = StagePlan(
             "rm", **_trained((rmc,), cfg.rm.optim, mesh), frozen=sft_p,
+            gathered=gathered(rmc, pol) if sampled else gathered(rmc),
             kv_cache=cache(rl.prompts_per_iter, 2) if sampled else 0,
             scoring=scoring(rmc, 2 * cfg.rm.batch_size, 0),  # the held-out pairs
             **_step(rmc, 2 * cfg.rm.batch_size, L, 0, mesh))
@@ -300,11 +319,11 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
         # the SFT policy (the reference, and the frozen part of a LoRA / top-layer policy)
         part = cfg if rl.lora.rank or rl.train_top_layers else None
         plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh, part),
-                                frozen=sft_p + rm_p, kv_cache=kv,
+                                frozen=sft_p + rm_p, gathered=gathered(pol, rmc), kv_cache=kv,
                                 scoring=scoring(pol, seqs, N), step_factor=RL_UPDATE_FACTOR,
                                 **step)
     if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch
-        plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p,
+        plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p, gathered=gathered(pol, rmc),
                                   kv_cache=cache(cfg.eval_prompts, 2),
                                   scoring=scoring(pol, 2 * cfg.eval_prompts, N))
     return Plan(dict(mesh.shape), tuple(plans[s] for s in stages if s in plans))

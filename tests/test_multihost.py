@@ -349,6 +349,13 @@ def test_memory_plan_matches_the_sharded_arrays():
     assert plan["rl"].kv_cache == (memory_plan.kv_cache_bytes(pol, rows, L, mesh)
                                    + memory_plan.kv_cache_bytes(pol, rl.prompts_per_iter, L, mesh))
     assert plan["rl"].activations > plan["rl"].activations_remat > 0
+    # FSDP's gathered blocks: two blocks' weights in the compute dtype, gathered over fsdp,
+    # still split over tensor: the arrays themselves on the mesh without fsdp sharding
+    whole = make_mesh(4, 1, 2)
+    block = jax.tree.map(lambda x: x.astype(pol.compute_dtype), params["layer_0"])
+    block = jax.device_put(block, logical_shardings(M.param_axes(pol)["layer_0"], whole, block))
+    assert plan["rl"].gathered == plan["sft"].gathered == 2 * _device_bytes(
+        block, whole.devices.flat[0]) > 0
 
 
 def test_memory_plan_stops_a_run_that_cannot_fit(tmp_path, capsys):
