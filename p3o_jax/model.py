@@ -210,7 +210,9 @@ def fetched_after(w, x):
     changes (the frozen trunk under `rl.train_top_layers`) as early as it likes, and every
     layer's gathered weights were alive at once. The blocks pass the previous block's input:
     one block of prefetch. Measured (Pythia-6.9B, top-2 RL update, bench/NOTES.md):
-    temporaries 10.0 -> 3.8 GiB on 8 x H100, 7.7 -> 3.9 GiB on v5e-16."""
+    temporaries 10.0 -> 3.8 GiB on 8 x H100, 7.7 -> 3.9 GiB on v5e-16. Not on CPUs
+    (`Transformer.trunk`): nothing is gathered there, and the barrier only constrains XLA:CPU's
+    buffer schedule."""
     return jax.lax.optimization_barrier((w, jax.lax.stop_gradient(x)))[0]
 
 
@@ -415,6 +417,13 @@ def _stored_cotangent_bwd(_, g):
 _stored_cotangent.defvjp(lambda x: (x, None), _stored_cotangent_bwd)
 
 
+def on_cpu() -> bool:
+    """Whether the program being traced is for CPUs: the mesh's platform (`jax.set_mesh`: a TPU
+    or GPU program compiled on a CPU host is the accelerator's), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return (device.platform if device is not None else jax.default_backend()) == "cpu"
+
+
 def stored_cotangent(x):
     """Identity whose backward (on CPU) writes the residual stream's gradient to memory.
 
@@ -423,11 +432,8 @@ def stored_cotangent(x):
     drops `optimization_barrier` before fusion, so the barrier is a conditional that cannot be
     folded: the gradient passes unchanged unless its first entry is NaN, in which case all of it
     is NaN (an update that the non-finite check skips anyway). Other backends skip it: a
-    conditional there costs a device-to-host sync. The backend is the mesh's (`jax.set_mesh`:
-    a TPU or GPU program compiled on a CPU host is the accelerator's), else the default."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    platform = device.platform if device is not None else jax.default_backend()
-    return _stored_cotangent(x) if platform == "cpu" else x
+    conditional there costs a device-to-host sync (`on_cpu`)."""
+    return _stored_cotangent(x) if on_cpu() else x
 
 
 class Block(nn.Module):
@@ -491,11 +497,11 @@ class Transformer(nn.Module):
         if cfg.family == "gpt2":
             x = x + jnp.take(self.pos_embed, positions, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
-        new_cache, previous = [], None
+        new_cache, previous, tie = [], None, not on_cpu()    # `fetched_after`
         for i, block in enumerate(self.blocks):
             y, c = block(x, positions, key_mask, None if cache is None else cache[i],
                          cache_index, previous)
-            previous, x = x, y
+            previous, x = (x if tie else None), y
             new_cache.append(c)
         return self.final_norm(stored_cotangent(x)), (None if cache is None else tuple(new_cache))
 

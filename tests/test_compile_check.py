@@ -133,16 +133,19 @@ def test_check_memory_compiles_the_runs_own_programs():
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_cpu_only_rewrites_stay_out_of_accelerator_programs(target):
+def test_cpu_and_accelerator_programs_get_their_own_rewrites(target):
     # model.stored_cotangent's conditional is an XLA:CPU fusion workaround: a program lowered
-    # for a TPU or GPU mesh from this CPU host has none, the same program for CPUs has it
-    conditionals = {}
+    # for a TPU or GPU mesh from this CPU host has none, the same program for CPUs has it; the
+    # weight/activation tie (model.fetched_after's barriers) the other way round
+    conditionals, barriers = {}, {}
     for platform, devices in (("target", target_devices(target)), ("cpu", jax.devices()[:8])):
         _, mesh, progs = tiny_programs(devices, ("sft_step",))
         with jax.set_mesh(mesh):
             text = progs["sft_step"].fn.lower(*progs["sft_step"].args).as_text()
         conditionals[platform] = text.count("stablehlo.case") + text.count("stablehlo.if")
+        barriers[platform] = text.count("stablehlo.optimization_barrier")
     assert conditionals["target"] == 0 and conditionals["cpu"] > 0, conditionals
+    assert barriers["target"] > 0 and barriers["cpu"] == 0, barriers
 
 
 @pytest.mark.parametrize("target", TARGETS)
