@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The README's memory table from real compiles (p3o_jax/cli/compile_check.py), in priority
-# order: EXP=tldr settings (64 prompts x 2 responses, 4 minibatches, 512 + 53 tokens;
-# f32 params and AdamW, bf16 compute), FSDP over every device. Appends to $OUT (one JSON line
-# per program); ~2-3 min per 6.9B program on 2 CPU cores and ~4 GiB of host memory (LoRA:
-# ~8 min, ~10 GiB).
+# The README's memory table from real compiles (p3o_jax/cli/compile_check.py): the RL update
+# of 4 models x 5 targets x 4 modes, then the other stages and other targets. EXP=tldr
+# settings (64 prompts x 2 responses, 4 minibatches, 512 + 53 tokens; f32 params and AdamW,
+# bf16 compute), FSDP over every device. Appends to $OUT (one JSON line per program) and skips
+# a command already there; ~0.5-17 min per 6.9B / 8B program on 2 CPU cores (GPU fastest, v4
+# megacore and LoRA slowest) and 4-12 GiB of host memory.
 #   MAX_RSS_GIB=8 bash bench/compile_grid.sh [OUT]     (default bench/compile_check.jsonl)
 # PYTHON: the interpreter (default: the Makefile's .venv/bin/python).
 OUT=${1:-bench/compile_check.jsonl}
@@ -24,40 +25,26 @@ run() {
   done
   grep -E '^\{|does not fit|^error' "$OUT.log"
 }
-# the RL update (the program that decides fit), post-fix (session 6), largest first
-run model=pythia-6.9b target=v5e-16 $UPD
-run model=pythia-6.9b target=h100-x8 $UPD
-run model=pythia-6.9b target=v4-32 $UPD
-run model=pythia-6.9b target=v5e-16 $UPD $TOP
-run model=llama-3-8b target=h100-x8 $UPD
-run model=llama-3-8b target=v4-32 $UPD
-run model=pythia-6.9b target=v5e-16 $UPD $LORA
-run model=llama-3-8b target=v5e-16 $UPD $TOP
-run model=pythia-6.9b target=h100-x8 $UPD $LORA
-run model=pythia-6.9b target=v5e-16 $UPD $REMAT
-run model=pythia-1b target=v5e-8 $UPD $REMAT
-run model=pythia-1b target=v5e-8 $UPD
-run model=pythia-1b target=v4-8 $UPD
-run model=pythia-1b target=v5e-8 $UPD $LORA
-run model=pythia-1b target=v5e-8 $UPD $TOP
-run model=pythia-2.8b target=v5e-8 $UPD
-run model=pythia-2.8b target=v5e-8 $UPD $REMAT
-run model=pythia-2.8b target=v5e-8 $UPD $TOP
-run model=pythia-2.8b target=v5e-8 $UPD $LORA
-run model=pythia-2.8b target=h100-x8 $UPD
-run model=llama-3-8b target=v5e-16 $UPD $LORA
-run model=llama-3-8b target=h100-x8 $UPD $TOP
-run model=pythia-6.9b target=h100-x8 $UPD $REMAT
-run model=pythia-6.9b target=v4-32 $UPD $TOP
-run model=llama-3-8b target=v4-32 $UPD $REMAT
-run model=pythia-1b target=v4-8 $UPD $LORA
-run model=pythia-2.8b target=v4-8 $UPD $REMAT
-run model=pythia-6.9b target=v5p-8 $UPD
-run model=pythia-6.9b target=v6e-8 $UPD $REMAT
-run model=pythia-1b target=h100-x1 $UPD
-run model=pythia-1b target=a100-80gb-x1 $UPD
-# the other stages (unchanged by the fix)
+# the RL update (the program that decides fit): models x targets x (full, remat, top 2, LoRA)
+for model in pythia-6.9b llama-3-8b pythia-2.8b pythia-1b; do
+  for target in h100-x8 v4-32 v5e-16 v5e-8 v4-8; do
+    for mode in "" $REMAT $TOP $LORA; do
+      run model=$model target=$target $UPD $mode
+    done
+  done
+done
+# combinations for the 16 GiB chips
+run model=pythia-6.9b target=v5e-16 $UPD $LORA $REMAT
+run model=llama-3-8b target=v5e-16 $UPD $LORA $REMAT
+run model=llama-3-8b target=v5e-16 $UPD $REMAT policy.param_dtype=bfloat16
+# every other stage of the 6.9B
 run model=pythia-6.9b target=h100-x8 $REST
-run model=pythia-1b target=v5e-8 $REST
-run model=pythia-6.9b target=v5e-16 $REST $REMAT mesh.tensor=4
-run model=llama-3-8b target=h100-x8 $REST
+run model=pythia-6.9b target=v4-32 $REST
+run model=pythia-6.9b target=v5e-16 $REST $REMAT
+# the other targets
+for target in v5p-8 v6e-8 a100-80gb-x8 h100-x1; do
+  run model=pythia-1b target=$target $UPD
+done
+run model=pythia-6.9b target=a100-80gb-x8 $UPD $REMAT
+run model=pythia-2.8b target=v5p-8 $UPD
+run model=pythia-2.8b target=v6e-8 $UPD $REMAT

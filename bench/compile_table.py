@@ -3,7 +3,8 @@
     python bench/compile_table.py [bench/compile_check.jsonl]
     python bench/compile_table.py compare bench/compile_check_before_fix.jsonl bench/compile_check.jsonl
 
-One markdown row per compiled program, GiB per device: XLA's arguments / outputs - aliased /
+One markdown row per compiled program (a row kept from an earlier commit's compile, marked
+`compiled_before`, shows † after its mode), GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
 estimate of the same program as p3o_jax/memory_plan.py computes it today (not the `plan_gib`
 recorded at compile time) and their ratio, the compile time. `compare`: the rows of a later
@@ -46,8 +47,9 @@ def main(path="bench/compile_check.jsonl"):
             xla, resident, ratio = r["why"].split("(")[1].split(")")[0], "-", "-"
             xla = f"temp {xla}"
         fits = "yes" if r["fits"] else "**no**"
+        mode = r["mode"] + (" †" if "compiled_before" in r else "")
         print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
-              f"{r['mesh'].replace('x', ' x ')} | {r['mode']} | {r['program']} | {xla} | "
+              f"{r['mesh'].replace('x', ' x ')} | {mode} | {r['program']} | {xla} | "
               f"{resident} | {plan:.1f} | {ratio} | "
               f"{r['compile_s']:.0f} | {fits} |")
 
@@ -60,10 +62,11 @@ def temp_gib(r) -> str:
 
 
 def compare(before_path, after_path):
-    before = {r["args"]: r for r in map(json.loads, open(before_path)) if "skipped" not in r}
+    key = lambda r: (r["args"], r.get("program"))
+    before = {key(r): r for r in map(json.loads, open(before_path)) if "skipped" not in r}
     for r in map(json.loads, open(after_path)):
-        b = before.get(r["args"])
-        if b is None or "skipped" in r:
+        b = before.get(key(r))
+        if b is None or "skipped" in r or "compiled_before" in r:
             continue
         res = lambda x: f"{x['resident_gib']:.1f}" if "resident_gib" in x else "-"
         plan = plan_gib(r["args"], r["devices"], r["program"])
