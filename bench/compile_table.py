@@ -47,7 +47,8 @@ def main(path="bench/compile_check.jsonl"):
             xla, resident, ratio = r["why"].split("(")[1].split(")")[0], "-", "-"
             xla = f"temp {xla}"
         fits = "yes" if r["fits"] else "**no**"
-        mode = r["mode"] + (" †" if "compiled_before" in r else "")
+        mode = r["mode"] + (" bf16 params" if r["dtype"].startswith("bfloat16/") else "")
+        mode += " †" if "compiled_before" in r else ""
         print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
               f"{r['mesh'].replace('x', ' x ')} | {mode} | {r['program']} | {xla} | "
               f"{resident} | {plan:.1f} | {ratio} | "
