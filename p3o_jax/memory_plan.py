@@ -53,10 +53,10 @@ Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cl
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
 analysis beside these numbers (README, "Real compiles", where each row's ratio is given).
 XLA's resident bytes over this plan, RL update, Pythia-6.9B and Llama-3-8B: full fine-tuning
-with or without `policy.remat=block` 0.95-1.07 (v4-32, v5e-16, 8 x H100); top-2 layers
+0.96-0.99, with `policy.remat=block` 1.02-1.13 (v4-32, v5e-16, 8 x H100); top-2 layers
 1.03-1.06 on v4-32 and 8 x H100 but 1.35-1.49 on v5e-16 (libtpu's v5e schedule); LoRA
-1.00-1.03 on v5e-16, 1.18 on 8 x H100. Smaller models are over-estimated (Pythia-1B / 2.8B
-full fine-tuning 0.7-0.8x): the factor is set where fitting matters.
+1.00-1.18 (v5e-16, 8 x H100), 0.47 on v4-32. Smaller models are over-estimated (Pythia-1B /
+2.8B full fine-tuning 0.5-0.87x): the factor is set where fitting matters.
 """
 from __future__ import annotations
 
