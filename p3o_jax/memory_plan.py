@@ -71,7 +71,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS
-from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, mesh_sizes
+from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, MeshConfig, mesh_sizes
 from p3o_jax.rl import split_policy
 from p3o_jax.sharding import MESH_AXES, logical_shardings
 from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
@@ -231,8 +231,8 @@ def gathered_bytes(cfg: M.ModelConfig, mesh) -> int:
     prefetch (`model.fetched_after`). 0 when `fsdp` is 1 (the weights are used in place)."""
     if mesh.shape["fsdp"] == 1:
         return 0
-    whole = AbstractMesh((mesh.shape["data"], 1, mesh.shape["tensor"]), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * 3)
+    data, tensor = mesh.shape["data"], mesh.shape["tensor"]
+    whole = abstract_mesh(MeshConfig(data=data, fsdp=1, tensor=tensor), data * tensor)
     block = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype),
                          _param_shapes(cfg)["layer_0"])
     return 2 * shard_bytes(block, logical_shardings(_param_axes(cfg)["layer_0"], whole, block))

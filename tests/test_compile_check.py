@@ -33,9 +33,13 @@ TINY = ["exp=toy", "policy.vocab_size=1024", "policy.n_layers=4", "rl.prompts_pe
         "rl.lora.rank=4"]
 
 
+def tiny_mesh(devices, args=TINY):
+    cfg = resolve(from_args(args), len(devices))
+    return cfg, make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+
+
 def tiny_programs(devices, names):
-    cfg = resolve(from_args(TINY), len(devices))
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    cfg, mesh = tiny_mesh(devices)
     return cfg, mesh, programs(cfg, mesh, names)
 
 
@@ -156,11 +160,9 @@ def test_frozen_trunk_gathers_wait_for_their_block(target, monkeypatch):
     # model holds more temporaries
     args = ["exp=toy", "policy.vocab_size=1024", "policy.n_layers=8", "policy.d_model=1024",
             "rl.train_top_layers=1", "rl.prompts_per_iter=16"]
-    devices = target_devices(target)
-    cfg = resolve(from_args(args), len(devices))
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    cfg, mesh = tiny_mesh(target_devices(target), args)
 
-    def temp_bytes():
+    def temp_bytes():     # programs anew each time: jit would reuse the first trace
         program = programs(cfg, mesh, ("rl_update",))["rl_update"]
         with jax.set_mesh(mesh):
             return program.fn.lower(*program.args).compile().memory_analysis().temp_size_in_bytes
