@@ -162,7 +162,7 @@ def program_plan(cfg: ExperimentConfig, n_devices: int, name: str) -> int:
     its stage's params, optimizer state, frozen models and FSDP-gathered blocks, plus the
     program's own term (a training step's temporaries, the KV cache, scoring's activations)."""
     stage = memory_plan.make_plan(cfg, n_devices, (name.split("_")[0],)).stages[0]
-    own = {"rl_generate": stage.kv_cache, "rl_score": stage.scoring}.get(
+    own = {"rl_generate": stage.sampling, "rl_score": stage.scoring}.get(
         name, stage.step(cfg.policy.remat != "none"))
     return stage.params + stage.opt_state + stage.frozen + stage.gathered + own
 
@@ -323,8 +323,9 @@ def check_run(cfg: ExperimentConfig, mesh, budget: int) -> list[dict]:
             f"{over} does not fit {budget / GIB:.4g} GiB per device on a "
             f"{memory_plan.mesh_text(mesh.shape)} mesh of {mesh.devices.flat[0].platform} "
             f"devices (XLA's compiled programs, p3o_jax/compile_check.py; GiB per device):\n"
-            f"{table(rows)}\nSet policy.remat=block, rl.train_top_layers, rl.lora.rank, raise "
-            f"rl.minibatches, lower the batch sizes, or add devices or mesh.tensor.")
+            f"{table(rows)}\nSet policy.remat=block, rl.train_top_layers, rl.lora.rank (or "
+            f"rl.sampler_gather_once=false for the sampler), raise rl.minibatches, lower the "
+            f"batch sizes, or add devices or mesh.tensor.")
     rest = ("eval",) + (("rl",) if offline and "rl" in cfg.stage_list else ())
     memory_plan.make_plan(cfg, mesh.size, rest).check(budget, remat=cfg.policy.remat != "none")
     return rows

@@ -92,6 +92,10 @@ class RLConfig:
     pack_prompts: bool = True       # each prompt pass (prefill, scoring, every minibatch of
                                     # the update) runs on the prompts' real tokens packed back
                                     # to back (p3o_jax/packing.py); one process only
+    sampler_gather_once: bool = True  # FSDP: the sampler all-gathers the policy's weights
+                                    # once per call (a compute-dtype copy per device); false:
+                                    # each block's at every decode step (two blocks resident,
+                                    # the whole model moved per token; sampler.weights_for_decode)
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
     lora: LoraConfig = LoraConfig()     # rank > 0: train LoRA adapters, not the policy
                                     # (p3o_jax/lora.py)

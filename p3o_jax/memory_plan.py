@@ -17,6 +17,9 @@ device holds:
   gathered in the compute dtype (split over `tensor` only), of the stage's largest model.
   Exact shapes; two blocks because `model.fetched_after` lets a block's gather start no
   earlier than the previous block.
+- `decode_weights`: sampling with FSDP (`rl.sampler_gather_once`, the default): the policy's
+  weights all-gathered once per sampling call in the compute dtype (split over `tensor`
+  only), what `sampler.weights_for_decode` hands the decode loop. Exact shapes.
 - `kv_cache`: sampling. Exact shard shapes of `model.init_cache`'s [rows, P + N, kv heads,
   head dim] per layer (k and v, compute dtype; `model.KV_CACHE_AXES`), rows over `data` x
   `fsdp`, kv heads over
@@ -46,8 +49,8 @@ save_matmuls policy is counted as block, a lower bound), the no-remat ones other
 training step's temporaries = step_factor x (grads + activations): 1 for SFT and RM (XLA's
 compiled steps agree to within 10%), RL_UPDATE_FACTOR = 1.7 for the RL update, whose compiled
 programs hold 1.2-2.0x (see RL_UPDATE_FACTOR). Peak of a stage = params + opt_state + frozen +
-gathered + max(kv_cache, scoring, step): sampling, scoring and the update take turns. XLA's own buffers,
-fragmentation and the runtime's reserve come on top: leave ~10%.
+gathered + max(kv_cache + decode_weights, scoring, step): sampling, scoring and the update
+take turns. XLA's own buffers, fragmentation and the runtime's reserve come on top: leave ~10%.
 
 Compiling instead of estimating: p3o_jax/compile_check.py (`python -m p3o_jax.cli.compile_check`)
 compiles the loop's programs for a named TPU slice or GPU box on any host and puts XLA's memory
@@ -110,6 +113,7 @@ class StagePlan:
     frozen: int = 0
     gathered: int = 0
     kv_cache: int = 0
+    decode_weights: int = 0
     scoring: int = 0
     activations: int = 0
     activations_remat: int = 0
@@ -122,7 +126,12 @@ class StagePlan:
 
     def peak(self, remat: bool = False) -> int:
         return (self.params + self.opt_state + self.frozen + self.gathered
-                + max(self.kv_cache, self.scoring, self.step(remat)))
+                + max(self.sampling, self.scoring, self.step(remat)))
+
+    @property
+    def sampling(self) -> int:
+        """Bytes of the sampler's own: the KV cache and the gathered policy it decodes with."""
+        return self.kv_cache + self.decode_weights
 
 
 COMPONENTS = [f.name for f in dataclasses.fields(StagePlan) if f.type == "int"]
@@ -156,7 +165,8 @@ class Plan:
                 f"over the budget of {hbm_bytes / GIB:.2f} GiB, on a {mesh_text(self.mesh)} "
                 f"mesh; estimated GiB per device (p3o_jax/memory_plan.py):\n{self.table()}\n"
                 f"Lower sft.batch_size / rm.batch_size / eval_prompts, raise rl.minibatches, "
-                f"add devices or mesh.tensor, or set policy.param_dtype=bfloat16.")
+                f"add devices or mesh.tensor, or set policy.param_dtype=bfloat16 (or "
+                f"rl.sampler_gather_once=false for sampling).")
 
 
 def mesh_text(shape) -> str:
@@ -225,17 +235,22 @@ def kv_cache_bytes(cfg: M.ModelConfig, rows: int, length: int, mesh) -> int:
     return 2 * cfg.n_layers * shard_bytes(shape, sharding)
 
 
-def gathered_bytes(cfg: M.ModelConfig, mesh) -> int:
-    """Bytes per device of two blocks' weights gathered over `fsdp` in the compute dtype (still
-    split over `tensor`): what FSDP materialises while a block runs, with one block of
-    prefetch (`model.fetched_after`). 0 when `fsdp` is 1 (the weights are used in place)."""
+def gathered_bytes(cfg: M.ModelConfig, mesh, whole_model: bool = False) -> int:
+    """Bytes per device of weights gathered over `fsdp` in the compute dtype (still split over
+    `tensor`): two blocks' (what FSDP materialises while a block runs, with one block of
+    prefetch: `model.fetched_after`), or with `whole_model` all of the model's (the sampler's
+    copy: `sampler.weights_for_decode`). 0 when `fsdp` is 1 (the weights are used in place)."""
     if mesh.shape["fsdp"] == 1:
         return 0
     data, tensor = mesh.shape["data"], mesh.shape["tensor"]
     whole = abstract_mesh(MeshConfig(data=data, fsdp=1, tensor=tensor), data * tensor)
-    block = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cfg.compute_dtype),
-                         _param_shapes(cfg)["layer_0"])
-    return 2 * shard_bytes(block, logical_shardings(_param_axes(cfg)["layer_0"], whole, block))
+    shapes, axes = _param_shapes(cfg), _param_axes(cfg)
+    if not whole_model:
+        shapes, axes = shapes["layer_0"], axes["layer_0"]
+    shapes = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, M.weight_compute_dtype(cfg, x)), shapes)
+    gathered = shard_bytes(shapes, logical_shardings(axes, whole, shapes))
+    return gathered if whole_model else 2 * gathered
 
 
 def _split(n: int, ways: int) -> float:
@@ -290,6 +305,7 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
                                 + kv_cache_bytes(pol, prompts, L, mesh))
     scoring = lambda c, seqs, head: activation_bytes(c, seqs, L, head, mesh, "scoring")
     gathered = lambda *cfgs: max(gathered_bytes(c, mesh) for c in cfgs)
+    decode = gathered_bytes(pol, mesh, whole_model=True) if rl.sampler_gather_once else 0
     plans = {}
     if "sft" in stages:
         plans["sft"] = StagePlan("sft", **_trained((pol,), cfg.sft.optim, mesh),
@@ -301,6 +317,7 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
             "rm", **_trained((rmc,), cfg.rm.optim, mesh), frozen=sft_p,
             gathered=gathered(rmc, pol) if sampled else gathered(rmc),
             kv_cache=cache(rl.prompts_per_iter, 2) if sampled else 0,
+            decode_weights=decode if sampled else 0,
             scoring=scoring(rmc, 2 * cfg.rm.batch_size, 0),  # the held-out pairs
             **_step(rmc, 2 * cfg.rm.batch_size, L, 0, mesh))
     if "rl" in stages:
@@ -320,11 +337,12 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
         part = cfg if rl.lora.rank or rl.train_top_layers else None
         plans["rl"] = StagePlan("rl", **_trained(trained, rl.optim, mesh, part),
                                 frozen=sft_p + rm_p, gathered=gathered(pol, rmc), kv_cache=kv,
+                                decode_weights=0 if algo.offline else decode,
                                 scoring=scoring(pol, seqs, N), step_factor=RL_UPDATE_FACTOR,
                                 **step)
     if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch
         plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p, gathered=gathered(pol, rmc),
-                                  kv_cache=cache(cfg.eval_prompts, 2),
+                                  kv_cache=cache(cfg.eval_prompts, 2), decode_weights=decode,
                                   scoring=scoring(pol, 2 * cfg.eval_prompts, N))
     return Plan(dict(mesh.shape), tuple(plans[s] for s in stages if s in plans))
 

@@ -194,6 +194,12 @@ class ModelConfig:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
+def weight_compute_dtype(cfg: ModelConfig, x):
+    """The dtype param `x` (an array or its shape) is computed with: the compute dtype for its
+    matrices (the modules cast them before every matmul or lookup), its own for the rest."""
+    return cfg.compute_dtype if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+
+
 def _param(module: nn.Module, name: str, shape, axes, init=nn.initializers.normal(0.02),
            after=None):
     """The param `name` (created by `init` with logical `axes`), readable once `after` exists

@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax.model import KV_CACHE_AXES, ModelConfig, forward, lm_logits
+from p3o_jax.model import (KV_CACHE_AXES, ModelConfig, forward, lm_logits, param_axes,
+                           weight_compute_dtype)
 from p3o_jax.packing import Packing, prompt_forward
-from p3o_jax.sharding import constrain
+from p3o_jax.sharding import constrain, fsdp_gathered_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,8 @@ class SamplingConfig:
     eos_id: int | None = None
     pad_id: int = 0
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    gather_once: bool = True        # FSDP: gather the weights once per call, not at every
+                                    # decode step (`weights_for_decode`)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -109,6 +112,28 @@ class DecodeState(NamedTuple):
     positions: jax.Array
     index: jax.Array
     logits: jax.Array
+
+
+def weights_for_decode(params, cfg: ModelConfig, scfg: SamplingConfig):
+    """The policy as the decode loop reads it under FSDP (`SamplingConfig.gather_once`):
+    every param all-gathered over `fsdp` once per call, before the prompt pass, its matrices
+    in the compute dtype (the model casts them so anyway: the same values). No decode step
+    then gathers anything; the price is one compute-dtype copy of the model per device (split
+    over `tensor`). Without it each block's weights are gathered as the block runs
+    (`model.fetched_after`): two blocks resident, but the whole model crosses the interconnect
+    at every token. LoRA adapters (replicated) pass through; unchanged without `fsdp`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not scfg.gather_once or mesh.empty or mesh.shape["fsdp"] == 1:
+        return params
+
+    def gather(p, axes):
+        if isinstance(p, dict):
+            return {k: gather(v, axes.get(k) if axes else None) for k, v in p.items()}
+        if axes is None:
+            return p
+        spec = fsdp_gathered_spec(axes, p.shape, mesh.shape)
+        return jax.lax.with_sharding_constraint(p.astype(weight_compute_dtype(cfg, p)), spec)
+    return gather(params, param_axes(cfg))
 
 
 def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int,
@@ -348,6 +373,7 @@ def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mas
     The cache is allocated inside the compiled program and updated in place by the loop, so
     no input buffer needs donating.
     """
+    params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)
     return _decode(params, cfg, scfg, state, keys, max_lengths)
 
@@ -370,6 +396,7 @@ def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt
     if n < 2:
         raise ValueError(f"sample_pairs: n must be >= 2, got {n}")
     B = prompts.shape[0]
+    params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)
     repeat = lambda x: jnp.repeat(x, n, axis=0)
     state = state._replace(

@@ -95,6 +95,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, fitted_spec(axes, x.shape, mesh.shape))
 
 
+def fsdp_gathered_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape) -> P:
+    """A param's `fitted_spec` without `fsdp`: the layout of its copy all-gathered over `fsdp`
+    (still split over `tensor`). Param axes map to one mesh axis each."""
+    return P(*(None if names == "fsdp" else names
+               for names in fitted_spec(axes, shape, mesh_shape)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
     """Sharding of a batch array: dim `axis` (the leading one) over (data, fsdp), the rest
     replicated."""

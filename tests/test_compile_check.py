@@ -7,6 +7,7 @@ Needs libtpu (`jax[tpu]`) and jax-cuda12-plugin / jax-cuda12-pjrt, which require
 installs; each half skips, saying which package is missing, only when it is not installed.
 """
 import importlib.util
+import re
 
 import jax
 import pytest
@@ -172,6 +173,45 @@ def test_frozen_trunk_gathers_wait_for_their_block(target, monkeypatch):
     untied = temp_bytes()
     # measured: 214 vs 335 MiB on 8 x H100, 42 vs 51 MiB on v5e-8
     assert tied < (0.75 if target == "h100-x8" else 0.9) * untied, (tied, untied)
+
+
+def _loop_collectives(hlo: str) -> dict:
+    """{while loop body: the all-gather instructions (XLA combines several into one) it or
+    what it calls runs per iteration} of an optimized HLO module's text."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            name = head.group(1)
+            computations[name] = []
+        elif name:
+            computations[name].append(line)
+
+    def gathers(comp, seen):
+        seen.add(comp)
+        body = "\n".join(computations.get(comp, ()))
+        called = set(re.findall(r"(?:calls|body|condition|to_apply|branch_computations)="
+                                r"\{?%([\w.\-]+)", body)) - seen
+        return (len(re.findall(r" all-gather(?:-start)?\(", body))
+                + sum(gathers(c, seen) for c in called))
+    bodies = {b for lines in computations.values() for l in lines
+              for b in re.findall(r" while\(.*body=%([\w.\-]+)", l)}
+    return {b: gathers(b, set()) for b in bodies}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_decode_loop_reads_weights_gathered_once(target):
+    # rl.sampler_gather_once (the default): the sampler all-gathers the policy over fsdp once
+    # per call, so its decode loop runs no collective on weights; without it each decode step
+    # gathers every block's weights again (model.fetched_after keeps them in the loop)
+    counts = {}
+    for once in ("true", "false"):
+        cfg, mesh = tiny_mesh(target_devices(target), TINY + [f"rl.sampler_gather_once={once}"])
+        program = programs(cfg, mesh, ("rl_generate",))["rl_generate"]
+        with jax.set_mesh(mesh):
+            counts[once] = _loop_collectives(program.fn.lower(*program.args).compile().as_text())
+    assert len(counts["true"]) == len(counts["false"]) >= 1, counts
+    assert sum(counts["true"].values()) == 0 < min(counts["false"].values()), counts
 
 
 def test_triton_tiling_failure_compiles_again_without_triton_gemms():

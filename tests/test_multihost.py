@@ -33,6 +33,7 @@ from safetensors.numpy import load_file
 
 from p3o_jax import config as C
 from p3o_jax import hf, memory_plan
+from p3o_jax import sampler as S
 from p3o_jax import model as M
 from p3o_jax.checkpoint import load_params
 from p3o_jax.config import ConfigError, DistConfig
@@ -352,10 +353,21 @@ def test_memory_plan_matches_the_sharded_arrays():
     # FSDP's gathered blocks: two blocks' weights in the compute dtype, gathered over fsdp,
     # still split over tensor: the arrays themselves on the mesh without fsdp sharding
     whole = make_mesh(4, 1, 2)
-    block = jax.tree.map(lambda x: x.astype(pol.compute_dtype), params["layer_0"])
+    block = jax.tree.map(lambda x: x.astype(M.weight_compute_dtype(pol, x)), params["layer_0"])
     block = jax.device_put(block, logical_shardings(M.param_axes(pol)["layer_0"], whole, block))
     assert plan["rl"].gathered == plan["sft"].gathered == 2 * _device_bytes(
         block, whole.devices.flat[0]) > 0
+    # the sampler's copy of the whole policy (`rl.sampler_gather_once`): what
+    # `sampler.weights_for_decode` hands the decode loop, on every device
+    with jax.set_mesh(mesh):
+        decode = jax.jit(lambda p: S.weights_for_decode(p, pol, S.SamplingConfig(1)))(params)
+    assert decode["embed"].sharding.is_fully_replicated     # 133 rows: not split over tensor
+    assert decode["layer_0"]["attn"]["wq"].sharding.spec == P(None, "tensor")   # was fsdp, tensor
+    for device in jax.devices():
+        assert plan["rl"].decode_weights == plan["eval"].decode_weights == _device_bytes(
+            decode, device) > 0
+    streamed = memory_plan.make_plan(_plan_cfg(**{"rl.sampler_gather_once": "false"}), 8)
+    assert all(s.decode_weights == 0 for s in streamed.stages)
 
 
 def test_memory_plan_stops_a_run_that_cannot_fit(tmp_path, capsys):

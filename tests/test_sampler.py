@@ -1,4 +1,5 @@
 """Sampler: cache parity, HF greedy parity, sampling distribution, EOS/early exit, pairs, mesh."""
+import dataclasses
 import functools
 
 import chex
@@ -333,14 +334,18 @@ def test_sharded_matches_single_device():
     ref_pairs = S.sample_pairs(params, cfg, sampled, prompts, prompt_mask, jax.random.key(1))
 
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
-    with jax.set_mesh(mesh):
-        sharded = jax.device_put(params, logical_shardings(M.param_axes(cfg), mesh))
-        p, m = shard_batch((np.asarray(prompts), np.asarray(prompt_mask)), mesh)
-        out = S.generate(sharded, cfg, greedy, p, m, jax.device_put(keys, batch_sharding(mesh, 1)))
-        pairs = S.sample_pairs(sharded, cfg, sampled, p, m, jax.random.key(1))
-    assert len(out.tokens.sharding.device_set) == 8
-    assert out.tokens.sharding.shard_shape(out.tokens.shape) == (B // 4, N)   # batch on fsdp
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.raw_logprobs, ref.raw_logprobs, atol=1e-5)
-    np.testing.assert_array_equal(pairs.tokens, ref_pairs.tokens)
-    np.testing.assert_allclose(pairs.logprobs, ref_pairs.logprobs, atol=1e-5)
+    # the weights gathered once per call (`weights_for_decode`) or block by block at each step
+    for gather_once in (True, False):
+        once = lambda scfg: dataclasses.replace(scfg, gather_once=gather_once)
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(params, logical_shardings(M.param_axes(cfg), mesh))
+            p, m = shard_batch((np.asarray(prompts), np.asarray(prompt_mask)), mesh)
+            out = S.generate(sharded, cfg, once(greedy), p, m,
+                             jax.device_put(keys, batch_sharding(mesh, 1)))
+            pairs = S.sample_pairs(sharded, cfg, once(sampled), p, m, jax.random.key(1))
+        assert len(out.tokens.sharding.device_set) == 8
+        assert out.tokens.sharding.shard_shape(out.tokens.shape) == (B // 4, N)  # batch on fsdp
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.raw_logprobs, ref.raw_logprobs, atol=1e-5)
+        np.testing.assert_array_equal(pairs.tokens, ref_pairs.tokens)
+        np.testing.assert_allclose(pairs.logprobs, ref_pairs.logprobs, atol=1e-5)

@@ -65,7 +65,7 @@ def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b
     base = from_args([f"exp={exp}"])
     gib = lambda b: f"{b / GIB:.1f}"
     lines = ["| model | slice (chips x GiB) | fsdp x tensor | params | opt state | ref + RM | "
-             "KV cache | P3O act. | act. remat | RL peak | worst stage: peak / remat | fits |",
+             "sampling | P3O act. | act. remat | RL peak | worst stage: peak / remat | fits |",
              "|---" * 12 + "|"]
     for name in models:
         cfg = with_preset(base, name)
@@ -81,7 +81,7 @@ def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b
                 lines.append(
                     f"| {name} | {slice_name} ({chips} x {hbm}) | {chips // t} x {t} | "
                     f"{gib(rl.params)} | {gib(rl.opt_state)} | {gib(rl.frozen)} | "
-                    f"{gib(rl.kv_cache)} | {gib(rl.activations)} | {gib(rl.activations_remat)} | "
+                    f"{gib(rl.sampling)} | {gib(rl.activations)} | {gib(rl.activations_remat)} | "
                     f"{gib(rl.peak())} | {worst.stage}: {gib(plan.peak())} / "
                     f"{gib(plan.peak(remat=True))} | {fits} |")
     return "\n".join(lines)
