@@ -61,7 +61,8 @@ def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b
              slices=("v4-8", "v4-32", "v5e-8", "v5e-16")) -> str:
     """A markdown table: `exp`'s settings with each preset on each slice, FSDP over all chips
     or over half of them x tensor parallelism 2. The RL stage's components, then the peak
-    of the worst stage of the run and whether it fits the chips' HBM."""
+    of the worst stage of the run and whether it fits the chips' HBM: as it is, with remat,
+    or with remat and the sampler gathering block by block (`rl.sampler_gather_once=false`)."""
     base = from_args([f"exp={exp}"])
     gib = lambda b: f"{b / GIB:.1f}"
     lines = ["| model | slice (chips x GiB) | fsdp x tensor | params | opt state | ref + RM | "
@@ -74,10 +75,14 @@ def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b
             for t in (1, 2):
                 mesh = dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=t)
                 plan = make_plan(dataclasses.replace(cfg, mesh=mesh), chips)
+                streamed = make_plan(dataclasses.replace(cfg, mesh=mesh, rl=dataclasses.replace(
+                    cfg.rl, sampler_gather_once=False)), chips)
                 rl = next(s for s in plan.stages if s.stage == "rl")
                 worst = max(plan.stages, key=StagePlan.peak)
                 fits = ("yes" if plan.peak() <= hbm * GIB else
-                        "with remat" if plan.peak(remat=True) <= hbm * GIB else "no")
+                        "with remat" if plan.peak(remat=True) <= hbm * GIB else
+                        "with remat, streamed sampler" if streamed.peak(remat=True) <= hbm * GIB
+                        else "no")
                 lines.append(
                     f"| {name} | {slice_name} ({chips} x {hbm}) | {chips // t} x {t} | "
                     f"{gib(rl.params)} | {gib(rl.opt_state)} | {gib(rl.frozen)} | "
