@@ -4,11 +4,12 @@
 # settings (64 prompts x 2 responses, 4 minibatches, 512 + 53 tokens; f32 params and AdamW,
 # bf16 compute), FSDP over every device. Appends to $OUT (one JSON line per program) and skips
 # a command already there; ~0.5-17 min per 6.9B / 8B program on 2 CPU cores (GPU fastest, v4
-# megacore and LoRA slowest) and 4-12 GiB of host memory.
+# megacore and LoRA slowest) and 4-12 GiB of host memory (the 6.9B's TPU sampler: over 16).
 #   MAX_RSS_GIB=8 bash bench/compile_grid.sh [OUT]     (default bench/compile_check.jsonl)
 # PYTHON: the interpreter (default: the Makefile's .venv/bin/python).
 OUT=${1:-bench/compile_check.jsonl}
 REMAT=policy.remat=block LORA=rl.lora.rank=8 TOP=rl.train_top_layers=2
+STREAMED=rl.sampler_gather_once=false
 UPD=programs=rl_update REST=programs=sft_step,rm_step,rl_generate,rl_score
 run() {
   while [ -e "${PAUSE:-/nonexistent}" ]; do sleep 5; done   # PAUSE=file: wait while it exists
@@ -37,10 +38,14 @@ done
 run model=pythia-6.9b target=v5e-16 $UPD $LORA $REMAT
 run model=llama-3-8b target=v5e-16 $UPD $LORA $REMAT
 run model=llama-3-8b target=v5e-16 $UPD $REMAT policy.param_dtype=bfloat16
-# every other stage of the 6.9B
+# every other stage of the 6.9B; the sampler also gathering block by block at each step
 run model=pythia-6.9b target=h100-x8 $REST
+run model=pythia-6.9b target=h100-x8 programs=rl_generate $STREAMED
 run model=pythia-6.9b target=v4-32 $REST
-run model=pythia-6.9b target=v5e-16 $REST $REMAT
+for program in sft_step rm_step rl_score rl_generate; do
+  run model=pythia-6.9b target=v5e-16 programs=$program $REMAT
+done
+run model=pythia-6.9b target=v5e-16 programs=rl_generate $REMAT $STREAMED
 # the other targets
 for target in v5p-8 v6e-8 a100-80gb-x8 h100-x1; do
   run model=pythia-1b target=$target $UPD
