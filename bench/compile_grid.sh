@@ -10,7 +10,7 @@
 OUT=${1:-bench/compile_check.jsonl}
 REMAT=policy.remat=block LORA=rl.lora.rank=8 TOP=rl.train_top_layers=2
 STREAMED=rl.sampler_gather_once=false
-UPD=programs=rl_update REST=programs=sft_step,rm_step,rl_generate,rl_score
+UPD=programs=rl_update
 run() {
   while [ -e "${PAUSE:-/nonexistent}" ]; do sleep 5; done   # PAUSE=file: wait while it exists
   grep -qF "\"args\": \"$*\"" "$OUT" 2>/dev/null && return   # done in an earlier pass
@@ -38,13 +38,14 @@ done
 run model=pythia-6.9b target=v5e-16 $UPD $LORA $REMAT
 run model=llama-3-8b target=v5e-16 $UPD $LORA $REMAT
 run model=llama-3-8b target=v5e-16 $UPD $REMAT policy.param_dtype=bfloat16
-# every other stage of the 6.9B; the sampler also gathering block by block at each step
-run model=pythia-6.9b target=h100-x8 $REST
-run model=pythia-6.9b target=h100-x8 programs=rl_generate $STREAMED
-run model=pythia-6.9b target=v4-32 $REST
-for program in sft_step rm_step rl_score rl_generate; do
+# every other stage of the 6.9B (one a process: less host memory); the sampler also gathering
+# block by block at each decode step
+for program in sft_step rm_step rl_generate rl_score; do
+  run model=pythia-6.9b target=h100-x8 programs=$program
+  run model=pythia-6.9b target=v4-32 programs=$program
   run model=pythia-6.9b target=v5e-16 programs=$program $REMAT
 done
+run model=pythia-6.9b target=h100-x8 programs=rl_generate $STREAMED
 run model=pythia-6.9b target=v5e-16 programs=rl_generate $REMAT $STREAMED
 # the other targets
 for target in v5p-8 v6e-8 a100-80gb-x8 h100-x1; do

@@ -3,7 +3,7 @@
     python bench/compile_table.py [bench/compile_check.jsonl]
     python bench/compile_table.py compare bench/compile_check_before_fix.jsonl bench/compile_check.jsonl
 
-One markdown row per compiled program (a row kept from an earlier commit's compile, marked
+One markdown row per compiled program, by model, target and program (a row kept from an earlier commit's compile, marked
 `compiled_before`, shows † after its mode), GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
 estimate of the same program as p3o_jax/memory_plan.py computes it today (not the `plan_gib`
@@ -29,8 +29,24 @@ def plan_gib(args: str, devices: int, program: str) -> float:
     return program_plan(cfg, devices, program) / GIB
 
 
+MODELS = ("pythia-6.9b", "llama-3-8b", "pythia-2.8b", "pythia-1b")
+TARGETS = ("h100-x8", "v4-32", "v5e-16", "v5e-8", "v4-8")
+PROGRAMS = ("rl_update", "rl_generate", "rl_score", "sft_step", "rm_step")
+MODES = ("full", "full+remat-block", "top2", "lora-r8", "lora-r8+remat-block")
+
+
+def order(r):
+    """Rows by model, target (the grid's first), program (the update first) and mode, then
+    as compiled; skipped commands last."""
+    rank = lambda names, x: names.index(x) if x in names else len(names)
+    if "skipped" in r:
+        return (len(MODELS) + 1,)
+    return (rank(MODELS, r["model"]), rank(TARGETS, r["target"]), r["target"],
+            rank(PROGRAMS, r["program"]), rank(MODES, r["mode"]))
+
+
 def main(path="bench/compile_check.jsonl"):
-    rows = [json.loads(line) for line in open(path)]
+    rows = sorted((json.loads(line) for line in open(path)), key=order)
     print("| model | target (devices x GiB) | data x fsdp x tensor | RL trains | program | "
           "XLA args / out - alias / temp | resident | plan | resident / plan | compile s | fits |")
     print("|---" * 11 + "|")
@@ -48,6 +64,7 @@ def main(path="bench/compile_check.jsonl"):
             xla = f"temp {xla}"
         fits = "yes" if r["fits"] else "**no**"
         mode = r["mode"] + (" bf16 params" if r["dtype"].startswith("bfloat16/") else "")
+        mode += " streamed sampler" if "rl.sampler_gather_once=false" in r["args"] else ""
         mode += " †" if "compiled_before" in r else ""
         print(f"| {r['model']} | {r['target']} ({r['devices']} x {r['hbm_gib']:.0f}) | "
               f"{r['mesh'].replace('x', ' x ')} | {mode} | {r['program']} | {xla} | "
