@@ -70,13 +70,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS
-from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, MeshConfig, mesh_sizes
+from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, mesh_sizes
 from p3o_jax.rl import split_policy
-from p3o_jax.sharding import MESH_AXES, logical_shardings
+from p3o_jax.sharding import MESH_AXES, fsdp_gathered_spec, logical_shardings
 from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
 
 GIB = 2 ** 30
@@ -242,14 +242,15 @@ def gathered_bytes(cfg: M.ModelConfig, mesh, whole_model: bool = False) -> int:
     copy: `sampler.weights_for_decode`). 0 when `fsdp` is 1 (the weights are used in place)."""
     if mesh.shape["fsdp"] == 1:
         return 0
-    data, tensor = mesh.shape["data"], mesh.shape["tensor"]
-    whole = abstract_mesh(MeshConfig(data=data, fsdp=1, tensor=tensor), data * tensor)
     shapes, axes = _param_shapes(cfg), _param_axes(cfg)
     if not whole_model:
         shapes, axes = shapes["layer_0"], axes["layer_0"]
     shapes = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, M.weight_compute_dtype(cfg, x)), shapes)
-    gathered = shard_bytes(shapes, logical_shardings(axes, whole, shapes))
+    shardings = jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, fsdp_gathered_spec(spec, x.shape, mesh.shape)),
+        axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    gathered = shard_bytes(shapes, shardings)
     return gathered if whole_model else 2 * gathered
 
 
