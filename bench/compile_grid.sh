@@ -47,6 +47,12 @@ for program in sft_step rm_step rl_generate rl_score; do
 done
 run model=pythia-6.9b target=h100-x8 programs=rl_generate $STREAMED
 run model=pythia-6.9b target=v5e-16 programs=rl_generate $REMAT $STREAMED
+# Llama-3-8B's sampler and scoring on the TPU slices where its update fits (v5e-16: top 2)
+for program in rl_generate rl_score; do
+  run model=llama-3-8b target=v4-32 programs=$program
+done
+run model=llama-3-8b target=v5e-16 programs=rl_generate $TOP $STREAMED
+run model=llama-3-8b target=v5e-16 programs=rl_score $TOP
 # the other targets
 for target in v5p-8 v6e-8 a100-80gb-x8 h100-x1; do
   run model=pythia-1b target=$target $UPD
