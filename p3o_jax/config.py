@@ -21,6 +21,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import sys
 import types
 import typing
 from typing import Annotated
@@ -105,7 +106,8 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Real data (task=tldr|hh): the TFDS datasets of `p3o_jax.data` and the tokenizer."""
+    """Real data: the TFDS datasets of `p3o_jax.data` (task=tldr|hh) or your own files
+    (task=dataset), and the tokenizer."""
     data_dir: Annotated[str, WritableDir()] = ""    # where the datasets are built (once);
                                                     # "" = TFDS's default
     manual_dir: Annotated[str, ExistingDir()] = ""  # upstream files placed by hand
@@ -118,6 +120,25 @@ class DataConfig:
     on_bad_record: Annotated[str, OneOf(*ON_BAD_RECORD)] = "raise"  # raise (file:line) | skip
     stop_sequences: Annotated[str, JsonStrings()] = ""  # JSON list of strings ending a sampled
                                     # response, e.g. ["\n\nHuman:"] (cut, EOS appended)
+    # task=dataset: your own data (p3o_jax/data/own.py). Each is a comma list of sources,
+    # LOCATION[:split=S][:config=C][:weight=W]: a .jsonl/.json/.parquet/.csv/.arrow file, a
+    # save_to_disk folder or a hub dataset; several are mixed by their weights
+    sft: str = ""                   # demonstrations: prompt + completion, or messages
+    preferences: str = ""           # prompt + chosen + rejected (or chosen + rejected alone);
+                                    # with them the rm stage trains a reward model
+    prompts: str = ""               # RL prompts; "" = the prompts of data.sft or data.preferences
+    eval: str = ""                  # held-out prompts; "" = a slice of the prompts held out
+                                    # (eval_prompts of them, at most a tenth)
+    prompt_key: str = "prompt"      # the columns' names
+    completion_key: str = "completion"
+    messages_key: str = "messages"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    wrap_prompts: bool = False      # render plain-string prompts as one user turn (and their
+                                    # completions as the assistant's) with the chat template
+    system_prompt: str = ""         # a system turn put first in every conversation without one
+    long_prompts: Annotated[str, OneOf("truncate", "filter")] = "truncate"  # prompts over
+                                    # prompt_len tokens: keep their last tokens, or drop them
 
     @property
     def hh_subset_list(self) -> tuple[str, ...]:
@@ -159,7 +180,7 @@ class DistConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: Annotated[str, Pattern(r"[\w.-]+", "a name of letters, digits, '.', '_', '-'")] = "toy"
-    task: Annotated[str, OneOf("toy", "tldr", "hh")] = "toy"
+    task: Annotated[str, OneOf("toy", "tldr", "hh", "dataset")] = "toy"  # dataset: data.* files
     algo: Annotated[str, OneOf(*ALGORITHMS)] = "p3o"
     stages: Annotated[str, SubsetOf(*STAGES)] = "sft,rm,rl"
     seed: Annotated[int, NonNegative] = 0
@@ -174,6 +195,15 @@ class ExperimentConfig:
     pretrained_rm: Annotated[str, ModelSource()] = ""   # a *ForSequenceClassification reward
                                     # model used instead of training one (stage rm); its own
                                     # tokenizer, if it has another, scores re-tokenised text
+    reward_fns: str = ""            # reward functions, a comma list of module:function,
+                                    # file.py:function, built-ins (p3o_jax/rewards.py) or
+                                    # verl:<those>; the reward is their weighted sum, plus the
+                                    # reward model's score when one is trained or given
+                                    # (p3o_jax/reward_fns.py)
+    reward_weights: tuple[float, ...] = ()  # one per reward function, then optionally the
+                                    # reward model's; () = all 1
+    reward_workers: Annotated[int, Positive] = 1  # threads each reward function's batch is
+                                    # split over (for functions that wait on a service)
     export_hf: bool = True          # each trained stage also writes <out_dir>/hf/<stage>, a
                                     # folder transformers loads (p3o_jax/cli/export.py: any
                                     # checkpoint)
@@ -209,6 +239,12 @@ class ExperimentConfig:
     @property
     def response_len(self) -> int:
         return self.toy.response_len if self.task == "toy" else self.data.response_len
+
+    @property
+    def uses_reward_model(self) -> bool:
+        """Whether a reward model scores RL's responses: one is trained here (stage rm) or
+        given (`pretrained_rm`), or, without reward functions, the one an earlier run trained."""
+        return bool(self.pretrained_rm) or "rm" in self.stage_list or not self.reward_fns
 
     @property
     def recompute_old(self) -> bool:
@@ -340,9 +376,12 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     if cfg.task == "toy":
         need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline")
     else:
-        need(cfg.data.tokenizer or cfg.base_model or cfg.smoke, "data.tokenizer",
-             "set it (an HF name or local folder) or base_model")
+        need(cfg.data.tokenizer or cfg.base_model or cfg.pretrained_sft or cfg.smoke,
+             "data.tokenizer", "set it (an HF name or local folder), base_model or pretrained_sft")
+    need(not (cfg.smoke and cfg.task == "dataset"), "smoke", "is for task=tldr|hh")
     need(cfg.stage_list, "stages", "name at least one of sft, rm, rl")
+    if cfg.task == "dataset":
+        cfg = dataset_stages(cfg)
     m = cfg.mesh
     batch_ways = m.data * m.fsdp
     for key, b in (("sft.batch_size", cfg.sft.batch_size), ("rm.batch_size", cfg.rm.batch_size),
@@ -381,6 +420,38 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
          f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
     return cfg
+
+
+def dataset_stages(cfg: ExperimentConfig) -> ExperimentConfig:
+    """task=dataset: the stages follow the data. Without `data.preferences` no reward model is
+    trained (the reward is `reward_fns`, or `pretrained_rm`); without demonstrations
+    (`data.sft`, or the chosen responses of `data.preferences`) SFT does not run and RL starts
+    from `base_model` itself. Each stage left out is said on stderr."""
+    d, stages, notes = cfg.data, list(cfg.stage_list), []
+    need(d.sft or d.preferences or d.prompts, "data.prompts",
+         "task=dataset reads your own data: set data.prompts, data.sft or data.preferences")
+    need(not ALGORITHMS[cfg.algo].offline or d.preferences, "data.preferences",
+         f"algo={cfg.algo} trains on preference pairs: set data.preferences")
+    if "rm" in stages and not d.preferences:
+        need(cfg.reward_fns or cfg.pretrained_rm, "reward_fns",
+             "no reward: set reward_fns (functions), data.preferences (a reward model is trained "
+             "on them) or pretrained_rm")
+        stages.remove("rm")
+        notes.append("rm (no data.preferences; the reward is "
+                     + ("pretrained_rm" if cfg.pretrained_rm else "reward_fns") + ")")
+    if "sft" in stages and not (d.sft or d.preferences):
+        need(cfg.base_model or cfg.pretrained_sft, "base_model",
+             "no data.sft or data.preferences to train SFT on: set base_model (RL starts "
+             "from it) or pretrained_sft")
+        stages.remove("sft")
+        start = cfg.pretrained_sft or cfg.base_model
+        notes.append(f"sft (no data.sft or data.preferences; RL starts from {start})")
+        if not cfg.pretrained_sft:
+            cfg = dataclasses.replace(cfg, pretrained_sft=cfg.base_model, base_model="")
+    need(stages, "stages", f"nothing left to run of {cfg.stages} with this data")
+    if notes and jax.process_index() == 0:
+        print(f"stages: left out {'; '.join(notes)}", file=sys.stderr)
+    return dataclasses.replace(cfg, stages=",".join(stages))
 
 
 def architecture(cfg: ExperimentConfig, key: str, field: str) -> ModelConfig:

@@ -12,7 +12,7 @@ import numpy as np
 from p3o_jax import model as M
 from p3o_jax import ops
 from p3o_jax.distributed import to_host
-from p3o_jax.rollout import score
+from p3o_jax.rollout import score, weighed
 from p3o_jax.sampler import SamplingConfig, sample_pairs
 
 
@@ -48,45 +48,63 @@ def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
 
 
 def _score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
-           prompts, prompt_mask, samples, scfg: SamplingConfig, rewards=None):
-    """The first of each prompt's two responses with its RM score, KL estimates and length, as
-    [B] arrays. The policy's log-probs are recomputed by the same forward as the reference's,
-    so that the KL of a policy to itself is exactly 0, whatever the dtype."""
+           prompts, prompt_mask, samples, scfg: SamplingConfig, rm_scores=None,
+           fn_rewards=None, weights: tuple = (), rm_weight: float = 1.0):
+    """The first of each prompt's two responses with its reward (and the reward model's score
+    "rm", each reward function's "reward/<name>"), KL estimates and length, as [B] arrays.
+    The policy's log-probs are recomputed by the same forward as the reference's, so that
+    the KL of a policy to itself is exactly 0, whatever the dtype. `weights`: the reward
+    functions' (name, weight) pairs."""
+    host = weighed(fn_rewards, dict(weights)) if fn_rewards else None
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
-                scfg.temperature, recompute_old=True, rewards=rewards)
+                scfg.temperature, recompute_old=True, rm_scores=rm_scores, rewards=host,
+                rm_weight=rm_weight)
     m = buf.resp_mask
     kl_k3 = ops.kl_per_sequence(buf.logp_old, buf.logp_ref, m, "k3")
-    return {"rm": buf.rewards, "kl_k1": buf.seq_kl, "kl_k3": kl_k3, "length": m.sum(-1),
-            "tokens": samples.tokens, "mask": samples.mask}
+    out = {"reward": buf.rewards, "kl_k1": buf.seq_kl, "kl_k3": kl_k3, "length": m.sum(-1),
+           "tokens": samples.tokens, "mask": samples.mask}
+    if buf.rm_scores is not None:
+        out["rm"] = buf.rm_scores
+    return out | {f"reward/{k}": v for k, v in (fn_rewards or {}).items()}
 
 
-@functools.partial(jax.jit, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
+STATIC = ("policy_cfg", "rm_cfg", "scfg", "weights", "rm_weight")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
 def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
-                      rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig):
+                      rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig,
+                      weights: tuple = (), rm_weight: float = 1.0):
     """`_score` of two responses per prompt (the draws of training's `sample_pairs`), one
     program."""
     samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     return _score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
-                  scfg)
+                  scfg, rm_weight=rm_weight)
 
 
-_score_given_rewards = jax.jit(_score, static_argnames=("policy_cfg", "rm_cfg", "scfg"))
+_score_given_rewards = jax.jit(_score, static_argnames=STATIC)
 
 
 def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
                     prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None,
-                    reward_fn=None) -> dict:
-    """Sample one response per prompt and return per-prompt numpy arrays: rm, gold (if
-    `gold_fn`), kl_k1, kl_k3, length, plus tokens/mask of the responses. `reward_fn(prompts,
-    samples) -> [B, 2]` scores outside the program (a reward model with another tokenizer)."""
-    if reward_fn is None:
+                    rm_fn=None, reward_fns=None, rows=None, rm_weight: float = 1.0) -> dict:
+    """Sample one response per prompt and return per-prompt numpy arrays: reward, rm (with a
+    reward model), reward/<name> (each reward function), gold (if `gold_fn`), kl_k1, kl_k3,
+    length, plus tokens/mask of the responses. Scored outside the program: `rm_fn(prompts,
+    samples) -> [B, 2]` (a reward model with another tokenizer) and `reward_fns` (a
+    `reward_fns.FunctionRewards`; `rows` [B]: the prompts' rows in its records)."""
+    if rm_fn is None and reward_fns is None:
         out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts,
-                                prompt_mask, key, scfg)
+                                prompt_mask, key, scfg, rm_weight=rm_weight)
     else:
         samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
-        rewards = reward_fn({"ids": prompts, "mask": prompt_mask}, samples)
-        out = _score_given_rewards(policy, ref, None, policy_cfg, rm_cfg, prompts, prompt_mask,
-                                   samples, scfg, rewards)
+        p = {"ids": prompts, "mask": prompt_mask, "row": rows}
+        rm_scores = rm_fn(p, samples) if rm_fn else None
+        fn_rewards = reward_fns(p, samples) if reward_fns else None
+        weights = tuple(reward_fns.weights.items()) if reward_fns else ()
+        out = _score_given_rewards(policy, ref, None if rm_fn else reward_model, policy_cfg,
+                                   rm_cfg, prompts, prompt_mask, samples, scfg, rm_scores,
+                                   fn_rewards, weights, rm_weight)
     out = {k: to_host(v[:, 0]) for k, v in out.items()}
     if gold_fn is not None:
         out["gold"] = np.asarray(gold_fn(*to_host((prompts, prompt_mask)), out["tokens"],
@@ -95,11 +113,20 @@ def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg
 
 
 def summarize(per_prompt: dict) -> dict:
-    """Means and standard errors of the scalar columns of `evaluate_policy`."""
+    """Means and standard errors of the scalar columns of `evaluate_policy`; a reward
+    function's over the prompts it had an opinion on, and for 0/1 rewards also its accuracy
+    (`<name>_acc`: the fraction of those with reward 1)."""
     row = {}
-    for k in ("gold", "rm", "kl_k1", "kl_k3", "length"):
+    for k in ("gold", "reward", "rm", "kl_k1", "kl_k3", "length"):
         if k in per_prompt:
             row[k], row[k + "_se"] = mean_se(per_prompt[k])
+    for k in sorted(k for k in per_prompt if k.startswith("reward/")):
+        x = np.asarray(per_prompt[k], np.float64)
+        x = x[~np.isnan(x)]
+        name = k.partition("/")[2]
+        row[name], row[name + "_se"] = mean_se(x) if len(x) else (float("nan"), 0.0)
+        if len(x) and np.all((x == 0) | (x == 1)):
+            row[name + "_acc"] = float(np.mean(x == 1))
     return row
 
 
@@ -109,5 +136,7 @@ def compare(per_prompt: dict, baseline: dict) -> dict:
     row = summarize(per_prompt)
     if "gold" in per_prompt:
         row["win_gold"], row["win_gold_se"] = win_rate(per_prompt["gold"], baseline["gold"])
-    row["win_rm"], row["win_rm_se"] = win_rate(per_prompt["rm"], baseline["rm"])
+    if "rm" in per_prompt:
+        row["win_rm"], row["win_rm_se"] = win_rate(per_prompt["rm"], baseline["rm"])
+    row["win_reward"], row["win_reward_se"] = win_rate(per_prompt["reward"], baseline["reward"])
     return row

@@ -25,7 +25,7 @@ import sys
 import jax
 import numpy as np
 
-from p3o_jax import checkpoint, hf, memory_plan
+from p3o_jax import checkpoint, hf, memory_plan, reward_fns
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
@@ -42,7 +42,8 @@ from p3o_jax.sampler import sample_pairs
 from p3o_jax.sharding import make_mesh
 from p3o_jax.compile_check import check_run, table
 from p3o_jax.stage import Run, stage_loop, supervised_step
-from p3o_jax.tasks import Task, TextRLHF, ToyRLHF
+from p3o_jax.reward_fns import FunctionRewards
+from p3o_jax.tasks import DatasetRLHF, Task, TextRLHF, ToyRLHF
 from p3o_jax.train_state import create_state, param_shardings
 
 
@@ -149,16 +150,24 @@ def stage_rm(run: Run, sft_params):
 # ---------------------------------------------------------------------------------------------
 # RL
 
-def reward_function(run: Run, rm_params):
+def retokenized_rm(run: Run, rm_params):
     """How the reward model scores the policy's samples: None (inside the scoring program)
-    when it reads the policy's tokens, else a `RetokenizedReward` (a pretrained reward model
-    with its own tokenizer: decoded and re-encoded into prompts of `prompt_len` and responses of
-    up to twice `response_len` tokens, on the host)."""
-    if run.rm_tokenizer is None:
+    when it reads the policy's tokens or there is none, else a `RetokenizedReward` (a
+    pretrained reward model with its own tokenizer: decoded and re-encoded into prompts of
+    `prompt_len` and responses of up to twice `response_len` tokens, on the host)."""
+    if rm_params is None or run.rm_tokenizer is None:
         return None
     place = lambda n, *arrays: run.batch(n, lambda a, b: tuple(x[a:b] for x in arrays))
     return RetokenizedReward(run.task.tokenizer, run.rm_tokenizer, rm_params, run.cfg.rm_model,
                              run.cfg.prompt_len, 2 * run.cfg.response_len, place)
+
+
+def function_rewards(run: Run, split: str) -> FunctionRewards | None:
+    """The reward functions scoring responses to the prompts of `split` ("rl", "eval"); None
+    without any."""
+    if not run.reward_fns:
+        return None
+    return FunctionRewards(run.reward_fns, run.task, split, run.batch, run.cfg.reward_workers)
 
 
 def policy_evaluator(run: Run, sft_params, rm_params):
@@ -166,10 +175,11 @@ def policy_evaluator(run: Run, sft_params, rm_params):
     them (the same prompts and sampling key for every policy): `final_table` and
     `rl.eval_every`."""
     p = run.prompts(run.cfg.eval_prompts, "eval")
-    reward_fn = reward_function(run, rm_params)
+    rm_fn, reward_fns = retokenized_rm(run, rm_params), function_rewards(run, "eval")
     return p, lambda params: evaluate_policy(params, sft_params, rm_params, run.cfg.policy,
                                              run.cfg.rm_model, p["ids"], p["mask"], run.key(5),
-                                             run.sampling, run.task.gold_reward, reward_fn)
+                                             run.sampling, run.task.gold_reward, rm_fn,
+                                             reward_fns, p.get("row"), run.rm_weight)
 
 
 def eval_along(run: Run, sft_params, rm_params, total: int, frozen=None):
@@ -203,8 +213,8 @@ def stage_rl(run: Run, sft_params, rm_params):
     cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
-    iteration = RLIteration(cfg, run.mesh, run.sampling,
-                            reward_fn=reward_function(run, rm_params))
+    iteration = RLIteration(cfg, run.mesh, run.sampling, rm_fn=retokenized_rm(run, rm_params),
+                            reward_fns=function_rewards(run, "rl"), rm_weight=run.rm_weight)
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
     frozen = frozen_policy(cfg, sft_params)
 
@@ -218,7 +228,7 @@ def stage_rl(run: Run, sft_params, rm_params):
         return state, metrics, algo.next_carry(carry, metrics, cfg)
 
     state = stage_loop(run, "rl", f"rl:{algo.name}", state, cfg.rl.iterations, step,
-                       carry=algo.init_carry(cfg), log_every=1, show=("rm_reward", "kl_k1"),
+                       carry=algo.init_carry(cfg), log_every=1, show=("reward", "kl_k1"),
                        evaluate=eval_along(run, sft_params, rm_params, cfg.rl.iterations,
                                            frozen))
     return final_policy(cfg, state.params["policy"], frozen)
@@ -284,8 +294,10 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     ids, mask = to_host((p["ids"], p["mask"]))
     if not is_main_process():
         return summary
-    columns = ["policy", "gold", "gold_se", "rm", "rm_se", "kl_k1", "kl_k1_se", "kl_k3", "length",
-               "win_gold", "win_gold_se", "win_rm", "win_rm_se"]
+    components = [k for f in run.reward_fns for k in (f.name, f.name + "_acc")]
+    columns = ["policy", "gold", "gold_se", "reward", "reward_se", "rm", "rm_se", *components,
+               "kl_k1", "kl_k1_se", "kl_k3", "length", "win_gold", "win_gold_se", "win_reward",
+               "win_reward_se", "win_rm", "win_rm_se"]
     print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
     print("\nsamples from the final policy:")
     last = results[list(results)[-1]]
@@ -300,9 +312,37 @@ def make_task(cfg: ExperimentConfig) -> Task:
     `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`."""
     if cfg.task == "toy":
         return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
+    if cfg.task == "dataset":
+        return DatasetRLHF(cfg.data, cfg.data.tokenizer or cfg.base_model or cfg.pretrained_sft,
+                           cfg.seed, cfg.eval_prompts,
+                           os.path.join(cfg.data.data_dir or cfg.out_dir, "p3o_tokenized"))
     data_cfg = (fixtures.smoke_data(cfg.data, cfg.task, os.path.join(cfg.out_dir, "smoke_data"))
                 if cfg.smoke else cfg.data)
-    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model, cfg.seed)
+    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model or cfg.pretrained_sft,
+                    cfg.seed)
+
+
+def load_reward_fns(cfg: ExperimentConfig, task: Task):
+    """`reward_fns.load` of `cfg.reward_fns`, each function checked against the task's prompt
+    columns: ([], 1.0) without any. ConfigError when the task cannot give them prompts."""
+    if not cfg.reward_fns:
+        return [], 1.0
+    if not hasattr(task, "prompt_records"):
+        raise ConfigError(f"config key 'reward_fns': task={cfg.task} has no prompt records for "
+                          f"reward functions; use task=dataset (or toy)")
+    fns, rm_weight = reward_fns.load(cfg.reward_fns, cfg.reward_weights, cfg.uses_reward_model)
+    reward_fns.check_columns(fns, task.prompt_columns, "the prompts")
+    return fns, rm_weight
+
+
+def eval_count(cfg: ExperimentConfig, available: int) -> int:
+    """`eval_prompts`, at most the `available` held-out prompts, in whole batches over the mesh."""
+    ways = cfg.mesh.data * cfg.mesh.fsdp
+    n = min(cfg.eval_prompts, available) // ways * ways
+    if not n:
+        raise ConfigError(f"config key 'data.eval': {available} held-out prompts, fewer than one "
+                          f"per batch device (data*fsdp={ways}); give more prompts or data.eval")
+    return n
 
 
 def check_memory(cfg: ExperimentConfig, mesh) -> None:
@@ -323,6 +363,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
+    fns, rm_weight = load_reward_fns(cfg, task)
+    if cfg.task == "dataset":   # no more eval prompts than the held-out set has
+        cfg = dataclasses.replace(cfg, eval_prompts=eval_count(cfg, task.eval_size()))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)
@@ -330,7 +373,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if is_main_process():
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()))
+    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()), fns,
+              rm_weight)
     stages = cfg.stage_list
     if not cfg.resume:
         for name in stages:
@@ -363,8 +407,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         with jax.set_mesh(mesh), checkpoint.handle_preemption():
             sft_params = stage("sft", "sft", cfg.policy, lambda: stage_sft(run),
                                cfg.pretrained_sft)
-            rm_params = stage("rm", "rm", cfg.rm_model, lambda: stage_rm(run, sft_params),
-                              cfg.pretrained_rm, role="reward")
+            rm_params = (stage("rm", "rm", cfg.rm_model, lambda: stage_rm(run, sft_params),
+                               cfg.pretrained_rm, role="reward")
+                         if cfg.uses_reward_model else None)
             policy = (stage("rl", cfg.algo, cfg.policy,
                             lambda: stage_rl(run, sft_params, rm_params))
                       if "rl" in stages else None)

@@ -97,10 +97,14 @@ def final_policy(cfg, trained, frozen) -> dict:
 def initial_params(cfg, sft_params, rm_params) -> dict:
     """What the RL state trains, copied (the update donates it): the SFT policy's trained part
     (`split_policy`) and, for a critic, the reward model with its reward head as the value
-    head. The frozen part is `frozen_policy(cfg, sft_params)`, not copied."""
+    head, or without a reward model (`rm_params` None: reward functions only) the SFT policy
+    with a zero value head. The frozen part is `frozen_policy(cfg, sft_params)`, not copied."""
     params = {"policy": split_policy(cfg, sft_params)[0]}
     if ALGORITHMS[cfg.algo].critic:
-        params["critic"] = dict(rm_params, value_head=rm_params["reward_head"])
+        params["critic"] = (dict(rm_params, value_head=rm_params["reward_head"])
+                            if rm_params is not None else
+                            dict(sft_params, value_head=jax.tree.map(jnp.zeros_like,
+                                                                     sft_params["value_head"])))
     return jax.tree.map(jnp.copy, params)
 
 
@@ -118,10 +122,15 @@ class RLIteration:
     """The programs of one iteration of `cfg.algo` (cfg: a resolved ExperimentConfig) on
     `mesh`; `init_state` builds the sharded train state they update."""
 
-    def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, reward_fn=None):
-        """`reward_fn(prompts, samples) -> [B, K]` scores on the host's side (a reward model
-        with another tokenizer); None: the reward model scores inside `score`."""
-        self.cfg, self.mesh, self.sampling, self.reward_fn = cfg, mesh, sampling, reward_fn
+    def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, rm_fn=None,
+                 reward_fns=None, rm_weight: float = 1.0):
+        """`rm_fn(prompts, samples) -> [B, K]`: the reward model's scores computed on the
+        host's side (a reward model with another tokenizer); None: it scores inside `score`.
+        `reward_fns(prompts, samples) -> {name: [B, K]}` (`reward_fns.FunctionRewards`): the
+        reward functions, weighed by its `weights` and added to `rm_weight` x the reward
+        model's score (p3o_jax/reward_fns.py)."""
+        self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
+        self.rm_fn, self.reward_fns, self.rm_weight = rm_fn, reward_fns, rm_weight
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
         self.shardings = state_shardings(
@@ -169,18 +178,24 @@ class RLIteration:
 
     @functools.partial(jax.jit, static_argnums=0)
     def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict,
-              rewards=None, packing=None):
+              rm_scores=None, packing=None, fn_rewards=None):
         """The prepared buffer and the rollout's metrics (every model is an argument: a jit
-        may not close over arrays of other processes)."""
+        may not close over arrays of other processes). `rm_scores` [B, K]: the reward model's,
+        computed on the host; `fn_rewards` {name: [B, K]}: the reward functions' (NaN: no
+        opinion), each logged as `reward/<name>`."""
         cfg = self.cfg
+        host = rollout.weighed(fn_rewards, self.reward_fns.weights) if fn_rewards else None
         buffer = rollout.score(params["policy"], ref, reward_model, cfg.policy, cfg.rm_model,
                                prompts["ids"], prompts["mask"], samples, cfg.rl.temperature,
-                               cfg.recompute_old, rewards, packing)
+                               cfg.recompute_old, rm_scores, packing, host, self.rm_weight)
         if cfg.rl.reward_offset:      # the same delta(x) for every response of a prompt
             offset = cfg.rl.reward_offset * prompt_offset(prompts["ids"], prompts["mask"])
             buffer = buffer.replace(rewards=buffer.rewards + offset[:, None])
         buffer = self.algo.prepare(buffer, params, cfg, carry)
-        return buffer, rollout.rollout_metrics(buffer)
+        metrics = rollout.rollout_metrics(buffer)
+        for name, r in (fn_rewards or {}).items():
+            metrics[f"reward/{name}"] = jnp.nanmean(r)
+        return buffer, metrics
 
     def plan(self, state: TrainState, buffer) -> MinibatchPlan:
         """The update's minibatches of `buffer` (and their prompts packed), drawn from the
@@ -224,14 +239,18 @@ class RLIteration:
         samples = jax.block_until_ready(self.sample(params, prompts, key, packing,
                                                     max_lengths))
         t1 = time.perf_counter()
-        rewards = self.reward_fn(prompts, samples) if self.reward_fn else None
-        t_rewards = time.perf_counter() - t1      # retokenising for another tokenizer's RM
-        buffer, metrics = self.score(params, ref, reward_model, prompts, samples, carry,
-                                     rewards, packing)
-        buffer = jax.block_until_ready(buffer.replace(entropy=None))
+        rm_scores = self.rm_fn(prompts, samples) if self.rm_fn else None
+        t_rm = time.perf_counter() - t1           # retokenising for another tokenizer's RM
+        fn_rewards = self.reward_fns(prompts, samples) if self.reward_fns else None
+        buffer, metrics = self.score(params, ref, None if self.rm_fn else reward_model,
+                                     prompts, samples, carry, rm_scores, packing, fn_rewards)
+        buffer = jax.block_until_ready(buffer.replace(entropy=None, rm_scores=None))
         t2 = time.perf_counter()
-        if self.reward_fn:
-            metrics = dict(metrics, time_retokenized_reward=t_rewards)
+        if self.rm_fn:
+            metrics = dict(metrics, time_retokenized_reward=t_rm)
+        if self.reward_fns:
+            metrics = dict(metrics, **{f"time_reward/{k}": t
+                                       for k, t in self.reward_fns.time.items()})
         state, update_metrics = jax.block_until_ready(self.apply(state, buffer, frozen))
         t3 = time.perf_counter()
         return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,

@@ -19,7 +19,9 @@ L = P + N):
     resp_mask           int32   [B, K, N]   1 on generated tokens (EOS included)
     logp_old, logp_ref  float32 [B, K, N]   per-token log-probs under pi_old / pi_ref (0 on pads)
     entropy             float32 [B, K, N]   policy entropy at each response position
-    rewards             float32 [B, K]      reward-model score at the last real token
+    rewards             float32 [B, K]      the reward: w_rm x the reward model's score at the
+                                            last real token + the reward functions' sum
+    rm_scores           float32 [B, K]      the reward model's score alone (None without one)
     seq_kl              float32 [B, K]      sum_t mask * (logp_old - logp_ref)   (k1)
 """
 from __future__ import annotations
@@ -122,6 +124,7 @@ class Rollout:
     returns: jax.Array | None = None        # PPO: GAE returns [B, K, N]
     packing: Packing | None = None          # the prompts packed (set per minibatch by the
                                             # update: `train_state.MinibatchPlan`)
+    rm_scores: jax.Array | None = None      # float32 [B, K] (dropped before the update)
 
     @property
     def prompt_len(self) -> int:
@@ -140,11 +143,14 @@ def after_previous_model(params, previous):
 
 def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
           prompts, prompt_mask, samples, temperature: float,
-          recompute_old: bool = False, rewards=None, packing: Packing | None = None) -> Rollout:
+          recompute_old: bool = False, rm_scores=None, packing: Packing | None = None,
+          rewards=None, rm_weight: float = 1.0) -> Rollout:
     """The buffer from prompts [B, P] and `sample_pairs` output [B, K, N]: reference log-probs
-    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward model's scores
-    (`rewards` [B, K] when they were computed elsewhere: a reward model with another
-    tokenizer, `retokenize.RetokenizedReward`). `packing`: the prompts packed."""
+    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward, `rm_weight` times
+    the reward model's scores plus `rewards` [B, K] (the reward functions', computed on the
+    host). The reward model scores here unless `reward_model` is None or its scores
+    `rm_scores` [B, K] were computed elsewhere (a reward model with another tokenizer,
+    `retokenize.RetokenizedReward`). `packing`: the prompts packed."""
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
     resp_mask = samples.mask.astype(jnp.int32)
@@ -155,22 +161,33 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
         logp_old, entropy = samples.raw_logprobs, samples.entropy
     logp_ref = response_logprobs(after_previous_model(ref, logp_old), policy_cfg, tokens, mask,
                                  P, temperature, packing=packing)
-    if rewards is None:
-        rewards = response_reward(after_previous_model(reward_model, logp_ref), rm_cfg, tokens,
-                                  mask, P, packing)
+    if rm_scores is None and reward_model is not None:
+        rm_scores = response_reward(after_previous_model(reward_model, logp_ref), rm_cfg, tokens,
+                                    mask, P, packing)
+    if rm_scores is None and rewards is None:
+        raise ValueError("no reward: give a reward model, its scores or the functions' rewards")
+    total = (0.0 if rm_scores is None else rm_weight * rm_scores) + (
+        0.0 if rewards is None else rewards)
     logp_old, logp_ref, entropy = (x * resp_mask for x in (logp_old, logp_ref, entropy))
     return Rollout(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
                    logp_ref=logp_ref, entropy=entropy,
                    seq_kl=ops.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"),
-                   rewards=rewards)
+                   rewards=jnp.asarray(total, jnp.float32), rm_scores=rm_scores)
+
+
+def weighed(fn_rewards: dict, weights: dict):
+    """sum_f w_f r_f of the reward functions' [B, K] rewards, NaN (no opinion) counting 0."""
+    return sum(weights[name] * jnp.nan_to_num(r) for name, r in fn_rewards.items())
 
 
 def rollout_metrics(buffer: Rollout) -> dict:
-    """Scalars every RL algorithm logs per iteration."""
+    """Scalars every RL algorithm logs per iteration: the reward (and the reward model's score
+    alone, `rm_reward`), KL, entropy, length."""
     m = buffer.resp_mask
     kl3 = ops.kl_per_sequence(buffer.logp_old, buffer.logp_ref, m, "k3")
-    return {
-        "rm_reward": jnp.mean(buffer.rewards),
+    metrics = {} if buffer.rm_scores is None else {"rm_reward": jnp.mean(buffer.rm_scores)}
+    return metrics | {
+        "reward": jnp.mean(buffer.rewards),
         "kl_k1": jnp.mean(buffer.seq_kl),
         "kl_k3": jnp.mean(kl3),
         "entropy": ops.masked_mean(buffer.entropy, m),

@@ -10,6 +10,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 import transformers
 from tqdm.auto import tqdm
 
@@ -51,11 +52,14 @@ def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):
 
 @dataclasses.dataclass
 class Run:
-    """What every stage needs: the resolved config, mesh, task, logger."""
+    """What every stage needs: the resolved config, mesh, task, logger, and the reward
+    functions with the reward model's weight (`reward_fns.load`)."""
     cfg: ExperimentConfig
     mesh: jax.sharding.Mesh
     task: Task
     logger: MetricsLogger
+    reward_fns: list = dataclasses.field(default_factory=list)
+    rm_weight: float = 1.0
 
     def path(self, name: str) -> str:
         return os.path.abspath(os.path.join(self.cfg.out_dir, name))
@@ -95,10 +99,14 @@ class Run:
         return shard_batch(local_rows(self.mesh, n, read), self.mesh)
 
     def prompts(self, n: int, split: str, start: int = 0) -> dict:
-        """Prompts `start .. start + n - 1` of `split`: {"ids", "mask"} [n, P] on the mesh."""
+        """Prompts `start .. start + n - 1` of `split`: {"ids", "mask"} [n, P] on the mesh, and
+        with reward functions "row" [n], each prompt's row in `task.prompt_records(split)`."""
         def read(a, b):
             ids, mask = self.task.prompts(b - a, split, start + a)
-            return {"ids": ids, "mask": mask}
+            if not self.reward_fns:
+                return {"ids": ids, "mask": mask}
+            rows = self.task.prompt_rows(b - a, split, start + a).astype(np.int32)
+            return {"ids": ids, "mask": mask, "row": rows}
         return self.batch(n, read)
 
 

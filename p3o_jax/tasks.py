@@ -8,6 +8,7 @@ static shapes: prompts [n, P] left-padded, responses [n, N] right-padded, sequen
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Protocol
@@ -20,6 +21,8 @@ from tensorflow_datasets.core import constants as tfds_constants
 
 from p3o_jax import data
 from p3o_jax.config import ConfigError, DataConfig
+from p3o_jax.data import own
+from p3o_jax.data.pipeline import Encoded
 from p3o_jax.data import prompts as text_formats
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
@@ -51,6 +54,11 @@ class Task(Protocol):
 
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int) -> str:
         """A few (prompt, response) pairs as text, for the end-of-run printout."""
+
+    # tasks whose prompts reward functions can score (p3o_jax/reward_fns.py) also have:
+    # prompt_rows(n, split, start) -> int [n], each prompt's row in `prompt_records(split)`
+    # prompt_records(split, rows) -> data.own.Records of those rows (prompt values, columns)
+    # prompt_columns: set[str], the columns of every prompt record
 
 
 def pair_sequences(prompt_ids, prompt_mask, responses, response_mask) -> dict:
@@ -98,6 +106,20 @@ class ToyRLHF:
 
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int = 3):
         return self.toy.format_samples(prompt_ids, prompt_mask, response_ids, response_mask, n=n)
+
+    prompt_columns = {"prompt_ids"}
+
+    def prompt_rows(self, n: int, split: str, start: int = 0) -> np.ndarray:
+        """Prompts are addressed by index: the rows are `start .. start + n - 1`."""
+        return np.arange(start, start + n)
+
+    def prompt_records(self, split: str, rows) -> own.Records:
+        """The prompts of `rows` as text, with their token ids as the column `prompt_ids`."""
+        rows = np.asarray(rows)
+        ids, mask = zip(*(self.prompts(1, split, int(r)) for r in rows)) if len(rows) else ((), ())
+        ids = [i[0][m[0].astype(bool)].tolist() for i, m in zip(ids, mask)]
+        return own.Records("prompt", self.tokenizer.batch_decode(ids), {}, {"prompt_ids": ids},
+                           [f"toy {split} prompt {r}" for r in rows], "")
 
 
 class UnusableData(ConfigError):
@@ -215,3 +237,85 @@ class TextRLHF:
                    self.decode(response_ids[:n], response_mask[:n]))
         return "\n".join(f"prompt: {'...' if len(p) > 300 else ''}{p[-300:]}\n  response: {r}"
                          for p, r in rows)
+
+
+class DatasetRLHF(TextRLHF):
+    """Your own data (`task="dataset"`, p3o_jax/data/own.py): the sources of `data.sft`,
+    `data.preferences`, `data.prompts` and `data.eval`, rendered with the tokenizer's chat
+    template and tokenised once (cached under `<data_dir or out_dir>/p3o_tokenized`).
+
+    =================  ========================================================
+    use                source
+    =================  ========================================================
+    sft_batch          data.sft (prompt + completion, messages), else the chosen
+                       responses of data.preferences
+    preference_data    data.preferences
+    prompts "rl"       data.prompts, else the prompts of data.sft / preferences,
+                       less the held-out ones
+    prompts "eval"     data.eval, else `eval_prompts` of those prompts (at most a
+                       tenth) held out by a seeded shuffle
+    =================  ========================================================
+
+    Streams are read by index as in `TextRLHF` (its batch methods); each prompt example also
+    carries its row in `prompt_records(split)`, which the reward functions get with the
+    completions. Bad data raises `UnusableData` (a ConfigError) naming the source and row."""
+
+    def __init__(self, data_cfg: DataConfig, tokenizer: str, seed: int, eval_prompts: int,
+                 cache_dir: str):
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
+        self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
+        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
+                                    for text in data_cfg.stop_sequence_list)
+        d = data_cfg
+        keys = own.Keys(d.prompt_key, d.completion_key, d.messages_key, d.chosen_key,
+                        d.rejected_key)
+        render = own.Render(self.tokenizer, d.wrap_prompts, d.system_prompt)
+        try:
+            load = lambda key, kind: own.load_records(getattr(d, key), f"data.{key}", kind, keys,
+                                                      seed, d.wrap_prompts)
+            sft = load("sft", "sft") if d.sft else None
+            preferences = load("preferences", "preference") if d.preferences else None
+            if sft is None and preferences is not None:   # SFT on the chosen responses
+                sft = dataclasses.replace(preferences, kind="sft",
+                                          responses={"response": preferences.responses["chosen"]})
+            prompt_key = next(k for k in ("prompts", "sft", "preferences") if getattr(d, k))
+            prompts = load(prompt_key, "prompt")
+            if d.eval:
+                rl, held_out = prompts, load("eval", "prompt")
+            else:
+                order = np.random.default_rng(seed).permutation(len(prompts))
+                n = min(eval_prompts, max(len(prompts) // 10, 1))
+                rl, held_out = prompts.take(order[n:]), prompts.take(order[:n])
+            self.records = {"rl": rl, "eval": held_out}
+
+            def stream(use: int, records: own.Records) -> grain.MapDataset:
+                columns = own.encode(records, render, self.prompt_len, self.response_len,
+                                     d.long_prompts, cache_dir)
+                layout = data.Tokenize(self.tokenizer, "own", records.kind, self.prompt_len,
+                                       self.response_len)
+                examples = own.Examples(Encoded(columns, layout), columns["row"])
+                return grain.MapDataset.source(examples).shuffle(
+                    seed=int(np.random.SeedSequence([seed, use]).generate_state(1)[0]))
+
+            self._sft = stream(0, sft) if sft is not None else None
+            self._preferences = stream(1, preferences) if preferences is not None else None
+            self._prompts = {split: stream(2 + i, r) for i, (split, r) in
+                             enumerate(self.records.items())}
+        except data.DataError as e:
+            raise UnusableData(str(e)) from e
+
+    @property
+    def prompt_columns(self) -> set[str]:
+        """The columns every prompt record of RL and evaluation has (for reward functions)."""
+        return set(self.records["rl"].columns) & set(self.records["eval"].columns)
+
+    def eval_size(self) -> int:
+        return len(self._prompts["eval"])
+
+    def prompt_rows(self, n: int, split: str, start: int = 0) -> np.ndarray:
+        return data.read_batch(self._prompts[split], start, n)["row"]
+
+    def prompt_records(self, split: str, rows) -> own.Records:
+        return self.records[split].take(rows)

@@ -3,7 +3,9 @@
     python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
 
 Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
-(also a checkpoint written with an incompatible one); 75 stopped by SIGTERM/SIGINT with a
+(also a checkpoint written with an incompatible one, bad data, a reward function that cannot be
+loaded); 3 a reward function failed on a batch (raised, wrong length, NaN or inf: one line
+naming it and the prompt's row; fix it and run the same command again); 75 stopped by SIGTERM/SIGINT with a
 checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
 (immediate exit).
 """
@@ -14,6 +16,7 @@ import sys
 from p3o_jax import checkpoint, distributed
 from p3o_jax.config import ConfigError, from_args
 from p3o_jax.pipeline import run_experiment
+from p3o_jax.reward_fns import RewardError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except checkpoint.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RewardError as e:  # a reward function failed; the last checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except checkpoint.Preempted as e:
         print(e, file=sys.stderr)
         return checkpoint.EXIT_PREEMPTED

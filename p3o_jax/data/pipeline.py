@@ -57,9 +57,10 @@ from transformers import PreTrainedTokenizerBase
 
 from p3o_jax.data import prompts
 
-DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf"]
+DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf", "own"]
 Kind = Literal["sft", "preference", "prompt"]
-DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf")
+DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf", "own")  # own: texts already rendered
+                                                                # (p3o_jax/data/own.py)
 KINDS = ("sft", "preference", "prompt")
 ENCODING_VERSION = 1    # part of the cache key: bump when `Tokenize.encode`'s output changes
 ENCODE_CHUNK = 4096     # records per batch encoding call
@@ -89,11 +90,16 @@ class Tokenize(grain.transforms.Map):
     @property
     def fields(self) -> tuple[str, ...]:
         """The texts of a record: "prompt", then those of `responses` (keys of `encode`)."""
+        if self.dataset == "own":
+            return {"sft": ("prompt", "response"), "prompt": ("prompt",),
+                    "preference": ("prompt", "chosen", "rejected")}[self.kind]
         return ("prompt", "response") if self.dataset == "tldr_sft" else (
             "prompt", "chosen", "rejected")
 
     def responses(self, record: dict) -> dict[str, str]:
         """{response} (tldr_sft) or {chosen, rejected} texts of a (decoded) source record."""
+        if self.dataset == "own":
+            return {key: record[key] for key in self.fields[1:]}
         if self.dataset == "hh_rlhf":
             return {"chosen": record["chosen"], "rejected": record["rejected"]}
         if self.dataset == "tldr_sft":
@@ -154,7 +160,7 @@ class Tokenize(grain.transforms.Map):
         """Each (decoded) record's prompt, encoded. TL;DR: the full prompts are encoded in
         one batch, and only those over ``prompt_len`` are fitted (`prompts.fit_tldr_prompt`)
         and encoded again; HH prompts are cut later, from the left (`prompts.cut_prompt`)."""
-        if self.dataset == "hh_rlhf":
+        if self.dataset in ("hh_rlhf", "own"):
             return prompts.encode_batch(self.tokenizer, [r["prompt"] for r in records])
         full = [prompts.format_tldr_prompt(r["subreddit"], r["title"], r["post"]) for r in records]
         ids = prompts.encode_batch(self.tokenizer, full)
@@ -219,9 +225,9 @@ def encode_source(source: Sequence[dict], transform: Tokenize, *,
     chunks = (transform.encode([source[i] for i in range(start, min(start + ENCODE_CHUNK,
                                                                       len(source)))])
               for start in range(0, len(source), ENCODE_CHUNK))
-    columns = _ragged(chunks, transform.fields)
+    columns = ragged_columns(chunks, transform.fields)
     if path:
-        _save_npz_atomically(path, columns)
+        save_npz_atomically(path, columns)
     return Encoded(columns, transform)
 
 
@@ -242,7 +248,7 @@ def source_fingerprint(source: Sequence[dict]) -> str | None:
     return digest.hexdigest() if files else None
 
 
-def _ragged(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequence[str]
+def ragged_columns(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequence[str]
             ) -> dict[str, np.ndarray]:
     """`Encoded` columns from chunks of `Tokenize.encode` output (each chunk converted to
     arrays at once: Python lists of all ids would take gigabytes)."""
@@ -259,7 +265,7 @@ def _ragged(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequence[str]
     return columns
 
 
-def _save_npz_atomically(path: str, columns: dict[str, np.ndarray]) -> None:
+def save_npz_atomically(path: str, columns: dict[str, np.ndarray]) -> None:
     """Readers see the old file or the whole new one, never a partial write."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
