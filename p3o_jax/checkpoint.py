@@ -170,11 +170,12 @@ def skip_nonfinite(step_fn):
 # mesh), and what a bad data record does (with "raise" the run stopped before its first
 # checkpoint).
 _NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "dist", "log_every",
-            "eval_prompts", "data.on_bad_record", "export_hf")
+            "eval_prompts", "data.on_bad_record", "export_hf", "reward_workers")
 # Fields a stage does not read (those of later stages, and the other algorithms' settings)...
 _ALGO_SETTINGS = tuple({a.settings for a in ALGORITHMS.values() if a.settings})
-_UNREAD = {"sft": ("algo", "reward_model", "rm", "rl") + _ALGO_SETTINGS,
-           "rm": ("algo", "rl") + _ALGO_SETTINGS, "rl": ()}
+_REWARDS = ("reward_fns", "reward_weights")
+_UNREAD = {"sft": ("algo", "reward_model", "rm", "rl") + _REWARDS + _ALGO_SETTINGS,
+           "rm": ("algo", "rl") + _REWARDS + _ALGO_SETTINGS, "rl": ()}
 # ...except the sampling settings the rm stage draws its preference pairs with.
 _READ_ANYWAY = {"rm": ("rl.temperature", "rl.top_k", "rl.top_p", "rl.prompts_per_iter")}
 

@@ -152,6 +152,46 @@ class ModelSource(Check):
             f"{value!r} is neither a local folder nor a hub id like 'org/name'")
 
 
+@dataclasses.dataclass(frozen=True)
+class Sources(Check):
+    """A comma list of data sources (p3o_jax/data/own.py: `LOCATION[:split=S][:config=C]
+    [:weight=W]`, `""`: unset): each well-formed, and a location that looks like a local path
+    (a data file's extension, or /, ./, ~) exists."""
+
+    def problem(self, value):
+        from p3o_jax.data import own   # the grammar's one parser
+        from p3o_jax.data.validate import UpstreamError
+        try:
+            sources = own.parse_sources(value, "")
+        except UpstreamError as e:
+            return str(e).lstrip(": ")
+        for s in sources:
+            if is_local_path(s.location) or os.path.splitext(s.location)[1] in own.EXTENSIONS:
+                if not os.path.exists(os.path.expanduser(s.location)):
+                    return f"no such file or folder: {s.location}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpecs(Check):
+    """A comma list of reward functions (p3o_jax/reward_fns.py, `""`: unset): each a built-in
+    name or `WHERE:function`, and a `file.py` that exists. Importing waits for the run."""
+
+    def problem(self, value):
+        from p3o_jax.rewards import BUILTINS
+        for spec in filter(None, (s.strip() for s in value.split(","))):
+            spec = spec.removeprefix("verl:")
+            where, sep, name = spec.rpartition(":")
+            if not sep and spec not in BUILTINS:
+                return (f"{spec!r} is no built-in reward ({', '.join(BUILTINS)}); give "
+                        f"module:function or file.py:function")
+            if sep and (not where or not name.isidentifier()):
+                return f"{spec!r}: expected module:function or file.py:function"
+            if where.endswith(".py") and not os.path.isfile(os.path.expanduser(where)):
+                return f"{where}: no such file"
+        return None
+
+
 @functools.lru_cache(maxsize=None)   # ModelConfig asks on every construction
 def field_checks(cls) -> dict[str, tuple[Check, ...]]:
     """{field name: its checks} of a dataclass whose hints use `Annotated[type, Check...]`."""

@@ -39,7 +39,8 @@ from p3o_jax.algos.reward_model import RMConfig
 from p3o_jax.algos.rloo import RLOOConfig
 from p3o_jax.algos.sft import SFTConfig
 from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelSource, NonNegative, OneOf, Pattern,
-                            Positive, Range, SubsetOf, WritableDir, field_checks)
+                            Positive, Range, RewardSpecs, Sources, SubsetOf, WritableDir,
+                            field_checks)
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
@@ -49,6 +50,7 @@ from p3o_jax.toy_task import ToyTaskConfig
 from p3o_jax.train_state import OptimConfig
 
 STAGES = ("sft", "rm", "rl")
+COLUMN = Pattern(r"[\w.-]+", "a column name (letters, digits, '_', '.', '-')")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -123,20 +125,22 @@ class DataConfig:
     # task=dataset: your own data (p3o_jax/data/own.py). Each is a comma list of sources,
     # LOCATION[:split=S][:config=C][:weight=W]: a .jsonl/.json/.parquet/.csv/.arrow file, a
     # save_to_disk folder or a hub dataset; several are mixed by their weights
-    sft: str = ""                   # demonstrations: prompt + completion, or messages
-    preferences: str = ""           # prompt + chosen + rejected (or chosen + rejected alone);
-                                    # with them the rm stage trains a reward model
-    prompts: str = ""               # RL prompts; "" = the prompts of data.sft or data.preferences
-    eval: str = ""                  # held-out prompts; "" = a slice of the prompts held out
-                                    # (eval_prompts of them, at most a tenth)
-    prompt_key: str = "prompt"      # the columns' names
-    completion_key: str = "completion"
-    messages_key: str = "messages"
-    chosen_key: str = "chosen"
-    rejected_key: str = "rejected"
+    sft: Annotated[str, Sources()] = ""          # demonstrations: prompt + completion, or
+                                                 # messages
+    preferences: Annotated[str, Sources()] = ""  # prompt + chosen + rejected (or chosen +
+                                                 # rejected alone); with them the rm stage
+                                                 # trains a reward model
+    prompts: Annotated[str, Sources()] = ""      # RL prompts; "" = the prompts of data.sft or
+                                                 # data.preferences
+    eval: Annotated[str, Sources()] = ""         # held-out prompts; "" = a slice of the prompts
+                                                 # held out (eval_prompts, at most a tenth)
+    prompt_key: Annotated[str, COLUMN] = "prompt"  # the columns' names
+    completion_key: Annotated[str, COLUMN] = "completion"
+    messages_key: Annotated[str, COLUMN] = "messages"
+    chosen_key: Annotated[str, COLUMN] = "chosen"
+    rejected_key: Annotated[str, COLUMN] = "rejected"
     wrap_prompts: bool = False      # render plain-string prompts as one user turn (and their
                                     # completions as the assistant's) with the chat template
-    system_prompt: str = ""         # a system turn put first in every conversation without one
     long_prompts: Annotated[str, OneOf("truncate", "filter")] = "truncate"  # prompts over
                                     # prompt_len tokens: keep their last tokens, or drop them
 
@@ -195,7 +199,7 @@ class ExperimentConfig:
     pretrained_rm: Annotated[str, ModelSource()] = ""   # a *ForSequenceClassification reward
                                     # model used instead of training one (stage rm); its own
                                     # tokenizer, if it has another, scores re-tokenised text
-    reward_fns: str = ""            # reward functions, a comma list of module:function,
+    reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of module:function,
                                     # file.py:function, built-ins (p3o_jax/rewards.py) or
                                     # verl:<those>; the reward is their weighted sum, plus the
                                     # reward model's score when one is trained or given
@@ -432,21 +436,22 @@ def dataset_stages(cfg: ExperimentConfig) -> ExperimentConfig:
          "task=dataset reads your own data: set data.prompts, data.sft or data.preferences")
     need(not ALGORITHMS[cfg.algo].offline or d.preferences, "data.preferences",
          f"algo={cfg.algo} trains on preference pairs: set data.preferences")
+    need(d.preferences or cfg.reward_fns or cfg.pretrained_rm, "reward_fns",
+         "no reward: set reward_fns (functions), data.preferences (a reward model is trained "
+         "on them) or pretrained_rm")
     if "rm" in stages and not d.preferences:
-        need(cfg.reward_fns or cfg.pretrained_rm, "reward_fns",
-             "no reward: set reward_fns (functions), data.preferences (a reward model is trained "
-             "on them) or pretrained_rm")
         stages.remove("rm")
         notes.append("rm (no data.preferences; the reward is "
                      + ("pretrained_rm" if cfg.pretrained_rm else "reward_fns") + ")")
-    if "sft" in stages and not (d.sft or d.preferences):
-        need(cfg.base_model or cfg.pretrained_sft, "base_model",
-             "no data.sft or data.preferences to train SFT on: set base_model (RL starts "
-             "from it) or pretrained_sft")
-        stages.remove("sft")
-        start = cfg.pretrained_sft or cfg.base_model
-        notes.append(f"sft (no data.sft or data.preferences; RL starts from {start})")
-        if not cfg.pretrained_sft:
+    if not (d.sft or d.preferences):   # nothing to fine-tune on: RL starts from base_model
+        if "sft" in stages:
+            need(cfg.base_model or cfg.pretrained_sft, "base_model",
+                 "no data.sft or data.preferences to train SFT on: set base_model (RL starts "
+                 "from it) or pretrained_sft")
+            stages.remove("sft")
+            notes.append(f"sft (no data.sft or data.preferences; RL starts from "
+                         f"{cfg.pretrained_sft or cfg.base_model})")
+        if cfg.base_model and not cfg.pretrained_sft:
             cfg = dataclasses.replace(cfg, pretrained_sft=cfg.base_model, base_model="")
     need(stages, "stages", f"nothing left to run of {cfg.stages} with this data")
     if notes and jax.process_index() == 0:

@@ -132,11 +132,13 @@ def summarize(per_prompt: dict) -> dict:
 
 def compare(per_prompt: dict, baseline: dict) -> dict:
     """`summarize(per_prompt)` plus the win rates (with SE) of its responses over `baseline`'s on
-    the same prompts, by gold reward (if known) and by the reward model."""
+    the same prompts, by gold reward (if known), by the reward and by the reward model."""
     row = summarize(per_prompt)
     if "gold" in per_prompt:
         row["win_gold"], row["win_gold_se"] = win_rate(per_prompt["gold"], baseline["gold"])
     if "rm" in per_prompt:
         row["win_rm"], row["win_rm_se"] = win_rate(per_prompt["rm"], baseline["rm"])
-    row["win_reward"], row["win_reward_se"] = win_rate(per_prompt["reward"], baseline["reward"])
+    if "reward" in per_prompt:
+        row["win_reward"], row["win_reward_se"] = win_rate(per_prompt["reward"],
+                                                           baseline["reward"])
     return row

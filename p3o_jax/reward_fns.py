@@ -45,6 +45,9 @@ from p3o_jax.distributed import to_host
 from p3o_jax.rewards import BUILTINS, text_of
 
 
+RESERVED = ("gold", "reward", "rm", "kl_k1", "kl_k3", "length")  # `evaluate.summarize`'s columns
+
+
 class RewardError(RuntimeError):
     """A reward function failed on a batch (raised, wrong length, NaN or inf)."""
 
@@ -153,8 +156,9 @@ def load(fns: str, weights: tuple[float, ...], has_rm: bool) -> tuple[list[Rewar
         if verl:
             name = "verl_" + spec.rpartition(":")[2]
         out.append(RewardFunction(name, spec, fn, weight))
-    names = [f.name for f in out]
-    out = [dataclasses.replace(f, name=f.spec) if names.count(f.name) > 1 else f for f in out]
+    names = [f.name for f in out]   # each name once, and none an evaluation column's
+    out = [dataclasses.replace(f, name=f.spec) if names.count(f.name) > 1 or f.name in RESERVED
+           else f for f in out]
     return out, (w[n] if len(w) > n else 1.0)
 
 

@@ -271,7 +271,7 @@ class DatasetRLHF(TextRLHF):
         d = data_cfg
         keys = own.Keys(d.prompt_key, d.completion_key, d.messages_key, d.chosen_key,
                         d.rejected_key)
-        render = own.Render(self.tokenizer, d.wrap_prompts, d.system_prompt)
+        render = own.Render(self.tokenizer, d.wrap_prompts)
         try:
             load = lambda key, kind: own.load_records(getattr(d, key), f"data.{key}", kind, keys,
                                                       seed, d.wrap_prompts)
@@ -303,7 +303,7 @@ class DatasetRLHF(TextRLHF):
             self._preferences = stream(1, preferences) if preferences is not None else None
             self._prompts = {split: stream(2 + i, r) for i, (split, r) in
                              enumerate(self.records.items())}
-        except data.DataError as e:
+        except data.UpstreamError as e:
             raise UnusableData(str(e)) from e
 
     @property

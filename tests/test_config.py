@@ -54,6 +54,10 @@ def invalid_values(kind, field_checks) -> list[str]:
             values.append("/nonexistent/folder")
         elif isinstance(c, checks.WritableDir):
             values.append("/proc/nope")
+        elif isinstance(c, checks.Sources):
+            values.append("/nonexistent/prompts.jsonl")
+        elif isinstance(c, checks.RewardSpecs):
+            values.append("/nonexistent/rewards.py:f")
         elif isinstance(c, C.AxisSize):
             values.append("0")
         else:

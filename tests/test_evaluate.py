@@ -46,6 +46,19 @@ def test_summarize_and_compare_with_ties():
     assert "win_gold" not in compare({k: v for k, v in policy.items() if k != "gold"}, sft)
 
 
+def test_reward_components_skip_no_opinion_and_report_accuracy():
+    nan = np.nan
+    policy = {"reward": np.array([1.0, 0.0, 1.5, 2.0]), "reward/correct": np.array([1, 0, 1, nan]),
+              "reward/brevity": np.array([-0.5, -0.1, -0.2, -0.3])}
+    row = compare(policy, {"reward": np.array([0.0, 0.0, 2.0, 1.0])})
+    assert row["correct"] == pytest.approx(2 / 3)          # over the 3 rows with an opinion
+    assert row["correct_se"] == pytest.approx(np.std([1, 0, 1], ddof=1) / np.sqrt(3))
+    assert row["correct_acc"] == pytest.approx(2 / 3)
+    assert row["brevity"] == pytest.approx(-0.275) and "brevity_acc" not in row
+    assert row["win_reward"] == pytest.approx(0.625)       # win, tie, loss, win
+    assert "win_rm" not in row and "rm" not in row
+
+
 def test_win_rate_all_ties_and_antisymmetry():
     assert win_rate([1.0, 2.0], [1.0, 2.0]) == (0.5, 0.0)
     a, b = np.array([3.0, 1.0, 2.0]), np.array([1.0, 1.0, 5.0])

@@ -82,10 +82,10 @@ def run(command: list[str], env: dict, log: str) -> str:
     return text
 
 
-def train(out_dir, env, processes: int) -> str:
+def train(out_dir, env, processes: int, extra=()) -> str:
     """`python -m p3o_jax.cli.train` on the mesh (1, 2, 2): one process of 4 devices, or two of
     2; returns process 0's output."""
-    command = [sys.executable, "-m", "p3o_jax.cli.train", *ARGS, f"out_dir={out_dir}"]
+    command = [sys.executable, "-m", "p3o_jax.cli.train", *ARGS, f"out_dir={out_dir}", *extra]
     if processes == 1:
         return run(command, dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
                    f"{out_dir}.log")
@@ -180,6 +180,26 @@ def test_one_process_checkpoint_resumes_in_two(two_processes, one_process, env):
     log = train(out, env, processes=2)
     assert "rl: resuming at step 2 of 4" in log, log[-3000:]
     assert_same_run(two_processes, out)
+
+
+@pytest.fixture(scope="module")
+def reward_function_runs(tmp_path_factory, env):
+    """SFT -> P3O scored by a reward function alone (the toy's gold reward as a program: no
+    reward model), in two processes and in one. Each process scores the rows its devices hold."""
+    root = tmp_path_factory.mktemp("multihost_rewards")
+    extra = ["stages=sft,rl", f"reward_fns={os.path.join(ROOT, 'tests', 'reward_functions.py')}"
+                              f":toy_gold"]
+    train(root / "two", env, 2, extra)
+    train(root / "one", env, 1, extra)
+    return root
+
+
+def test_reward_functions_in_two_processes_match_one(reward_function_runs):
+    one, two = reward_function_runs / "one", reward_function_runs / "two"
+    assert_same_run(one, two, outputs=("sft", "p3o"))
+    rl = [m for (stage, _), m in metrics(two).items() if stage == "rl:p3o"]
+    assert rl and all(m["reward"] == pytest.approx(m["reward/toy_gold"]) for m in rl)
+    assert not os.path.exists(two / "rm")
 
 
 def test_save_pretrained_gathers_across_processes(two_processes, env, tmp_path):

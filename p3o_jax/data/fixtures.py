@@ -177,6 +177,23 @@ def tiny_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> transformers.PreTrained
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
 
 
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, as SmolLM2 / Qwen write it: each turn "<|im_start|>role\ncontent<|im_end|>\n"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chat_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> transformers.PreTrainedTokenizerFast:
+    """`tiny_tokenizer` with ChatML's special tokens (ids `vocab_size` .., after the trained
+    ones), its EOS `<|im_end|>` (what ends an assistant turn) and the ChatML template."""
+    tok = tiny_tokenizer(vocab_size)
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.chat_template = CHATML
+    return tok
+
+
 def write_upstream(manual_dir: pathlib.Path, task: str, hh_subsets: Sequence[str]) -> None:
     """Every upstream file that `task` reads: TL;DR posts and comparisons ("tldr"), or the
     fixture dialogues under each of ``hh_subsets`` ("hh")."""

@@ -22,10 +22,10 @@ Columns (names configurable, `data.prompt_key` ...), each value a string or a co
 A conversational prompt is rendered with `apply_chat_template(add_generation_prompt=True)`;
 a response is what the template adds after it, ending in the tokenizer's EOS (appended once).
 `data.wrap_prompts` turns plain-string prompts (and their completions) into one user turn
-(and one assistant turn); `data.system_prompt` puts a system turn first. Every other column of
+(and one assistant turn). Every other column of
 a prompt record is kept (`Records.columns`) for the reward functions.
 
-Bad input raises `DataError` (a `ValueError`) naming the source and row, before anything
+Bad input raises `UpstreamError` (a `ValueError`) naming the source and row, before anything
 compiles: a missing file or column (with the columns that exist), a value of the wrong type, a
 conversation without its final user (prompt) or assistant (response) turn.
 """
@@ -42,7 +42,7 @@ import numpy as np
 
 from p3o_jax.data import prompts as P
 from p3o_jax.data.pipeline import ragged_columns, save_npz_atomically
-from p3o_jax.data.validate import DataError
+from p3o_jax.data.validate import UpstreamError
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
               ".arrow": "arrow"}
@@ -72,15 +72,15 @@ def parse_sources(text: str, key: str) -> list[Source]:
         for option in options:
             name, sep, value = option.partition("=")
             if not sep or name not in ("split", "config", "weight"):
-                raise DataError(f"{key}: {item!r}: options are split=, config=, weight= "
+                raise UpstreamError(f"{key}: {item!r}: options are split=, config=, weight= "
                                 f"(LOCATION[:split=S][:config=C][:weight=W]), got {option!r}")
             fields[name] = value
         try:
             weight = float(fields.pop("weight", 1.0))
         except ValueError:
-            raise DataError(f"{key}: {item!r}: weight must be a number") from None
+            raise UpstreamError(f"{key}: {item!r}: weight must be a number") from None
         if not weight > 0:
-            raise DataError(f"{key}: {item!r}: weight must be > 0")
+            raise UpstreamError(f"{key}: {item!r}: weight must be > 0")
         out.append(Source(location, weight=weight, **fields))
     return out
 
@@ -105,28 +105,28 @@ def read_source(source: Source):
         try:
             ds = datasets.load_from_disk(loc)
         except FileNotFoundError as e:
-            raise DataError(f"{loc}: not a folder written by datasets' save_to_disk ({e})") from None
+            raise UpstreamError(f"{loc}: not a folder written by datasets' save_to_disk ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             split = source.split or "train"
             if split not in ds:
-                raise DataError(f"{loc}: no split {split!r}; it has {sorted(ds)}")
+                raise UpstreamError(f"{loc}: no split {split!r}; it has {sorted(ds)}")
             ds = ds[split]
         return ds
     ext = os.path.splitext(loc)[1].lower()
     if ext in EXTENSIONS or loc.startswith((".", "/", "~")):
         if not os.path.isfile(loc):
-            raise DataError(f"{loc}: no such file")
+            raise UpstreamError(f"{loc}: no such file")
         if ext not in EXTENSIONS:
-            raise DataError(f"{loc}: unknown file type; use one of {', '.join(EXTENSIONS)}")
+            raise UpstreamError(f"{loc}: unknown file type; use one of {', '.join(EXTENSIONS)}")
         try:
             return datasets.load_dataset(EXTENSIONS[ext], data_files=loc, split="train")
         except Exception as e:  # pyarrow/json parse errors: name the file
-            raise DataError(f"{loc}: cannot be read as {ext[1:]} ({type(e).__name__}: "
+            raise UpstreamError(f"{loc}: cannot be read as {ext[1:]} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
     try:  # a hub dataset (into the HF cache)
         return datasets.load_dataset(loc, source.config or None, split=source.split or "train")
     except Exception as e:
-        raise DataError(f"{loc}: neither a local file or folder nor a readable hub dataset "
+        raise UpstreamError(f"{loc}: neither a local file or folder nor a readable hub dataset "
                         f"({type(e).__name__}: {str(e)[:300]})") from None
 
 
@@ -173,7 +173,7 @@ def _source_fingerprint(ds, source: Source) -> str:
 
 
 def _shape(ds, source: Source, kind: str, keys: Keys) -> str:
-    """Which column layout `source` has for `kind`; DataError naming the columns it lacks."""
+    """Which column layout `source` has for `kind`; UpstreamError naming the columns it lacks."""
     cols = set(ds.column_names)
     layouts = {"prompt": [("prompt", {keys.prompt}), ("messages", {keys.messages}),
                           ("implicit", {keys.chosen, keys.rejected})],
@@ -185,7 +185,7 @@ def _shape(ds, source: Source, kind: str, keys: Keys) -> str:
         if needed <= cols:
             return name
     wanted = " or ".join("+".join(sorted(n)) for _, n in layouts)
-    raise DataError(f"{source.name}: no column(s) {wanted} for {kind} rows; it has "
+    raise UpstreamError(f"{source.name}: no column(s) {wanted} for {kind} rows; it has "
                     f"{sorted(cols)} (rename them with data.prompt_key, data.completion_key, ...)")
 
 
@@ -250,11 +250,11 @@ def _check(prompt, responses: dict, wrap: bool) -> None:
 
 def load_records(text: str, key: str, kind: str, keys: Keys, seed: int,
                  wrap: bool = False) -> Records:
-    """Every row of the sources `text` (config key `key`) as `kind` records, checked (DataError
+    """Every row of the sources `text` (config key `key`) as `kind` records, checked (UpstreamError
     naming the source and row); several sources mixed by their weights (`mix`)."""
     sources = parse_sources(text, key)
     if not sources:
-        raise DataError(f"{key}: no source given")
+        raise UpstreamError(f"{key}: no source given")
     parts = []
     for source in sources:
         ds = read_source(source)
@@ -271,7 +271,7 @@ def load_records(text: str, key: str, kind: str, keys: Keys, seed: int,
                     resp = {}
                 _check(prompt, resp, wrap)
             except ValueError as e:
-                raise DataError(f"{source.name}: row {i}: {e}") from None
+                raise UpstreamError(f"{source.name}: row {i}: {e}") from None
             prompts_.append(prompt)
             for name, value in resp.items():
                 responses.setdefault(name, []).append(value)
@@ -279,7 +279,7 @@ def load_records(text: str, key: str, kind: str, keys: Keys, seed: int,
                 columns[c].append(record[c])
             origin.append(f"{source.name} row {i}")
         if not prompts_:
-            raise DataError(f"{source.name}: no rows")
+            raise UpstreamError(f"{source.name}: no rows")
         parts.append(Records(kind, prompts_, responses, columns, origin,
                              _sha256(json.dumps([kind, shape, dataclasses.astuple(keys),
                                                  _source_fingerprint(ds, source)]))))
@@ -320,20 +320,17 @@ class Render:
     """How records become text: the tokenizer's chat template for conversations."""
     tokenizer: object
     wrap: bool = False        # plain-string prompts as one user turn
-    system_prompt: str = ""   # a system turn first, when a conversation has none
 
     def conversation(self, prompt) -> list | None:
         """The prompt as the messages the template renders (None: a plain string)."""
         if isinstance(prompt, str) and not self.wrap:
             return None
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if self.system_prompt and (not msgs or msgs[0]["role"] != "system"):
-            msgs = [{"role": "system", "content": self.system_prompt}] + msgs
         return msgs
 
     def template(self, msgs: list, generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise DataError("the data has conversations but the tokenizer has no chat template "
+            raise UpstreamError("the data has conversations but the tokenizer has no chat template "
                             "(data.tokenizer: use one that has, or plain-string prompts)")
         return self.tokenizer.apply_chat_template(msgs, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
@@ -351,7 +348,7 @@ class Render:
                  else list(response))
         before, full = self.template(msgs, True), self.template(msgs + turns, False)
         if not full.startswith(before):
-            raise DataError(f"{origin}: the chat template does not render the response as a "
+            raise UpstreamError(f"{origin}: the chat template does not render the response as a "
                             f"continuation of the prompt (the text before it changes)")
         text = full[len(before):].rstrip()
         eos = self.tokenizer.eos_token
@@ -362,8 +359,7 @@ class Render:
         definition = (tok.backend_tokenizer.to_str() if tok.is_fast
                       else json.dumps(sorted(tok.get_vocab().items())))
         return _sha256(json.dumps([ENCODING_VERSION, _sha256(definition), tok.eos_token_id,
-                                   getattr(tok, "chat_template", None), self.wrap,
-                                   self.system_prompt]))
+                                   getattr(tok, "chat_template", None), self.wrap]))
 
 
 def encode(records: Records, render: Render, prompt_len: int, response_len: int,
@@ -384,12 +380,12 @@ def encode(records: Records, render: Render, prompt_len: int, response_len: int,
     too_long = np.array([len(ids) > prompt_len for ids in prompt_ids], bool)
     keep = np.flatnonzero(~too_long) if long_prompts == "filter" else np.arange(len(records))
     if too_long.any():
-        print(f"data: {int(too_long.sum())} of {len(records)} {records.kind} prompts are longer "
-              f"than {prompt_len} tokens: "
+        print(f"data: {int(too_long.sum())} of {len(records)} prompts ({records.kind} rows) are "
+              f"longer than {prompt_len} tokens: "
               f"{'dropped' if long_prompts == 'filter' else 'their last tokens kept'} "
               f"(data.long_prompts={long_prompts})", file=sys.stderr)
     if not len(keep):
-        raise DataError(f"every {records.kind} prompt is longer than {prompt_len} tokens "
+        raise UpstreamError(f"every {records.kind} prompt is longer than {prompt_len} tokens "
                         f"(data.prompt_len)")
     chunk = {"prompt": [P.cut_prompt(tok, prompt_ids[i], prompt_len) for i in keep]}
     for name, values in records.responses.items():

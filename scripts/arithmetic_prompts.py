@@ -1,0 +1,76 @@
+"""Arithmetic problems with verifiable answers, as conversational JSONL files: the own-data
+example (experiments/arithmetic.py) and a task for reward functions (`math_answer`).
+
+    python scripts/arithmetic_prompts.py OUT_DIR [--n 2000] [--max 20] [--seed 0] [--noise 0.3]
+
+writes, from one seeded generator:
+    OUT_DIR/prompts.jsonl  {"prompt": [{"role": "user", "content": "What is 7 + 12?"}],
+                            "answer": "19"}                     (RL prompts)
+    OUT_DIR/eval.jsonl     the same, other problems             (held-out prompts)
+    OUT_DIR/sft.jsonl      {"prompt": [...], "completion": [{"role": "assistant",
+                            "content": "#### 19"}]}             (demonstrations, a fraction
+                                                                 `noise` of them wrong)
+Problems are a + b or a - b with 0 <= a, b <= max; eval problems are disjoint from the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def problems(rng: np.random.Generator, n: int, largest: int) -> list[tuple[str, int]]:
+    """n distinct (question, answer) pairs (fewer if there are not that many)."""
+    seen, out = set(), []
+    for _ in range(20 * n):
+        a, b = (int(x) for x in rng.integers(0, largest + 1, 2))
+        op = "+" if rng.random() < 0.5 else "-"
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        out.append((f"What is {a} {op} {b}?", a + b if op == "+" else a - b))
+        if len(out) == n:
+            break
+    return out
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def write(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--n", type=int, default=2000, help="problems in all")
+    parser.add_argument("--max", type=int, default=20, help="largest operand")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=0.3, help="wrong demonstrations")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    every = problems(rng, args.n, args.max)
+    n_eval = max(len(every) // 10, 1)
+    held_out, train = every[:n_eval], every[n_eval:]
+    os.makedirs(args.out_dir, exist_ok=True)
+    write(os.path.join(args.out_dir, "prompts.jsonl"),
+          [{"prompt": user(q), "answer": str(a)} for q, a in train])
+    write(os.path.join(args.out_dir, "eval.jsonl"),
+          [{"prompt": user(q), "answer": str(a)} for q, a in held_out])
+    wrong = rng.random(len(train)) < args.noise
+    shift = rng.integers(1, 4, len(train)) * rng.choice([-1, 1], len(train))
+    write(os.path.join(args.out_dir, "sft.jsonl"),
+          [{"prompt": user(q), "completion": [{"role": "assistant",
+                                               "content": f"#### {a + s if w else a}"}]}
+           for (q, a), w, s in zip(train, wrong, shift)])
+    print(f"{args.out_dir}: {len(train)} prompts, {len(held_out)} held out")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Your own data and rewards (`task=dataset`, `reward_fns=`): every file format the sources
+take (written here: JSONL, JSON, CSV, conversational Parquet, Arrow, a `save_to_disk` folder),
+TRL's column layouts, chat-template rendering, mixing by weight, over-long prompts, every bad
+input as one line, reward functions (their calls, checks and failures), the toy task trained by
+a reward function equal to its gold reward, and runs with no reward model anywhere."""
+import dataclasses
+import json
+import os
+import re
+
+import datasets
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from p3o_jax import config as C
+from p3o_jax import hf
+from p3o_jax import model as M
+from p3o_jax import reward_fns as R
+from p3o_jax import rewards
+from p3o_jax.cli.train import main
+from p3o_jax.data import own
+from p3o_jax.data.fixtures import chat_tokenizer
+from p3o_jax.data.validate import UpstreamError
+from p3o_jax.pipeline import run_experiment
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FNS = os.path.join(HERE, "reward_functions.py")
+QUESTIONS = [(f"What is {a} + {b}?", str(a + b)) for a in range(10) for b in range(10)]
+KEYS = own.Keys()
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The same problems in every format; conversational where the format keeps nesting."""
+    d = tmp_path_factory.mktemp("own_data")
+    conv = [{"prompt": user(q), "answer": a, "level": i % 3} for i, (q, a) in enumerate(QUESTIONS)]
+    plain = [{"prompt": q, "answer": a} for q, a in QUESTIONS]
+    sft = [{"prompt": user(q), "completion": assistant(f"#### {a}")} for q, a in QUESTIONS]
+    messages = [{"messages": user(q) + assistant(f"#### {a}")} for q, a in QUESTIONS]
+    explicit = [{"prompt": user(q), "chosen": assistant(a), "rejected": assistant("7")}
+                for q, a in QUESTIONS]
+    implicit = [{"chosen": user(q) + assistant(a), "rejected": user(q) + assistant("7")}
+                for q, a in QUESTIONS]
+    out = {"jsonl": write_jsonl(d / "prompts.jsonl", conv),
+           "sft_jsonl": write_jsonl(d / "sft.jsonl", sft),
+           "explicit": write_jsonl(d / "explicit.jsonl", explicit),
+           "implicit": write_jsonl(d / "implicit.jsonl", implicit)}
+    with open(d / "prompts.json", "w") as f:
+        json.dump(plain, f)
+    out["json"] = str(d / "prompts.json")
+    datasets.Dataset.from_list(plain).to_csv(str(d / "prompts.csv"), index=False)
+    out["csv"] = str(d / "prompts.csv")
+    pq.write_table(pa.Table.from_pylist(sft), d / "sft.parquet")
+    out["parquet"] = str(d / "sft.parquet")
+    table = pa.Table.from_pylist(messages)
+    with pa.OSFile(str(d / "messages.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    out["arrow"] = str(d / "messages.arrow")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(conv[:30]),
+                          "test": datasets.Dataset.from_list(conv[30:])}).save_to_disk(str(d / "disk"))
+    out["disk"] = str(d / "disk")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return chat_tokenizer()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "sft_jsonl", "parquet", "arrow",
+                                 "explicit", "implicit"])
+def test_every_format_gives_the_prompts_and_their_columns(files, fmt):
+    r = own.load_records(files[fmt], "data.prompts", "prompt", KEYS, seed=0)
+    questions = [q for q, _ in QUESTIONS]
+    got = [p if isinstance(p, str) else p[-1]["content"] for p in r.prompts]
+    assert got == questions
+    if fmt in ("jsonl", "json", "csv"):
+        assert [str(a) for a in r.columns["answer"]] == [a for _, a in QUESTIONS]
+    if fmt == "jsonl":
+        assert r.prompts[0] == user(questions[0]) and r.columns["level"][:4] == [0, 1, 2, 0]
+    assert r.origin[3] == f"{files[fmt]} row 3" and r.responses == {}
+
+
+def test_save_to_disk_folder_and_its_splits(files):
+    train = own.load_records(files["disk"], "data.prompts", "prompt", KEYS, seed=0)
+    test = own.load_records(files["disk"] + ":split=test", "data.eval", "prompt", KEYS, seed=0)
+    assert len(train) == 30 and len(test) == 70
+    assert test.prompts[0] == user(QUESTIONS[30][0]) and test.columns["answer"][0] == QUESTIONS[30][1]
+    with pytest.raises(UpstreamError, match=r"no split 'valid'; it has \['test', 'train'\]"):
+        own.load_records(files["disk"] + ":split=valid", "data.eval", "prompt", KEYS, seed=0)
+
+
+def test_sft_and_preference_layouts_agree(files):
+    completion = own.load_records(files["parquet"], "data.sft", "sft", KEYS, seed=0)
+    messages = own.load_records(files["arrow"], "data.sft", "sft", KEYS, seed=0)
+    assert completion.prompts == messages.prompts
+    assert completion.responses["response"] == messages.responses["response"]
+    explicit = own.load_records(files["explicit"], "data.preferences", "preference", KEYS, seed=0)
+    implicit = own.load_records(files["implicit"], "data.preferences", "preference", KEYS, seed=0)
+    assert explicit.prompts == implicit.prompts and explicit.responses == implicit.responses
+    assert explicit.responses["rejected"][0] == assistant("7")
+
+
+def test_rendering_uses_the_chat_template(files, tokenizer):
+    r = own.load_records(files["parquet"], "data.sft", "sft", KEYS, seed=0)
+    columns = own.encode(r, own.Render(tokenizer), 40, 8, "truncate")
+    ex = own.Examples(own_examples(columns, tokenizer, "sft", 40, 8), columns["row"])[2]
+    q, a = QUESTIONS[2]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(user(q), tokenize=False,
+                                                            add_generation_prompt=True),
+                              add_special_tokens=False)
+    response = tokenizer.encode(f"#### {a}", add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids, mask = ex["input_ids"], ex["attention_mask"]
+    assert ids[40 - len(prompt):40].tolist() == prompt and mask[:40].sum() == len(prompt)
+    assert ids[40:40 + len(response)].tolist() == response and ex["loss_mask"].sum() == len(response)
+    assert ex["row"] == 2
+    # a plain prompt stays text unless wrapped as a user turn
+    assert own.Render(tokenizer).prompt("2 + 2 =") == "2 + 2 ="
+    assert own.Render(tokenizer, wrap=True).prompt("2 + 2 =") == tokenizer.apply_chat_template(
+        user("2 + 2 ="), tokenize=False, add_generation_prompt=True)
+
+
+def own_examples(columns, tokenizer, kind, P, N):
+    from p3o_jax.data import Tokenize
+    from p3o_jax.data.pipeline import Encoded
+    return Encoded(columns, Tokenize(tokenizer, "own", kind, P, N))
+
+
+@pytest.mark.parametrize("mode", ["truncate", "filter"])
+def test_long_prompts_are_cut_or_dropped_and_counted(files, tokenizer, mode, capsys):
+    r = own.load_records(files["jsonl"], "data.prompts", "prompt", KEYS, seed=0)
+    short = own.load_records(files["json"], "data.prompts", "prompt", KEYS, seed=0)
+    mixed = own.mix([r, short], [1, 1], seed=0)     # templated prompts are long, plain short
+    P = max(len(tokenizer.encode(q, add_special_tokens=False)) for q, _ in QUESTIONS)
+    columns = own.encode(mixed, own.Render(tokenizer), P, 4, mode)
+    assert f"{len(r)} of {len(mixed)} prompts (prompt rows) are longer than {P} tokens" in \
+        capsys.readouterr().err
+    lengths = np.diff(columns["prompt.offsets"])
+    assert lengths.max() == P
+    if mode == "filter":
+        kept = [mixed.prompts[i] for i in columns["row"]]
+        assert len(kept) == len(short) and all(isinstance(p, str) for p in kept)
+    else:
+        assert len(columns["row"]) == len(mixed)
+
+
+def test_sources_mix_by_weight(files):
+    text = f"{files['jsonl']}:weight=3,{files['json']}:weight=1"
+    mixed = own.load_records(text, "data.prompts", "prompt", KEYS, seed=0)
+    from_jsonl = sum(isinstance(p, list) for p in mixed.prompts)
+    assert len(mixed) == 2 * len(QUESTIONS) and from_jsonl == 150    # 3/4 of 200
+    assert mixed.columns["level"].count(None) == 50                  # a column of one source
+
+
+# ---------------------------------------------------------------------------------------------
+# reward functions
+
+def test_builtin_rewards():
+    assert rewards.final_answer("so 3 + 4 = 7. #### 7") == "7"
+    assert rewards.final_answer(r"the answer is \boxed{\frac{1}{2}} indeed") == r"\frac{1}{2}"
+    assert rewards.final_answer("first 3 then 1,250.0") == "1,250.0"
+    got = rewards.math_answer(None, ["#### 1250", assistant("it is 12"), "no idea", "x"],
+                              answer=["... #### 1,250", "12", "3", None])
+    assert got == [1.0, 1.0, 0.0, None]
+    assert rewards.final_answer_format(None, ["#### 4", "4", assistant(r"\boxed{4} ")]) == [1, 0, 1]
+    assert rewards.length_penalty(None, ["a", "b"], completion_ids=[[1, 2], [3]]) == [-0.002, -0.001]
+
+
+def batch(n=4):
+    return ([user(q) for q, _ in QUESTIONS[:n]], [assistant(a) for _, a in QUESTIONS[:n]],
+            {"answer": [a for _, a in QUESTIONS[:n]], "completion_ids": [[1]] * n},
+            [f"prompts.jsonl row {i}" for i in range(n)])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_reward_functions_are_called_as_trl_calls_them(workers):
+    fns, rm_weight = R.load(f"{FNS}:says_answer,{FNS}:async_length,verl:{FNS}:verl_compute_score,"
+                            "math_answer", (1.0, 0.5, 2.0, 1.0, 0.25), has_rm=True)
+    assert [f.name for f in fns] == ["says_answer", "async_length", "verl_verl_compute_score",
+                                     "math_answer"]
+    assert [f.weight for f in fns] == [1.0, 0.5, 2.0, 1.0] and rm_weight == 0.25
+    prompts, completions, columns, origin = batch()
+    columns["answer"][1] = None
+    got = [R.call(f, prompts, completions, columns, origin, workers) for f in fns]
+    np.testing.assert_array_equal(got[0], [1, np.nan, 1, 1])      # None: no opinion
+    np.testing.assert_allclose(got[1], [len(a) / 10 for a in ("0", "1", "2", "3")])
+    np.testing.assert_array_equal(got[2][[0, 2, 3]], [1, 1, 1])
+
+
+@pytest.mark.parametrize("name, message", [
+    ("short_list", r"returned 3 values for 4 completions \(prompts from prompts.jsonl row 0 on\)"),
+    ("not_a_number", r"returned nan for the completion of prompts.jsonl row 3"),
+    ("raises", r"raised RuntimeError: the grader is down"),
+])
+def test_a_failing_reward_function_names_itself_and_the_row(name, message):
+    (f,), _ = R.load(f"{FNS}:{name}", (), has_rm=False)
+    with pytest.raises(R.RewardError, match=message):
+        R.call(f, *batch())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nowhere.py:f", r"nowhere.py: no such file"),
+    ("no_such_module_xyz:f", r"cannot import no_such_module_xyz \(ModuleNotFoundError"),
+    (f"{FNS}:missing", r"has no function 'missing'"),
+    (f"{FNS}:only_prompts", r"must have the signature f\(prompts, completions, \*\*columns\)"),
+    ("exact_match", r"'exact_match' is no built-in reward \(math_answer, "),
+])
+def test_a_reward_function_that_cannot_load_is_one_config_error(spec, message):
+    with pytest.raises(C.ConfigError, match=message):
+        R.load(spec, (), has_rm=False)
+
+
+def test_weights_and_columns_are_checked():
+    with pytest.raises(C.ConfigError, match=r"3 weights for 1 reward functions; give 1"):
+        R.load("math_answer", (1, 2, 3), has_rm=False)
+    fns, _ = R.load(f"{FNS}:needs_difficulty", (), has_rm=False)
+    with pytest.raises(C.ConfigError, match=r"needs the column\(s\) \['difficulty'\], which the "
+                                            r"prompts lacks; it has \['answer'\]"):
+        R.check_columns(fns, {"answer"}, "the prompts")
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+@pytest.fixture(scope="module")
+def sft_folder(tmp_path_factory, tokenizer):
+    """An HF folder with a tiny GPT-NeoX (random weights) and the chat tokenizer: what
+    `pretrained_sft=` points at."""
+    cfg = M.ModelConfig(family="gpt_neox", vocab_size=384, d_model=32, n_layers=1, n_heads=4,
+                        d_ff=64, max_len=64, rotary_pct=0.5)
+    path = tmp_path_factory.mktemp("sft_folder") / "hf"
+    hf.save_pretrained(M.init_params(cfg, jax.random.key(0)), cfg, str(path), tokenizer=tokenizer)
+    return str(path)
+
+
+def dataset_args(files, sft_folder, out_dir, *extra):
+    return ["exp=arithmetic", f"out_dir={out_dir}", "stages=rl", f"pretrained_sft={sft_folder}",
+            "data.sft=", "data.eval=", "data.tokenizer=", f"data.prompts={files['jsonl']}",
+            f"reward_fns={FNS}:says_answer,final_answer_format", "reward_weights=1,0.5",
+            "data.prompt_len=32", "data.response_len=6", "eval_prompts=8", "log_every=1",
+            "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "rl.iterations=3",
+            "rl.prompts_per_iter=8", "rl.epochs=1", "rl.eval_every=2",
+            "checkpoint.every_steps=1", "checkpoint.every_minutes=0", *extra]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("algo", ["p3o", "grpo", "ppo"])
+def test_rl_from_a_pretrained_policy_with_reward_functions_only(files, sft_folder, tmp_path,
+                                                               algo, capsys):
+    out = tmp_path / algo
+    assert main(dataset_args(files, sft_folder, out, f"algo={algo}")) == 0
+    err = capsys.readouterr().err
+    assert "stages: " not in err or "rm" not in err.split("stages:")[1].split("\n")[0] or \
+        "left out" in err
+    assert not os.path.exists(out / "rm") and not os.path.exists(out / "ckpt" / "rm")
+    rows = read_metrics(out)
+    rl = [r for r in rows if r["stage"] == f"rl:{algo}"]
+    assert len(rl) == 3 and "rm_reward" not in rl[0]
+    for r in rl:   # the reward is the weighted sum of its components
+        assert r["reward"] == pytest.approx(r["reward/says_answer"]
+                                            + 0.5 * r["reward/final_answer_format"], abs=1e-5)
+        assert r["time_reward/says_answer"] >= 0
+    evals = [r for r in rows if r["stage"] == f"eval:{algo}"]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    summary = json.load(open(out / "summary.json"))["rows"]
+    assert [r["policy"] for r in summary] == ["sft", algo]
+    for r in summary:
+        assert {"reward", "says_answer", "final_answer_format", "kl_k1", "win_reward"} <= set(r)
+        assert "says_answer_acc" in r and "rm" not in r
+    assert summary[0]["kl_k1"] == 0.0
+
+
+FLAKY = """import os
+def flaky(prompts, completions, **_):
+    counter = os.environ["FLAKY_COUNTER"]
+    calls = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(calls + 1))
+    if calls >= 2 and os.path.exists(os.environ["FLAKY_BROKEN"]):
+        raise ValueError("bad grader")
+    return [1.0] * len(completions)
+"""
+
+
+def test_a_reward_function_failing_mid_run_keeps_the_checkpoint_and_resumes(
+        files, sft_folder, tmp_path, capsys, monkeypatch):
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    (tmp_path / "broken").touch()
+    monkeypatch.setenv("FLAKY_COUNTER", str(tmp_path / "calls"))
+    monkeypatch.setenv("FLAKY_BROKEN", str(tmp_path / "broken"))
+    args = dataset_args(files, sft_folder, tmp_path / "run", f"reward_fns={tmp_path}/flaky.py:flaky",
+                        "reward_weights=", "rl.eval_every=0")
+    assert main(args) == 3                    # iteration 2's call raises
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: reward function {tmp_path}/flaky.py:flaky raised ValueError: bad "
+                      f"grader (on the batch of prompts from {files['jsonl']} row "
+                      + errors[0].rsplit(" row ", 1)[1]] and "Traceback" not in err
+    ckpts = tmp_path / "run" / "ckpt" / "p3o"
+    assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [1, 2]
+    os.remove(tmp_path / "broken")            # fixed: the same command continues
+    assert main(args) == 0
+    assert "rl: resuming at step 2 of 3" in capsys.readouterr().err
+
+
+BAD = {
+    "missing_file": ("data.prompts={d}/nope.jsonl",
+                     r"config key 'data.prompts': no such file or folder: {d}/nope.jsonl"),
+    "missing_column": ("data.prompt_key=question",
+                       r"no column\(s\) question or messages or chosen\+rejected for prompt rows; "
+                       r"it has \['answer', 'level', 'prompt'\]"),
+    "wrong_type": ("data.prompts={d}/bad_type.jsonl",
+                   r"{d}/bad_type.jsonl: row 1: prompt must be a string or a conversation, got int"),
+    "no_user_turn": ("data.prompts={d}/no_user.jsonl",
+                     r"{d}/no_user.jsonl: row 0: the prompt conversation must end with a user turn, "
+                     r"not 'assistant'"),
+    "no_reward": ("reward_fns=", r"config key 'reward_fns': no reward: set reward_fns"),
+    "bad_signature": ("reward_fns={fns}:only_prompts reward_weights=", r"must have the signature"),
+    "missing_reward_column": ("reward_fns={fns}:needs_difficulty reward_weights=",
+                              r"needs the column\(s\) \['difficulty'\]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_before_any_compute(files, sft_folder, tmp_path, capsys, case):
+    d = os.path.dirname(files["jsonl"])
+    write_jsonl(os.path.join(d, "bad_type.jsonl"), [{"prompt": "fine"}, {"prompt": 3}])
+    write_jsonl(os.path.join(d, "no_user.jsonl"), [{"prompt": user("hi") + assistant("hello")}])
+    arg, message = BAD[case]
+    args = dataset_args(files, sft_folder, tmp_path / "run", *arg.format(d=d, fns=FNS).split())
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([l for l in err if l.startswith("error:")]) == 1 and "Traceback" not in err
+    assert re.search(message.format(d=re.escape(d)), err[-1]), err[-1]
+    assert not os.path.exists(tmp_path / "run" / "ckpt")
+
+
+def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path):
+    """The plumbing is exact (the reward each response gets is its gold reward) and RL on it
+    improves the gold reward as the gold-scored task should."""
+    cfg = C.from_args(["exp=toy", f"out_dir={tmp_path}", "stages=sft,rl",
+                       f"reward_fns={FNS}:toy_gold", "eval_prompts=128", "log_every=50",
+                       "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "policy.d_model=32",
+                       "policy.n_layers=1", "policy.d_ff=64", "sft.steps=60", "sft.batch_size=32",
+                       "sft.optim.lr=1e-2", "rl.iterations=12", "rl.prompts_per_iter=32",
+                       "rl.epochs=2", "rl.minibatches=2", "rl.beta=0.01", "rl.optim.lr=3e-3",
+                       "rl.optim.warmup_steps=0", "p3o.delta_norm=batch_std"])
+    rows = {r["policy"]: r for r in run_experiment(cfg)["rows"]}
+    for r in rows.values():
+        assert r["reward"] == pytest.approx(r["gold"]) == pytest.approx(r["toy_gold"])
+        assert r["reward_se"] == pytest.approx(r["gold_se"])
+    assert rows["p3o"]["gold"] > rows["sft"]["gold"]
+    assert rows["p3o"]["win_gold"] - 0.5 > 2 * rows["p3o"]["win_gold_se"], rows
+    assert not os.path.exists(tmp_path / "rm")
