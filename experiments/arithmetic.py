@@ -1,10 +1,12 @@
-"""EXP=arithmetic: your own data and rewards, end to end and offline (README, "Your own data and
-rewards"). Conversational prompts with an `answer` column (experiments/data/arithmetic, made by
-scripts/arithmetic_prompts.py: "What is 7 + 12?"), a chat template (ChatML, the tokenizer in
+"""EXP=arithmetic: your own data and rewards, end to end and offline (docs/own_data.md).
+Conversational prompts with an `answer` column (experiments/data/arithmetic, made by
+`python scripts/arithmetic_prompts.py experiments/data/arithmetic --kind larger --n 3000
+--max 99`: "Which is larger, 37 or 52?"), a chat template (ChatML, the tokenizer in
 experiments/data/arithmetic/tokenizer), SFT on demonstrations of which 30% are wrong, then RL
 with the built-in reward functions `math_answer` (1 if the final answer is right) and
 `final_answer_format` (1 for a "#### x" answer): no reward model. A tiny GPT-NeoX from scratch;
-a few minutes on a CPU.
+about 7 minutes on a 2-core CPU. Measured (seed 0): held-out accuracy 0.578 +- 0.031 after SFT,
+0.859 +- 0.022 after P3O (256 held-out prompts; KL 0.55).
 
     make train EXP=arithmetic                      (P3O)
     make train EXP=arithmetic ARGS="algo=grpo"     (any algorithm; algo=ppo: critic from the policy)
@@ -24,18 +26,18 @@ def config() -> ExperimentConfig:
         algo="p3o",
         stages="sft,rl",
         out_dir="runs/arithmetic",
-        eval_prompts=88,
+        eval_prompts=256,
         log_every=20,
         data=DataConfig(sft=os.path.join(DATA, "sft.jsonl"),
                         prompts=os.path.join(DATA, "prompts.jsonl"),
                         eval=os.path.join(DATA, "eval.jsonl"),
                         tokenizer=os.path.join(DATA, "tokenizer"),
-                        prompt_len=24, response_len=8),
+                        prompt_len=32, response_len=8),
         reward_fns="math_answer,final_answer_format",
         reward_weights=(1.0, 0.2),
-        policy=ModelConfig(family="gpt_neox", vocab_size=384, d_model=64, n_layers=2, n_heads=4,
-                           d_ff=256, max_len=32, rotary_pct=0.5),
-        sft=SFTConfig(steps=600, batch_size=32,
+        policy=ModelConfig(family="gpt_neox", vocab_size=384, d_model=128, n_layers=2, n_heads=4,
+                           d_ff=256, max_len=48, rotary_pct=0.5),
+        sft=SFTConfig(steps=800, batch_size=32,
                       optim=OptimConfig(lr=2e-3, warmup_steps=20, decay="cosine")),
         rl=RLConfig(iterations=60, prompts_per_iter=32, n_samples=2, epochs=2, minibatches=1,
                     beta=0.02, eval_every=20,

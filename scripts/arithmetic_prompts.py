@@ -1,7 +1,8 @@
 """Arithmetic problems with verifiable answers, as conversational JSONL files: the own-data
 example (experiments/arithmetic.py) and a task for reward functions (`math_answer`).
 
-    python scripts/arithmetic_prompts.py OUT_DIR [--n 2000] [--max 20] [--seed 0] [--noise 0.3]
+    python scripts/arithmetic_prompts.py OUT_DIR [--kind sum|larger] [--n 2000] [--max 20]
+                                         [--seed 0] [--noise 0.3]
 
 writes, from one seeded generator:
     OUT_DIR/prompts.jsonl  {"prompt": [{"role": "user", "content": "What is 7 + 12?"}],
@@ -10,7 +11,8 @@ writes, from one seeded generator:
     OUT_DIR/sft.jsonl      {"prompt": [...], "completion": [{"role": "assistant",
                             "content": "#### 19"}]}             (demonstrations, a fraction
                                                                  `noise` of them wrong)
-Problems are a + b or a - b with 0 <= a, b <= max; eval problems are disjoint from the others.
+Problems (0 <= a, b <= max): "sum", a + b or a - b ("What is 7 + 12?"); "larger", the larger of
+two numbers ("Which is larger, 37 or 52?"). Eval problems are disjoint from the others.
 """
 from __future__ import annotations
 
@@ -21,16 +23,20 @@ import os
 import numpy as np
 
 
-def problems(rng: np.random.Generator, n: int, largest: int) -> list[tuple[str, int]]:
+def problems(rng: np.random.Generator, n: int, largest: int, kind: str = "sum"
+             ) -> list[tuple[str, int]]:
     """n distinct (question, answer) pairs (fewer if there are not that many)."""
     seen, out = set(), []
     for _ in range(20 * n):
         a, b = (int(x) for x in rng.integers(0, largest + 1, 2))
         op = "+" if rng.random() < 0.5 else "-"
-        if (a, op, b) in seen:
+        if (a, op, b) in seen or (kind == "larger" and a == b):
             continue
         seen.add((a, op, b))
-        out.append((f"What is {a} {op} {b}?", a + b if op == "+" else a - b))
+        if kind == "larger":
+            out.append((f"Which is larger, {a} or {b}?", max(a, b)))
+        else:
+            out.append((f"What is {a} {op} {b}?", a + b if op == "+" else a - b))
         if len(out) == n:
             break
     return out
@@ -49,13 +55,14 @@ def write(path: str, rows: list[dict]) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
+    parser.add_argument("--kind", choices=("sum", "larger"), default="sum")
     parser.add_argument("--n", type=int, default=2000, help="problems in all")
     parser.add_argument("--max", type=int, default=20, help="largest operand")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", type=float, default=0.3, help="wrong demonstrations")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    every = problems(rng, args.n, args.max)
+    every = problems(rng, args.n, args.max, args.kind)
     n_eval = max(len(every) // 10, 1)
     held_out, train = every[:n_eval], every[n_eval:]
     os.makedirs(args.out_dir, exist_ok=True)

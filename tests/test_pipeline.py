@@ -66,7 +66,7 @@ def test_p3o_end_to_end(trained):
     rm = metrics(path, "rm")
     assert rm[-1]["val_gold_agreement"] > 0.6   # the RM learned the gold ordering
     rl = _check_rl(path, summary, "p3o")
-    for key in ("rm_reward", "kl_k1", "kl_k3", "clip_frac", "entropy", "response_length",
+    for key in ("reward", "rm_reward", "kl_k1", "kl_k3", "clip_frac", "entropy", "response_length",
                 "delta_abs_mean", "grad_norm", "time_generate", "time_score", "time_update"):
         assert key in rl[-1], key
     assert rl[-1]["kl_k1"] > 0                   # moved away from the reference

@@ -283,8 +283,8 @@ def plot_frontier(records: list[dict], path: str, zoom_kl: float = 1.5) -> None:
 
 def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
     """P3O-V2 and PPO at `sweep.betas[0]`, with and without `rl.reward_offset = sweep.offset`:
-    per-iteration rows (gold, KL, RM score minus the batch's mean offset) and, per method, the
-    largest absolute difference between the two runs' curves."""
+    per-iteration rows (gold, KL, the reward, RM score plus offset, minus the batch's mean
+    offset) and, per method, the largest absolute difference between the two runs' curves."""
     seed, beta = sweep.seeds[0], sweep.betas[0]
     base = train_sft_rm(cfg, seed, sweep.folder)
     task, chunk = make_task(cfg), cfg.rl.prompts_per_iter
@@ -302,7 +302,7 @@ def invariance(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], dict]:
                 shift = offset * float(np.mean(prompt_offset(ids, mask)))
                 records.append({"method": method, "offset": offset, "iteration": r["step"],
                                 "gold_reward": r["gold_reward"], "kl_k1": r["kl_k1"],
-                                "rm_reward_minus_offset": r["rm_reward"] - shift})
+                                "rm_reward_minus_offset": r["reward"] - shift})
             curves[offset] = records[-len(rl_rows):]
         a, b = curves[0.0], curves[sweep.offset]
         diffs[method] = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b))
