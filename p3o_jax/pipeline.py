@@ -3,7 +3,9 @@ evaluation table. `run_experiment(cfg)` is the library's entry point; `p3o_jax.c
 command line.
 
 Stages run in order (`stages=sft,rm,rl`); a stage left out is loaded from `<out_dir>/<stage>`
-(RL's from `<out_dir>/<algo>`). Each stage writes its params there, metrics go to
+(RL's from `<out_dir>/<algo>`). The reward is the reward model's score and/or the reward
+functions' (`reward_fns`, p3o_jax/reward_fns.py); with reward functions alone no reward model
+is read or trained (`ExperimentConfig.uses_reward_model`). Each stage writes its params there, metrics go to
 `<out_dir>/metrics.jsonl` and TensorBoard (`<out_dir>/tb`), the config to
 `<out_dir>/config.json`, and the final table to `<out_dir>/summary.json` and stdout.
 Checkpoints go to `<out_dir>/ckpt/<stage>` (RL: `ckpt/<algo>`); running the same command again

@@ -6,7 +6,7 @@ and right-padded responses (`rollout.response_reward`'s inputs). Prompt and resp
 separately, so no token straddles the boundary. Host-side numpy, outside the compiled step.
 
 Shapes: B rows; P, N the policy's prompt and response lengths; P2, N2 the reward model's.
-`RetokenizedReward` is the RL loop's and the evaluation's `reward_fn`: retokenise on the host,
+`RetokenizedReward` is the RL loop's and the evaluation's `rm_fn`: retokenise on the host,
 then score with the reward model in one compiled program.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def retokenize(policy_tokenizer, reward_tokenizer, prompts, prompt_mask, respons
 
 
 class RetokenizedReward:
-    """`reward_fn(prompts, samples) -> rewards [B, K]` for a reward model whose tokenizer is not
+    """`rm_fn(prompts, samples) -> rewards [B, K]` for a reward model whose tokenizer is not
     the policy's: prompts {"ids", "mask"} [B, P] and `SampleOutput` [B, K, N] are decoded,
     encoded with the reward model's tokenizer into [P2 | N2] rows and scored at the last real
     token. `place(rows, tokens, mask)` puts host arrays on the mesh (batch-sharded)."""

@@ -172,10 +172,7 @@ class TextRLHF:
 
     def __init__(self, task: str, data_cfg: DataConfig, tokenizer: str, seed: int):
         """``tokenizer``: an HF name or local folder (AutoTokenizer)."""
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
-        self.vocab_size = len(self.tokenizer)
-        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
-        self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
+        self.read_tokenizer(tokenizer, data_cfg)
         data_dir = data_cfg.data_dir or None
         if task == "tldr":
             builds = ("tldr_sft", "tldr_comparisons")
@@ -189,8 +186,6 @@ class TextRLHF:
             build(builds, data_cfg)
         except data.UpstreamError as e:
             raise UnusableData(str(e)) from e
-        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
-                                    for text in data_cfg.stop_sequence_list)
         cache_dir = os.path.join(data_dir or tfds_constants.DATA_DIR, "p3o_tokenized")
 
         def stream(use: int, dataset: str, split: str, kind: str) -> grain.MapDataset:
@@ -209,6 +204,16 @@ class TextRLHF:
         self._preferences = stream(1, *pairs, "preference")
         self._prompts = {"rm": stream(1, *pairs, "prompt"), "rl": stream(2, *demos, "prompt"),
                          "eval": stream(3, *held_out, "prompt")}
+
+    def read_tokenizer(self, tokenizer: str, data_cfg: DataConfig) -> None:
+        """The tokenizer (an HF name or local folder) and what the task takes from it: ids of
+        EOS and padding, `data_cfg.stop_sequences` as token ids, the vocabulary size."""
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        self.vocab_size = len(self.tokenizer)
+        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
+        self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
+        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
+                                    for text in data_cfg.stop_sequence_list)
 
     def sft_batch(self, batch_size: int, step: int) -> dict:
         return data.read_batch(self._sft, step * batch_size, batch_size)
@@ -262,12 +267,7 @@ class DatasetRLHF(TextRLHF):
 
     def __init__(self, data_cfg: DataConfig, tokenizer: str, seed: int, eval_prompts: int,
                  cache_dir: str):
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
-        self.vocab_size = len(self.tokenizer)
-        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
-        self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
-        self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
-                                    for text in data_cfg.stop_sequence_list)
+        self.read_tokenizer(tokenizer, data_cfg)
         d = data_cfg
         keys = own.Keys(d.prompt_key, d.completion_key, d.messages_key, d.chosen_key,
                         d.rejected_key)
