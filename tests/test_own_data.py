@@ -161,6 +161,30 @@ def test_long_prompts_are_cut_or_dropped_and_counted(files, tokenizer, mode, cap
         assert len(columns["row"]) == len(mixed)
 
 
+def test_column_names_are_settings(files, tmp_path):
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"question": q, "solution": a}
+                                                    for q, a in QUESTIONS[:5]])
+    r = own.load_records(path, "data.sft", "sft", own.Keys(prompt="question",
+                                                           completion="solution"), seed=0)
+    assert r.prompts == [q for q, _ in QUESTIONS[:5]]
+    assert r.responses["response"] == [a for _, a in QUESTIONS[:5]] and r.columns == {}
+
+
+def test_the_tokenised_data_is_cached_by_content_and_rendering(files, tokenizer, tmp_path):
+    r = own.load_records(files["jsonl"], "data.prompts", "prompt", KEYS, seed=0)
+    first = own.encode(r, own.Render(tokenizer), 40, 8, "truncate", str(tmp_path))
+    cached = os.listdir(tmp_path)
+    assert len(cached) == 1
+    again = own.encode(r, own.Render(tokenizer), 40, 8, "truncate", str(tmp_path))
+    assert os.listdir(tmp_path) == cached
+    for k in first:
+        np.testing.assert_array_equal(first[k], again[k])
+    other = chat_tokenizer()
+    other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    own.encode(r, own.Render(other), 40, 8, "truncate", str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 2        # another template: another entry
+
+
 def test_sources_mix_by_weight(files):
     text = f"{files['jsonl']}:weight=3,{files['json']}:weight=1"
     mixed = own.load_records(text, "data.prompts", "prompt", KEYS, seed=0)
@@ -251,8 +275,10 @@ def sft_folder(tmp_path_factory, tokenizer):
 
 
 def dataset_args(files, sft_folder, out_dir, *extra):
-    return ["exp=arithmetic", f"out_dir={out_dir}", "stages=rl", f"pretrained_sft={sft_folder}",
-            "data.sft=", "data.eval=", "data.tokenizer=", f"data.prompts={files['jsonl']}",
+    """The issue's command: `make train ARGS="task=dataset data.prompts=... reward_fns=...
+    stages=rl pretrained_sft=..."` on the default experiment, made small."""
+    return ["exp=toy", "task=dataset", f"out_dir={out_dir}", "stages=rl",
+            f"pretrained_sft={sft_folder}", f"data.prompts={files['jsonl']}",
             f"reward_fns={FNS}:says_answer,final_answer_format", "reward_weights=1,0.5",
             "data.prompt_len=32", "data.response_len=6", "eval_prompts=8", "log_every=1",
             "mesh.data=2", "mesh.fsdp=4", "mesh.tensor=1", "rl.iterations=3",
