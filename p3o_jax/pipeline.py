@@ -25,7 +25,7 @@ import sys
 import jax
 import numpy as np
 
-from p3o_jax import checkpoint, hf, memory_plan
+from p3o_jax import checkpoint, hf, memory_plan, preflight, run_lock
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
@@ -316,13 +316,16 @@ def check_memory(cfg: ExperimentConfig, mesh) -> None:
               f"device (GiB per device):\n{table(rows)}", file=sys.stderr)
 
 
+@run_lock.one_writer  # one run per out_dir at a time, before anything is written
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Every stage of `cfg` (checked and resolved first), then the evaluation table."""
     cfg = resolve(cfg, jax.device_count())
+    preflight.check(cfg)  # the earlier stages and pretrained folders it reads, before any work
     task = make_task(cfg)
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
+    preflight.check_vocabularies(cfg, task)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)
