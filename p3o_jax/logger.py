@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from p3o_jax import storage
+
 
 class MetricsLogger:
     """Appends `{"stage", "step", "time", **metrics}` lines to `<dir>/metrics.jsonl` and writes
@@ -49,9 +51,10 @@ class MetricsLogger:
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         if not self.enabled:
             return scalars
-        self._file.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **scalars})
-                         + "\n")
-        self._file.flush()
+        with storage.writing(self._file.name):   # a full disk: one line (p3o_jax/storage.py)
+            self._file.write(json.dumps({"stage": stage, "step": step, "time": time.time(),
+                                         **scalars}) + "\n")
+            self._file.flush()
         if self._writer is None:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(os.path.join(self.directory, "tb"))

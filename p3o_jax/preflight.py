@@ -8,7 +8,8 @@ is built) and `check_vocabularies(cfg, task)` (once its tokenizer is known), bot
 `run_experiment` before anything compiles. They cover:
 
 - the earlier stages a run loads instead of training (`stages=rl`: `<out_dir>/sft`, `rm`, and
-  for offline DPO `preferences.npz`), with where they were looked for and how to make them;
+  for offline DPO `preferences.npz`), with where they were looked for and how to make them
+  (a later stage's output, which only the final table reads, is a warning);
 - every pretrained folder's architecture (`config.resolve` read it) and role, from its
   config.json and safetensors headers (`hf.check_role`): a policy needs an LM head, a
   reward model one score;
@@ -59,8 +60,10 @@ def check_lengths(cfg) -> None:
 
 
 def _missing_stages(cfg) -> None:
-    """The outputs of the stages left out: the pipeline loads the SFT policy and the reward
-    model whatever runs (the final table evaluates with both)."""
+    """The outputs of the stages left out, which the pipeline loads instead: an earlier
+    stage's (the input of a stage that runs) missing is an error; a later one's, which only
+    the final table reads (the reward model after `stages=sft`), a warning, since the stages
+    that run are trained and saved before that table stops the run."""
     stages = cfg.stage_list
     wanted = [("sft", "sft", "pretrained_sft=<an HF causal LM folder>", cfg.pretrained_sft)]
     if needs_rm(cfg):
@@ -79,9 +82,15 @@ def _missing_stages(cfg) -> None:
         for stage, output, _ in missing)
     make = ",".join(s for s in STAGES if s in stages or any(s == m[0] for m in missing))
     instead = ", ".join(i for _, _, i in missing if i)
-    raise _error("stages", f"stages={cfg.stages} needs {needs}: not there; make "
-                           f"{'it' if len(missing) == 1 else 'them'} with the same command and "
-                           f"stages={make} (same out_dir)" + (f", or set {instead}" if instead else ""))
+    how = (f"make {'it' if len(missing) == 1 else 'them'} with the same command and "
+           f"stages={make} (same out_dir)" + (f", or set {instead}" if instead else ""))
+    first = min(STAGES.index(s) for s in stages)
+    if all(STAGES.index(stage) > first for stage, _, _ in missing):
+        warnings.warn(f"stages={cfg.stages}: the final table needs {needs}, which is not "
+                      f"there: the run will stop after its stages are saved; {how}",
+                      RuntimeWarning, stacklevel=3)
+        return
+    raise _error("stages", f"stages={cfg.stages} needs {needs}: not there; {how}")
 
 
 def _roles(cfg) -> None:

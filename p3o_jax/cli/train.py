@@ -3,7 +3,9 @@
     python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
 
 Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
-(also a checkpoint written with an incompatible one); 75 stopped by SIGTERM/SIGINT with a
+(also a checkpoint written with an incompatible one, a pretrained folder or earlier stage
+that is not what the run needs, another run holding the out_dir); 74 a write failed (disk
+full: the line names the path, the free space, the last complete checkpoint); 75 stopped by SIGTERM/SIGINT with a
 checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
 (immediate exit).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from p3o_jax import checkpoint, distributed
+from p3o_jax import checkpoint, distributed, storage
 from p3o_jax.config import ConfigError, from_args
 from p3o_jax.pipeline import run_experiment
 
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # also: a checkpoint written with an incompatible config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteFailed as e:  # a full disk, a quota, a read-only filesystem
+        print(f"error: {e}", file=sys.stderr)
+        return storage.EXIT_IO_ERROR
     except checkpoint.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
