@@ -322,10 +322,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     cfg = resolve(cfg, jax.device_count())
     preflight.check(cfg)  # the earlier stages and pretrained folders it reads, before any work
     task = make_task(cfg)
+    preflight.check_vocabularies(cfg, task)
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
-    preflight.check_vocabularies(cfg, task)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)

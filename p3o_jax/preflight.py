@@ -31,10 +31,10 @@ STAGES = ("sft", "rm", "rl")
 
 
 def needs_rm(cfg) -> bool:
-    """Whether the run scores with a reward model (the rm stage's or `pretrained_rm`'s). Every
-    task does today; a task that scores with reward functions alone answers False here, and
-    then no rm stage is looked for."""
-    return True
+    """Whether the run scores with a reward model (the rm stage's or `pretrained_rm`'s); when
+    not (reward functions alone), no rm stage is looked for and no RM checked. The config's
+    `uses_reward_model` says so where it has one; every run without it uses a reward model."""
+    return getattr(cfg, "uses_reward_model", True)
 
 
 def _error(key: str, msg: str) -> ConfigError:

@@ -3,11 +3,11 @@
     python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
 
 Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
-(also a checkpoint written with an incompatible one, a pretrained folder or earlier stage
-that is not what the run needs, another run holding the out_dir); 74 a write failed (disk
-full: the line names the path, the free space, the last complete checkpoint); 75 stopped by SIGTERM/SIGINT with a
-checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
-(immediate exit).
+(also a checkpoint written with an incompatible one, a missing earlier stage, a pretrained
+folder that cannot serve its role, another run holding the out_dir); 74 a failed write (disk
+full: the line names the path, the free space and the last complete checkpoint); 75 stopped
+by SIGTERM/SIGINT with a checkpoint saved (run the same command again to continue); 143/130 a
+second SIGTERM/SIGINT (immediate exit).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except storage.WriteFailed as e:  # a full disk, a quota, a read-only filesystem
-        print(f"error: {e}", file=sys.stderr)
+        # one write on a line of its own: orbax's threads may still be printing their errors
+        sys.stderr.write(f"\nerror: {e}\n")
         return storage.EXIT_IO_ERROR
     except checkpoint.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
