@@ -282,9 +282,13 @@ class StageCheckpoints:
 
     def _save(self, step: int, state, extra: dict) -> None:
         """Save `step`, warning first if the disk will not hold the `keep` + 1 checkpoints the
-        stage reaches (a new one is written before the oldest is deleted)."""
-        storage.warn_if_short(self.directory, sum(x.nbytes for x in jax.tree.leaves(state)),
-                              self.keep + 1 - len(self.manager.all_steps()))
+        stage reaches (a new one is written before the oldest is deleted), each the size of
+        the state or, once there is one, of the newest on disk (small arrays take whole
+        blocks, and orbax adds metadata)."""
+        steps, size = self.manager.all_steps(), sum(x.nbytes for x in jax.tree.leaves(state))
+        if steps:
+            size = max(size, storage.disk_usage(os.path.join(self.directory, str(steps[-1]))))
+        storage.warn_if_short(self.directory, size, self.keep + 1 - len(steps))
         with self._writing():
             self.manager.save(step, args=self._args(step, state, extra), force=True)
 

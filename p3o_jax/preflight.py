@@ -26,9 +26,7 @@ import warnings
 from p3o_jax import hf
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import ConfigError
-
-STAGES = ("sft", "rm", "rl")
-
+from p3o_jax.retokenize import same_vocabulary
 
 def needs_rm(cfg) -> bool:
     """Whether the run scores with a reward model (the rm stage's or `pretrained_rm`'s); when
@@ -41,22 +39,27 @@ def _error(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config key {key!r}: {msg}")
 
 
+def _positions(key: str, name: str, model, parts: str, length: int) -> None:
+    """`length` tokens (`parts`, for the message) against `model`'s positions."""
+    if length <= model.max_len:
+        return
+    if model.rotary_dim == 0:   # a learned position table: no position past it exists
+        raise _error(key, f"{parts} = {length} > the {name}'s max_len={model.max_len} (its "
+                          f"position table)")
+    warnings.warn(f"{parts} = {length} is past the {name}'s trained context of "
+                  f"{model.max_len} positions (RoPE extrapolates, but quality past it is "
+                  f"untested)", RuntimeWarning, stacklevel=3)
+
+
 def check_lengths(cfg) -> None:
-    """Prompt + response lengths against the positions of the models that read them."""
+    """Prompt + response lengths against the positions of the models that read them (a reward
+    model with a tokenizer of its own: `check_vocabularies`)."""
     P, N = cfg.prompt_len, cfg.response_len
     key = f"{'toy' if cfg.task == 'toy' else 'data'}.response_len"
-    models = [("policy", cfg.policy)]
+    _positions(key, "policy", cfg.policy, f"prompt_len + response_len = {P} + {N}", P + N)
     if needs_rm(cfg) and cfg.rm_model != cfg.policy:
-        models.append(("reward_model", cfg.rm_model))
-    for name, model in models:
-        if P + N <= model.max_len:
-            continue
-        if model.rotary_dim == 0:   # a learned position table: no position past it exists
-            raise _error(key, f"prompt_len + response_len = {P} + {N} = {P + N} > the "
-                              f"{name}'s max_len={model.max_len} (its position table)")
-        warnings.warn(f"prompt_len + response_len = {P + N} is past the {name}'s trained "
-                      f"context of {model.max_len} positions (RoPE extrapolates, but quality "
-                      f"past it is untested)", RuntimeWarning, stacklevel=3)
+        _positions(key, "reward_model", cfg.rm_model,
+                   f"prompt_len + response_len = {P} + {N}", P + N)
 
 
 def _missing_stages(cfg) -> None:
@@ -64,6 +67,7 @@ def _missing_stages(cfg) -> None:
     stage's (the input of a stage that runs) missing is an error; a later one's, which only
     the final table reads (the reward model after `stages=sft`), a warning, since the stages
     that run are trained and saved before that table stops the run."""
+    from p3o_jax.config import STAGES  # config imports this module
     stages = cfg.stage_list
     wanted = [("sft", "sft", "pretrained_sft=<an HF causal LM folder>", cfg.pretrained_sft)]
     if needs_rm(cfg):
@@ -108,17 +112,22 @@ def _roles(cfg) -> None:
 def check_vocabularies(cfg, task) -> None:
     """The reward model's vocabulary against the ids it reads: the task's tokens (the policy's
     are checked beside this call in `run_experiment`) or, with a tokenizer of its own, that
-    tokenizer's."""
+    tokenizer's; then it reads re-tokenised responses of up to twice `response_len` tokens
+    (p3o_jax/retokenize.py), checked against its positions."""
     if not needs_rm(cfg):
         return
     key, n = "reward_model.vocab_size", task.vocab_size
     if cfg.pretrained_rm:
-        import transformers
-        key = "pretrained_rm"
+        import transformers  # heavy import, only needed here (config imports this module)
         try:
-            n = len(transformers.AutoTokenizer.from_pretrained(hf.resolve(cfg.pretrained_rm)))
+            own = transformers.AutoTokenizer.from_pretrained(hf.resolve(cfg.pretrained_rm))
         except (OSError, ValueError):   # no tokenizer files: it reads the task's tokens
-            pass
+            own = None
+        if own is not None and not same_vocabulary(own, task.tokenizer):
+            key, n = "pretrained_rm", len(own)
+            P, N = cfg.prompt_len, cfg.response_len
+            _positions(key, "reward model", cfg.rm_model,
+                       f"prompt_len + 2 * response_len (re-tokenised) = {P} + {2 * N}", P + 2 * N)
     if cfg.rm_model.vocab_size < n:
         raise _error(key, f"the reward model's vocab_size={cfg.rm_model.vocab_size} < the "
                           f"{n} ids of the tokenizer it reads")

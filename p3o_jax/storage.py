@@ -42,10 +42,13 @@ class WriteFailed(RuntimeError):
     def __str__(self):
         free = "unknown" if self.free is None else _size(self.free)
         text = f"writing {self.path} failed: {self.cause} ({free} free there)"
-        if self.out_dir is not None:
-            text += (f"; the last complete checkpoint is {last_checkpoint(self.out_dir)}: free "
-                     f"space and run the same command again to continue from it")
-        return text
+        if self.out_dir is None:
+            return text
+        last = last_checkpoint(self.out_dir)
+        if last is None:
+            return text + "; no checkpoint is complete yet: free space and run the same command"
+        return (text + f"; the last complete checkpoint is {last}: free space and run the same "
+                       f"command again to continue from it")
 
 
 def io_cause(error: BaseException) -> str | None:
@@ -81,11 +84,17 @@ def free_space(path: str) -> int | None:
         return None
 
 
-def last_checkpoint(out_dir: str) -> str:
-    """The newest complete checkpoint of the run (`<out_dir>/ckpt/<stage>/<step>`), or 'none'."""
+def disk_usage(path: str) -> int:
+    """Bytes the files under `path` take on disk (allocated blocks)."""
+    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512
+               for d, _, files in os.walk(path) for f in files)
+
+
+def last_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint of the run (`<out_dir>/ckpt/<stage>/<step>`), if any."""
     steps = [p for p in glob.glob(os.path.join(os.path.abspath(out_dir), "ckpt", "*", "*"))
              if os.path.basename(p).isdigit() and os.path.isdir(p)]
-    return max(steps, key=os.path.getmtime) if steps else "none"
+    return max(steps, key=os.path.getmtime) if steps else None
 
 
 def remove_partial(path: str) -> None:

@@ -393,7 +393,7 @@ def small_disk(tmp_path):
 
 def test_disk_full_stops_with_one_line_and_resumes_from_the_last_checkpoint(
         reference, env, small_disk, tmp_path):
-    out = small_disk / "run"
+    out = small_disk           # its log, <out_dir>.log, beside the small disk, not on it
     with Training(out, env) as t:
         assert t.proc.wait(timeout=RUN_TIMEOUT) == 74, t.output()[-3000:]
         log = t.output()
