@@ -410,8 +410,8 @@ def test_run_lock_is_taken_once_for_all_processes(env, tmp_path):
     def launch(name):
         logs = tmp_path / name
         run([sys.executable, LAUNCH, "-n", "2", "--devices-per-process", "1", "--timeout", "120",
-             "--log-dir", str(logs), "--", sys.executable, str(script), str(out)], env,
-            f"{logs}.log")
+             "--log-dir", str(logs), "--", sys.executable, str(script), str(out)],
+            dict(env, PYTHONPATH=ROOT), f"{logs}.log")   # this checkout's p3o_jax
         return [(logs / f"process_{i}.log").read_text() for i in range(2)]
 
     held = launch("free")
