@@ -25,7 +25,7 @@ import sys
 import jax
 import numpy as np
 
-from p3o_jax import checkpoint, hf, memory_plan, preflight, run_lock
+from p3o_jax import checkpoint, hf, memory_plan
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
@@ -34,6 +34,7 @@ from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
+from p3o_jax import preflight, run_lock
 from p3o_jax.retokenize import RetokenizedReward
 from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
                         rl_optimizer)

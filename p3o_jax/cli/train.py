@@ -3,11 +3,14 @@
     python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
 
 Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
-(also a checkpoint written with an incompatible one, a missing earlier stage, a pretrained
-folder that cannot serve its role, another run holding the out_dir); 74 a failed write (disk
-full: the line names the path, the free space and the last complete checkpoint); 75 stopped
-by SIGTERM/SIGINT with a checkpoint saved (run the same command again to continue); 143/130 a
-second SIGTERM/SIGINT (immediate exit).
+(also a checkpoint written with an incompatible one); 75 stopped by SIGTERM/SIGINT with a
+checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
+(immediate exit).
+
+Also exit 2: another run holds the out_dir (p3o_jax/run_lock.py), an earlier stage the run
+loads is missing or a pretrained folder cannot serve its role (p3o_jax/preflight.py); exit 74
+(`storage.EXIT_IO_ERROR`): a write failed, e.g. a full disk, in one line naming the path, the
+free space and the last complete checkpoint.
 """
 from __future__ import annotations
 
