@@ -3,6 +3,7 @@ tests/test_checkpoint.py): the HF export and metrics.jsonl stop with one line na
 and leave nothing half-written."""
 import errno
 import os
+import threading
 
 import jax
 import pytest
@@ -51,3 +52,29 @@ def test_io_cause_reads_chains_and_tensorstore_text():
     assert storage.io_cause(ValueError("Failed to write: No space left on device [28]")) \
         == os.strerror(errno.ENOSPC)
     assert storage.io_cause(FileNotFoundError(errno.ENOENT, "gone")) is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_tensorboard_on_a_full_disk_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """tensorboardX's writer thread dies on a failed write; logging on would block forever
+    (so the logging runs in a thread here, and a hang fails the test after 30 s)."""
+    logger = MetricsLogger(str(tmp_path))
+    logger.log("sft", 0, {"loss": 1.0})
+    writer = logger._writer.file_writer.event_writer
+    monkeypatch.setattr(writer._ev_writer, "write_event", full_disk)
+    logger.log("sft", 1, {"loss": 1.0})
+    writer._worker.join(timeout=30)
+    raised = []
+
+    def log_on():
+        try:
+            for step in range(2, 40):   # more than its queue holds
+                logger.log("sft", step, {"loss": 1.0})
+        except WriteFailed as e:
+            raised.append(str(e))
+    t = threading.Thread(target=log_on, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "logging blocked on the dead TensorBoard writer"
+    assert raised and raised[0].startswith(f"writing {tmp_path}/tb failed: its writer thread")
+    logger.close()                  # returns (tensorboardX's own close would block)
