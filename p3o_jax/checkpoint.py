@@ -284,7 +284,11 @@ class StageCheckpoints:
         """Save `step`, warning first if the disk will not hold the `keep` + 1 checkpoints the
         stage reaches (a new one is written before the oldest is deleted), each the size of
         the state or, once there is one, of the newest on disk (small arrays take whole
-        blocks, and orbax adds metadata)."""
+        blocks, and orbax adds metadata). The previous save is finished first (orbax's next
+        save would wait for it anyway), so that it counts, and its failure is reported as its
+        own."""
+        with self._writing():
+            self.manager.wait_until_finished()
         steps, size = self.manager.all_steps(), sum(x.nbytes for x in jax.tree.leaves(state))
         if steps:
             size = max(size, storage.disk_usage(os.path.join(self.directory, str(steps[-1]))))

@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from p3o_jax import storage
 from p3o_jax.algos import sft
 from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
 from p3o_jax.config import from_args
@@ -378,11 +379,14 @@ def test_a_second_run_in_the_same_out_dir_is_refused(reference, env, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root only): the run's first checkpoints fit, later ones do not."""
+def small_disk(reference, tmp_path):
+    """A tmpfs (root only) of 2.5 times a checkpoint of the run (as `reference` wrote it): the
+    first checkpoint fits, a later one does not (none is deleted before the fourth; a save
+    takes more than its final size while it is written)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+    size = int(2.5 * storage.disk_usage(reference / "ckpt" / "sft" / str(STEPS["sft"]))) // 1024
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}k", "tmpfs", str(mount)],
                           capture_output=True)
     if made.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
@@ -400,8 +404,8 @@ def test_disk_full_stops_with_one_line_and_resumes_from_the_last_checkpoint(
     errors = [line for line in log.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0], log[-3000:]
     assert f"writing {out}/" in errors[0] and "free there" in errors[0], errors
-    last = errors[0].split("the last complete checkpoint is ")[1].split(":")[0]
-    assert os.path.isdir(last) and last.startswith(f"{out}/ckpt/"), errors
+    last = errors[0].partition("the last complete checkpoint is ")[2].partition(":")[0]
+    assert last.startswith(f"{out}/ckpt/") and os.path.isdir(last), errors
     assert "will likely fail" in log          # warned at the stage's first save
     partial = [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files
                if ".orbax-checkpoint-tmp" in n or n.endswith(".partial")]
