@@ -1,19 +1,25 @@
 """Failed writes (a full disk, a quota, a read-only or vanished filesystem) stop the run with one
-line, not hundreds of lines of orbax and tensorstore tracebacks.
+line that says what happened, where, and what is kept (orbax's and tensorstore's background
+threads still print their own tracebacks before it; the line comes last, on its own).
 
 `writing(path, out_dir)` wraps a save: an error caused by one of those (`io_cause`: an
 `OSError` anywhere in the exception's chain, or tensorstore's text of one) becomes
 `WriteFailed`, whose message names the path, the free space on its filesystem and the run's
 last complete checkpoint (the one the same command resumes from), after removing what the
-failed save left half-written. The CLI prints it and exits with `EXIT_IO_ERROR` (74).
+failed save left half-written. The CLI prints it and exits with `EXIT_IO_ERROR` (74). Saves
+wrapped: checkpoints and final params (p3o_jax/checkpoint.py), the HF export (hf.py),
+metrics.jsonl and TensorBoard (logger.py), and, for any other write, the whole run
+(`run_lock.one_writer`, naming the out_dir).
 
 What a resume reads is never half-written: orbax saves a step into
 `<step>.orbax-checkpoint-tmp-*` and renames it when complete (a step folder is always whole),
-the final params and the HF export likewise go to a temporary folder renamed at the end, and
-metrics.jsonl loses at most a torn last line, which `MetricsLogger.rewind` drops.
+the final params likewise; the HF export goes to a temporary folder whose files are renamed
+into place at the end; metrics.jsonl loses at most a torn last line, which
+`MetricsLogger.rewind` drops.
 
-`warn_if_short(directory, nbytes)` is the early warning: a checkpoint's size is known before
-it is written, so a save that will not fit is announced while the state is still in memory.
+`warn_if_short(directory, nbytes, count)` is the early warning: a checkpoint's size is known
+before it is written, so a save that will not fit is announced while the state is still in
+memory.
 """
 from __future__ import annotations
 
