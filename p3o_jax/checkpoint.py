@@ -53,6 +53,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from p3o_jax import model as M
+from p3o_jax import storage
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import ConfigError
 from p3o_jax.train_state import param_shardings
@@ -76,8 +77,11 @@ class CheckpointMismatch(ConfigError):
 # a finished stage's params
 
 def save_params(path: str, params) -> None:
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.abspath(path), params, force=True)
+    """`params` to the folder `path` (`<out_dir>/<stage>`), atomically (orbax renames a
+    complete temporary folder); a failed write raises `storage.WriteFailed`."""
+    path = os.path.abspath(path)
+    with storage.writing(path, os.path.dirname(path)), ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, params, force=True)
 
 
 def load_params(path: str, model_cfg: M.ModelConfig, mesh):
@@ -252,8 +256,8 @@ class StageCheckpoints:
         c = cfg.checkpoint
         self.stage, self.total = stage, total_steps
         self.config = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        self.directory = stage_directory(cfg, stage)
-        self.max_nonfinite, self.nonfinite_streak = c.max_nonfinite, 0
+        self.directory, self.out_dir = stage_directory(cfg, stage), cfg.out_dir
+        self.max_nonfinite, self.nonfinite_streak, self.keep = c.max_nonfinite, 0, c.keep
         policies = ocp.checkpoint_managers
         when = [policies.PreemptionCheckpointingPolicy()]
         if c.every_steps > 0:
@@ -269,8 +273,29 @@ class StageCheckpoints:
         return self
 
     def __exit__(self, *exc):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self._writing():
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+    def _writing(self):
+        """Saves (and background saves finishing) that fail on the filesystem: WriteFailed."""
+        return storage.writing(self.directory, self.out_dir)
+
+    def _save(self, step: int, state, extra: dict) -> None:
+        """Save `step`, warning first if the disk will not hold the `keep` + 1 checkpoints the
+        stage reaches (a new one is written before the oldest is deleted), each the size of
+        the state or, once there is one, of the newest on disk (small arrays take whole
+        blocks, and orbax adds metadata). The previous save is finished first (orbax's next
+        save would wait for it anyway), so that it counts, and its failure is reported as its
+        own."""
+        with self._writing():
+            self.manager.wait_until_finished()
+        steps, size = self.manager.all_steps(), sum(x.nbytes for x in jax.tree.leaves(state))
+        if steps:
+            size = max(size, storage.disk_usage(os.path.join(self.directory, str(steps[-1]))))
+        storage.warn_if_short(self.directory, size, self.keep + 1 - len(steps))
+        with self._writing():
+            self.manager.save(step, args=self._args(step, state, extra), force=True)
 
     def newest(self, **items):
         """`items` (orbax restore args) of the newest checkpoint whose config matches this run's
@@ -334,17 +359,19 @@ class StageCheckpoints:
             self.nonfinite_streak = 0
         preempted = preemption_requested() or self.manager.reached_preemption(step)
         if preempted or self.manager.should_save(step):
-            self.manager.save(step, args=self._args(step, state, extra), force=True)
+            self._save(step, state, extra)
         if preempted:
-            self.manager.wait_until_finished()
+            with self._writing():
+                self.manager.wait_until_finished()
             raise Preempted(f"stopped by a signal after {self.stage} step {step - 1}, checkpoint "
                             f"saved; run the same command again to continue")
 
     def finish(self, state, **extra) -> None:
         """Save the stage's final checkpoint (which marks it finished) and wait for it."""
         if self.manager.latest_step() != self.total:
-            self.manager.save(self.total, args=self._args(self.total, state, extra), force=True)
-        self.manager.wait_until_finished()
+            self._save(self.total, state, extra)
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def _args(self, step: int, state, extra: dict):
         meta = {"step": step, "total": self.total, "nonfinite_streak": self.nonfinite_streak,

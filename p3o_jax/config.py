@@ -46,6 +46,7 @@ from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
 from p3o_jax.lora import LoraConfig, adapted_weights
 from p3o_jax.model import ModelConfig, init_params
+from p3o_jax.preflight import check_lengths
 from p3o_jax.toy_task import ToyTaskConfig
 from p3o_jax.train_state import OptimConfig
 
@@ -420,9 +421,7 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
         shapes = jax.eval_shape(lambda: init_params(cfg.policy, jax.random.key(0)))
         need(adapted_weights(rl.lora, shapes), "rl.lora.targets",
              f"the policy ({cfg.policy.family}) has none of {rl.lora.targets}")
-    length = cfg.prompt_len + cfg.response_len
-    need(cfg.task == "toy" or length <= cfg.policy.max_len, "data.response_len",
-         f"prompt_len + response_len = {length} > the policy's max_len={cfg.policy.max_len}")
+    check_lengths(cfg)  # against each model's positions (p3o_jax/preflight.py)
     return cfg
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from p3o_jax import lora
+from p3o_jax import lora, storage
 from p3o_jax import model as M
 from p3o_jax.checks import ConfigError
 from p3o_jax.distributed import to_host
@@ -469,6 +470,40 @@ def resolve(path_or_repo: str) -> str:
 _BUFFERS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|embed_positions)$")
 
 
+def _check_role(reader: _SafetensorsReader, raw_config: dict, config_file: str,
+                cfg: M.ModelConfig, role: str) -> str | None:
+    """The stored name of the reward head's `score.weight` (None if absent), after checking by
+    tensor names alone (the safetensors headers) that the checkpoint can serve as `role`:
+    a reward model has one score, a policy its LM head, both every other tensor of `cfg`."""
+    architectures = raw_config.get("architectures") or []
+    score = reader.find("score.weight")
+    if score is not None:
+        labels = len(raw_config.get("id2label") or {0: 0})
+        if labels != 1:
+            raise HFFormatError(f"{config_file}: num_labels={labels} (id2label); a reward model "
+                                "needs exactly one score ('score.weight' [1, d_model])")
+    elif role == "reward":
+        raise HFFormatError(f"{reader.origin}: no tensor 'score.weight': not a reward model "
+                            f"(architectures {architectures}); role='reward' needs a "
+                            "*ForSequenceClassification checkpoint")
+    for m in _mappings(cfg):
+        if reader.find(m.hf) is None and not (_is_lm_head(m) and role == "reward"):
+            hint = (f": {architectures} is a reward model without an LM head; load it with "
+                    "role='reward'" if score is not None and _is_lm_head(m) else "")
+            raise HFFormatError(f"{reader.origin}: missing tensor {m.hf!r}{hint}")
+    return score
+
+
+def check_role(path_or_repo: str, role: str = "policy") -> None:
+    """`load_pretrained`'s checks of the checkpoint's config and role without reading a
+    weight (config.json and the safetensors headers): run before any stage trains, so that a
+    causal LM given as the reward model stops the run before SFT rather than after it."""
+    path = resolve(path_or_repo)
+    config_file = os.path.join(path, "config.json")
+    _check_role(_SafetensorsReader(path), _read_json(config_file), config_file,
+                config_from_hf(path), role)
+
+
 def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **config_overrides):
     """Read an HF folder/repo into (ModelConfig, params) placed on `mesh` (or the default device).
 
@@ -487,7 +522,6 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
     cfg = config_from_hf(path, **config_overrides)
     config_file = os.path.join(path, "config.json")
     raw_config = _read_json(config_file)
-    architectures = raw_config.get("architectures") or []
     reader = _SafetensorsReader(path)
     axes = M.param_axes(cfg)
     shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
@@ -515,29 +549,17 @@ def load_pretrained(path_or_repo: str, mesh=None, *, role: str = "policy", **con
                                 f"which does not fit config.json (ours: {expected})")
         return parts
 
-    score, reward_w = reader.find("score.weight"), np.zeros(cfg.d_model)
+    score, reward_w = _check_role(reader, raw_config, config_file, cfg, role), np.zeros(cfg.d_model)
     if score is not None:
-        labels = len(raw_config.get("id2label") or {0: 0})
-        if labels != 1:
-            raise HFFormatError(f"{config_file}: num_labels={labels} (id2label); a reward model "
-                                "needs exactly one score ('score.weight' [1, d_model])")
         one_row = lambda w: (w[0],) if w.shape == (1, cfg.d_model) else ()  # noqa: E731
         (reward_w,) = convert(Mapping("score.weight", (("reward_head", "w"),), one_row, None),
                               score)
-    elif role == "reward":
-        raise HFFormatError(f"{reader.origin}: no tensor 'score.weight': not a reward model "
-                            f"(architectures {architectures}); role='reward' needs a "
-                            "*ForSequenceClassification checkpoint")
     used, params, mappings = {score} - {None}, {}, _mappings(cfg)
     for m in mappings:
         key = reader.find(m.hf)
-        if key is None:
-            if _is_lm_head(m) and role == "reward":
-                _set(params, m.ours[0], place(m.ours[0], np.zeros(_get(shapes, m.ours[0]).shape)))
-                continue
-            hint = (f": {architectures} is a reward model without an LM head; load it with "
-                    "role='reward'" if score is not None and _is_lm_head(m) else "")
-            raise HFFormatError(f"{reader.origin}: missing tensor {m.hf!r}{hint}")
+        if key is None:  # the LM head of a reward model (_check_role)
+            _set(params, m.ours[0], place(m.ours[0], np.zeros(_get(shapes, m.ours[0]).shape)))
+            continue
         used.add(key)
         for p, arr in zip(m.ours, convert(m, key)):
             _set(params, p, place(p, arr))
@@ -615,9 +637,24 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=Non
         tensors[m.hf] = np.ascontiguousarray(m.to_hf(*parts))
     if jax.process_index() != 0:
         return
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    # written whole into a temporary folder, then each file renamed into place: a failed write
+    # (a full disk) leaves no file that transformers would read half of
+    directory = os.path.abspath(directory)
+    partial = directory + ".partial"
+    with storage.writing(directory):
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            os.makedirs(partial)
+            with open(os.path.join(partial, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+            save_file(tensors, os.path.join(partial, "model.safetensors"),
+                      metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        os.makedirs(directory, exist_ok=True)
+        for name in os.listdir(partial):
+            os.replace(os.path.join(partial, name), os.path.join(directory, name))
+        os.rmdir(partial)

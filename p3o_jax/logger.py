@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from p3o_jax import storage
+
 
 class MetricsLogger:
     """Appends `{"stage", "step", "time", **metrics}` lines to `<dir>/metrics.jsonl` and writes
@@ -49,20 +51,33 @@ class MetricsLogger:
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         if not self.enabled:
             return scalars
-        self._file.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **scalars})
-                         + "\n")
-        self._file.flush()
+        with storage.writing(self._file.name):   # a full disk: one line (p3o_jax/storage.py)
+            self._file.write(json.dumps({"stage": stage, "step": step, "time": time.time(),
+                                         **scalars}) + "\n")
+            self._file.flush()
         if self._writer is None:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(os.path.join(self.directory, "tb"))
         for k, v in scalars.items():
+            self._check_tensorboard()
             self._writer.add_scalar(f"{stage}/{k}", v, step)
         return scalars
+
+    def _tensorboard_alive(self) -> bool:
+        """tensorboardX writes from a thread, which a failed write (a full disk) ends with a
+        traceback; events queued after that block forever once its queue of 10 is full."""
+        return self._writer.file_writer.event_writer._worker.is_alive()
+
+    def _check_tensorboard(self) -> None:
+        if not self._tensorboard_alive():
+            raise storage.WriteFailed(os.path.join(self.directory, "tb"), "its writer thread "
+                                      "stopped on an error (printed above)",
+                                      storage.free_space(self.directory))
 
     def close(self):
         if self.enabled:
             self._file.close()
-            if self._writer is not None:
+            if self._writer is not None and self._tensorboard_alive():  # else close() blocks
                 self._writer.close()
 
 

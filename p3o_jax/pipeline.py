@@ -36,6 +36,7 @@ from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
+from p3o_jax import preflight, run_lock
 from p3o_jax.retokenize import RetokenizedReward
 from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
                         rl_optimizer)
@@ -358,10 +359,13 @@ def check_memory(cfg: ExperimentConfig, mesh) -> None:
               f"device (GiB per device):\n{table(rows)}", file=sys.stderr)
 
 
+@run_lock.one_writer  # one run per out_dir at a time, before anything is written
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Every stage of `cfg` (checked and resolved first), then the evaluation table."""
     cfg = resolve(cfg, jax.device_count())
+    preflight.check(cfg)  # the earlier stages and pretrained folders it reads, before any work
     task = make_task(cfg)
+    preflight.check_vocabularies(cfg, task)
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")

@@ -25,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from p3o_jax import storage
 from p3o_jax.algos import sft
 from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
 from p3o_jax.config import from_args
@@ -178,6 +179,7 @@ def test_kill9_then_rerun_matches_uninterrupted(reference, env, tmp_path):
     print(f"killed at {target} (seed {seed}); checkpoints: {sorted(checkpoints(out))}")
     log = run_to_end(out, env)
     assert "resuming at step" in log or "finished in an earlier run" in log, log[-3000:]
+    assert "taking over the lock of" in log and "gone" in log, log[-3000:]  # the killed run's
     assert_same_run(reference, out)
 
 
@@ -357,3 +359,79 @@ def test_kill9_in_partial_rl_resumes_exactly(reference, env, tmp_path, part):
     log = run_to_end(runs[1], env, part)
     assert "rl: resuming at step" in log or "finished in an earlier run" in log, log[-3000:]
     assert_same_run(*runs)
+
+
+def test_a_second_run_in_the_same_out_dir_is_refused(reference, env, tmp_path):
+    """The same command started twice: the second stops at once with one line naming the
+    first (exit 2) and writes nothing; the first ends as a lone run does."""
+    out = tmp_path / "run"
+    with Training(out, env) as first:
+        first.wait_until(("sft", 1))
+        second = subprocess.run([sys.executable, "-m", "p3o_jax.cli.train", *cli_args(out)],
+                                cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=RUN_TIMEOUT)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-3000:]
+        assert f"{out} is in use by another run" in errors[0], errors
+        assert f"pid {first.proc.pid} " in errors[0], errors
+        assert first.proc.wait(timeout=RUN_TIMEOUT) == 0, first.output()[-3000:]
+    assert_same_run(reference, out)
+
+
+@pytest.fixture
+def small_disk(reference, tmp_path):
+    """A tmpfs (root only) of 2.5 times a checkpoint of the run (as `reference` wrote it): the
+    first checkpoint fits, a later one does not (none is deleted before the fourth; a save
+    takes more than its final size while it is written)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    size = int(2.5 * storage.disk_usage(reference / "ckpt" / "sft" / str(STEPS["sft"]))) // 1024
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}k", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}); "
+                    f"test_failed_write_is_one_line injects the failure instead")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_stops_with_one_line_and_resumes_from_the_last_checkpoint(
+        reference, env, small_disk, tmp_path):
+    out = small_disk           # its log, <out_dir>.log, beside the small disk, not on it
+    with Training(out, env) as t:
+        assert t.proc.wait(timeout=RUN_TIMEOUT) == 74, t.output()[-3000:]
+        log = t.output()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], log[-3000:]
+    assert f"writing {out}/" in errors[0] and "free there" in errors[0], errors
+    last = errors[0].partition("the last complete checkpoint is ")[2].partition(":")[0]
+    assert last.startswith(f"{out}/ckpt/") and os.path.isdir(last), errors
+    assert "will likely fail" in log          # warned at the stage's first save
+    partial = [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files
+               if ".orbax-checkpoint-tmp" in n or n.endswith(".partial")]
+    assert not partial, partial
+    moved = tmp_path / "moved"           # the same run on a disk with room: loses nothing
+    shutil.copytree(out, moved)
+    log = run_to_end(moved, env)
+    assert "resuming at step" in log, log[-3000:]
+    assert_same_run(reference, moved)
+
+
+def test_failed_write_is_one_line(tmp_path, monkeypatch, capsys, quick_compiles):
+    """Without a small disk: tensorstore's error text for a full disk, injected at the second
+    checkpoint, stops the run with the one line (exit 74), the first checkpoint kept."""
+    save = ocp.CheckpointManager.save
+
+    def failing(self, step, *args, **kwargs):
+        if step == 4:
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "{self.directory}/4": Failed '
+                             f"to write 44393 bytes to file 18: No space left on device "
+                             f"[os_error_code='28']")
+        return save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", failing)
+    with pytest.warns(RuntimeWarning, match="the final table needs the rm stage"):
+        assert main(cli_args(tmp_path, "stages=sft", "checkpoint.async_save=false")) == 74
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert (f"writing {tmp_path}/ckpt/sft failed: No space left on device" in errors[0]
+            and f"last complete checkpoint is {tmp_path}/ckpt/sft/2:" in errors[0]), errors

@@ -403,3 +403,45 @@ def test_memory_plan_stops_a_run_that_cannot_fit(tmp_path, capsys):
     assert err.startswith("error: sft_step, rm_step, rl_generate, rl_score, rl_update does not "
                           "fit 0.0001 GiB per device") and "temp_gib" in err, err
     assert not (tmp_path / "config.json").exists()  # stopped before anything was written
+
+
+def test_run_lock_is_taken_once_for_all_processes(env, tmp_path):
+    """Process 0 alone takes the out_dir's lock, the others wait for the outcome: inside it
+    names process 0; when another run holds it, every process stops with RunLocked."""
+    from p3o_jax import run_lock
+    script = tmp_path / "lock.py"
+    script.write_text(
+        "import os, sys\n"
+        "import jax\n"
+        "from jax.experimental import multihost_utils\n"
+        "from p3o_jax import run_lock\n"
+        "from p3o_jax.config import DistConfig\n"
+        "from p3o_jax.distributed import initialize\n"
+        "initialize(DistConfig())\n"
+        "try:\n"
+        "    with run_lock.hold(sys.argv[1]):\n"
+        "        with open(os.path.join(sys.argv[1], run_lock.LOCK_FILE)) as f:\n"
+        "            print('held', jax.process_index(), f.read(), flush=True)\n"
+        "        multihost_utils.sync_global_devices('read the lock')\n"
+        "except run_lock.RunLocked as e:\n"
+        "    print('refused', jax.process_index(), e, flush=True)\n")
+    out = tmp_path / "run"
+
+    def launch(name):
+        logs = tmp_path / name
+        run([sys.executable, LAUNCH, "-n", "2", "--devices-per-process", "1", "--timeout", "120",
+             "--log-dir", str(logs), "--", sys.executable, str(script), str(out)],
+            dict(env, PYTHONPATH=ROOT), f"{logs}.log")   # this checkout's p3o_jax
+        return [(logs / f"process_{i}.log").read_text() for i in range(2)]
+
+    held = launch("free")
+    pid = json.loads(held[0].split("held 0 ", 1)[1].splitlines()[0])["pid"]
+    assert f"held 1 {{" in held[1] and f'"pid": {pid}' in held[1], held   # process 0's lock
+    lock = run_lock.acquire(str(out))                                   # another run's
+    try:
+        refused = launch("held")
+    finally:
+        run_lock.release(lock)
+    assert f"refused 0 {out} is in use by another run: " in refused[0], refused
+    assert f"pid {os.getpid()} " in refused[0], refused
+    assert "refused 1 " in refused[1] and "process 0 could not take" in refused[1], refused

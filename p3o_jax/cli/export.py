@@ -23,7 +23,7 @@ from typing import Annotated
 import orbax.checkpoint as ocp
 import transformers
 
-from p3o_jax import hf
+from p3o_jax import hf, storage
 from p3o_jax.checks import ConfigError, ExistingDir, ModelSource, Pattern, Range, WritableDir
 from p3o_jax.checkpoint import load_params
 from p3o_jax.config import ExperimentConfig, RLConfig, tool_args
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteFailed as e:  # a full disk: nothing half-written in `to`
+        print(f"error: {e}", file=sys.stderr)
+        return storage.EXIT_IO_ERROR
     print(f"wrote {to}")
     return 0
 

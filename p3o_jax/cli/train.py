@@ -8,12 +8,17 @@ loaded); 3 a reward function failed on a batch (raised, wrong length, NaN or inf
 naming it and the prompt's row; fix it and run the same command again); 75 stopped by SIGTERM/SIGINT with a
 checkpoint saved (run the same command again to continue); 143/130 a second SIGTERM/SIGINT
 (immediate exit).
+
+Also exit 2: another run holds the out_dir (p3o_jax/run_lock.py), an earlier stage the run
+loads is missing or a pretrained folder cannot serve its role (p3o_jax/preflight.py); exit 74
+(`storage.EXIT_IO_ERROR`): a write failed, e.g. a full disk, in one line naming the path, the
+free space and the last complete checkpoint.
 """
 from __future__ import annotations
 
 import sys
 
-from p3o_jax import checkpoint, distributed
+from p3o_jax import checkpoint, distributed, storage
 from p3o_jax.config import ConfigError, from_args
 from p3o_jax.pipeline import run_experiment
 from p3o_jax.reward_fns import RewardError
@@ -28,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # also: a checkpoint written with an incompatible config
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.WriteFailed as e:  # a full disk, a quota, a read-only filesystem
+        # one write on a line of its own: orbax's threads may still be printing their errors
+        sys.stderr.write(f"\nerror: {e}\n")
+        return storage.EXIT_IO_ERROR
     except checkpoint.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,145 @@
+"""Failed writes (a full disk, a quota, a read-only or vanished filesystem) stop the run with one
+line that says what happened, where, and what is kept (orbax's and tensorstore's background
+threads still print their own tracebacks before it; the line comes last, on its own).
+
+`writing(path, out_dir)` wraps a save: an error caused by one of those (`io_cause`: an
+`OSError` anywhere in the exception's chain, or tensorstore's text of one) becomes
+`WriteFailed`, whose message names the path, the free space on its filesystem and the run's
+last complete checkpoint (the one the same command resumes from), after removing what the
+failed save left half-written. The CLI prints it and exits with `EXIT_IO_ERROR` (74). Saves
+wrapped: checkpoints and final params (p3o_jax/checkpoint.py), the HF export (hf.py),
+metrics.jsonl and TensorBoard (logger.py), and, for any other write, the whole run
+(`run_lock.one_writer`, naming the out_dir).
+
+What a resume reads is never half-written: orbax saves a step into
+`<step>.orbax-checkpoint-tmp-*` and renames it when complete (a step folder is always whole),
+the final params likewise; the HF export goes to a temporary folder whose files are renamed
+into place at the end; metrics.jsonl loses at most a torn last line, which
+`MetricsLogger.rewind` drops.
+
+`warn_if_short(directory, nbytes, count)` is the early warning: a checkpoint's size is known
+before it is written, so a save that will not fit is announced while the state is still in
+memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import shutil
+import warnings
+
+EXIT_IO_ERROR = 74   # sysexits EX_IOERR
+
+# errno values that mean "the filesystem refuses the write", not "this path is wrong"
+_IO_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ESTALE)
+_IO_TEXTS = tuple(os.strerror(n) for n in _IO_ERRNOS)
+
+
+class WriteFailed(RuntimeError):
+    """A save failed on the filesystem; the message says where, why, the free space there and,
+    once `out_dir` is known, the run's last complete checkpoint."""
+
+    def __init__(self, path: str, cause: str, free: int | None, out_dir: str | None = None):
+        super().__init__(path, cause, free, out_dir)
+        self.path, self.cause, self.free, self.out_dir = path, cause, free, out_dir
+
+    def __str__(self):
+        free = "unknown" if self.free is None else _size(self.free)
+        text = f"writing {self.path} failed: {self.cause} ({free} free there)"
+        if self.out_dir is None:
+            return text
+        last = last_checkpoint(self.out_dir)
+        if last is None:
+            return text + "; no checkpoint is complete yet: free space and run the same command"
+        return (text + f"; the last complete checkpoint is {last}: free space and run the same "
+                       f"command again to continue from it")
+
+
+def io_cause(error: BaseException) -> str | None:
+    """The filesystem's reason (its strerror) if `error` or one it came from is such a
+    failure, else None. tensorstore (orbax's array writer) reports one in its message only."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _IO_ERRNOS:
+            return os.strerror(error.errno)
+        text = str(error)
+        if found := next((t for t in _IO_TEXTS if t in text), None):
+            return found
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_space(path: str) -> int | None:
+    """Bytes free on the filesystem of `path` (its nearest existing folder); None if unknown."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def disk_usage(path: str) -> int:
+    """Bytes the files under `path` take on disk (allocated blocks)."""
+    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512
+               for d, _, files in os.walk(path) for f in files)
+
+
+def last_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint of the run (`<out_dir>/ckpt/<stage>/<step>`), if any."""
+    steps = [p for p in glob.glob(os.path.join(os.path.abspath(out_dir), "ckpt", "*", "*"))
+             if os.path.basename(p).isdigit() and os.path.isdir(p)]
+    return max(steps, key=os.path.getmtime) if steps else None
+
+
+def remove_partial(path: str) -> None:
+    """Delete the temporary folders an interrupted orbax save left: of `path` itself, or of a
+    step in the stage folder `path`."""
+    for pattern in (glob.escape(path) + ".orbax-checkpoint-tmp*",
+                    os.path.join(glob.escape(path), "*.orbax-checkpoint-tmp*")):
+        for leftover in glob.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: str, out_dir: str | None = None):
+    """Inside: a failed write becomes `WriteFailed` naming `path` and, given the run's
+    `out_dir`, its last complete checkpoint (see the module docstring)."""
+    try:
+        yield
+    except WriteFailed as e:
+        if e.out_dir is None:   # a save that does not know the run it belongs to
+            e.out_dir = out_dir
+        raise
+    except Exception as e:
+        cause = io_cause(e)
+        if cause is None:
+            raise
+        free = free_space(path)
+        remove_partial(path)
+        raise WriteFailed(path, cause, free, out_dir) from e
+
+
+_warned: set[str] = set()
+
+
+def warn_if_short(directory: str, nbytes: int, count: int = 1) -> None:
+    """Warn (once per folder) when `directory`'s filesystem has less than `count` checkpoints
+    of `nbytes` free."""
+    free = free_space(directory)
+    if free is not None and free < count * nbytes and directory not in _warned:
+        _warned.add(directory)
+        warnings.warn(f"{directory}: {_size(free)} free, but {count} more checkpoint(s) of about "
+                      f"{_size(nbytes)} are due before old ones are deleted: a save will likely "
+                      f"fail", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,80 @@
+"""Failed writes (p3o_jax/storage.py) outside the checkpoints (whose disk-full runs are in
+tests/test_checkpoint.py): the HF export and metrics.jsonl stop with one line naming the file
+and leave nothing half-written."""
+import errno
+import os
+import threading
+
+import jax
+import pytest
+
+from p3o_jax import hf, storage
+from p3o_jax import model as M
+from p3o_jax.logger import MetricsLogger
+from p3o_jax.storage import WriteFailed
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_hf_export_on_a_full_disk_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    cfg = M.ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=16)
+    params = M.init_params(cfg, jax.random.key(0))
+    out = tmp_path / "hf" / "sft"
+    hf.save_pretrained(params, cfg, str(out))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    monkeypatch.setattr(hf, "save_file", full_disk)
+    with pytest.raises(WriteFailed, match=rf"writing {out} failed: No space left on device \("):
+        hf.save_pretrained(params, cfg, str(out))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert os.listdir(tmp_path / "hf") == ["sft"]    # no .partial folder left
+
+
+def test_metrics_on_a_full_disk_name_the_file_and_the_last_checkpoint(tmp_path, monkeypatch):
+    (tmp_path / "ckpt" / "sft" / "6").mkdir(parents=True)
+    logger = MetricsLogger(str(tmp_path))
+    monkeypatch.setattr(logger._file, "flush", full_disk)
+    with pytest.raises(WriteFailed) as e, storage.writing(str(tmp_path), str(tmp_path)):
+        logger.log("sft", 7, {"loss": 1.0})
+    assert str(e.value).startswith(f"writing {tmp_path}/metrics.jsonl failed: No space left")
+    assert f"last complete checkpoint is {tmp_path}/ckpt/sft/6:" in str(e.value)
+
+
+def test_io_cause_reads_chains_and_tensorstore_text():
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "quota")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as e:
+        assert storage.io_cause(e) == os.strerror(errno.EDQUOT)
+    assert storage.io_cause(ValueError("Failed to write: No space left on device [28]")) \
+        == os.strerror(errno.ENOSPC)
+    assert storage.io_cause(FileNotFoundError(errno.ENOENT, "gone")) is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_tensorboard_on_a_full_disk_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """tensorboardX's writer thread dies on a failed write; logging on would block forever
+    (so the logging runs in a thread here, and a hang fails the test after 30 s)."""
+    logger = MetricsLogger(str(tmp_path))
+    logger.log("sft", 0, {"loss": 1.0})
+    writer = logger._writer.file_writer.event_writer
+    monkeypatch.setattr(writer._ev_writer, "write_event", full_disk)
+    logger.log("sft", 1, {"loss": 1.0})
+    writer._worker.join(timeout=30)
+    raised = []
+
+    def log_on():
+        try:
+            for step in range(2, 40):   # more than its queue holds
+                logger.log("sft", step, {"loss": 1.0})
+        except WriteFailed as e:
+            raised.append(str(e))
+    t = threading.Thread(target=log_on, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "logging blocked on the dead TensorBoard writer"
+    assert raised and raised[0].startswith(f"writing {tmp_path}/tb failed: its writer thread")
+    logger.close()                  # returns (tensorboardX's own close would block)
