@@ -93,14 +93,16 @@ def check(out_dir: str, new_tokens: int = 24) -> dict:
                                      do_sample=False)[0, ids.shape[1]:].tolist()
     cfg, params = hf.load_pretrained(out_dir)
     logits = jax.jit(lambda p, t: M.logits(p, cfg, t, jnp.ones_like(t)))
-    ours = np.asarray(logits(params, jnp.asarray(ids)))
-    tokens = list(ids[0])
-    for _ in range(new_tokens):     # greedy, the whole sequence each step (plain, not fast)
-        nxt = int(np.argmax(np.asarray(logits(params, jnp.asarray([tokens])))[0, -1]))
-        tokens.append(nxt)
-        if nxt == tokenizer.eos_token_id:
+    ours = np.asarray(jax.jit(lambda p, t: M.logits(p, cfg, t, jnp.ones_like(t)))(
+        params, jnp.asarray(ids)))
+    P = ids.shape[1]
+    tokens = np.zeros((1, P + new_tokens), np.int32)   # right-padded: one compiled shape
+    tokens[0, :P] = ids[0]
+    for t in range(P, P + new_tokens):  # greedy, the whole sequence each step (plain, not fast)
+        tokens[0, t] = int(np.argmax(np.asarray(logits(params, jnp.asarray(tokens)))[0, t - 1]))
+        if tokens[0, t] == tokenizer.eos_token_id:
             break
-    ours_tokens = tokens[ids.shape[1]:]
+    ours_tokens = tokens[0, P:t + 1].tolist()
     return {"max_abs_logit_diff": float(np.max(np.abs(ours - ref))),
             "logit_scale": float(np.max(np.abs(ref))),
             "greedy_equal": ours_tokens == ref_tokens[:len(ours_tokens)],
