@@ -28,12 +28,6 @@ from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import ConfigError
 from p3o_jax.retokenize import same_vocabulary
 
-def needs_rm(cfg) -> bool:
-    """Whether the run scores with a reward model (the rm stage's or `pretrained_rm`'s); when
-    not (reward functions alone), no rm stage is looked for and no RM checked. The config's
-    `uses_reward_model` says so where it has one; every run without it uses a reward model."""
-    return getattr(cfg, "uses_reward_model", True)
-
 
 def _error(key: str, msg: str) -> ConfigError:
     return ConfigError(f"config key {key!r}: {msg}")
@@ -57,7 +51,7 @@ def check_lengths(cfg) -> None:
     P, N = cfg.prompt_len, cfg.response_len
     key = f"{'toy' if cfg.task == 'toy' else 'data'}.response_len"
     _positions(key, "policy", cfg.policy, f"prompt_len + response_len = {P} + {N}", P + N)
-    if needs_rm(cfg) and cfg.rm_model != cfg.policy:
+    if cfg.uses_reward_model and cfg.rm_model != cfg.policy:
         _positions(key, "reward_model", cfg.rm_model,
                    f"prompt_len + response_len = {P} + {N}", P + N)
 
@@ -70,7 +64,7 @@ def _missing_stages(cfg) -> None:
     from p3o_jax.config import STAGES  # config imports this module
     stages = cfg.stage_list
     wanted = [("sft", "sft", "pretrained_sft=<an HF causal LM folder>", cfg.pretrained_sft)]
-    if needs_rm(cfg):
+    if cfg.uses_reward_model:
         wanted.append(("rm", "rm", "pretrained_rm=<an HF *ForSequenceClassification folder>",
                        cfg.pretrained_rm))
     if "rl" in stages and ALGORITHMS[cfg.algo].offline:
@@ -99,7 +93,7 @@ def _missing_stages(cfg) -> None:
 
 def _roles(cfg) -> None:
     folders = [("base_model", "policy"), ("pretrained_sft", "policy")]
-    if needs_rm(cfg):
+    if cfg.uses_reward_model:
         folders.append(("pretrained_rm", "reward"))
     for key, role in folders:
         if getattr(cfg, key):
@@ -114,7 +108,7 @@ def check_vocabularies(cfg, task) -> None:
     are checked beside this call in `run_experiment`) or, with a tokenizer of its own, that
     tokenizer's; then it reads re-tokenised responses of up to twice `response_len` tokens
     (p3o_jax/retokenize.py), checked against its positions."""
-    if not needs_rm(cfg):
+    if not cfg.uses_reward_model:
         return
     key, n = "reward_model.vocab_size", task.vocab_size
     if cfg.pretrained_rm:
