@@ -19,6 +19,9 @@ import re
 import typing
 
 
+STAGES = ("sft", "rm", "rl")   # a run's stages, in the order they run
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key (the commands exit 2)."""
 

@@ -39,8 +39,8 @@ from p3o_jax.algos.reward_model import RMConfig
 from p3o_jax.algos.rloo import RLOOConfig
 from p3o_jax.algos.sft import SFTConfig
 from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelSource, NonNegative, OneOf, Pattern,
-                            Positive, Range, RewardSpecs, Sources, SubsetOf, WritableDir,
-                            field_checks)
+                            Positive, Range, RewardSpecs, Sources, STAGES, SubsetOf,
+                            WritableDir, field_checks)
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
@@ -50,7 +50,6 @@ from p3o_jax.preflight import check_lengths
 from p3o_jax.toy_task import ToyTaskConfig
 from p3o_jax.train_state import OptimConfig
 
-STAGES = ("sft", "rm", "rl")
 COLUMN = Pattern(r"[\w.-]+", "a column name (letters, digits, '_', '.', '-')")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ import warnings
 
 from p3o_jax import hf
 from p3o_jax.algos import ALGORITHMS
-from p3o_jax.checks import ConfigError
+from p3o_jax.checks import STAGES, ConfigError
 from p3o_jax.retokenize import same_vocabulary
 
 
@@ -61,7 +61,6 @@ def _missing_stages(cfg) -> None:
     stage's (the input of a stage that runs) missing is an error; a later one's, which only
     the final table reads (the reward model after `stages=sft`), a warning, since the stages
     that run are trained and saved before that table stops the run."""
-    from p3o_jax.config import STAGES  # config imports this module
     stages = cfg.stage_list
     wanted = [("sft", "sft", "pretrained_sft=<an HF causal LM folder>", cfg.pretrained_sft)]
     if cfg.uses_reward_model:
