@@ -18,6 +18,7 @@ other keys on the command line still apply on top of it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -250,7 +251,10 @@ def override(cfg, key: str, text: str, _prefix: str = ""):
     full = _prefix + head
     hints = typing.get_type_hints(type(cfg))
     if head not in hints:
-        raise ConfigError(f"unknown config key {full!r}")
+        near = difflib.get_close_matches(head, hints, n=1)
+        raise ConfigError(f"unknown config key {full!r}"
+                          + (f"; did you mean {_prefix + near[0]!r}?" if near else "")
+                          + " (--help lists every key)")
     current = getattr(cfg, head)
     if rest:
         if current is None and head == "reward_model":
