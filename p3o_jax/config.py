@@ -43,6 +43,7 @@ from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelS
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
+from p3o_jax.logger import LogConfig
 from p3o_jax.lora import LoraConfig, adapted_weights
 from p3o_jax.model import ModelConfig, init_params
 from p3o_jax.toy_task import ToyTaskConfig
@@ -167,6 +168,7 @@ class ExperimentConfig:
     out_dir: Annotated[str, WritableDir()] = "runs/toy"
     eval_prompts: Annotated[int, Positive] = 512
     log_every: Annotated[int, Positive] = 10
+    log: LogConfig = LogConfig()    # log.backends=jsonl,tensorboard,wandb (p3o_jax/logger.py)
     policy: ModelConfig = ModelConfig()       # with base_model: only dtype, param_dtype used
     reward_model: ModelConfig | None = None   # None: same architecture as the policy
     base_model: Annotated[str, ModelSource()] = ""  # HF name or local folder SFT starts from
