@@ -13,10 +13,11 @@ JAX_EXTRA_cpu := jax[cpu]==0.10.2
 JAX_EXTRA_cuda := jax[cuda12]==0.10.2
 JAX_EXTRA_tpu := jax[tpu]==0.10.2
 JAX_EXTRA := $(JAX_EXTRA_$(ACCEL))
-# ACCEL=cpu runs on the CPU even where the test requirements put libtpu and the CUDA plugin
-# into .venv (for compile_check's AOT compiles), so jax does not probe for a TPU or GPU
-RUN_ENV_cpu := JAX_PLATFORMS=cpu
-RUN_ENV := $(RUN_ENV_$(ACCEL))
+# compile_check's compile-only compilers (requirements-compile.txt) go to their own folder, not
+# into site-packages, so that no command imports them but compile_check. On ACCEL=cpu a venv
+# made before that held them in site-packages: they leave it.
+COMPILERS := $(VENV)/compile-targets
+COMPILERS_OUT_cpu := $(PY) -m pip uninstall -q -y libtpu jax-cuda12-plugin jax-cuda12-pjrt
 ifeq ($(JAX_EXTRA),)
 $(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
 endif
@@ -29,21 +30,23 @@ $(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-$(ACCEL): requirements-test.txt $(VENV)/.runtime-$(ACCEL)
+$(VENV)/.test-$(ACCEL): requirements-test.txt requirements-compile.txt $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m pip install -q -r requirements-test.txt "$(JAX_EXTRA)"
+	$(PY) -m pip install -q --no-deps --upgrade --target $(COMPILERS) -r requirements-compile.txt
+	$(COMPILERS_OUT_$(ACCEL))
 	touch $@
 
 train: $(VENV)/.runtime-$(ACCEL)
-	$(RUN_ENV) $(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
+	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
 test: $(VENV)/.test-$(ACCEL)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 frontier: $(VENV)/.runtime-$(ACCEL)
-	$(RUN_ENV) $(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
+	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
 
 bench: $(VENV)/.test-$(ACCEL)
-	$(RUN_ENV) $(PY) -m p3o_jax.cli.bench $(ARGS)
+	$(PY) -m p3o_jax.cli.bench $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,14 +1,15 @@
 """The README's table of real compiles from compile_check's JSON lines (bench/compile_grid.sh):
 
     python bench/compile_table.py [bench/compile_check.jsonl]
-    python bench/compile_table.py compare bench/compile_check_before_fix.jsonl bench/compile_check.jsonl
+    python bench/compile_table.py compare BEFORE.jsonl bench/compile_check.jsonl
 
-One markdown row per compiled program, by model, target and program (a row kept from an earlier commit's compile, marked
-`compiled_before`, shows † after its mode), GiB per device: XLA's arguments / outputs - aliased /
+One markdown row per compiled program, by model, target and program (a row kept from an
+earlier commit's compile, marked `compiled_before`, shows † after its mode), GiB per device: XLA's arguments / outputs - aliased /
 temporaries, `resident` (XLA's total plus the stage's other live arrays), the analytic plan's
 estimate of the same program as p3o_jax/memory_plan.py computes it today (not the `plan_gib`
 recorded at compile time) and their ratio, the compile time. `compare`: the rows of a later
-file beside the same command's row in an earlier one.
+file beside the same command's row in an earlier one (e.g. the grid rerun into another file
+after a change, or with `LIBTPU_INIT_ARGS` set).
 """
 import functools
 import json

@@ -1,9 +1,8 @@
 """XLA's memory analysis of the SFT gradient program, compiled for a TPU v5e-8 slice from a CPU
 host, with and without per-block rematerialisation (`policy.remat`). Prints one JSON line per
-policy. Needs libtpu (the `jax[tpu]` extra) in the environment, no TPU:
+policy. Needs libtpu (`make test` installs it for p3o_jax/compile_check.py), no TPU:
 
-    python3 -m venv /tmp/tpuv && /tmp/tpuv/bin/pip install "jax[tpu]==0.10.2" flax==0.12.8 optax==0.2.8
-    PYTHONPATH=. /tmp/tpuv/bin/python bench/remat_tpu_compile.py [layers=12 d_model=768 heads=12]
+    PYTHONPATH=. .venv/bin/python bench/remat_tpu_compile.py [layers=12 d_model=768 heads=12]
 
 XLA:CPU drops rematerialisation barriers when it fuses, so this host's own compiles show no
 saving (tests/test_remat.py checks the recomputation in the lowered program instead).
@@ -16,21 +15,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import topologies
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from p3o_jax import model as M
 from p3o_jax.algos import sft
+from p3o_jax.compile_check import target_devices
 from p3o_jax.sharding import logical_shardings
 
 
 def main(argv):
     sizes = dict(layers=12, d_model=768, heads=12, batch=32, length=565)   # Pythia-160M, TL;DR
     sizes.update({k: int(v) for k, v in (a.split("=") for a in argv)})
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4",
-                                        chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
-                                        num_slices=1, wrap=(False, False, False))
-    mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(1, 8, 1), ("data", "fsdp", "tensor"),
+    mesh = jax.sharding.Mesh(np.array(target_devices("v5e-8")).reshape(1, 8, 1),
+                             ("data", "fsdp", "tensor"),
                              axis_types=(AxisType.Auto,) * 3)
     base = M.ModelConfig(family="gpt_neox", vocab_size=50304, d_model=sizes["d_model"],
                          n_layers=sizes["layers"], n_heads=sizes["heads"],

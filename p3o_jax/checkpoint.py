@@ -169,12 +169,12 @@ def skip_nonfinite(step_fn):
 # ---------------------------------------------------------------------------------------------
 # config compatibility
 
-# Fields that do not change what a stage computes: where and how often it writes, the final
-# evaluation, how the work is split over devices and processes (a checkpoint restores onto any
-# mesh), and what a bad data record does (with "raise" the run stopped before its first
-# checkpoint).
+# Fields that do not change what a stage computes: where, how often and to what it writes, the
+# final evaluation, how the work is split over devices and processes (a checkpoint restores
+# onto any mesh), and what a bad data record does (with "raise" the run stopped before its
+# first checkpoint).
 _NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "dist", "log_every",
-            "eval_prompts", "data.on_bad_record", "export_hf", "reward_workers")
+            "log", "eval_prompts", "data.on_bad_record", "export_hf", "reward_workers")
 # Fields a stage does not read (those of later stages, and the other algorithms' settings)...
 _ALGO_SETTINGS = tuple({a.settings for a in ALGORITHMS.values() if a.settings})
 _REWARDS = ("reward_fns", "reward_weights")

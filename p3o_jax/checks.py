@@ -31,6 +31,10 @@ class Check:
         """Why `value` is invalid, or None if it is fine."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """The valid values, in words (`--help`); by default the first line of the docstring."""
+        return (type(self).__doc__ or type(self).__name__).strip().splitlines()[0].rstrip(".")
+
 
 @dataclasses.dataclass(frozen=True)
 class Range(Check):
@@ -52,6 +56,14 @@ class Range(Check):
             return f"must be {'<' if self.hi_open else '<='} {self.hi:g}, got {value}"
         return f"must be in {low}, {high}, got {value}"
 
+    def describe(self):
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return (("(" if self.lo_open else "[") + f"{self.lo:g}, {self.hi:g}"
+                + (")" if self.hi_open else "]"))
+
 
 Positive = Range(0, lo_open=True)
 NonNegative = Range(0)
@@ -68,6 +80,9 @@ class OneOf(Check):
     def problem(self, value):
         return None if value in self.choices else f"{value!r} is not one of {self.choices}"
 
+    def describe(self):
+        return "one of " + " | ".join(repr(c) if c == "" else str(c) for c in self.choices)
+
 
 class SubsetOf(OneOf):
     """A comma-separated, non-empty list of `choices`."""
@@ -79,6 +94,9 @@ class SubsetOf(OneOf):
             return f"{value!r}: expected comma-separated values of {self.choices}"
         return None
 
+    def describe(self):
+        return "comma-separated, of " + " ".join(map(str, self.choices))
+
 
 @dataclasses.dataclass(frozen=True)
 class Pattern(Check):
@@ -87,6 +105,9 @@ class Pattern(Check):
 
     def problem(self, value):
         return None if re.fullmatch(self.regex, value) else f"{value!r} is not {self.what}"
+
+    def describe(self):
+        return self.what
 
 
 @dataclasses.dataclass(frozen=True)

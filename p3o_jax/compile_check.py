@@ -1,9 +1,12 @@
 """Real compiles of a run's programs for a named TPU slice or GPU box, on a host without one
 (the command: p3o_jax/cli/compile_check.py).
 
-`jax.experimental.topologies` describes the target's devices (TPU: libtpu, the `jax[tpu]`
-extra; NVIDIA: jax-cuda12-plugin and jax-cuda12-pjrt with a `GpuTargetConfig` from
-p3o_jax/gpu_specs/, and `JAX_PLATFORMS=cpu`); the run's mesh (`cfg.mesh`) is laid over them
+`jax.experimental.topologies` describes the target's devices (TPU: libtpu; NVIDIA:
+jax-cuda12-plugin and jax-cuda12-pjrt with a `GpuTargetConfig` from p3o_jax/gpu_specs/, and
+`JAX_PLATFORMS=cpu`). On a host without the accelerator these compilers are compile-only: `make
+test` installs them (requirements-compile.txt) into `COMPILERS`, a folder outside the venv's
+site-packages that only `target_devices` puts on the path, so that no other command imports
+them (they print at import and change how jax starts). The run's mesh (`cfg.mesh`) is laid over them
 and each program the training loop jits is lowered on `jax.ShapeDtypeStruct`s carrying the
 loop's `NamedSharding`s, then compiled by XLA for that target. Nothing is allocated. The
 programs are the loop's own:
@@ -34,7 +37,9 @@ line of why.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import sys
 import time
 
 import jax
@@ -92,10 +97,37 @@ TARGETS = {
 }
 
 
+# Where `make test` installs the compile-only compilers (requirements-compile.txt).
+COMPILERS = os.path.join(sys.prefix, "compile-targets")
+
+
+def add_compilers() -> None:
+    """Put `COMPILERS` on the import path, after site-packages (a venv that has the plugins as
+    its own runtime, `jax[tpu]` or `jax[cuda12]`, keeps them)."""
+    if os.path.isdir(COMPILERS) and COMPILERS not in sys.path:
+        sys.path.append(COMPILERS)
+        importlib.invalidate_caches()
+
+
+def cuda_topology(t: Target):
+    """The CUDA plugin's compile-only topology of `t`. jax registers its plugins when it first
+    starts a backend; a plugin put on the path after that (`add_compilers`) is registered
+    here, by its own `initialize`."""
+    from jax.experimental import topologies
+    describe = lambda: topologies.get_topology_desc(platform="cuda", target_config=t.spec(),
+                                                    topology=t.topology)
+    try:
+        return describe()
+    except NotImplementedError:     # "topology not implemented for cuda": not registered
+        importlib.import_module("jax_plugins.xla_cuda12").initialize()
+        return describe()
+
+
 def target_devices(name: str) -> list:
     """The devices of target `name` (TARGETS), described, not attached. ConfigError naming
     what to install when the compiler plugin is missing."""
     from jax.experimental import topologies
+    add_compilers()
     t = TARGETS[name]
     # libtpu takes a machine-wide lock meant for attached chips; nothing is attached here, so
     # concurrent compiles (two test workers, a compile beside a test run) may share the host.
@@ -106,12 +138,12 @@ def target_devices(name: str) -> list:
                 platform="tpu", topology_name=t.topology, chip_config_name=t.chip,
                 chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False, False, False))
         else:
-            topo = topologies.get_topology_desc(platform="cuda", target_config=t.spec(),
-                                                topology=t.topology)
+            topo = cuda_topology(t)
     except Exception as e:   # the plugins raise RuntimeError / ValueError / XlaRuntimeError
-        extra = ("jax[tpu]==0.10.2" if t.platform == "tpu" else
-                 "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 (and JAX_PLATFORMS=cpu)")
-        raise ConfigError(f"config key 'target': {name} needs {extra}: "
+        extra = ("libtpu" if t.platform == "tpu" else
+                 "jax-cuda12-plugin and jax-cuda12-pjrt (and JAX_PLATFORMS=cpu)")
+        raise ConfigError(f"config key 'target': {name} needs {extra} (`make test` installs "
+                          f"them into {COMPILERS}): "
                           f"{str(e).strip().splitlines()[0]}") from e
     return list(topo.devices)
 

@@ -18,6 +18,7 @@ other keys on the command line still apply on top of it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -44,6 +45,7 @@ from p3o_jax.checks import (Check, ConfigError, ExistingDir, JsonStrings, ModelS
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.data.validate import ON_BAD_RECORD
+from p3o_jax.logger import LogConfig
 from p3o_jax.lora import LoraConfig, adapted_weights
 from p3o_jax.model import ModelConfig, init_params
 from p3o_jax.preflight import check_lengths
@@ -191,6 +193,7 @@ class ExperimentConfig:
     out_dir: Annotated[str, WritableDir()] = "runs/toy"
     eval_prompts: Annotated[int, Positive] = 512
     log_every: Annotated[int, Positive] = 10
+    log: LogConfig = LogConfig()    # log.backends=jsonl,tensorboard,wandb (p3o_jax/logger.py)
     policy: ModelConfig = ModelConfig()       # with base_model: only dtype, param_dtype used
     reward_model: ModelConfig | None = None   # None: same architecture as the policy
     base_model: Annotated[str, ModelSource()] = ""  # HF name or local folder SFT starts from
@@ -290,7 +293,10 @@ def override(cfg, key: str, text: str, _prefix: str = ""):
     full = _prefix + head
     hints = typing.get_type_hints(type(cfg))
     if head not in hints:
-        raise ConfigError(f"unknown config key {full!r}")
+        near = difflib.get_close_matches(head, hints, n=1)
+        raise ConfigError(f"unknown config key {full!r}"
+                          + (f"; did you mean {_prefix + near[0]!r}?" if near else "")
+                          + " (--help lists every key)")
     current = getattr(cfg, head)
     if rest:
         if current is None and head == "reward_model":

@@ -22,6 +22,7 @@ single process:
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 
@@ -37,14 +38,21 @@ ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCE
        "process_id": "JAX_PROCESS_ID"}
 
 
+def tpu_chips_attached() -> bool:
+    """Whether this machine has TPU chips, as a Cloud TPU VM shows them: `/dev/accel*` (v2 to
+    v5e) or numbered `/dev/vfio/*` groups (v5p, v6e and later)."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def managed_cluster() -> str | None:
     """The cluster this process runs in, when `jax.distributed.initialize()` can find the
     coordinator and the process ids there by itself; None otherwise.
 
     SLURM and Open MPI count only with more than one task, and only inside a job step (what
-    jax reads exists there). A Cloud TPU VM is recognised by libtpu being installed (the
-    `jax[tpu]` extra) without `JAX_PLATFORMS` ruling TPUs out; jax then asks the VM's
-    metadata server, which also answers (one process) on a single-host VM.
+    jax reads exists there). A Cloud TPU VM is recognised by its TPU chips
+    (`tpu_chips_attached`) and libtpu (the `jax[tpu]` extra), without `JAX_PLATFORMS` ruling
+    TPUs out; jax then asks the VM's metadata server, which also answers (one process) on a
+    single-host VM. libtpu alone is no TPU VM: a CPU box may hold it to compile for TPUs.
     """
     env = os.environ
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in env:
@@ -52,7 +60,8 @@ def managed_cluster() -> str | None:
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "Open MPI"
     platforms = env.get("JAX_PLATFORMS", "")
-    if importlib.util.find_spec("libtpu") is not None and (not platforms or "tpu" in platforms):
+    if (tpu_chips_attached() and importlib.util.find_spec("libtpu") is not None
+            and (not platforms or "tpu" in platforms)):
         return "Cloud TPU"
     return None
 

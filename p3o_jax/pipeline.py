@@ -379,8 +379,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if is_main_process():
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process()), fns,
-              rm_weight)
+    run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process(), log=cfg.log,
+                                             config=dataclasses.asdict(cfg), name=cfg.name),
+              fns, rm_weight)
     stages = cfg.stage_list
     if not cfg.resume:
         for name in stages:

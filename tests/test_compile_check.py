@@ -3,8 +3,9 @@
 table's shardings on the target's devices, XLA's memory analysis covers their arguments, and an
 oversized config is rejected with one clear line on both compilers.
 
-Needs libtpu (`jax[tpu]`) and jax-cuda12-plugin / jax-cuda12-pjrt, which requirements-test.txt
-installs; each half skips, saying which package is missing, only when it is not installed.
+Needs libtpu and jax-cuda12-plugin / jax-cuda12-pjrt, which `make test` installs
+(requirements-compile.txt) into compile_check's own folder; each half skips, saying which
+package is missing, only when it is not installed.
 """
 import importlib.util
 import re
@@ -15,14 +16,15 @@ import pytest
 from p3o_jax import model as M
 from p3o_jax import rollout
 from p3o_jax.cli import compile_check as cli
-from p3o_jax.compile_check import (PROGRAMS, TRITON_GEMM_OFF, check_run, compile_lowered,
-                                   hbm_bytes, nbytes, programs, target_devices)
+from p3o_jax.compile_check import (PROGRAMS, TRITON_GEMM_OFF, add_compilers, check_run,
+                                   compile_lowered, hbm_bytes, nbytes, programs, target_devices)
 from p3o_jax.config import from_args, resolve
 from p3o_jax.memory_plan import GIB, MemoryPlanError
 from p3o_jax.sharding import make_mesh
 
+add_compilers()
 HAVE = {"v5e-8": importlib.util.find_spec("libtpu") is not None,
-        "h100-x8": importlib.util.find_spec("jax_plugins.xla_cuda12") is not None}
+        "h100-x8": importlib.util.find_spec("jax_cuda12_plugin") is not None}
 MISSING = {"v5e-8": "libtpu (jax[tpu]==0.10.2) is not installed",
            "h100-x8": "jax-cuda12-plugin / jax-cuda12-pjrt 0.10.2 are not installed"}
 TARGETS = [pytest.param(t, marks=pytest.mark.skipif(not HAVE[t], reason=MISSING[t]))

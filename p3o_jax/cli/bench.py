@@ -83,6 +83,7 @@ from p3o_jax import packing as PK
 from p3o_jax import sampler as S
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import OneOf, Positive, SubsetOf
+from p3o_jax.cli.help import help_text, section_lines, wants_help
 from p3o_jax.config import ConfigError, ExperimentConfig, RLConfig, tool_args
 from p3o_jax.rl import RLIteration, initial_params
 from p3o_jax.sharding import make_mesh
@@ -620,6 +621,10 @@ def parse_args(argv: list[str]) -> tuple[BenchArgs, list[Workload]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv, own=BenchArgs(), exp=None) + "\n\n"
+              + "\n".join(section_lines(Workload(), "", "workload keys, W1's values")))
+        return 0
     try:
         args, workloads = parse_args(argv)
     except ConfigError as e:

@@ -28,6 +28,7 @@ from typing import Annotated
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile for the target, run nothing here
 
 from p3o_jax.checks import OneOf  # noqa: E402
+from p3o_jax.cli.help import help_text, wants_help  # noqa: E402
 from p3o_jax.cli.memory_plan import MODELS, with_preset  # noqa: E402
 from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check, table  # noqa: E402
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, tool_args  # noqa: E402
@@ -52,6 +53,9 @@ def parse(argv: list[str]) -> tuple[CompileArgs, ExperimentConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv, own=CompileArgs(), exp="tldr"))
+        return 0
     try:
         args, cfg = parse(argv)
         names = tuple(p for p in args.programs.split(",") if p)

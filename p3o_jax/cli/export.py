@@ -26,6 +26,7 @@ import transformers
 from p3o_jax import hf, storage
 from p3o_jax.checks import ConfigError, ExistingDir, ModelSource, Pattern, Range, WritableDir
 from p3o_jax.checkpoint import load_params
+from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.config import ExperimentConfig, RLConfig, tool_args
 from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
@@ -91,6 +92,9 @@ def stage_params(args: ExportArgs, model_cfg: ModelConfig):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv, own=ExportArgs(), exp=None))
+        return 0
     try:
         args, rest = tool_args(argv, ExportArgs())
         if rest or not args.run:

@@ -43,6 +43,7 @@ import numpy as np
 
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import NonNegative, OneOf
+from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, override, tool_args
 from p3o_jax.logger import format_table
 from p3o_jax.pipeline import make_task, offline_steps, run_experiment
@@ -379,6 +380,9 @@ def timings_report(command: str, took: str, timings: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv, own=FrontierArgs()))
+        return 0
     try:
         sweep, results, inv, cfg = parse(argv)
     except ConfigError as e:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 from p3o_jax import model as M
 from p3o_jax.checks import NonNegative, OneOf
+from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args, resolve, tool_args
 from p3o_jax.memory_plan import GIB, SLICES, MemoryPlanError, StagePlan, make_plan
 
@@ -94,6 +95,9 @@ def overview(exp: str = "tldr", models=("pythia-1b", "pythia-2.8b", "pythia-6.9b
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv, own=PlanArgs(), exp="tldr"))
+        return 0
     if not argv:
         print(overview())
         return 0

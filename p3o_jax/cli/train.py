@@ -1,6 +1,7 @@
 """Train: SFT -> reward model -> RL, then the evaluation table (p3o_jax/pipeline.py).
 
     python -m p3o_jax.cli.train exp=toy [key=value ...]       (`make train EXP=toy ARGS="..."`)
+    python -m p3o_jax.cli.train --help [exp=tldr]             (every key; also help=true)
 
 Exit codes: 0 done; 1 too many non-finite updates in a row; 2 a bad config, named in one line
 (also a checkpoint written with an incompatible one, bad data, a reward function that cannot be
@@ -19,6 +20,7 @@ from __future__ import annotations
 import sys
 
 from p3o_jax import checkpoint, distributed, storage
+from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.config import ConfigError, from_args
 from p3o_jax.pipeline import run_experiment
 from p3o_jax.reward_fns import RewardError
@@ -26,6 +28,9 @@ from p3o_jax.reward_fns import RewardError
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(help_text(__doc__, argv))
+        return 0
     try:
         cfg = from_args(argv)
         distributed.initialize(cfg.dist)  # before anything touches a device
