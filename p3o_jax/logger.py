@@ -15,7 +15,7 @@ from typing import Annotated
 import numpy as np
 
 from p3o_jax import storage
-from p3o_jax.checks import OneOf, SubsetOf
+from p3o_jax.checks import OneOf, Pattern, SubsetOf
 
 BACKENDS = ("jsonl", "tensorboard", "wandb")
 
@@ -25,8 +25,9 @@ class LogConfig:
     """Where the metrics go: `<out_dir>/metrics.jsonl` (what resume and the frontier read),
     TensorBoard events under `<out_dir>/tb`, W&B (`pip install wandb`) under `<out_dir>/wandb`."""
     backends: Annotated[str, SubsetOf(*BACKENDS)] = "jsonl,tensorboard"
-    wandb_project: str = "p3o_jax"
-    wandb_entity: str = ""          # "": the API key's default entity
+    wandb_project: Annotated[str, Pattern(r"[\w.-]+", "a W&B project name")] = "p3o_jax"
+    wandb_entity: Annotated[str, Pattern(r"|[\w.-]+", "a W&B entity")] = ""  # "": the API
+                                    # key's default entity
     wandb_mode: Annotated[str, OneOf("auto", "online", "offline")] = "auto"  # auto: online
                                     # when W&B is reachable and an API key is set, else offline
                                     # (`wandb sync <out_dir>/wandb/offline-run-*` uploads later)

@@ -1,6 +1,7 @@
 """Metrics JSONL: rows of resumed steps are not logged twice; other algorithms' rows stay. The
 backends of `log.backends`: TensorBoard, and W&B offline."""
 import json
+import time
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_backends_offline_wandb_holds_the_metrics_and_the_config(tmp_path, monke
         log = MetricsLogger(str(run), log=log_cfg, config={"rl": {"beta": 0.125}}, name="toy")
         log.log(stage, 3, metrics)
         log.close()
+        time.sleep(1.1)     # W&B names a run's offline folder by the second it starts
     assert [json.loads(line)["stage"] for line in (run / "metrics.jsonl").open()] == [
         "sft", "rl:p3o"]
     assert list((run / "tb").iterdir())
