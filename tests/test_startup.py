@@ -4,27 +4,33 @@ chips, not by libtpu being installed."""
 import fnmatch
 import importlib.util
 import os
+import site
 import subprocess
 import sys
 
 from p3o_jax import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_ONLY = ("libtpu", "jax_cuda12_plugin", "jax_plugins.xla_cuda12")
+COMPILE_ONLY = ("libtpu", "jax_cuda12_plugin", os.path.join("jax_plugins", "xla_cuda12"))
+# what a test process may have picked up that a user's shell has not: the suite's settings, and
+# what jax's TPU start-up writes into os.environ once a test has compiled for TPU in this worker
+NOT_A_USERS = ("JAX_PLATFORMS", "XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL", "ALLOW_MULTIPLE_LIBTPU_LOAD")
 
 
 def user_run(*args):
     """`python -m <args>` in the repository, in the environment a user has (none of the test
-    suite's JAX_PLATFORMS, XLA_FLAGS or TF_CPP_MIN_LOG_LEVEL)."""
+    suite's settings, `NOT_A_USERS` and TPU_*)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
+           if k not in NOT_A_USERS and not k.startswith("TPU_")}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
 
 
 def test_compile_only_compilers_are_not_importable_by_a_run():
-    found = [m for m in COMPILE_ONLY if importlib.util.find_spec(m.split(".")[0]) and
-             importlib.util.find_spec(m)]
+    """Not in site-packages (compile_check appends .venv/compile-targets to this process's path
+    when a test compiled for TPU or GPU before this one, so the folders are looked at)."""
+    found = [m for d in site.getsitepackages() for m in COMPILE_ONLY
+             if os.path.exists(os.path.join(d, m))]
     assert not found, (f"{found} are in site-packages: this venv predates "
                        f"requirements-compile.txt; `make test` moves them to .venv/compile-targets")
 
