@@ -1,7 +1,8 @@
 # Two set-up commands do everything on a fresh machine: `make train` and `make test`.
 # Each creates .venv on first use (and again whenever a requirements file changes).
 #   ACCEL=cpu|cuda|tpu  picks the jax extra (default cpu)
-#   EXP=toy|tldr|hh     picks experiments/$(EXP).py (default toy: offline, CPU, minutes)
+#   EXP=toy|arithmetic|tldr|hh  picks experiments/$(EXP).py (default toy: offline, CPU, minutes;
+#                       arithmetic: your own data and reward functions, offline)
 #   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo rl.beta=0.1"
 ACCEL ?= cpu
 EXP ?= toy
