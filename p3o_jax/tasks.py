@@ -114,10 +114,11 @@ class ToyRLHF:
         return np.arange(start, start + n)
 
     def prompt_records(self, split: str, rows) -> own.Records:
-        """The prompts of `rows` as text, with their token ids as the column `prompt_ids`."""
+        """The prompts of `rows` (a run `start .. start + n - 1`, as `prompt_rows` gives) as
+        text, with their token ids as the column `prompt_ids`."""
         rows = np.asarray(rows)
-        ids, mask = zip(*(self.prompts(1, split, int(r)) for r in rows)) if len(rows) else ((), ())
-        ids = [i[0][m[0].astype(bool)].tolist() for i, m in zip(ids, mask)]
+        ids, mask = self.prompts(len(rows), split, int(rows[0]))   # one call for the run
+        ids = [i[m.astype(bool)].tolist() for i, m in zip(ids, mask)]
         return own.Records("prompt", self.tokenizer.batch_decode(ids), {}, {"prompt_ids": ids},
                            [f"toy {split} prompt {r}" for r in rows], "")
 
