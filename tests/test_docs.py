@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from p3o_jax.cli import bench, compile_check, export, frontier, memory_plan
+from p3o_jax.cli import bench, compare, compile_check, export, frontier, memory_plan
 from p3o_jax.cli.help import wants_help
 from p3o_jax.config import key_values, load_experiment, override
 
@@ -20,9 +20,10 @@ DOCS = ["README.md", "bench/NOTES.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # tool -> (its own keys, the experiment it defaults to)
 TOOLS = {"train": (None, "toy"), "frontier": (frontier.FrontierArgs(), "toy"),
+         "compare": (compare.CompareArgs(), "toy"),
          "bench": (bench.BenchArgs(), None), "memory_plan": (memory_plan.PlanArgs(), "tldr"),
          "compile_check": (compile_check.CompileArgs(), "tldr"), "export": (export.ExportArgs(), None)}
-MAKE_TOOLS = {"train": "train", "frontier": "frontier", "bench": "bench"}
+MAKE_TOOLS = {"train": "train", "frontier": "frontier", "compare": "compare", "bench": "bench"}
 
 
 def quoted(text: str) -> list[str]:
@@ -36,7 +37,7 @@ def quoted(text: str) -> list[str]:
                 lines.append(line)
     spans = (" ".join(s.split()) for s in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text,
                                                                            flags=re.S)))
-    lines += [s for s in spans if re.match(r"(make (train|frontier|bench)|(\.venv/bin/)?python"
+    lines += [s for s in spans if re.match(r"(make (train|frontier|compare|bench)|(\.venv/bin/)?python"
                                            r" -m p3o_jax\.cli\.)", s)]
     return lines
 

