@@ -32,7 +32,7 @@ from p3o_jax import evaluate, ops, rollout
 from p3o_jax import model as M
 from p3o_jax.checks import Positive, SubsetOf
 from p3o_jax.cli import bench
-from p3o_jax.config import tool_args
+from p3o_jax.config_args import tool_args
 from p3o_jax.sharding import make_mesh
 
 COMPARISONS = ("prompt_once", "logp_old", "stored_cotangent", "eval")

@@ -24,7 +24,7 @@ def plan_gib(args: str, devices: int, program: str) -> float:
     """Today's plan of the program a compile_check command (`args`) compiled."""
     from p3o_jax.cli.compile_check import parse
     from p3o_jax.compile_check import program_plan
-    from p3o_jax.config import resolve
+    from p3o_jax.config_resolve import resolve
     from p3o_jax.memory_plan import GIB
     cfg = resolve(parse(args.split())[1], devices)
     return program_plan(cfg, devices, program) / GIB

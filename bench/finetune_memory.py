@@ -19,6 +19,8 @@ import sys
 import jax
 
 from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
 from p3o_jax import model as M
 from p3o_jax.rl import RLIteration, initial_params, split_policy
 from p3o_jax.sampler import SamplingConfig
@@ -38,7 +40,7 @@ def experiment(sizes: dict, mode: str) -> C.ExperimentConfig:
             "rl.pack_prompts=false"]   # packed rows depend on the prompts: padded is the bound
     args += {"full": [], "lora": [f"rl.lora.rank={s['rank']}"],
              "top": [f"rl.train_top_layers={s['top']}"]}[mode]
-    return C.resolve(C.from_args(args), jax.device_count())
+    return config_resolve.resolve(config_args.from_args(args), jax.device_count())
 
 
 def nbytes(tree) -> int:

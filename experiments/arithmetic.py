@@ -13,7 +13,7 @@ about 7 minutes on a 2-core CPU. Measured (seed 0): held-out accuracy 0.578 +- 0
 """
 import os
 
-from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, RLConfig, SFTConfig)
+from p3o_jax.config import DataConfig, ExperimentConfig, OptimConfig, RLConfig, SFTConfig
 from p3o_jax.model import ModelConfig
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic")

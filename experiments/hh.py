@@ -17,8 +17,8 @@ rate, 4 epochs per rollout buffer, beta 0.05, eps 0.2, temperature 1, top-k 0, t
 Larger models and sharding: as in experiments/tldr.py (`base_model=...`; the default mesh
 puts all devices on fsdp for one GPU, a TPU v4-8 or a v5e-8; `mesh.tensor=2` for >= 6.9B).
 """
-from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, P3OConfig, RLConfig,
-                            RMConfig, SFTConfig)
+from p3o_jax.algos.p3o import P3OConfig
+from p3o_jax.config import DataConfig, ExperimentConfig, OptimConfig, RLConfig, RMConfig, SFTConfig
 from p3o_jax.model import ModelConfig
 
 

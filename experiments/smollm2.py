@@ -15,7 +15,7 @@ held out. The comparison of every method: `python scripts/smollm2_compare.py`
 """
 import os
 
-from p3o_jax.config import ROOT, DataConfig, ExperimentConfig, OptimConfig, RLConfig
+from p3o_jax.config import DataConfig, ExperimentConfig, OptimConfig, RLConfig, ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data", "smollm2")

@@ -22,8 +22,8 @@ style: batch and parameters split), which is right for one GPU (a 1x1x1 mesh), a
 add tensor parallelism, e.g. `mesh.fsdp=4 mesh.tensor=2` on a v5e-8. Memory is lowered by
 smaller `sft.batch_size` / `rm.batch_size`, more `rl.minibatches`, fewer `eval_prompts`.
 """
-from p3o_jax.config import (DataConfig, ExperimentConfig, OptimConfig, P3OConfig, RLConfig,
-                            RMConfig, SFTConfig)
+from p3o_jax.algos.p3o import P3OConfig
+from p3o_jax.config import DataConfig, ExperimentConfig, OptimConfig, RLConfig, RMConfig, SFTConfig
 from p3o_jax.model import ModelConfig
 
 

@@ -6,8 +6,8 @@ the summary's last token, and a fixed prompt length lets its position embedding 
 length, so a 2-layer reward model can tell a full summary from a one-keyword one. With variable
 posts it learned "shorter is better" and P3O exploited that (see README, "The embedded task").
 """
-from p3o_jax.config import (ExperimentConfig, OptimConfig, P3OConfig, RLConfig, RMConfig,
-                            SFTConfig)
+from p3o_jax.algos.p3o import P3OConfig
+from p3o_jax.config import ExperimentConfig, OptimConfig, RLConfig, RMConfig, SFTConfig
 from p3o_jax.model import ModelConfig
 from p3o_jax.toy_task import ToyTaskConfig
 

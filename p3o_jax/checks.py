@@ -5,7 +5,7 @@ A config field carries its constraint as `typing.Annotated` metadata,
     lr: Annotated[float, Positive] = 1e-3
     clip: Annotated[str, OneOf("separate", "joint")] = "joint"
 
-and `config.validate` walks the whole tree once, before anything reads a checkpoint or
+and `config_resolve.check_fields` walks the whole tree once, before anything reads a checkpoint or
 compiles, turning the first violation into one line that names the dotted key. `None` (an
 optional field left unset) and, for paths, `""` (unset) always pass.
 """

@@ -48,7 +48,9 @@ import jax.numpy as jnp
 from p3o_jax import memory_plan
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, reward_model, sft
-from p3o_jax.config import ConfigError, ExperimentConfig, resolve
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_resolve import resolve
 from p3o_jax.memory_plan import GIB, MemoryPlanError, shard_bytes
 from p3o_jax.rl import RLIteration, frozen_policy, initial_params
 from p3o_jax.sharding import batch_sharding, make_mesh, replicated

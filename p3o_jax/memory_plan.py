@@ -74,7 +74,9 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS
-from p3o_jax.config import ConfigError, DistConfig, ExperimentConfig, mesh_sizes
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import DistConfig, ExperimentConfig
+from p3o_jax.config_resolve import mesh_sizes
 from p3o_jax.rl import split_policy
 from p3o_jax.sharding import MESH_AXES, fsdp_gathered_spec, logical_shardings
 from p3o_jax.train_state import OptimConfig, TrainState, make_optimizer
@@ -295,7 +297,7 @@ def _trained(model_cfgs: tuple, optim: OptimConfig, mesh, rl_cfg=None) -> dict:
 
 def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", "eval")) -> Plan:
     """Per-device memory of `stages` of the run `cfg` on `n_devices` devices (the policy's
-    architecture must be concrete: resolve `base_model` first, `config.resolve`)."""
+    architecture must be concrete: resolve `base_model` first, `config_resolve.resolve`)."""
     mesh = abstract_mesh(cfg.mesh, n_devices)
     pol, rmc, rl = cfg.policy, cfg.rm_model, cfg.rl
     algo = ALGORITHMS[cfg.algo]

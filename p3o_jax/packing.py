@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import model as M

@@ -31,7 +31,9 @@ from p3o_jax import checkpoint, hf, memory_plan, reward_fns
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
-from p3o_jax.config import ConfigError, ExperimentConfig, resolve
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_resolve import resolve
 from p3o_jax.data import fixtures
 from p3o_jax.distributed import concat_rows, is_main_process, to_host
 from p3o_jax.evaluate import compare, evaluate_policy, win_rate
@@ -72,7 +74,7 @@ def train_supervised(run: Run, stage: str, params, model_cfg, loss_fn, batches, 
 
 def initial_policy(run: Run):
     """SFT's starting params: `base_model`'s weights (its architecture is already
-    `cfg.policy`, see `config.resolve`), or `cfg.policy` initialised at random."""
+    `cfg.policy`, see `config_resolve.resolve`), or `cfg.policy` initialised at random."""
     cfg = run.cfg
     if not cfg.base_model:
         return init_sharded(cfg.policy, run.key(1), run.mesh)

@@ -3,14 +3,14 @@
 A run that trains SFT for an hour and then finds that its reward model folder holds a causal
 LM, or that the stage it starts from was never trained, has lost that hour. These checks stop
 such runs first, with one line naming the key (a `ConfigError`, exit 2): `check_lengths` (the
-config alone, part of `config.resolve`), `check(cfg)` (files on disk, before the task's data
+config alone, part of `config_resolve.resolve`), `check(cfg)` (files on disk, before the task's data
 is built) and `check_vocabularies(cfg, task)` (once its tokenizer is known), both called by
 `run_experiment` before anything compiles. They cover:
 
 - the earlier stages a run loads instead of training (`stages=rl`: `<out_dir>/sft`, `rm`, and
   for offline DPO `preferences.npz`), with where they were looked for and how to make them
   (a later stage's output, which only the final table reads, is a warning);
-- every pretrained folder's architecture (`config.resolve` read it) and role, from its
+- every pretrained folder's architecture (`config_resolve.resolve` read it) and role, from its
   config.json and safetensors headers (`hf.check_role`): a policy needs an LM head, a
   reward model one score;
 - sequence lengths against each model's positions: past a learned position table

@@ -20,7 +20,8 @@ import transformers
 from tensorflow_datasets.core import constants as tfds_constants
 
 from p3o_jax import data
-from p3o_jax.config import ConfigError, DataConfig
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import DataConfig
 from p3o_jax.data import own
 from p3o_jax.data.pipeline import Encoded
 from p3o_jax.data import prompts as text_formats

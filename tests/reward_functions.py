@@ -2,7 +2,7 @@
 write them (TRL's signature)."""
 import numpy as np
 
-from p3o_jax.config import load_experiment
+from p3o_jax.config_args import load_experiment
 from p3o_jax.rewards import text_of
 from p3o_jax.toy_task import ToyTask
 

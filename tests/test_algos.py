@@ -418,7 +418,8 @@ class TokenPPOTest(chex.TestCase):
         down = ppo.adaptive_kl_coef(0.1, 5.7, 6.0, 1000.0, 100)  # error 5.7 / 6 - 1 = -0.05
         np.testing.assert_allclose(down, 0.1 * (1 - 0.05 * 100 / 1000), rtol=1e-12)
         # the loop's carry: fixed while ppo.target_kl is 0, adapted otherwise
-        from p3o_jax.config import ExperimentConfig, PPOConfig, RLConfig
+        from p3o_jax.algos.ppo import PPOConfig
+        from p3o_jax.config import ExperimentConfig, RLConfig
         cfg = ExperimentConfig(rl=RLConfig(prompts_per_iter=25, n_samples=4))
         self.assertEqual(ppo.next_carry({"kl_coef": 0.1}, {"kl_k1": 12.0}, cfg), {"kl_coef": 0.1})
         cfg = dataclasses.replace(cfg, ppo=PPOConfig(target_kl=6.0, kl_horizon=1000.0))

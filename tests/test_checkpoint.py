@@ -28,7 +28,7 @@ import pytest
 from p3o_jax import storage
 from p3o_jax.algos import sft
 from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
-from p3o_jax.config import from_args
+from p3o_jax.config_args import from_args
 from p3o_jax.tasks import ToyRLHF
 from p3o_jax.cli.train import main
 from p3o_jax.pipeline import run_experiment

@@ -18,7 +18,8 @@ from p3o_jax import rollout
 from p3o_jax.cli import compile_check as cli
 from p3o_jax.compile_check import (PROGRAMS, TRITON_GEMM_OFF, add_compilers, check_run,
                                    compile_lowered, hbm_bytes, nbytes, programs, target_devices)
-from p3o_jax.config import from_args, resolve
+from p3o_jax.config_args import from_args
+from p3o_jax.config_resolve import resolve
 from p3o_jax.memory_plan import GIB, MemoryPlanError
 from p3o_jax.sharding import make_mesh
 

@@ -2,13 +2,15 @@
 before anything reads a checkpoint or compiles; the cases a new user hits; one grammar."""
 import dataclasses
 import os
-import shutil
 import typing
 
 import pytest
 
 from p3o_jax import checks
 from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
+from p3o_jax.checks import ConfigError
 from p3o_jax.cli import frontier, memory_plan
 from p3o_jax.cli.train import main
 
@@ -115,12 +117,12 @@ def test_invalid_value_is_reported_before_a_checkpoint_is_read(tmp_path, capsys)
 
 
 def test_resolve_derives_once(tmp_path):
-    cfg = C.resolve(C.from_args(["exp=toy", "mesh.tensor=2"]), 8)
+    cfg = config_resolve.resolve(config_args.from_args(["exp=toy", "mesh.tensor=2"]), 8)
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, 4, 2)
     assert cfg.recompute_old is False
-    bf16 = C.from_args(["exp=toy", "policy.dtype=bfloat16"])
+    bf16 = config_args.from_args(["exp=toy", "policy.dtype=bfloat16"])
     assert bf16.recompute_old is True
-    assert C.from_args(["exp=toy", "policy.dtype=bfloat16", "rl.recompute_logp_old=false"]
+    assert config_args.from_args(["exp=toy", "policy.dtype=bfloat16", "rl.recompute_logp_old=false"]
                        ).recompute_old is False
 
 
@@ -128,7 +130,7 @@ def test_tools_share_the_grammar(capsys):
     sweep, results, inv, cfg = frontier.parse(["quick=true", "seeds=1,2", "p3o.clip=separate"])
     assert sweep.seeds == (1, 2) and cfg.p3o.clip == "separate" and not inv
     for bad in (["seeds=-1"], ["quick=perhaps"], ["methods=P3O-V2,TRPO"]):
-        with pytest.raises(C.ConfigError):
+        with pytest.raises(ConfigError):
             frontier.parse(bad)
     assert memory_plan.main(["model=gpt-5"]) == 2
     assert memory_plan.main(["exp=toy", "devices=8", "mesh.tensor=3"]) == 2

@@ -13,7 +13,7 @@ import pytest
 
 from p3o_jax.cli import bench, compare, compile_check, export, frontier, memory_plan
 from p3o_jax.cli.help import wants_help
-from p3o_jax.config import key_values, load_experiment, override
+from p3o_jax.config_args import key_values, load_experiment, override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "bench/NOTES.md"] + sorted(

@@ -18,7 +18,7 @@ from hf_fixtures import CONFIGS, NEW_CONFIGS, VOCAB, build_torch_model, save_tor
 from p3o_jax import hf
 from p3o_jax import model as M
 from p3o_jax import sampler as S
-from p3o_jax.config import ConfigError
+from p3o_jax.checks import ConfigError
 
 
 def _padded_batch(seed=0, B=4, T=12):

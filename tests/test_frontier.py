@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from p3o_jax.cli import frontier as F
-from p3o_jax.config import ConfigError
+from p3o_jax.checks import ConfigError
 
 TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
         "sft.steps=60", "sft.batch_size=32", "sft.optim.lr=1e-2", "rm.n_pairs=256",

@@ -8,7 +8,9 @@ import pytest
 
 from p3o_jax.checks import OneOf, Positive
 from p3o_jax.cli.help import field_comments, help_text, wants_help
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_args import from_args
 
 TOOLS = ("train", "frontier", "compare", "bench", "memory_plan", "compile_check", "export")
 

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from p3o_jax.config import ConfigError, from_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config_args import from_args
 from p3o_jax.logger import LogConfig, MetricsLogger
 
 

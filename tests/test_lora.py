@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
+from p3o_jax.checks import ConfigError
 from p3o_jax import hf, lora
 from p3o_jax import model as M
 from p3o_jax.pipeline import init_sharded
@@ -89,7 +91,7 @@ def test_merged_export_reloads_as_the_adapted_model(cfg, tmp_path):
 
 def rl_config(devices=None, **rl):
     """A tiny llama's RL config, resolved over `devices` (default: all)."""
-    return C.resolve(C.from_args([
+    return config_resolve.resolve(config_args.from_args([
         "exp=toy", "policy.family=llama", "policy.vocab_size=132", "policy.d_model=32",
         "policy.n_heads=4", "policy.n_layers=3", "rl.prompts_per_iter=8", "rl.epochs=2",
         "rl.optim.warmup_steps=0", *[f"rl.{k}={v}" for k, v in rl.items()]]), devices or jax.device_count())
@@ -145,8 +147,8 @@ def test_rl_update_trains_the_adapters_only():
     (["rl.lora.rank=4", "rl.train_top_layers=1"], "rl.train_top_layers", "not both"),
 ])
 def test_config_names_the_bad_key(args, key, words):
-    with pytest.raises(C.ConfigError) as e:
-        C.resolve(C.from_args(["exp=toy", *args]), 1)      # toy: a gpt2, no gated MLP
+    with pytest.raises(ConfigError) as e:
+        config_resolve.resolve(config_args.from_args(["exp=toy", *args]), 1)      # toy: a gpt2, no gated MLP
     assert f"'{key}'" in str(e.value) and words in str(e.value), str(e.value)
 
 

@@ -32,11 +32,13 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from p3o_jax import config as C
+from p3o_jax import config_args
 from p3o_jax import hf, memory_plan
 from p3o_jax import sampler as S
 from p3o_jax import model as M
 from p3o_jax.checkpoint import load_params
-from p3o_jax.config import ConfigError, DistConfig
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import DistConfig
 from p3o_jax.distributed import initialize, local_rows, process_rows
 from p3o_jax.sharding import LOGICAL_RULES, logical_shardings, make_mesh
 from p3o_jax.tasks import ToyRLHF
@@ -334,13 +336,13 @@ def _device_bytes(tree, device) -> int:
 
 
 def _plan_cfg(**over) -> C.ExperimentConfig:
-    cfg = C.load_experiment("toy")
+    cfg = config_args.load_experiment("toy")
     cfg = dataclasses.replace(
         cfg, mesh=C.MeshConfig(data=2, fsdp=2, tensor=2),
         policy=dataclasses.replace(cfg.policy, vocab_size=133, d_model=64, n_layers=2, d_ff=128),
         rl=dataclasses.replace(cfg.rl, prompts_per_iter=16, minibatches=2))
     for k, v in over.items():
-        cfg = C.override(cfg, k, str(v))
+        cfg = config_args.override(cfg, k, str(v))
     return cfg
 
 

@@ -3,7 +3,6 @@ take (written here: JSONL, JSON, CSV, conversational Parquet, Arrow, a `save_to_
 TRL's column layouts, chat-template rendering, mixing by weight, over-long prompts, every bad
 input as one line, reward functions (their calls, checks and failures), the toy task trained by
 a reward function equal to its gold reward, and runs with no reward model anywhere."""
-import dataclasses
 import json
 import os
 import re
@@ -15,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax.checks import ConfigError
 from p3o_jax import hf
 from p3o_jax import model as M
 from p3o_jax import reward_fns as R
@@ -247,15 +247,15 @@ def test_a_failing_reward_function_names_itself_and_the_row(name, message):
     ("exact_match", r"'exact_match' is no built-in reward \(math_answer, "),
 ])
 def test_a_reward_function_that_cannot_load_is_one_config_error(spec, message):
-    with pytest.raises(C.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         R.load(spec, (), has_rm=False)
 
 
 def test_weights_and_columns_are_checked():
-    with pytest.raises(C.ConfigError, match=r"3 weights for 1 reward functions; give 1"):
+    with pytest.raises(ConfigError, match=r"3 weights for 1 reward functions; give 1"):
         R.load("math_answer", (1, 2, 3), has_rm=False)
     fns, _ = R.load(f"{FNS}:needs_difficulty", (), has_rm=False)
-    with pytest.raises(C.ConfigError, match=r"needs the column\(s\) \['difficulty'\], which the "
+    with pytest.raises(ConfigError, match=r"needs the column\(s\) \['difficulty'\], which the "
                                             r"prompts lacks; it has \['answer'\]"):
         R.check_columns(fns, {"answer"}, "the prompts")
 
@@ -384,7 +384,7 @@ def test_bad_input_is_one_line_before_any_compute(files, sft_folder, tmp_path, c
 def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path):
     """The plumbing is exact (the reward each response gets is its gold reward) and RL on it
     improves the gold reward as the gold-scored task should."""
-    cfg = C.from_args(["exp=toy", f"out_dir={tmp_path}", "stages=sft,rl",
+    cfg = config_args.from_args(["exp=toy", f"out_dir={tmp_path}", "stages=sft,rl",
                        f"reward_fns={FNS}:toy_gold", "eval_prompts=128", "log_every=50",
                        "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "policy.d_model=32",
                        "policy.n_layers=1", "policy.d_ff=64", "sft.steps=60", "sft.batch_size=32",

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
 from p3o_jax import hf
 from p3o_jax import model as M
 from p3o_jax.cli import export
@@ -16,7 +18,7 @@ from p3o_jax.pipeline import run_experiment
 
 
 def tiny(tmp_path, **over) -> C.ExperimentConfig:
-    cfg = C.load_experiment("toy")
+    cfg = config_args.load_experiment("toy")
     cfg = dataclasses.replace(
         cfg, out_dir=str(tmp_path), eval_prompts=128, log_every=1,
         mesh=C.MeshConfig(data=2, fsdp=2, tensor=2),
@@ -30,7 +32,7 @@ def tiny(tmp_path, **over) -> C.ExperimentConfig:
                                optim=C.OptimConfig(lr=3e-3, warmup_steps=0)),
         p3o=dataclasses.replace(cfg.p3o, delta_norm="batch_std"))
     for k, v in over.items():
-        cfg = C.override(cfg, k, str(v))
+        cfg = config_args.override(cfg, k, str(v))
     return cfg
 
 
@@ -111,17 +113,17 @@ def test_config_errors_name_the_key(args, key, capsys):
 def test_model_overrides_rederive_defaulted_fields():
     """`policy.d_model=...` moves head_dim and d_ff with it unless they were set, in the
     experiment or on the command line, in either order."""
-    base = C.load_experiment("toy").policy                       # d_model 128, d_ff derived
-    p = C.from_args(["exp=toy", "policy.d_model=256"]).policy
+    base = config_args.load_experiment("toy").policy                       # d_model 128, d_ff derived
+    p = config_args.from_args(["exp=toy", "policy.d_model=256"]).policy
     assert (p.d_model, p.head_dim, p.d_ff) == (256, 256 // base.n_heads, 1024)
     for args in (["policy.d_ff=300", "policy.d_model=256"], ["policy.d_model=256", "policy.d_ff=300"]):
-        p = C.from_args(["exp=toy", *args]).policy
+        p = config_args.from_args(["exp=toy", *args]).policy
         assert (p.head_dim, p.d_ff) == (256 // base.n_heads, 300)
-    p = C.from_args(["exp=toy", "policy.head_dim=16", "policy.d_model=256"]).policy
+    p = config_args.from_args(["exp=toy", "policy.head_dim=16", "policy.d_model=256"]).policy
     assert (p.head_dim, p.d_ff) == (16, 1024)
-    p = C.from_args(["exp=toy", "policy.n_heads=8", "policy.n_kv_heads=2", "policy.n_heads=4"]).policy
+    p = config_args.from_args(["exp=toy", "policy.n_heads=8", "policy.n_kv_heads=2", "policy.n_heads=4"]).policy
     assert (p.n_heads, p.n_kv_heads) == (4, 2)
-    p = C.from_args(["exp=toy", "policy.family=llama"]).policy
+    p = config_args.from_args(["exp=toy", "policy.family=llama"]).policy
     assert (p.activation, p.tie_embeddings, p.qkv_bias) == ("silu", False, False)
 
 
@@ -139,7 +141,7 @@ def test_every_trained_stage_exports_an_hf_folder(trained, tmp_path):
     from tests.hf_fixtures import torch_logits
 
     path, _ = trained
-    cfg = C.resolve(tiny(path), jax.device_count())
+    cfg = config_resolve.resolve(tiny(path), jax.device_count())
     ids = np.array([[2, 40, 41, 42, 43, 3, 10], [0, 0, 2, 44, 45, 3, 11]], np.int32)
     mask = (ids != 0).astype(np.int32)
     for stage in ("sft", "p3o"):

@@ -7,7 +7,8 @@ import warnings
 import jax
 import pytest
 
-from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
 from p3o_jax import preflight
 from p3o_jax.cli.train import main
 from tests.hf_fixtures import save_torch_model
@@ -72,9 +73,9 @@ def test_sequences_past_a_learned_position_table(tmp_path, capsys):
 
 
 def test_rope_models_past_their_trained_context_warn():
-    cfg = C.from_args([*TOY, "policy.family=llama", "policy.max_len=24"])
+    cfg = config_args.from_args([*TOY, "policy.family=llama", "policy.max_len=24"])
     with pytest.warns(RuntimeWarning, match="past the policy's trained context of 24"):
-        C.resolve(cfg, jax.device_count())
+        config_resolve.resolve(cfg, jax.device_count())
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # 30 positions fit
         preflight.check_lengths(dataclasses.replace(cfg, policy=cfg.policy.rebased(max_len=30)))

@@ -2,7 +2,6 @@
 a published reward model of another family and tokenizer) end to end, offline, on tiny
 stand-ins built here with transformers' PyTorch classes."""
 import json
-import os
 
 import numpy as np
 import pytest

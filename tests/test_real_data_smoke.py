@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from p3o_jax import config as C
+from p3o_jax import config_args
 from p3o_jax import data, hf, pipeline
 from p3o_jax.cli.train import main
 from p3o_jax import model as M
@@ -39,7 +39,7 @@ def records(path, stage):
 @pytest.fixture(scope="module")
 def tldr_task(tmp_path_factory):
     """The smoke run's TL;DR task (no model involved)."""
-    cfg = C.from_args(smoke_args(tmp_path_factory.mktemp("tldr_task"), "tldr"))
+    cfg = config_args.from_args(smoke_args(tmp_path_factory.mktemp("tldr_task"), "tldr"))
     return pipeline.make_task(cfg), cfg
 
 
@@ -131,12 +131,12 @@ def test_tldr_smoke_runs_every_stage(tmp_path, capsys):
 
 def test_hh_smoke_from_a_saved_base_model(tmp_path):
     """HH over two subsets, SFT starting from an HF folder: the policy config is the folder's."""
-    policy = C.smoke_config(C.load_experiment("hh")).policy
+    policy = config_args.smoke_config(config_args.load_experiment("hh")).policy
     base = tmp_path / "base"
     hf.save_pretrained(M.init_params(policy, jax.random.key(7)), policy, str(base))
     args = smoke_args(tmp_path / "run", "hh", f"base_model={base}", "policy.d_model=16",
                       "data.hh_subsets=helpful-base,harmless-base")
-    summary = pipeline.run_experiment(C.from_args(args))
+    summary = pipeline.run_experiment(config_args.from_args(args))
     check_run(tmp_path / "run", summary)
     with open(tmp_path / "run" / "config.json") as f:
         saved = json.load(f)
@@ -187,18 +187,18 @@ def test_unusable_upstream_data_stops_the_run_before_compiling(tmp_path, monkeyp
 def test_hh_task_stops_at_the_next_human_turn(tmp_path):
     """HH's default stop sequence, in the task's tokens (several of them), ends a sampled turn;
     TL;DR has none."""
-    cfg = C.from_args(smoke_args(tmp_path, "hh", "data.hh_subsets=helpful-base"))
+    cfg = config_args.from_args(smoke_args(tmp_path, "hh", "data.hh_subsets=helpful-base"))
     task = pipeline.make_task(cfg)
     (stop,) = task.stop_sequences
     assert len(stop) > 1 and task.tokenizer.decode(stop) == "\n\nHuman:"
-    assert C.from_args(["exp=tldr"]).data.stop_sequence_list == ()
+    assert config_args.from_args(["exp=tldr"]).data.stop_sequence_list == ()
 
 
 def test_smoke_config_keeps_explicit_overrides():
-    cfg = C.from_args(["exp=tldr", "sft.steps=7", "smoke=true", "out_dir=/tmp/o"])
+    cfg = config_args.from_args(["exp=tldr", "sft.steps=7", "smoke=true", "out_dir=/tmp/o"])
     assert (cfg.sft.steps, cfg.out_dir, cfg.base_model) == (7, "/tmp/o", "")
     assert cfg.rl.iterations == 2 and cfg.data.prompt_len == 96
-    real = C.from_args(["exp=tldr"])
+    real = config_args.from_args(["exp=tldr"])
     assert not real.smoke and real.base_model and real.data.prompt_len == 512
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from test_lora import one_rl_iteration, rl_config, tokens
 
-from p3o_jax import config as C
+from p3o_jax import config_args
+from p3o_jax import config_resolve
+from p3o_jax.checks import ConfigError
 from p3o_jax import model as M
 from p3o_jax import top_layers
 from p3o_jax.rl import join_policy, split_policy
@@ -54,5 +56,5 @@ def test_rl_update_trains_the_top_layers_only():
 
 
 def test_more_layers_than_the_policy_has():
-    with pytest.raises(C.ConfigError, match="'rl.train_top_layers'.*n_layers=2"):
-        C.resolve(C.from_args(["exp=toy", "rl.train_top_layers=3"]), 1)
+    with pytest.raises(ConfigError, match="'rl.train_top_layers'.*n_layers=2"):
+        config_resolve.resolve(config_args.from_args(["exp=toy", "rl.train_top_layers=3"]), 1)

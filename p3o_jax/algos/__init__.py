@@ -3,8 +3,10 @@ buffer, its maths in the docstring): `p3o`, `ppo`, `dpo`, and the group-baseline
 `rloo`, `grpo` (with Dr. GRPO's and DAPO's aggregations), `gspo`; and the objectives of the stages
 before RL, `sft` and `reward_model`.
 
-Adding an RL algorithm: a module that builds an `Algorithm` (algos/base.py), a line in
-`ALGORITHMS`, and its config as a field of `config.ExperimentConfig` if it has one.
+Adding an RL algorithm: a module that builds an `Algorithm` (algos/base.py), with its config
+class and group name if it has one (`settings="p3o", config=P3OConfig`: the keys `p3o.*`), and a
+line in `ALGORITHMS`. Nothing else changes: `config.ExperimentConfig` takes its algorithm
+groups from here.
 """
 from p3o_jax.algos import dpo, grpo, gspo, p3o, ppo, rloo
 from p3o_jax.algos.base import Algorithm

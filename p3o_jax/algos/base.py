@@ -19,7 +19,9 @@ class Algorithm(NamedTuple):
         program (P3O's Delta, PPO's values and GAE).
     init_carry(cfg) -> dict / next_carry(carry, metrics, cfg) -> dict: scalars the loop carries
         from one iteration to the next and checkpoints (PPO's adaptive KL coefficient).
-    settings: the `ExperimentConfig` field holding its own config (None: it has none).
+    settings, config: the `ExperimentConfig` field holding its own config and that config's
+        class (a frozen dataclass; None: it has none). `config.ExperimentConfig` gets the field
+        from here: an algorithm's config group needs no edit of config.py.
     critic: a separate value model trains beside the policy (`params["critic"]`).
     offline: it trains on the reward model's preference data instead of sampling.
     """
@@ -29,5 +31,6 @@ class Algorithm(NamedTuple):
     init_carry: Callable = lambda cfg: {}
     next_carry: Callable = lambda carry, metrics, cfg: carry
     settings: str | None = None
+    config: type | None = None
     critic: bool = False
     offline: bool = False

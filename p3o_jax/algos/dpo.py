@@ -88,5 +88,6 @@ def preference_rollout(data: dict, logp_ref: np.ndarray) -> Rollout:
                    rewards=np.tile(np.array([[1.0, 0.0]], np.float32), (n, 1)))
 
 
-ONLINE = Algorithm(name="dpo", loss=loss, settings="dpo")
-OFFLINE = Algorithm(name="dpo_offline", loss=loss, settings="dpo", offline=True)
+ONLINE = Algorithm(name="dpo", loss=loss, settings="dpo", config=DPOConfig)
+OFFLINE = Algorithm(name="dpo_offline", loss=loss, settings="dpo", config=DPOConfig,
+                    offline=True)

@@ -131,4 +131,5 @@ def loss(params, batch: Rollout, cfg):
                      kl_coef=cfg.rl.beta if c.kl == "loss" else 0.0)
 
 
-ALGORITHM = Algorithm(name="grpo", loss=loss, prepare=prepare, settings="grpo")
+ALGORITHM = Algorithm(name="grpo", loss=loss, prepare=prepare, settings="grpo",
+                      config=GRPOConfig)

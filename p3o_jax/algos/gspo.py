@@ -81,4 +81,5 @@ def loss(params, batch: Rollout, cfg):
                      eps_low=c.eps_low, eps_high=c.eps_high)
 
 
-ALGORITHM = Algorithm(name="gspo", loss=loss, prepare=prepare, settings="gspo")
+ALGORITHM = Algorithm(name="gspo", loss=loss, prepare=prepare, settings="gspo",
+                      config=GSPOConfig)

@@ -195,4 +195,5 @@ def loss(params, batch: Rollout, cfg):
                       eps=c.eps, ratio_bound=c.ratio_bound)
 
 
-ALGORITHM = Algorithm(name="p3o", loss=loss, prepare=prepare, settings="p3o")
+ALGORITHM = Algorithm(name="p3o", loss=loss, prepare=prepare, settings="p3o",
+                      config=P3OConfig)

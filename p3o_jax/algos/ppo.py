@@ -165,5 +165,6 @@ def next_carry(carry, metrics, cfg):
                                               c.kl_horizon, n))}
 
 
-ALGORITHM = Algorithm(name="ppo", loss=loss, prepare=prepare, settings="ppo", critic=True,
-                      init_carry=lambda cfg: {"kl_coef": cfg.rl.beta}, next_carry=next_carry)
+ALGORITHM = Algorithm(name="ppo", loss=loss, prepare=prepare, settings="ppo", config=PPOConfig,
+                      critic=True, init_carry=lambda cfg: {"kl_coef": cfg.rl.beta},
+                      next_carry=next_carry)

@@ -94,4 +94,5 @@ def loss(params, batch: Rollout, cfg):
     return rloo_loss(logp, batch.logp_old, batch.resp_mask, batch.advantages, cfg.rloo.eps)
 
 
-ALGORITHM = Algorithm(name="rloo", loss=loss, prepare=prepare, settings="rloo")
+ALGORITHM = Algorithm(name="rloo", loss=loss, prepare=prepare, settings="rloo",
+                      config=RLOOConfig)

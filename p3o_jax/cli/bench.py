@@ -84,7 +84,9 @@ from p3o_jax import sampler as S
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import OneOf, Positive, SubsetOf
 from p3o_jax.cli.help import help_text, section_lines, wants_help
-from p3o_jax.config import ConfigError, ExperimentConfig, RLConfig, tool_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig, RLConfig
+from p3o_jax.config_args import tool_args
 from p3o_jax.rl import RLIteration, initial_params
 from p3o_jax.sharding import make_mesh
 from p3o_jax.train_state import OptimConfig, make_optimizer

@@ -30,7 +30,9 @@ from p3o_jax.checks import NonNegative, OneOf, Pattern
 from p3o_jax.cli.frontier import METHODS, load_average, mean_and_se, overridden, write_jsonl, \
     write_report
 from p3o_jax.cli.help import help_text, wants_help
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, tool_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_args import from_args, tool_args
 from p3o_jax.logger import format_table
 from p3o_jax.pipeline import run_experiment
 

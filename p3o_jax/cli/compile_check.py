@@ -31,7 +31,9 @@ from p3o_jax.checks import OneOf  # noqa: E402
 from p3o_jax.cli.help import help_text, wants_help  # noqa: E402
 from p3o_jax.cli.memory_plan import MODELS, with_preset  # noqa: E402
 from p3o_jax.compile_check import PROGRAMS, TARGETS, compile_check, table  # noqa: E402
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, tool_args  # noqa: E402
+from p3o_jax.checks import ConfigError  # noqa: E402
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_args import from_args, tool_args
 
 
 @dataclasses.dataclass(frozen=True)

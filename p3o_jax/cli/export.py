@@ -27,7 +27,8 @@ from p3o_jax import hf, storage
 from p3o_jax.checks import ConfigError, ExistingDir, ModelSource, Pattern, Range, WritableDir
 from p3o_jax.checkpoint import load_params
 from p3o_jax.cli.help import help_text, wants_help
-from p3o_jax.config import ExperimentConfig, RLConfig, tool_args
+from p3o_jax.config import ExperimentConfig, RLConfig
+from p3o_jax.config_args import tool_args
 from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
 from p3o_jax.rl import final_policy, frozen_policy

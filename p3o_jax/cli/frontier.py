@@ -44,7 +44,9 @@ import numpy as np
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checks import NonNegative, OneOf
 from p3o_jax.cli.help import help_text, wants_help
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, override, tool_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_args import from_args, override, tool_args
 from p3o_jax.logger import format_table
 from p3o_jax.pipeline import make_task, offline_steps, run_experiment
 from p3o_jax.rl import prompt_offset

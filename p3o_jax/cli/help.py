@@ -20,7 +20,7 @@ import types
 import typing
 
 from p3o_jax.checks import field_checks
-from p3o_jax.config import _parse, key_values, load_experiment
+from p3o_jax.config_args import key_values, load_experiment, parse_value
 
 WIDTH = 96
 
@@ -31,7 +31,7 @@ def wants_help(argv: list[str]) -> bool:
         if a in ("--help", "-h", "help"):
             return True
         key, sep, value = a.lstrip("-").partition("=")
-        if key == "help" and sep and _parse("help", value, bool):
+        if key == "help" and sep and parse_value("help", value, bool):
             return True
     return False
 
@@ -40,11 +40,14 @@ def wants_help(argv: list[str]) -> bool:
 def field_comments(cls) -> dict[str, str]:
     """{field name: the comment beside it} of dataclass `cls`, from its source: the comments on
     the comment-only lines right above the field (at its indentation), on its own lines, and on
-    the comment-only lines after it that are indented further (a continued comment), joined."""
+    the comment-only lines after it that are indented further (a continued comment), joined;
+    with the comments of the dataclasses it derives from (ExperimentConfig: ExperimentFields)."""
+    out = {k: v for base in cls.__mro__[:0:-1] if dataclasses.is_dataclass(base)
+           for k, v in field_comments(base).items()}
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):    # no source (a class built at run time)
-        return {}
+        return out
     comments: dict[int, tuple[int, str]] = {}   # line -> (column, comment text)
     code_lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -54,7 +57,6 @@ def field_comments(cls) -> dict[str, str]:
                               tokenize.ENDMARKER):
             code_lines.update(range(tok.start[0], tok.end[0] + 1))
     alone = lambda n: n in comments and n not in code_lines     # a comment-only line
-    out = {}
     for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
@@ -112,7 +114,7 @@ def section_lines(obj, prefix: str, title: str) -> list[str]:
         if dataclasses.is_dataclass(value):
             groups.append((value, key))
             continue
-        if value is None and f.name == "reward_model":   # config.override: policy's fields
+        if value is None and f.name == "reward_model":   # config_args.override: policy's fields
             lines.append(f"  {key}.<field>=...  [any policy.<field>; none: the policy's "
                          f"architecture]")
         valid = "; ".join(c.describe() for c in checks[f.name])

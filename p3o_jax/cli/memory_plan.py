@@ -18,7 +18,10 @@ from typing import Annotated
 from p3o_jax import model as M
 from p3o_jax.checks import NonNegative, OneOf
 from p3o_jax.cli.help import help_text, wants_help
-from p3o_jax.config import ConfigError, ExperimentConfig, from_args, resolve, tool_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config import ExperimentConfig
+from p3o_jax.config_args import from_args, tool_args
+from p3o_jax.config_resolve import resolve
 from p3o_jax.memory_plan import GIB, SLICES, MemoryPlanError, StagePlan, make_plan
 
 # Architectures of the hub checkpoints (their config.json), for plans without a download.

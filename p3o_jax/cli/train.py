@@ -21,7 +21,8 @@ import sys
 
 from p3o_jax import checkpoint, distributed, storage
 from p3o_jax.cli.help import help_text, wants_help
-from p3o_jax.config import ConfigError, from_args
+from p3o_jax.checks import ConfigError
+from p3o_jax.config_args import from_args
 from p3o_jax.pipeline import run_experiment
 from p3o_jax.reward_fns import RewardError
 
