@@ -75,7 +75,7 @@ def update_runner(w: bench.Workload):
     buffer = run.buffer()
 
     def update():
-        run.state, metrics = run.rl.apply(run.state, buffer)
+        run.state, metrics = run.rl.update(run.state, buffer)
         return run.state
     return update
 
@@ -92,8 +92,8 @@ def prompt_once(w, repeats):
 
 def logp_old(w, repeats):
     policy, ref, rm, (prompts, mask) = bench.build_models(w)
-    samples = bench.S.sample_pairs(policy, w.model, w.sampling, prompts, mask,
-                                   jax.random.key(0), n=w.responses)
+    samples = bench.S.sample_responses(policy, w.model, w.sampling, prompts, mask,
+                                       jax.random.key(0), n=w.responses)
     program = jax.jit(rollout.score, static_argnums=(3, 4, 8, 9))
     variants = {name: functools.partial(program, policy, ref, rm, w.model, w.model, prompts,
                                         mask, samples, w.temperature, recompute)

@@ -100,7 +100,7 @@ def timed(fn):
 
 
 def measure(source, tokenizer, cache_dir, **kw) -> dict:
-    kw = dict(kw, kind="preference", shard_options=data.pipeline.grain.sharding.NoSharding(),
+    kw = dict(kw, kind="preference", shard_options=data.loader.grain.sharding.NoSharding(),
               cache_dir=cache_dir)
     examples, cold = timed(lambda: data.make_examples(source, tokenizer, **kw))
     _, cached = timed(lambda: data.make_examples(source, tokenizer, **kw))

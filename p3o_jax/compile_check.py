@@ -13,9 +13,9 @@ programs are the loop's own:
 
     sft_step      stage.supervised_step(policy, sft.loss)     batch: sft.batch_size x L
     rm_step       stage.supervised_step(rm_model, reward_model.loss)   rm.batch_size pairs
-    rl_generate   RLIteration.sample (sampler.sample_pairs)      prompts_per_iter x n_samples
+    rl_generate   RLIteration.sample (sampler.sample_responses)      prompts_per_iter x n_samples
     rl_score      RLIteration.score (rollout.score, algo.prepare)
-    rl_update     RLIteration.update_program (E x M minibatch steps, state donated)
+    rl_update     RLIteration.compile_update (E x M minibatch steps, state donated)
 
 with L = prompt_len + response_len. The RL programs take the train state (what `rl.lora.rank`
 / `rl.train_top_layers` train, `rl.split_policy`) and the frozen rest of the policy as the
@@ -262,7 +262,7 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
         # the optimizer state; `frozen` is also inside the reference argument
         "rl_score": Program(score, score_args, opt_b - frozen_b, plan("rl_score")),
         # the reference's part outside `frozen`, the reward model
-        "rl_update": Program(it.update_program(buffer, minibatches),
+        "rl_update": Program(it.compile_update(buffer, minibatches),
                              (state, (buffer, minibatches), frozen), sft_b - frozen_b + rm_b,
                              plan("rl_update")),
     }

@@ -13,7 +13,7 @@ from p3o_jax import model as M
 from p3o_jax import ops
 from p3o_jax.distributed import to_host
 from p3o_jax.rollout import score, weighed
-from p3o_jax.sampler import SamplingConfig, sample_pairs
+from p3o_jax.sampler import SamplingConfig, sample_responses
 
 
 def mean_se(x) -> tuple[float, float]:
@@ -75,9 +75,9 @@ STATIC = ("policy_cfg", "rm_cfg", "scfg", "weights", "rm_weight")
 def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
                       rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig,
                       weights: tuple = (), rm_weight: float = 1.0):
-    """`_score` of two responses per prompt (the draws of training's `sample_pairs`), one
+    """`_score` of two responses per prompt (the draws of training's `sample_responses`), one
     program."""
-    samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+    samples = sample_responses(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
     return _score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
                   scfg, rm_weight=rm_weight)
 
@@ -97,7 +97,7 @@ def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg
         out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts,
                                 prompt_mask, key, scfg, rm_weight=rm_weight)
     else:
-        samples = sample_pairs(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+        samples = sample_responses(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
         p = {"ids": prompts, "mask": prompt_mask, "row": rows}
         rm_scores = rm_fn(p, samples) if rm_fn else None
         fn_rewards = reward_fns(p, samples) if reward_fns else None

@@ -285,114 +285,145 @@ def _is_lm_head(m: Mapping) -> bool:
     return m.ours[0][0] in ("lm_head", "lm_head_bias")
 
 
-def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
-    D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    out: list[Mapping] = []
+class _Layout:
+    """One model's `Mapping`s, built up by its family's function (`FAMILY_LAYOUTS`), with the
+    shapes every family shares: norms, head-major projections, the attention's output."""
 
-    def norm(ours, hf):
-        out.append(_one(ours + ("scale",), hf + ".weight"))
-        if cfg.norm == "layer":
-            out.append(_one(ours + ("bias",), hf + ".bias"))
+    def __init__(self, cfg: M.ModelConfig):
+        self.cfg, self.out = cfg, []
+        self.D, self.H, self.K, self.E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
-    def head_major(ours, hf, n, bias):
+    def one(self, ours, hf, *convert):
+        """A tensor to one param (`convert`: to ours and back, default as it is)."""
+        self.out.append(_one(ours, hf, *convert))
+
+    def norm(self, ours, hf):
+        self.one(ours + ("scale",), hf + ".weight")
+        if self.cfg.norm == "layer":
+            self.one(ours + ("bias",), hf + ".bias")
+
+    def head_major(self, ours, hf, n, bias):
         """A [n*E, D] projection (and its bias) <-> our [D, n, E]."""
-        out.append(_one(ours[:-1] + ("w" + ours[-1],), hf + ".weight",
-                        lambda w: w.reshape(n, E, D).transpose(2, 0, 1),
-                        lambda w: np.ascontiguousarray(w.transpose(1, 2, 0).reshape(n * E, D))))
+        D, E = self.D, self.E
+        self.one(ours[:-1] + ("w" + ours[-1],), hf + ".weight",
+                 lambda w: w.reshape(n, E, D).transpose(2, 0, 1),
+                 lambda w: np.ascontiguousarray(w.transpose(1, 2, 0).reshape(n * E, D)))
         if bias:
-            out.append(_one(ours[:-1] + ("b" + ours[-1],), hf + ".bias",
-                            lambda b: b.reshape(n, E), lambda b: b.reshape(n * E)))
+            self.one(ours[:-1] + ("b" + ours[-1],), hf + ".bias",
+                     lambda b: b.reshape(n, E), lambda b: b.reshape(n * E))
 
-    def out_proj(a, hf):
-        out.append(_one(a + ("wo",), hf + ".weight",
-                        lambda w: w.T.reshape(H, E, D), lambda w: _t(w.reshape(H * E, D))))
-        if cfg.out_bias:
-            out.append(_one(a + ("bo",), hf + ".bias"))
+    def out_proj(self, a, hf):
+        D, H, E = self.D, self.H, self.E
+        self.one(a + ("wo",), hf + ".weight",
+                 lambda w: w.T.reshape(H, E, D), lambda w: _t(w.reshape(H * E, D)))
+        if self.cfg.out_bias:
+            self.one(a + ("bo",), hf + ".bias")
 
-    if cfg.family == "gpt2":
-        out += [_one(("embed",), "transformer.wte.weight"),
-                _one(("pos_embed",), "transformer.wpe.weight")]
-        for i in range(cfg.n_layers):
-            L, h = f"layer_{i}", f"transformer.h.{i}."
-            norm((L, "ln1"), h + "ln_1")
-            norm((L, "ln2"), h + "ln_2")
-            a = (L, "attn")
-            out.append(Mapping(h + "attn.c_attn.weight", (a + ("wq",), a + ("wk",), a + ("wv",)),
-                               lambda w: tuple(w.reshape(D, 3, H, E).transpose(1, 0, 2, 3)),
-                               lambda q, k, v: np.stack([q, k, v], 1).reshape(D, 3 * D)))
-            out.append(Mapping(h + "attn.c_attn.bias", (a + ("bq",), a + ("bk",), a + ("bv",)),
-                               lambda b: tuple(b.reshape(3, H, E)),
-                               lambda q, k, v: np.stack([q, k, v]).reshape(3 * D)))
-            out.append(_one(a + ("wo",), h + "attn.c_proj.weight", lambda w: w.reshape(H, E, D),
-                            lambda w: w.reshape(H * E, D)))
-            out.append(_one(a + ("bo",), h + "attn.c_proj.bias"))
-            for ours, hf in (("in", "c_fc"), ("out", "c_proj")):
-                out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight"))
-                out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
-        norm(("final_norm",), "transformer.ln_f")
-    elif cfg.family == "gpt_neox":
-        out.append(_one(("embed",), "gpt_neox.embed_in.weight"))
-        for i in range(cfg.n_layers):
-            L, h = f"layer_{i}", f"gpt_neox.layers.{i}."
-            norm((L, "ln1"), h + "input_layernorm")
-            norm((L, "ln2"), h + "post_attention_layernorm")
-            a = (L, "attn")
-            out.append(Mapping(h + "attention.query_key_value.weight",
-                               (a + ("wq",), a + ("wk",), a + ("wv",)),
-                               lambda w: tuple(w.reshape(H, 3, E, D).transpose(1, 3, 0, 2)),
-                               lambda q, k, v: np.stack([q, k, v]).transpose(2, 0, 3, 1)
-                               .reshape(3 * H * E, D)))
-            if cfg.qkv_bias:
-                out.append(Mapping(h + "attention.query_key_value.bias",
-                                   (a + ("bq",), a + ("bk",), a + ("bv",)),
-                                   lambda b: tuple(b.reshape(H, 3, E).transpose(1, 0, 2)),
-                                   lambda q, k, v: np.stack([q, k, v], 1).reshape(3 * H * E)))
-            out_proj(a, h + "attention.dense")
-            for ours, hf in (("in", "dense_h_to_4h"), ("out", "dense_4h_to_h")):
-                out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
-                out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
-        norm(("final_norm",), "gpt_neox.final_layer_norm")
-    elif cfg.family == "gptj":
-        out.append(_one(("embed",), "transformer.wte.weight"))
-        for i in range(cfg.n_layers):
-            L, h = f"layer_{i}", f"transformer.h.{i}."
-            norm((L, "ln1"), h + "ln_1")
-            for name in "qkv":
-                head_major((L, "attn", name), f"{h}attn.{name}_proj", H, cfg.qkv_bias)
-            out_proj((L, "attn"), h + "attn.out_proj")
-            for ours, hf in (("in", "fc_in"), ("out", "fc_out")):
-                out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
-                out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
-        norm(("final_norm",), "transformer.ln_f")
-    else:  # llama, qwen2/3, mistral, gemma2/3
-        gemma = cfg.family == "gemma"
-        out.append(_one(("embed",), "model.embed_tokens.weight"))
-        for i in range(cfg.n_layers):
-            L, h = f"layer_{i}", f"model.layers.{i}."
-            norm((L, "ln1"), h + "input_layernorm")
-            if gemma:  # Gemma's post_attention_layernorm norms the attention output
-                norm((L, "ln1_post"), h + "post_attention_layernorm")
-                norm((L, "ln2"), h + "pre_feedforward_layernorm")
-                norm((L, "ln2_post"), h + "post_feedforward_layernorm")
-            else:
-                norm((L, "ln2"), h + "post_attention_layernorm")
-            a = (L, "attn")
-            for name, n in (("q", H), ("k", K), ("v", K)):
-                head_major(a + (name,), f"{h}self_attn.{name}_proj", n, cfg.qkv_bias)
-            if cfg.qk_norm:
-                norm(a + ("q_norm",), h + "self_attn.q_norm")
-                norm(a + ("k_norm",), h + "self_attn.k_norm")
-            out_proj(a, h + "self_attn.o_proj")
-            for ours, hf in (("in", "gate_proj"), ("up", "up_proj"), ("out", "down_proj")):
-                out.append(_one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight", _t, _t))
-                if cfg.mlp_bias:
-                    out.append(_one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias"))
-        norm(("final_norm",), "model.norm")
+    def mlp(self, L, h, names, biases=True, transposed=True):
+        """Our (L, "mlp", "w_<ours>") <-> `<h>mlp.<hf>.weight` for each (ours, hf) of names."""
+        for ours, hf in names:
+            self.one((L, "mlp", "w_" + ours), f"{h}mlp.{hf}.weight",
+                     *((_t, _t) if transposed else ()))
+            if biases:
+                self.one((L, "mlp", "b_" + ours), f"{h}mlp.{hf}.bias")
+
+
+def _gpt2(m: _Layout) -> None:
+    D, H, E = m.D, m.H, m.E
+    m.one(("embed",), "transformer.wte.weight")
+    m.one(("pos_embed",), "transformer.wpe.weight")
+    for i in range(m.cfg.n_layers):
+        L, h = f"layer_{i}", f"transformer.h.{i}."
+        m.norm((L, "ln1"), h + "ln_1")
+        m.norm((L, "ln2"), h + "ln_2")
+        a = (L, "attn")     # Conv1D weights are [in, out]: no transposes
+        m.out.append(Mapping(h + "attn.c_attn.weight", (a + ("wq",), a + ("wk",), a + ("wv",)),
+                             lambda w: tuple(w.reshape(D, 3, H, E).transpose(1, 0, 2, 3)),
+                             lambda q, k, v: np.stack([q, k, v], 1).reshape(D, 3 * D)))
+        m.out.append(Mapping(h + "attn.c_attn.bias", (a + ("bq",), a + ("bk",), a + ("bv",)),
+                             lambda b: tuple(b.reshape(3, H, E)),
+                             lambda q, k, v: np.stack([q, k, v]).reshape(3 * D)))
+        m.one(a + ("wo",), h + "attn.c_proj.weight", lambda w: w.reshape(H, E, D),
+              lambda w: w.reshape(H * E, D))
+        m.one(a + ("bo",), h + "attn.c_proj.bias")
+        m.mlp(L, h, (("in", "c_fc"), ("out", "c_proj")), transposed=False)
+    m.norm(("final_norm",), "transformer.ln_f")
+
+
+def _gpt_neox(m: _Layout) -> None:
+    D, H, E = m.D, m.H, m.E
+    m.one(("embed",), "gpt_neox.embed_in.weight")
+    for i in range(m.cfg.n_layers):
+        L, h = f"layer_{i}", f"gpt_neox.layers.{i}."
+        m.norm((L, "ln1"), h + "input_layernorm")
+        m.norm((L, "ln2"), h + "post_attention_layernorm")
+        a = (L, "attn")     # q, k, v interleaved per head
+        m.out.append(Mapping(h + "attention.query_key_value.weight",
+                             (a + ("wq",), a + ("wk",), a + ("wv",)),
+                             lambda w: tuple(w.reshape(H, 3, E, D).transpose(1, 3, 0, 2)),
+                             lambda q, k, v: np.stack([q, k, v]).transpose(2, 0, 3, 1)
+                             .reshape(3 * H * E, D)))
+        if m.cfg.qkv_bias:
+            m.out.append(Mapping(h + "attention.query_key_value.bias",
+                                 (a + ("bq",), a + ("bk",), a + ("bv",)),
+                                 lambda b: tuple(b.reshape(H, 3, E).transpose(1, 0, 2)),
+                                 lambda q, k, v: np.stack([q, k, v], 1).reshape(3 * H * E)))
+        m.out_proj(a, h + "attention.dense")
+        m.mlp(L, h, (("in", "dense_h_to_4h"), ("out", "dense_4h_to_h")))
+    m.norm(("final_norm",), "gpt_neox.final_layer_norm")
+
+
+def _gptj(m: _Layout) -> None:
+    m.one(("embed",), "transformer.wte.weight")
+    for i in range(m.cfg.n_layers):
+        L, h = f"layer_{i}", f"transformer.h.{i}."
+        m.norm((L, "ln1"), h + "ln_1")       # one norm: attention and MLP in parallel
+        for name in "qkv":
+            m.head_major((L, "attn", name), f"{h}attn.{name}_proj", m.H, m.cfg.qkv_bias)
+        m.out_proj((L, "attn"), h + "attn.out_proj")
+        m.mlp(L, h, (("in", "fc_in"), ("out", "fc_out")))
+    m.norm(("final_norm",), "transformer.ln_f")
+
+
+def _llama(m: _Layout) -> None:
+    """Llama and the families laid out like it: Qwen2/3, Mistral, Gemma 2/3."""
+    cfg = m.cfg
+    m.one(("embed",), "model.embed_tokens.weight")
+    for i in range(cfg.n_layers):
+        L, h = f"layer_{i}", f"model.layers.{i}."
+        m.norm((L, "ln1"), h + "input_layernorm")
+        if cfg.family == "gemma":  # Gemma's post_attention_layernorm norms the attention output
+            m.norm((L, "ln1_post"), h + "post_attention_layernorm")
+            m.norm((L, "ln2"), h + "pre_feedforward_layernorm")
+            m.norm((L, "ln2_post"), h + "post_feedforward_layernorm")
+        else:
+            m.norm((L, "ln2"), h + "post_attention_layernorm")
+        a = (L, "attn")
+        for name, n in (("q", m.H), ("k", m.K), ("v", m.K)):
+            m.head_major(a + (name,), f"{h}self_attn.{name}_proj", n, cfg.qkv_bias)
+        if cfg.qk_norm:
+            m.norm(a + ("q_norm",), h + "self_attn.q_norm")
+            m.norm(a + ("k_norm",), h + "self_attn.k_norm")
+        m.out_proj(a, h + "self_attn.o_proj")
+        m.mlp(L, h, (("in", "gate_proj"), ("up", "up_proj"), ("out", "down_proj")),
+              biases=cfg.mlp_bias)
+    m.norm(("final_norm",), "model.norm")
+
+
+# our family -> the function laying out its checkpoint's tensors
+FAMILY_LAYOUTS = {"gpt2": _gpt2, "gpt_neox": _gpt_neox, "gptj": _gptj, "llama": _llama,
+                  "gemma": _llama}
+
+
+def _mappings(cfg: M.ModelConfig) -> list[Mapping]:
+    """Every tensor of an HF checkpoint of `cfg` and the params it becomes."""
+    m = _Layout(cfg)
+    FAMILY_LAYOUTS[cfg.family](m)
     if not cfg.tie_embeddings:
-        out.append(_one(("lm_head",), _lm_head_name(cfg), _t, _t))
+        m.one(("lm_head",), _lm_head_name(cfg), _t, _t)
     if cfg.lm_head_bias:
-        out.append(_one(("lm_head_bias",), "lm_head.bias"))
-    return out
+        m.one(("lm_head_bias",), "lm_head.bias")
+    return m.out
 
 
 # ---------------------------------------------------------------------------------------------

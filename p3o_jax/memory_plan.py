@@ -23,7 +23,7 @@ device holds:
 - `kv_cache`: sampling. Exact shard shapes of `model.init_cache`'s [rows, P + N, kv heads,
   head dim] per layer (k and v, compute dtype; `model.KV_CACHE_AXES`), rows over `data` x
   `fsdp`, kv heads over
-  `tensor`: the prompts' cache plus the one repeated per response (`sampler.sample_pairs`).
+  `tensor`: the prompts' cache plus the one repeated per response (`sampler.sample_responses`).
 - `scoring`: forward passes without gradients (rollout scoring, RM validation, evaluation):
   one layer's activations plus the logits, see below.
 - `activations`: what one training step saves for its backward pass, an estimate.

@@ -43,7 +43,7 @@ from p3o_jax.retokenize import RetokenizedReward
 from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
                         rl_optimizer)
 from p3o_jax.rollout import response_logprobs, response_reward
-from p3o_jax.sampler import sample_pairs
+from p3o_jax.sampler import sample_responses
 from p3o_jax.sharding import make_mesh
 from p3o_jax.compile_check import check_run, table
 from p3o_jax.stage import Run, stage_loop, supervised_step
@@ -101,7 +101,7 @@ def stage_sft(run: Run):
                             c.steps, c.optim)
 
 
-def sample_responses(run: Run, params, prompts, prompt_mask):
+def response_pairs(run: Run, params, prompts, prompt_mask):
     """Two responses per prompt from `params`, in chunks of `rl.prompts_per_iter` prompts:
     numpy [n, 2, N] tokens and mask (n rounded down to whole chunks)."""
     chunk, out = run.cfg.rl.prompts_per_iter, []
@@ -109,8 +109,8 @@ def sample_responses(run: Run, params, prompts, prompt_mask):
     for start in range(0, n, chunk):
         p = run.batch(chunk, lambda a, b: {"ids": prompts[start + a:start + b],
                                            "mask": prompt_mask[start + a:start + b]})
-        s = sample_pairs(params, run.cfg.policy, run.sampling, p["ids"], p["mask"],
-                         run.key(2, start), n=2)
+        s = sample_responses(params, run.cfg.policy, run.sampling, p["ids"], p["mask"],
+                             run.key(2, start), n=2)
         out.append(to_host((s.tokens, s.mask)))
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
@@ -119,7 +119,7 @@ def stage_rm(run: Run, sft_params):
     cfg, c = run.cfg, run.cfg.rm
     n_pairs = c.n_pairs // cfg.rl.prompts_per_iter * cfg.rl.prompts_per_iter
     data = run.task.preference_data(
-        n_pairs, lambda p, m: sample_responses(run, sft_params, p, m), cfg.seed)
+        n_pairs, lambda p, m: response_pairs(run, sft_params, p, m), cfg.seed)
     if is_main_process():  # atomically: offline DPO and the frontier's runs read it later
         np.savez(run.path("preferences.tmp.npz"), **data)
         os.replace(run.path("preferences.tmp.npz"), run.path("preferences.npz"))
@@ -279,7 +279,7 @@ def stage_offline(run: Run, sft_params, rm_params):
     def step(it, state, carry):
         idx = order[it * chunk:(it + 1) * chunk]
         batch = run.batch(chunk, lambda a, b: jax.tree.map(lambda x: x[idx[a:b]], buffer))
-        return *iteration.apply(state, batch, frozen), carry
+        return *iteration.update(state, batch, frozen), carry
 
     state = stage_loop(run, "rl", "rl:dpo_offline", state, steps, step,
                        evaluate=eval_along(run, sft_params, rm_params, steps, frozen))

@@ -1,6 +1,6 @@
 """One RL iteration, the same for every online algorithm: sample -> score -> prepare -> update.
 
-    samples = sample_pairs(policy, prompts)             K responses per prompt, KV-cache decode
+    samples = sample_responses(policy, prompts)             K responses per prompt, KV-cache decode
     buffer  = score(policy, ref, reward model, ...)     rollout.Rollout: log-probs, KL, rewards
     buffer  = algo.prepare(buffer, params, cfg, carry)  P3O's Delta, PPO's GAE, ...
     state   = update(state, buffer, frozen)             E epochs x M minibatches of algo.loss
@@ -30,7 +30,7 @@ from p3o_jax import lora, rollout, top_layers
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
-from p3o_jax.sampler import SamplingConfig, sample_pairs
+from p3o_jax.sampler import SamplingConfig, sample_responses
 from p3o_jax.sharding import batch_sharding, replicated
 from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, gradient_step,
                                  jit_step, make_optimizer, make_update, minibatch_index,
@@ -142,8 +142,8 @@ class RLIteration:
             return self.algo.loss(self.params(params, frozen), batch, cfg=cfg)
         # each minibatch step is skipped on its own: a guard around the whole scan would keep
         # the state it started from alive throughout, a second copy of params and moments
-        self._update = make_update(skip_nonfinite(gradient_step(loss)))
-        self.update = None        # the compiled update (`apply`)
+        self.update_steps = make_update(skip_nonfinite(gradient_step(loss)))
+        self.compiled_update = None     # `compile_update`'s program, made by `update`
         # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
         self.pack = cfg.rl.pack_prompts and jax.process_count() == 1
         self.batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -172,9 +172,9 @@ class RLIteration:
     def sample(self, params, prompts: dict, key, packing=None, max_lengths=None):
         """K responses per prompt from the policy: `SampleOutput` [B, K, N] (`max_lengths`
         [B, K]: per-response limits, the benchmark's stand-in for EOS)."""
-        return sample_pairs(params["policy"], self.cfg.policy, self.sampling, prompts["ids"],
-                            prompts["mask"], key, n=self.cfg.rl.n_samples,
-                            max_lengths=max_lengths, packing=packing)
+        return sample_responses(params["policy"], self.cfg.policy, self.sampling, prompts["ids"],
+                                prompts["mask"], key, n=self.cfg.rl.n_samples,
+                                max_lengths=max_lengths, packing=packing)
 
     @functools.partial(jax.jit, static_argnums=0)
     def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict,
@@ -207,17 +207,17 @@ class RLIteration:
         return MinibatchPlan(index, self.packing(buffer.tokens[:, 0, :P], buffer.mask[:, 0, :P],
                                                  index))
 
-    def apply(self, state: TrainState, buffer, frozen=None):
+    def update(self, state: TrainState, buffer, frozen=None):
         """The update (E epochs x M minibatches of the algorithm's loss) on a prepared buffer,
         compiled by `jit_step` on first use, when the buffer gives the shapes (again for
         another number of packed rows); `frozen`: the policy's frozen part (`split_policy`),
         an argument that is read, not donated."""
         plan = self.plan(state, buffer)
-        if self.update is None:
-            self.update = self.update_program(buffer, plan)
-        return self.update(state, (buffer, plan), frozen)
+        if self.compiled_update is None:
+            self.compiled_update = self.compile_update(buffer, plan)
+        return self.compiled_update(state, (buffer, plan), frozen)
 
-    def update_program(self, buffer, plan: MinibatchPlan):
+    def compile_update(self, buffer, plan: MinibatchPlan):
         """The jitted update `(state, (buffer, plan), frozen) -> (state, metrics)` (`jit_step`,
         state donated) for a buffer and plan of these shapes (arrays or ShapeDtypeStructs):
         buffer rows over the batch devices, the plan's index [E * M, B / M] replicated, its
@@ -225,7 +225,7 @@ class RLIteration:
         packed = lambda x: batch_sharding(self.mesh, x.ndim, axis=1)
         shardings = (jax.tree.map(lambda x: batch_sharding(self.mesh, x.ndim), buffer),
                      MinibatchPlan(replicated(self.mesh), jax.tree.map(packed, plan.packing)))
-        return jit_step(self._update, self.shardings, None, self.mesh, self.frozen_shardings,
+        return jit_step(self.update_steps, self.shardings, None, self.mesh, self.frozen_shardings,
                         batch_shardings=shardings)
 
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
@@ -251,7 +251,7 @@ class RLIteration:
         if self.reward_fns:
             metrics = dict(metrics, **{f"time_reward/{k}": t
                                        for k, t in self.reward_fns.time.items()})
-        state, update_metrics = jax.block_until_ready(self.apply(state, buffer, frozen))
+        state, update_metrics = jax.block_until_ready(self.update(state, buffer, frozen))
         t3 = time.perf_counter()
         return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
                                 "time_score": t2 - t1, "time_update": t3 - t2}

@@ -145,7 +145,7 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
           prompts, prompt_mask, samples, temperature: float,
           recompute_old: bool = False, rm_scores=None, packing: Packing | None = None,
           rewards=None, rm_weight: float = 1.0) -> Rollout:
-    """The buffer from prompts [B, P] and `sample_pairs` output [B, K, N]: reference log-probs
+    """The buffer from prompts [B, P] and `sample_responses` output [B, K, N]: reference log-probs
     (and the policy's, if `recompute_old`), sequence KL (k1) and the reward, `rm_weight` times
     the reward model's scores plus `rewards` [B, K] (the reward functions', computed on the
     host). The reward model scores here unless `reward_model` is None or its scores

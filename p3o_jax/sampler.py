@@ -2,7 +2,7 @@
 
 `generate` prefills LEFT-padded prompts [B, P] into a preallocated KV cache of length P + N,
 then decodes inside a `lax.while_loop` that writes one token per step into the cache in place
-and exits as soon as every row has emitted EOS or reached its length limit. `sample_pairs` draws
+and exits as soon as every row has emitted EOS or reached its length limit. `sample_responses` draws
 n responses per prompt, prefilling each prompt once and repeating its cache n times.
 
 Shapes: B batch (prompts), n responses per prompt, P prompt length, N = max_new_tokens,
@@ -78,7 +78,7 @@ class SamplingConfig:
 
 
 class SampleOutput(NamedTuple):
-    """Sampled responses; leading dims [B] (`generate`) or [B, n] (`sample_pairs`).
+    """Sampled responses; leading dims [B] (`generate`) or [B, n] (`sample_responses`).
 
     tokens:       int32 [..., N], `pad_id` after EOS (EOS included, mask 1).
     mask:         int32 [..., N], 1 on generated tokens.
@@ -379,13 +379,13 @@ def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mas
 
 
 def pair_keys(key, batch: int, n: int):
-    """The per-response keys `sample_pairs` uses: [B * n], response j of prompt b at b * n + j."""
+    """The per-response keys `sample_responses` uses: [B * n], response j of prompt b at b * n + j."""
     return jax.random.split(key, batch * n)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
-def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
-                 n: int = 2, max_lengths=None, packing: Packing | None = None) -> SampleOutput:
+def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
+                     n: int = 2, max_lengths=None, packing: Packing | None = None) -> SampleOutput:
     """Sample n >= 2 independent responses per prompt; outputs are laid out [B, n, N].
 
     Each prompt is prefilled once and its cache repeated n times along the batch, which gives
@@ -394,7 +394,7 @@ def sample_pairs(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt
     response). packing: the prompts packed (`packing.pack_prompts`) for the prefill.
     """
     if n < 2:
-        raise ValueError(f"sample_pairs: n must be >= 2, got {n}")
+        raise ValueError(f"sample_responses: n must be >= 2, got {n}")
     B = prompts.shape[0]
     params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)

@@ -23,7 +23,7 @@ from p3o_jax import data
 from p3o_jax.checks import ConfigError
 from p3o_jax.config import DataConfig
 from p3o_jax.data import own
-from p3o_jax.data.pipeline import Encoded
+from p3o_jax.data.loader import Encoded
 from p3o_jax.data import prompts as text_formats
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
@@ -143,7 +143,7 @@ def build(names: tuple[str, ...], data_cfg: DataConfig) -> None:
 
 class TextRLHF:
     """TL;DR summarisation (`task="tldr"`) or Anthropic HH dialogue (`task="hh"`): the TFDS
-    datasets of `p3o_jax.data`, tokenised with an HF tokenizer (`data.pipeline` layout).
+    datasets of `p3o_jax.data`, tokenised with an HF tokenizer (`data.loader` layout).
 
     =================  ==========================================  ==========================
     use                tldr                                        hh (`data.hh_subsets`)
@@ -165,7 +165,7 @@ class TextRLHF:
     file and line; upstream files missing from ``manual_dir``, empty, Git LFS pointers, not
     downloadable) stops the run here with `UnusableData`, before anything compiles. Each
     dataset split is tokenised once, in batches, and cached under
-    ``<data_dir>/p3o_tokenized`` (`data.pipeline.encode_source`). ``stop_sequences``: the
+    ``<data_dir>/p3o_tokenized`` (`data.loader.encode_source`). ``stop_sequences``: the
     token ids of ``data_cfg.stop_sequences`` as they occur mid-text (for the sampler). Shapes: prompts [n, P]
     left-padded, responses [n, N] right-padded, P = ``prompt_len``, N = ``response_len``.
     """

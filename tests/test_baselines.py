@@ -190,7 +190,7 @@ class RelationToP3OTest(chex.TestCase):
         logp_old = policy_logps(ro.theta_old, ro.tokens)
         delta = p3o.p3o_delta(ro.rewards, ro.seq_kl, BETA)
         p3o_grad = jax.grad(lambda t: p3o.p3o_loss(policy_logps(t, ro.tokens), logp_old, ro.mask,
-                                                   delta)[0])(ro.theta_old)
+                                                   delta, clip="separate")[0])(ro.theta_old)
         objective = baseline_objective(ro, ro.rewards, "grpo", aggregation="constant",
                                        normalise_std=False)
         grad = self.variant(jax.grad(objective, has_aux=True))(ro.theta_old)[0]

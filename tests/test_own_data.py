@@ -139,7 +139,7 @@ def test_rendering_uses_the_chat_template(files, tokenizer):
 
 def own_examples(columns, tokenizer, kind, P, N):
     from p3o_jax.data import Tokenize
-    from p3o_jax.data.pipeline import Encoded
+    from p3o_jax.data.loader import Encoded
     return Encoded(columns, Tokenize(tokenizer, "own", kind, P, N))
 
 
@@ -398,3 +398,20 @@ def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path):
     assert rows["p3o"]["gold"] > rows["sft"]["gold"]
     assert rows["p3o"]["win_gold"] - 0.5 > 2 * rows["p3o"]["win_gold_se"], rows
     assert not os.path.exists(tmp_path / "rm")
+
+
+def test_the_smollm2_experiment_runs_on_a_local_model(sft_folder, tmp_path):
+    """`make train EXP=smollm2` as committed (its prompt files, math_answer, top layers, held-
+    out eval, the samples kept in summary.json), with a tiny local model for SmolLM2."""
+    out = tmp_path / "smollm2"
+    assert main(["exp=smollm2", f"pretrained_sft={sft_folder}", f"out_dir={out}",
+                 "rl.train_top_layers=1", "rl.iterations=2", "rl.prompts_per_iter=8",
+                 "rl.eval_every=2", "eval_prompts=8", "mesh.data=2", "mesh.fsdp=4"]) == 0
+    rows = read_metrics(out)
+    rl = [r for r in rows if r["stage"] == "rl:p3o"]
+    assert len(rl) == 2 and rl[0]["reward"] == rl[0]["reward/math_answer"]
+    evals = [r for r in rows if r["stage"] == "eval:p3o"]
+    assert [r["step"] for r in evals] == [0, 2] and 0 <= evals[0]["math_answer_acc"] <= 1
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary["samples"]) == {"sft", "p3o"}
+    assert "Answer with the number only." in summary["samples"]["sft"]

@@ -79,8 +79,8 @@ def test_sampling_and_scoring_match_padded():
     pk = PK.pack_prompts(ids, mask)
     scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.9, eos_id=3)
     key = jax.random.key(6)
-    padded = S.sample_pairs(policy, cfg, scfg, ids, mask, key)
-    packed = S.sample_pairs(policy, cfg, scfg, ids, mask, key, packing=pk)
+    padded = S.sample_responses(policy, cfg, scfg, ids, mask, key)
+    packed = S.sample_responses(policy, cfg, scfg, ids, mask, key, packing=pk)
     np.testing.assert_array_equal(packed.tokens, padded.tokens)
     chex.assert_trees_all_close(packed, padded, atol=2e-5)
     score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
@@ -126,7 +126,7 @@ def test_rl_iteration_matches_padded(algo):
                 packing=None if plan.packing is None else jax.tree.map(lambda x: x[s], plan.packing)))
                 for s, i in enumerate(plan.index[:2])]
             before = jax.tree.map(np.asarray, state.params)
-            state, metrics = it.apply(state, buffer)
+            state, metrics = it.update(state, buffer)
         results.append((samples, buffer, grads, jax.tree.map(np.asarray, state.params), metrics))
     (s0, b0, g0, p0, m0), (s1, b1, g1, p1, m1) = results
     np.testing.assert_array_equal(s1.tokens, s0.tokens)

@@ -61,6 +61,6 @@ def test_sampler_runs_on_a_rematerialised_config(params):
     cfg = dataclasses.replace(BASE, remat="block")
     prompts = jnp.asarray(batch(B=2, L=8)["input_ids"])
     scfg = S.SamplingConfig(max_new_tokens=4, greedy=True)
-    a = S.sample_pairs(params, cfg, scfg, prompts, jnp.ones_like(prompts), jax.random.key(1))
-    b = S.sample_pairs(params, BASE, scfg, prompts, jnp.ones_like(prompts), jax.random.key(1))
+    a = S.sample_responses(params, cfg, scfg, prompts, jnp.ones_like(prompts), jax.random.key(1))
+    b = S.sample_responses(params, BASE, scfg, prompts, jnp.ones_like(prompts), jax.random.key(1))
     np.testing.assert_array_equal(a.tokens, b.tokens)

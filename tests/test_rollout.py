@@ -86,7 +86,7 @@ def test_sampler_logprobs_are_the_training_forwards():
     policy, ref, rm = (random_params(cfg, seed=s) for s in (5, 6, 7))
     prompts, prompt_mask = left_padded_prompts(4, P, cfg.vocab_size, [6, 4, 2, 5], seed=8)
     scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.8, top_k=20, top_p=0.9, eos_id=3)
-    samples = S.sample_pairs(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(9))
+    samples = S.sample_responses(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(9))
     score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
     reused = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, False)
     recomputed = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, True)
@@ -103,7 +103,7 @@ def test_recomputed_kl_of_a_policy_to_itself_is_exactly_zero():
         policy = random_params(cfg, seed=10)
         prompts, prompt_mask = left_padded_prompts(2, P, cfg.vocab_size, [6, 3], seed=11)
         scfg = S.SamplingConfig(max_new_tokens=N)
-        samples = S.sample_pairs(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(12))
+        samples = S.sample_responses(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(12))
         buf = R.score(policy, policy, policy, cfg, cfg, prompts, prompt_mask, samples, 1.0,
                       recompute_old=True)
         np.testing.assert_array_equal(buf.seq_kl, 0.0)

@@ -149,7 +149,7 @@ def truncated_probs(logits, temperature, top_k, top_p):
                          [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.5, 0, 0.8), (1.0, 5, 0.6)])
 def test_sampling_frequencies_match_distribution(temperature, top_k, top_p):
     """Draw n first tokens from a tiny model's next-token logits with n keys, exactly as
-    `sample_pairs` draws its first tokens (`test_keys_determine_samples` checks that link)."""
+    `sample_responses` draws its first tokens (`test_keys_determine_samples` checks that link)."""
     cfg = M.ModelConfig(family="gpt2", vocab_size=8, d_model=16, n_layers=1, n_heads=2)
     params = random_params(cfg, seed=4)
     prompts, prompt_mask = left_padded_prompts(1, 4, cfg.vocab_size, [3], seed=5)
@@ -188,8 +188,8 @@ def test_keys_determine_samples():
     B, n = 4, 2
     prompts, prompt_mask = left_padded_prompts(B, 5, cfg.vocab_size, [5, 4, 3, 2])
     scfg = S.SamplingConfig(max_new_tokens=8, top_p=0.95)
-    draw = lambda seed: S.sample_pairs(params, cfg, scfg, prompts, prompt_mask,
-                                       jax.random.key(seed)).tokens
+    draw = lambda seed: S.sample_responses(params, cfg, scfg, prompts, prompt_mask,
+                                           jax.random.key(seed)).tokens
     a, b, c = draw(0), draw(0), draw(1)
     np.testing.assert_array_equal(a, b)
     assert (a != c).mean() > 0.5
@@ -209,8 +209,8 @@ def test_sample_pairs_reuses_prefill_equivalently():
     max_lengths = jnp.array([8, 3, 6])
     scfg = S.SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=10, eos_id=7)
     key = jax.random.key(3)
-    pairs = S.sample_pairs(params, cfg, scfg, prompts, prompt_mask, key, n=n,
-                           max_lengths=max_lengths)
+    pairs = S.sample_responses(params, cfg, scfg, prompts, prompt_mask, key, n=n,
+                               max_lengths=max_lengths)
     flat = S.generate(params, cfg, scfg, jnp.repeat(prompts, n, 0), jnp.repeat(prompt_mask, n, 0),
                       S.pair_keys(key, B, n), jnp.repeat(max_lengths, n))
     chex.assert_shape([pairs.tokens, pairs.mask, pairs.logprobs, pairs.raw_logprobs], (B, n, 8))
@@ -331,7 +331,7 @@ def test_sharded_matches_single_device():
     greedy = S.SamplingConfig(max_new_tokens=N, greedy=True)
     sampled = S.SamplingConfig(max_new_tokens=N, top_k=20)
     ref = S.generate(params, cfg, greedy, prompts, prompt_mask, keys)
-    ref_pairs = S.sample_pairs(params, cfg, sampled, prompts, prompt_mask, jax.random.key(1))
+    ref_pairs = S.sample_responses(params, cfg, sampled, prompts, prompt_mask, jax.random.key(1))
 
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
     # the weights gathered once per call (`weights_for_decode`) or block by block at each step
@@ -342,7 +342,7 @@ def test_sharded_matches_single_device():
             p, m = shard_batch((np.asarray(prompts), np.asarray(prompt_mask)), mesh)
             out = S.generate(sharded, cfg, once(greedy), p, m,
                              jax.device_put(keys, batch_sharding(mesh, 1)))
-            pairs = S.sample_pairs(sharded, cfg, once(sampled), p, m, jax.random.key(1))
+            pairs = S.sample_responses(sharded, cfg, once(sampled), p, m, jax.random.key(1))
         assert len(out.tokens.sharding.device_set) == 8
         assert out.tokens.sharding.shard_shape(out.tokens.shape) == (B // 4, N)  # batch on fsdp
         np.testing.assert_array_equal(out.tokens, ref.tokens)

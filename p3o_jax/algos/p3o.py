@@ -135,12 +135,14 @@ def pair_loss(logp, logp_old, mask, delta, clip: str, eps: float, ratio_bound: f
     return loss, stats
 
 
-def p3o_loss(logp, logp_old, mask, delta, *, clip: str = "separate", eps: float = 0.2,
+def p3o_loss(logp, logp_old, mask, delta, *, clip: str, eps: float = 0.2,
              ratio_bound: float = 10.0):
     """The P3O loss (module docstring) of B pairs, vmapped over pairs and averaged.
 
     logp, logp_old, mask: [B, 2, T] per-token log-probs of the two responses under the current
-    policy and pi_old, and their mask; delta: [B], a constant. Returns (loss, metrics):
+    policy and pi_old, and their mask; delta: [B], a constant. `clip`: "separate" (V1) or
+    "joint" (V2), always said (`P3OConfig.clip`, "joint" by default, is the run's). Returns
+    (loss, metrics):
     `clip_frac` (V1: responses with |rho - 1| > eps; V2: pairs with |u - u_old| > eps),
     `weight_clip_frac` (weights at the bound R), `delta_abs_mean`, `rho_mean`/`rho_max`,
     `log_rho_mean`/`log_rho_abs_max`, `approx_kl` (k3 of KL(pi_old || pi) per response).

@@ -15,7 +15,7 @@ Workloads (`WORKLOADS`; kept exactly, so that numbers compare across changes):
 Float32 compute; a policy, its frozen copy as the reference and a reward model of the same
 shape; EOS disabled; one P3O update (one epoch of one minibatch, beta 0.05). The iteration is
 the training loop's own `rl.RLIteration`: three compiled programs, each timed up to
-`block_until_ready`: generate (`sampler.sample_pairs`), score (the reference's log-probs, the
+`block_until_ready`: generate (`sampler.sample_responses`), score (the reference's log-probs, the
 old ones too with `recompute_old=true`, the reward model, P3O's Delta: `rollout.score` and
 `algos.p3o.prepare`) and update (`train_state.make_update` of `algos.p3o.loss` under
 `jit_step`, state donated). Scoring and the update run each prompt once for its n responses
@@ -471,7 +471,7 @@ def loop_section(w: Workload, repeats: int):
 # transformers' PyTorch generate on the same weights and shapes
 
 def torch_section(w: Workload, repeats: int, threads: list[int]):
-    """transformers' `generate` at each PyTorch thread count and our `sample_pairs`, on the same
+    """transformers' `generate` at each PyTorch thread count and our `sample_responses`, on the same
     weights, prompts and sampling settings, timed in alternation so that both see the same
     load; medians of `repeats` rounds, and our speed-up over the best thread count. With
     per-response limits (W2-var), which `generate` has no way to take, it generates every
@@ -503,8 +503,8 @@ def torch_section(w: Workload, repeats: int, threads: list[int]):
         assert out.shape == (B * n, P + N)
 
     packing = (PK.pack_prompts(prompts["ids"], prompts["mask"]) if w.pack_prompts else None)
-    ours = lambda: S.sample_pairs(policy, w.model, w.sampling, prompts["ids"], prompts["mask"],
-                                  jax.random.key(0), n=n, max_lengths=limits, packing=packing)
+    ours = lambda: S.sample_responses(policy, w.model, w.sampling, prompts["ids"], prompts["mask"],
+                                      jax.random.key(0), n=n, max_lengths=limits, packing=packing)
     runs = {"ours": ours, **{t: functools.partial(theirs, t) for t in threads}}
     times = {k: [] for k in runs}
     for k, fn in runs.items():
@@ -543,8 +543,8 @@ def memory_child(w: Workload, algo: str):
         run = Iteration(w, algo)
         buffer = run.buffer()
         plan = run.rl.plan(run.state, buffer)
-        run.rl.update = run.rl.update_program(buffer, plan)
-        update = run.rl.update.lower(run.state, (buffer, plan), None).compile().memory_analysis()
+        run.rl.compiled_update = run.rl.compile_update(buffer, plan)
+        update = run.rl.compiled_update.lower(run.state, (buffer, plan), None).compile().memory_analysis()
         del buffer
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
         print(json.dumps(dict(state_mib=state_bytes / 2 ** 20,

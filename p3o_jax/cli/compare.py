@@ -27,8 +27,8 @@ import jax
 import numpy as np
 
 from p3o_jax.checks import NonNegative, OneOf, Pattern
-from p3o_jax.cli.frontier import METHODS, load_average, mean_and_se, overridden, write_jsonl, \
-    write_report
+from p3o_jax.cli.frontier import (METHODS, keep_compiled, load_average, mean_and_se, overridden,
+                                  write_jsonl, write_report)
 from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.checks import ConfigError
 from p3o_jax.config import ExperimentConfig
@@ -173,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # the runs compile the same programs again and again: keep them across runs
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(
-        cfg.out_dir.rstrip("/") + "-compare/jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    keep_compiled(cfg.out_dir.rstrip("/") + "-compare/jax_cache")
     records, timings, samples = [], [], {}
     for seed in args.seeds:
         for method in args.methods:

@@ -354,6 +354,13 @@ def write_report(path: str, text: str) -> None:
     print(text)
 
 
+def keep_compiled(folder: str) -> None:
+    """The runs of a sweep compile the same programs again and again: keep them in `folder`
+    (jax's persistent compilation cache) across runs."""
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def load_average() -> str:
     """The machine's 1, 5 and 15 minute load averages (the runs share its cores)."""
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -391,10 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(results, exist_ok=True)
-    # the runs compile the same programs again and again: keep them across runs
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(
-        cfg.out_dir.rstrip("/") + "-frontier/jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    keep_compiled(cfg.out_dir.rstrip("/") + "-frontier/jax_cache")
     command = "python -m p3o_jax.cli.frontier " + " ".join(argv)
     start = time.perf_counter()
     took = lambda: f"{(time.perf_counter() - start) / 60:.1f} minutes on {os.cpu_count()} CPU cores"

@@ -14,7 +14,7 @@ random access by index) and `fixtures` (tiny files in the upstream formats, offl
 from p3o_jax.data.builders import (
     COMPARISON_FILES, HH_SUBSETS, HhRlhf, TldrComparisons, TldrSft, check_manual_dir, prepare,
     upstream_files)
-from p3o_jax.data.pipeline import (
+from p3o_jax.data.loader import (
     Concatenated, Tokenize, make_examples, make_pipeline, pad_token_id, read_batch, shard)
 from p3o_jax.data.prompts import (
     TLDR_PROMPT_TEMPLATE, fit_tldr_prompt, format_tldr_prompt, split_hh_pair, tldr_response)

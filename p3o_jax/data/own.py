@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from p3o_jax.data import prompts as P
-from p3o_jax.data.pipeline import ragged_columns, save_npz_atomically
+from p3o_jax.data.loader import ragged_columns, save_npz_atomically
 from p3o_jax.data.validate import UpstreamError
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -364,7 +364,7 @@ class Render:
 
 def encode(records: Records, render: Render, prompt_len: int, response_len: int,
            long_prompts: str, cache_dir: str | None = None) -> dict[str, np.ndarray]:
-    """Token ids of every record, ragged (`pipeline.Encoded`'s columns: `f"{field}.ids"`,
+    """Token ids of every record, ragged (`loader.Encoded`'s columns: `f"{field}.ids"`,
     `f"{field}.offsets"` for "prompt" and each response field), plus "row": the records kept.
     Prompts over `prompt_len` tokens keep their last ones (`long_prompts="truncate"`) or are
     dropped ("filter"), counted on stderr; responses keep their first `response_len` tokens,
@@ -400,7 +400,7 @@ def encode(records: Records, render: Render, prompt_len: int, response_len: int,
 
 
 class Examples(Sequence):
-    """`pipeline.Encoded` examples, each with its record's index as "row" (int64 [])."""
+    """`loader.Encoded` examples, each with its record's index as "row" (int64 [])."""
 
     def __init__(self, encoded: Sequence, rows: np.ndarray):
         self.encoded, self.rows = encoded, rows
