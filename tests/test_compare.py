@@ -83,6 +83,15 @@ def test_an_unfinished_run_is_run(finished, tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "r" / "arithmetic.md")
 
 
+def test_run_false_reports_the_finished_runs_only(finished, tmp_path, monkeypatch):
+    os.remove(f"{finished}-compare/seed1/GRPO/summary.json")
+    monkeypatch.setattr(compare, "run_experiment", lambda cfg: pytest.fail("ran"))
+    assert compare.main(["exp=arithmetic", f"out_dir={finished}", "methods=P3O-V2,GRPO",
+                         "seeds=0,1", f"results={tmp_path}", "run=false"]) == 0
+    rows = [line for line in open(tmp_path / "arithmetic.md") if line.startswith("| ")]
+    assert [r.split("|")[1:3] for r in rows[1:]] == [[" P3O-V2 ", " 2 "], [" GRPO ", " 1 "]]
+
+
 def test_bad_method_is_one_line(capsys):
     assert compare.main(["exp=arithmetic", "methods=P3O-V3"]) == 2
     assert "methods" in capsys.readouterr().err

@@ -137,3 +137,20 @@ def test_tools_share_the_grammar(capsys):
     err = capsys.readouterr().err.splitlines()
     assert "'model'" in err[0] and "'mesh'" in err[1], err
     assert memory_plan.main(["exp=toy", "devices=8", "mesh.tensor=2"]) == 0
+
+
+def test_algorithm_groups_come_from_their_algorithms():
+    """A new algorithm is its module and its line in ALGORITHMS: its config group (`p3o.*`)
+    is a field of ExperimentConfig without config.py naming it."""
+    from p3o_jax.algos import ALGORITHMS
+    fields = {f.name: f for f in dataclasses.fields(C.ExperimentConfig)}
+    for algo in ALGORITHMS.values():
+        if algo.settings:
+            assert fields[algo.settings].type is algo.config
+            assert getattr(C.ExperimentConfig(), algo.settings) == algo.config()
+    with open(C.__file__) as f:
+        source = f.read()
+    assert not [a.config.__name__ for a in ALGORITHMS.values()
+                if a.config and a.config.__name__ in source]
+    cfg = config_args.from_args(["exp=toy", "grpo.normalise_std=false"])
+    assert cfg.grpo.normalise_std is False and type(cfg) is C.ExperimentConfig

@@ -6,7 +6,8 @@ reward-model stage to share, every method at the experiment's `rl.beta` (the fro
                                   [name=smollm2] [results=experiments/results] [key=value ...]
 
 Each run has its own folder, `<out_dir>-compare/seed<S>/<method>`, and resumes there after a
-kill (the same command again); a finished run (its summary.json written) is only read. Then:
+kill (the same command again); a finished run (its summary.json written) is only read
+(`run=false`: only the finished runs are read, none started). Then:
     <results>/<name>.jsonl  every evaluation of every run (method, seed, step, the eval row)
                             and each run's wall time (rows with "seconds")
     <results>/<name>.png    held-out accuracy (the first 0/1 reward function) and KL against
@@ -45,6 +46,7 @@ class CompareArgs:
     evals: Annotated[int, NonNegative] = 4  # evaluations along each run, besides its start
     name: Annotated[str, Pattern(r"[\w.-]*", "a file name")] = ""  # "": the experiment's name
     results: str = "experiments/results"
+    run: bool = True                # false: report the finished runs only (a sweep under way)
 
 
 def run_folder(cfg: ExperimentConfig, seed: int, method: str) -> str:
@@ -177,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     records, timings, samples = [], [], {}
     for seed in args.seeds:
         for method in args.methods:
-            rows, timing, text = read_run(run_method(cfg, seed, method, args.evals), method, seed)
+            path = run_folder(cfg, seed, method)
+            if args.run:
+                run_method(cfg, seed, method, args.evals)
+            elif not os.path.exists(os.path.join(path, "summary.json")):
+                continue
+            rows, timing, text = read_run(path, method, seed)
             records += rows
             timings.append(timing)
             if seed == args.seeds[0]:
