@@ -13,7 +13,7 @@ ACC = {("P3O-V2", 0): (0.2, 0.6), ("P3O-V2", 1): (0.3, 0.8),
        ("GRPO", 0): (0.2, 0.5), ("GRPO", 1): (0.3, 0.5)}
 
 
-def write_run(path, method, seed, before, after):
+def write_run(path, method, seed, before, after, sample_before=None):
     os.makedirs(path)
     rows = []
     for step, acc in ((0, before), (2, (before + after) / 2), (4, after)):
@@ -29,7 +29,8 @@ def write_run(path, method, seed, before, after):
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(path, "summary.json"), "w") as f:
-        json.dump({"rows": [], "samples": {"sft": f"{method} before", "x": f"{method} after"}}, f)
+        json.dump({"rows": [], "samples": {"sft": sample_before or f"{method} before",
+                                           "x": f"{method} after"}}, f)
 
 
 @pytest.fixture
@@ -95,3 +96,17 @@ def test_run_false_reports_the_finished_runs_only(finished, tmp_path, monkeypatc
 def test_bad_method_is_one_line(capsys):
     assert compare.main(["exp=arithmetic", "methods=P3O-V3"]) == 2
     assert "methods" in capsys.readouterr().err
+
+
+def test_one_starting_policy_is_shown_once(tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "exp"
+    for method in ("P3O-V2", "GRPO"):
+        write_run(f"{out}-compare/seed0/{method}", method, 0, 0.2, 0.6,
+                  sample_before="<start sample>")
+    monkeypatch.setattr(compare, "run_experiment", lambda cfg: pytest.fail("ran again"))
+    assert compare.main(["exp=arithmetic", f"out_dir={out}", "methods=P3O-V2,GRPO", "seeds=0",
+                         f"results={tmp_path}", "name=demo"]) == 0
+    text = open(tmp_path / "demo.md").read()
+    assert text.count("<start sample>") == 1 and "every method" in text
+    assert "### P3O-V2, after" in text and "### GRPO, after" in text
+    assert "P3O-V2, before" not in text

@@ -157,8 +157,15 @@ def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: 
             f"Seconds per iteration: sampling, scoring and the update, after the first "
             f"(compiling) iteration; minutes per run include the compiles and evaluations.", "",
             format_table(rows, columns), ""]
+    befores = {by_policy.get("sft") for by_policy in samples.values()}
+    shared = len(befores) == 1 and None not in befores   # every method starts from one policy
+    if shared:
+        text += ["### Before RL (the starting policy, every method)", "", "```",
+                 befores.pop().strip(), "```", ""]
     for method, by_policy in samples.items():
         for name, text_ in by_policy.items():
+            if name == "sft" and shared:
+                continue
             when = "after" if name != "sft" else "before (the starting policy)"
             text += [f"### {method}, {when}", "", "```", text_.strip(), "```", ""]
     return "\n".join(text)
