@@ -50,7 +50,7 @@ train: $(VENV)/.runtime-$(ACCEL) $(MODEL_$(EXP))
 	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
 test: $(VENV)/.test-$(ACCEL)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 frontier: $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)

@@ -198,15 +198,9 @@ def test_ties_hold_fewer_temporaries(target, tie, monkeypatch):
     cfg, mesh = tiny_mesh(target_devices(target),
                           ["exp=toy", "policy.vocab_size=1024", "policy.n_layers=8",
                            "policy.d_model=1024", "rl.prompts_per_iter=16"] + extra)
-
-    def temp_bytes():     # the program anew each time: jit would reuse the first trace
-        program = programs(cfg, mesh, (name,))[name]
-        with jax.set_mesh(mesh):
-            return program.fn.lower(*program.args).compile().memory_analysis().temp_size_in_bytes
-
-    tied = temp_bytes()
+    tied = temp_bytes(cfg, mesh, name)
     monkeypatch.setattr(module, attr, untied_fn)
-    assert tied < most[target] * temp_bytes(), tied
+    assert tied < most[target] * temp_bytes(cfg, mesh, name), tied
 
 
 def _loop_collectives(hlo: str) -> dict:

@@ -77,9 +77,16 @@ def test_k4_methods_keep_the_samples_per_iteration():
     assert "| RLOO | 30 |" in table and "SFT+RM" not in table
 
 
-def test_frontier_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """One out_dir for the frontier and invariance runs: the second trains no SFT and reward
+    model of its own (both start from `<out_dir>-frontier/seed0`) and reuses compiled programs."""
+    return tmp_path_factory.mktemp("sweep") / "run"
+
+
+def test_frontier_end_to_end(sweep_dir, tmp_path):
     results = tmp_path / "results"
-    args = [*TINY, f"out_dir={tmp_path}/run", f"results={results}", "seeds=0", "betas=0.1",
+    args = [*TINY, f"out_dir={sweep_dir}", f"results={results}", "seeds=0", "betas=0.1",
             "methods=P3O-V2,DPO-offline", "rl.iterations=4", "dpo.epochs=1"]
     assert F.main(args) == 0
     assert (results / "frontier.png").stat().st_size > 10_000
@@ -95,11 +102,11 @@ def test_frontier_end_to_end(tmp_path):
     assert (results / "frontier.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]
 
 
-def test_invariance_end_to_end(tmp_path):
+def test_invariance_end_to_end(sweep_dir, tmp_path):
     """With a per-prompt offset on the reward, P3O's curves are unchanged up to rounding and
     PPO's are not."""
     results = tmp_path / "results"
-    assert F.main([*TINY, f"out_dir={tmp_path}/run", f"results={results}", "invariance=true",
+    assert F.main([*TINY, f"out_dir={sweep_dir}", f"results={results}", "invariance=true",
                    "rl.iterations=4"]) == 0
     rows = [json.loads(line) for line in (results / "invariance.jsonl").read_text().splitlines()]
     curve = lambda m, off: np.array([[r["gold_reward"], r["kl_k1"], r["rm_reward_minus_offset"]]

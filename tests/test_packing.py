@@ -121,8 +121,8 @@ def test_rl_iteration_matches_padded(algo):
             buffer, _ = it.score(state.params, policy, rm, prompt, samples, carry, None, packing)
             buffer = buffer.replace(entropy=None)
             plan = it.plan(state, buffer)
-            loss = lambda p, b: ALGORITHMS[algo].loss(p, b, exp)[0]
-            grads = [jax.grad(loss)(state.params, jax.tree.map(lambda x: x[i], buffer).replace(
+            grad = jax.jit(jax.grad(lambda p, b: ALGORITHMS[algo].loss(p, b, exp)[0]))
+            grads = [grad(state.params, jax.tree.map(lambda x: x[i], buffer).replace(
                 packing=None if plan.packing is None else jax.tree.map(lambda x: x[s], plan.packing)))
                 for s, i in enumerate(plan.index[:2])]
             before = jax.tree.map(np.asarray, state.params)
