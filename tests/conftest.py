@@ -1,4 +1,5 @@
-"""Test-wide setup: 8 fake CPU devices (must be set before jax is imported)."""
+"""Test-wide setup: 8 fake CPU devices and XLA flags (set before jax is imported), and the order
+in which the test files run."""
 import os
 
 # XLA:CPU's LLVM at -O0: the suite's programs are tiny and compile far more often than they run
@@ -20,4 +21,3 @@ SLOWEST_FIRST = ("test_compile_check.py", "test_checkpoint.py", "test_multihost.
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept
-

@@ -80,7 +80,7 @@ def test_k4_methods_keep_the_samples_per_iteration():
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """One out_dir for the frontier and invariance runs: the second trains no SFT and reward
-    model of its own (both start from `<out_dir>-frontier/seed0`) and reuses compiled programs."""
+    model of its own (both start from `<out_dir>-frontier/seed0`)."""
     return tmp_path_factory.mktemp("sweep") / "run"
 
 

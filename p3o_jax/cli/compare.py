@@ -157,17 +157,17 @@ def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: 
             f"Seconds per iteration: sampling, scoring and the update, after the first "
             f"(compiling) iteration; minutes per run include the compiles and evaluations.", "",
             format_table(rows, columns), ""]
+    section = lambda title, body: [f"### {title}", "", "```", body.strip(), "```", ""]
     befores = {by_policy.get("sft") for by_policy in samples.values()}
-    shared = len(befores) == 1 and None not in befores   # every method starts from one policy
+    shared = befores.pop() if len(befores) == 1 else None   # every method starts from one policy
     if shared:
-        text += ["### Before RL (the starting policy, every method)", "", "```",
-                 befores.pop().strip(), "```", ""]
+        text += section("Before RL (the starting policy, every method)", shared)
     for method, by_policy in samples.items():
         for name, text_ in by_policy.items():
-            if name == "sft" and shared:
-                continue
-            when = "after" if name != "sft" else "before (the starting policy)"
-            text += [f"### {method}, {when}", "", "```", text_.strip(), "```", ""]
+            if name != "sft":
+                text += section(f"{method}, after", text_)
+            elif not shared:
+                text += section(f"{method}, before (the starting policy)", text_)
     return "\n".join(text)
 
 
