@@ -18,6 +18,8 @@ import os
 import re
 import typing
 
+from p3o_jax.paths import is_local_path
+
 
 STAGES = ("sft", "rm", "rl")   # a run's stages, in the order they run
 
@@ -127,6 +129,26 @@ class JsonStrings(Check):
 
 
 @dataclasses.dataclass(frozen=True)
+class JsonObject(Check):
+    """A JSON object (`""`: none).
+
+    Its keys may not be those of `reserved` (what the caller sets itself)."""
+    reserved: tuple[str, ...] = ()
+
+    def problem(self, value):
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            return f"{value!r} is not a JSON object, e.g. {{\"enable_thinking\": false}}"
+        taken = sorted(set(parsed) & set(self.reserved))
+        return f"{', '.join(taken)}: set by p3o_jax itself" if taken else None
+
+
+@dataclasses.dataclass(frozen=True)
 class ExistingDir(Check):
     """A local folder that must exist (`""`: unset)."""
 
@@ -157,12 +179,6 @@ class WritableDir(Check):
 HUB_ID = r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?"
 
 
-def is_local_path(text: str) -> bool:
-    """Whether `text` names a local folder rather than a hub repository id: it exists, or it
-    starts like a path (/, ./, ../, ~)."""
-    return os.path.exists(os.path.expanduser(text)) or text.startswith(("/", ".", "~"))
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSource(Check):
     """A hub repository id ("org/name") or an existing local folder (`""`: unset)."""
@@ -180,7 +196,7 @@ class ModelSource(Check):
 class Sources(Check):
     """A comma list of data sources (p3o_jax/data/own.py: `LOCATION[:split=S][:config=C]
     [:weight=W]`, `""`: unset): each well-formed, and a location that looks like a local path
-    (a data file's extension, or /, ./, ~) exists."""
+    (a data file's extension, or /, ./, ~) exists; a URI (gs://, s3://, ...) is read later."""
 
     def problem(self, value):
         from p3o_jax.data import own   # the grammar's one parser
@@ -190,9 +206,9 @@ class Sources(Check):
         except UpstreamError as e:
             return str(e).lstrip(": ")
         for s in sources:
-            if is_local_path(s.location) or os.path.splitext(s.location)[1] in own.EXTENSIONS:
-                if not os.path.exists(os.path.expanduser(s.location)):
-                    return f"no such file or folder: {s.location}"
+            if (is_local_path(s.location, tuple(own.EXTENSIONS))
+                    and not os.path.exists(os.path.expanduser(s.location))):
+                return f"no such file or folder: {s.location}"
         return None
 
 

@@ -28,10 +28,11 @@ from typing import Annotated
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.algos.reward_model import RMConfig
 from p3o_jax.algos.sft import SFTConfig
-from p3o_jax.checks import (Check, ExistingDir, JsonStrings, ModelSource, NonNegative, OneOf,
-                            Pattern, Positive, Range, RewardSpecs, Sources, STAGES, SubsetOf,
-                            WritableDir)
+from p3o_jax.checks import (Check, ExistingDir, JsonObject, JsonStrings, ModelSource,
+                            NonNegative, OneOf, Pattern, Positive, Range, RewardSpecs, Sources,
+                            STAGES, SubsetOf, WritableDir)
 from p3o_jax.data.builders import HH_SUBSETS
+from p3o_jax.data.own import LONG_PROMPTS
 from p3o_jax.data.validate import ON_BAD_RECORD
 from p3o_jax.logger import LogConfig
 from p3o_jax.lora import LoraConfig
@@ -41,6 +42,9 @@ from p3o_jax.train_state import OptimConfig
 
 COLUMN = Pattern(r"[\w.-]+", "a column name (letters, digits, '_', '.', '-')")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# apply_chat_template's arguments that the data pipeline sets itself
+RESERVED_TEMPLATE_KEYS = ("conversation", "tokenize", "add_generation_prompt",
+                          "continue_final_message", "return_dict")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +116,9 @@ class DataConfig:
     stop_sequences: Annotated[str, JsonStrings()] = ""  # JSON list of strings ending a sampled
                                     # response, e.g. ["\n\nHuman:"] (cut, EOS appended)
     # task=dataset: your own data (p3o_jax/data/own.py). Each is a comma list of sources,
-    # LOCATION[:split=S][:config=C][:weight=W]: a .jsonl/.json/.parquet/.csv/.arrow file, a
-    # save_to_disk folder or a hub dataset; several are mixed by their weights
+    # LOCATION[:split=S][:config=C][:weight=W]: a .jsonl/.json/.parquet/.csv/.arrow file or a
+    # save_to_disk folder (local, or a URI: gs://, s3://, hf://, ...), or a hub dataset;
+    # several are mixed by their weights
     sft: Annotated[str, Sources()] = ""          # demonstrations: prompt + completion, or
                                                  # messages
     preferences: Annotated[str, Sources()] = ""  # prompt + chosen + rejected (or chosen +
@@ -130,8 +135,13 @@ class DataConfig:
     rejected_key: Annotated[str, COLUMN] = "rejected"
     wrap_prompts: bool = False      # render plain-string prompts as one user turn (and their
                                     # completions as the assistant's) with the chat template
-    long_prompts: Annotated[str, OneOf("truncate", "filter")] = "truncate"  # prompts over
-                                    # prompt_len tokens: keep their last tokens, or drop them
+    long_prompts: Annotated[str, OneOf(*LONG_PROMPTS)] = "error"  # prompts over prompt_len
+                                    # tokens: stop naming the first (error), cut the content of
+                                    # their last user message, the template kept (truncate), or
+                                    # drop them (filter)
+    chat_template_kwargs: Annotated[str, JsonObject(RESERVED_TEMPLATE_KEYS)] = ""  # a JSON
+                                    # object handed to every apply_chat_template call, e.g.
+                                    # {"enable_thinking": false} (Qwen3)
 
     @property
     def hh_subset_list(self) -> tuple[str, ...]:
@@ -141,6 +151,11 @@ class DataConfig:
     def stop_sequence_list(self) -> tuple[str, ...]:
         """`stop_sequences` parsed (checked by its `JsonStrings`)."""
         return tuple(json.loads(self.stop_sequences)) if self.stop_sequences else ()
+
+    @property
+    def chat_template_kwargs_dict(self) -> dict:
+        """`chat_template_kwargs` parsed (checked by its `JsonObject`)."""
+        return json.loads(self.chat_template_kwargs) if self.chat_template_kwargs else {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@ import typing
 from p3o_jax.checks import ConfigError
 from p3o_jax.config import ROOT, ExperimentConfig
 from p3o_jax.config_resolve import check_fields, need
-from p3o_jax.data.fixtures import TOKENIZER_VOCAB
 from p3o_jax.model import ModelConfig
 from p3o_jax.train_state import OptimConfig
 
@@ -118,6 +117,7 @@ def smoke_config(cfg: ExperimentConfig) -> ExperimentConfig:
     (`p3o_jax.data.fixtures.smoke_data`: tiny upstream-format files, a tokenizer trained on
     them), and the policy is a tiny GPT-NeoX trained from scratch. Outputs go to
     `<out_dir>-smoke`."""
+    from p3o_jax.data.fixtures import TOKENIZER_VOCAB   # here: only smoke runs need the fixtures
     fast = OptimConfig(lr=1e-3, warmup_steps=0)
     return dataclasses.replace(
         cfg, smoke=True, out_dir=cfg.out_dir.rstrip("/") + "-smoke", eval_prompts=8,

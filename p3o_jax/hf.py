@@ -489,9 +489,9 @@ class _SafetensorsReader:
 
 
 def resolve(path_or_repo: str) -> str:
-    """A local folder as is; otherwise download the hub repo's config and safetensors."""
-    if os.path.isdir(path_or_repo):
-        return path_or_repo
+    """A local folder (`~` expanded); otherwise download the hub repo's config and safetensors."""
+    if os.path.isdir(os.path.expanduser(path_or_repo)):
+        return os.path.expanduser(path_or_repo)
     from huggingface_hub import snapshot_download
     return snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                            "*.model"])

@@ -24,6 +24,7 @@ from p3o_jax.checks import ConfigError
 from p3o_jax.config import DataConfig
 from p3o_jax.data import own
 from p3o_jax.data.loader import Encoded
+from p3o_jax.data.render import Render
 from p3o_jax.data import prompts as text_formats
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
@@ -132,13 +133,13 @@ class UnusableData(ConfigError):
 def build(names: tuple[str, ...], data_cfg: DataConfig) -> None:
     """Builds datasets ``names`` into ``data_cfg.data_dir`` (those not built yet); with a
     ``manual_dir``, every upstream file they lack is listed in one error first."""
-    data_dir = data_cfg.data_dir or None
+    data_dir = os.path.expanduser(data_cfg.data_dir) or None
+    manual_dir = os.path.expanduser(data_cfg.manual_dir) or None
     unbuilt = [n for n in names if not tfds.builder(n, data_dir=data_dir).is_prepared()]
-    if data_cfg.manual_dir and unbuilt:
-        data.check_manual_dir(data_cfg.manual_dir, unbuilt)
+    if manual_dir and unbuilt:
+        data.check_manual_dir(manual_dir, unbuilt)
     for name in unbuilt:
-        data.prepare(name, data_dir, manual_dir=data_cfg.manual_dir or None,
-                     on_bad_record=data_cfg.on_bad_record)
+        data.prepare(name, data_dir, manual_dir=manual_dir, on_bad_record=data_cfg.on_bad_record)
 
 
 class TextRLHF:
@@ -175,7 +176,7 @@ class TextRLHF:
     def __init__(self, task: str, data_cfg: DataConfig, tokenizer: str, seed: int):
         """``tokenizer``: an HF name or local folder (AutoTokenizer)."""
         self.read_tokenizer(tokenizer, data_cfg)
-        data_dir = data_cfg.data_dir or None
+        data_dir = os.path.expanduser(data_cfg.data_dir) or None
         if task == "tldr":
             builds = ("tldr_sft", "tldr_comparisons")
             demos, pairs, held_out = (("tldr_sft", "train"), ("tldr_comparisons", "train"),
@@ -208,9 +209,10 @@ class TextRLHF:
                          "eval": stream(3, *held_out, "prompt")}
 
     def read_tokenizer(self, tokenizer: str, data_cfg: DataConfig) -> None:
-        """The tokenizer (an HF name or local folder) and what the task takes from it: ids of
-        EOS and padding, `data_cfg.stop_sequences` as token ids, the vocabulary size."""
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        """The tokenizer (an HF name or local folder, `~` expanded) and what the task takes
+        from it: ids of EOS and padding, `data_cfg.stop_sequences` as token ids, the
+        vocabulary size."""
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(tokenizer))
         self.vocab_size = len(self.tokenizer)
         self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
         self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
@@ -273,7 +275,7 @@ class DatasetRLHF(TextRLHF):
         d = data_cfg
         keys = own.Keys(d.prompt_key, d.completion_key, d.messages_key, d.chosen_key,
                         d.rejected_key)
-        render = own.Render(self.tokenizer, d.wrap_prompts)
+        render = Render(self.tokenizer, d.wrap_prompts, d.chat_template_kwargs_dict)
         try:
             load = lambda key, kind: own.load_records(getattr(d, key), f"data.{key}", kind, keys,
                                                       seed, d.wrap_prompts)

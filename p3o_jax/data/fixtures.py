@@ -194,6 +194,32 @@ def chat_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> transformers.PreTrained
     return tok
 
 
+UNK, SP_BOS, SP_EOS = "<unk>", "<s>", "</s>"
+
+
+def sentencepiece_tokenizer(vocab_size: int = TOKENIZER_VOCAB
+                            ) -> transformers.PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer, as Llama 2, Mistral and Gemma have: BPE over words
+    marked with "▁" (`Metaspace`: a space becomes "▁", and the start of a whole text gets one),
+    trained on the fixture texts, with <unk>, <s> (BOS), </s> (EOS), ChatML's tokens and
+    template. So a text encodes differently alone and after another: "#### 7" alone starts
+    with "▁####", after "<|im_start|>assistant\n" with "##"."""
+    tok = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=True)
+    texts = [r["post"] + " " + r["title"] + " " + r["summary"]
+             for records in TLDR_POSTS.values() for r in records]
+    texts += [text for pairs in HH_DIALOGUES.values() for pair in pairs for text in pair]
+    texts += [f"What is {a} + {b}? #### {a + b}" for a in range(10) for b in range(10)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[UNK, SP_BOS, SP_EOS, IM_START, IM_END],
+        show_progress=False))
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK,
+                                               bos_token=SP_BOS, eos_token=SP_EOS)
+    out.chat_template = CHATML
+    return out
+
+
 def write_upstream(manual_dir: pathlib.Path, task: str, hh_subsets: Sequence[str]) -> None:
     """Every upstream file that `task` reads: TL;DR posts and comparisons ("tldr"), or the
     fixture dialogues under each of ``hh_subsets`` ("hh")."""

@@ -45,7 +45,7 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -56,13 +56,13 @@ from etils import epath
 from transformers import PreTrainedTokenizerBase
 
 from p3o_jax.data import prompts
+from p3o_jax.data.cache import cached, sha256, tokenizer_fingerprint
 
 DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf", "own"]
 Kind = Literal["sft", "preference", "prompt"]
 DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf", "own")  # own: texts already rendered
                                                                 # (p3o_jax/data/own.py)
 KINDS = ("sft", "preference", "prompt")
-ENCODING_VERSION = 1    # part of the cache key: bump when `Tokenize.encode`'s output changes
 ENCODE_CHUNK = 4096     # records per batch encoding call
 
 
@@ -146,15 +146,11 @@ class Tokenize(grain.transforms.Map):
                 "rejected_ids": rejected_ids, "rejected_mask": rejected_mask}
 
     def fingerprint(self) -> str:
-        """What `encode`'s output depends on besides the records: the tokenizer (its whole
-        definition), the dataset and the lengths."""
-        tok = self.tokenizer
-        definition = (tok.backend_tokenizer.to_str() if tok.is_fast
-                      else json.dumps(sorted(tok.get_vocab().items())))
-        return _sha256(json.dumps([
-            ENCODING_VERSION, type(tok).__name__, _sha256(definition), tok.bos_token_id,
-            tok.eos_token_id, self.dataset, self.prompt_len, self.response_len, self.add_bos,
-            self.append_eos]))
+        """What `encode`'s output depends on besides the records and the code: the tokenizer
+        (`cache.tokenizer_fingerprint`), the dataset and the lengths."""
+        return sha256(json.dumps([
+            tokenizer_fingerprint(self.tokenizer), self.dataset, self.prompt_len,
+            self.response_len, self.add_bos, self.append_eos]))
 
     def _prompt_ids(self, records: Sequence[dict]) -> list[list[int]]:
         """Each (decoded) record's prompt, encoded. TL;DR: the full prompts are encoded in
@@ -211,23 +207,19 @@ def encode_source(source: Sequence[dict], transform: Tokenize, *,
                   cache_dir: str | os.PathLike | None = None) -> Encoded:
     """Every record of ``source`` encoded by ``transform`` (`ENCODE_CHUNK` records per batch
     encoding call). With ``cache_dir``, and a source read from files (`source_fingerprint`),
-    the ids are cached in ``cache_dir/<dataset>-<key>.npz`` (written atomically), the key
-    hashing the files' contents and ``transform.fingerprint()``: a later run with the same
-    data, tokenizer and lengths loads them instead."""
+    the ids are cached in ``cache_dir/<dataset>-<key>.npz`` (`cache.cached`), the key
+    hashing the files' contents, ``transform.fingerprint()`` and this module's and `prompts`'
+    code: a later run with the same data, tokenizer, lengths and code loads them instead."""
     data_key = source_fingerprint(source) if cache_dir else None
-    path = None
-    if data_key:
-        key = _sha256(data_key + transform.fingerprint())[:24]
-        path = os.path.join(cache_dir, f"{transform.dataset}-{key}.npz")
-        if os.path.exists(path):
-            with np.load(path) as cached:
-                return Encoded(dict(cached), transform)
-    chunks = (transform.encode([source[i] for i in range(start, min(start + ENCODE_CHUNK,
-                                                                      len(source)))])
-              for start in range(0, len(source), ENCODE_CHUNK))
-    columns = ragged_columns(chunks, transform.fields)
-    if path:
-        save_npz_atomically(path, columns)
+
+    def compute() -> dict[str, np.ndarray]:
+        chunks = (transform.encode([source[i] for i in range(start, min(start + ENCODE_CHUNK,
+                                                                          len(source)))])
+                  for start in range(0, len(source), ENCODE_CHUNK))
+        return ragged_columns(chunks, transform.fields)
+    columns = cached(cache_dir if data_key else None, transform.dataset,
+                     (data_key or "") + transform.fingerprint(),
+                     (sys.modules[__name__], prompts), compute)
     return Encoded(columns, transform)
 
 
@@ -236,7 +228,7 @@ def source_fingerprint(source: Sequence[dict]) -> str | None:
     files; `Concatenated`: its sources'), or None for a source not read from files."""
     if isinstance(source, Concatenated):
         parts = [source_fingerprint(s) for s in source.sources]
-        return None if None in parts else _sha256(json.dumps(parts))
+        return None if None in parts else sha256(json.dumps(parts))
     info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
     if info is None or not isinstance(split, str):
         return None
@@ -263,23 +255,6 @@ def ragged_columns(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequenc
         columns[f"{f}.offsets"] = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
         columns[f"{f}.ids"] = np.concatenate(ids[f]) if ids[f] else np.zeros(0, np.int32)
     return columns
-
-
-def save_npz_atomically(path: str, columns: dict[str, np.ndarray]) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **columns)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:

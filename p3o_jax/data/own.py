@@ -1,13 +1,15 @@
 """Your own data (`task=dataset`): prompts, demonstrations and preference pairs from files,
 `save_to_disk` folders or hub datasets, in TRL's column conventions, rendered with the
-tokenizer's chat template.
+tokenizer's chat template (p3o_jax/data/render.py) and tokenised once (p3o_jax/data/cache.py).
 
 A source (`data.sft`, `data.preferences`, `data.prompts`, `data.eval`) is a comma list of
 `LOCATION[:split=S][:config=C][:weight=W]`: a `.jsonl`, `.json`, `.parquet`, `.csv` or
-`.arrow` file (by extension), a folder written by `datasets`' `save_to_disk`, or a hub
-dataset name (its `split`, default train, and `config`). All are read by HF `datasets`.
-Several sources are mixed by their weights (`mix`): source i makes up w_i / sum(w) of the
-rows, its own rows shuffled and repeated or cut to that count.
+`.arrow` file (by extension), a folder written by `datasets`' `save_to_disk`, either of them
+local (`~` is the home folder) or an fsspec URI (`gs://`, `s3://`, `hf://`, `memory://`, ...),
+or a hub dataset name (its `split`, default train, and `config`). The options are the trailing
+`:name=value` parts only, so a URI's own `:` stays in its location. All are read by HF
+`datasets`. Several sources are mixed by their weights (`mix`): source i makes up w_i / sum(w)
+of the rows, its own rows shuffled and repeated or cut to that count.
 
 Columns (names configurable, `data.prompt_key` ...), each value a string or a conversation
 (a list of `{"role", "content"}` messages):
@@ -19,15 +21,18 @@ Columns (names configurable, `data.prompt_key` ...), each value a string or a co
     preference  prompt + chosen + rejected, or chosen +       the messages chosen and
                 rejected alone (implicit prompt)              rejected share
 
-A conversational prompt is rendered with `apply_chat_template(add_generation_prompt=True)`;
-a response is what the template adds after it, ending in the tokenizer's EOS (appended once).
-`data.wrap_prompts` turns plain-string prompts (and their completions) into one user turn
-(and one assistant turn). Every other column of
-a prompt record is kept (`Records.columns`) for the reward functions.
+`encode` turns records into token ids: a prompt is what the sampler sees, a response what the
+model writes after it, ending in one stop token (render.py says how, templates whose generation
+prompt is not the start of the rendered turn included); prompts over the token budget stop the
+run naming their row, or are cut (the content of the last user message, the template kept), or
+dropped (`data.long_prompts`). `data.wrap_prompts` turns plain-string prompts (and their
+completions) into one user turn (and one assistant turn). Every other column of a prompt record
+is kept (`Records.columns`) for the reward functions.
 
 Bad input raises `UpstreamError` (a `ValueError`) naming the source and row, before anything
 compiles: a missing file or column (with the columns that exist), a value of the wrong type, a
-conversation without its final user (prompt) or assistant (response) turn.
+conversation without its final user (prompt) or assistant (response) turn, a prompt over the
+budget.
 """
 from __future__ import annotations
 
@@ -35,19 +40,25 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from p3o_jax.data import prompts as P
-from p3o_jax.data.loader import ragged_columns, save_npz_atomically
+from p3o_jax.data import render as R
+from p3o_jax.data.cache import cached, sha256
+from p3o_jax.data.loader import ragged_columns
 from p3o_jax.data.validate import UpstreamError
+from p3o_jax.paths import is_local_path, is_uri
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
               ".arrow": "arrow"}
 KINDS = ("prompt", "sft", "preference")
-ENCODING_VERSION = 1    # part of the cache key: bump when `encode`'s output changes
+OPTIONS = ("split", "config", "weight")
+LONG_PROMPTS = ("error", "truncate", "filter")
+_OPTION = re.compile(r"([A-Za-z_]\w*)=([^:]*)")   # a trailing `:name=value` of a source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,17 +75,22 @@ class Source:
 
 
 def parse_sources(text: str, key: str) -> list[Source]:
-    """`Source`s of a comma list (`key`: the config key, for the error)."""
+    """`Source`s of a comma list (`key`: the config key, for the error). An item's options are
+    its trailing `:name=value` parts (`OPTIONS`); the rest is its location, `:` and all."""
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        location, *options = item.split(":")
-        fields = {}
-        for option in options:
-            name, sep, value = option.partition("=")
-            if not sep or name not in ("split", "config", "weight"):
+        location, fields = item, {}
+        while (m := _OPTION.fullmatch(location.rpartition(":")[2])) and ":" in location:
+            name, value = m.groups()
+            if name not in OPTIONS:
                 raise UpstreamError(f"{key}: {item!r}: options are split=, config=, weight= "
-                                f"(LOCATION[:split=S][:config=C][:weight=W]), got {option!r}")
+                                    f"(LOCATION[:split=S][:config=C][:weight=W]), got {name}=")
+            if name in fields:
+                raise UpstreamError(f"{key}: {item!r}: {name}= given twice")
             fields[name] = value
+            location = location.rpartition(":")[0]
+        if not location:
+            raise UpstreamError(f"{key}: {item!r}: no location before the options")
         try:
             weight = float(fields.pop("weight", 1.0))
         except ValueError:
@@ -83,6 +99,12 @@ def parse_sources(text: str, key: str) -> list[Source]:
             raise UpstreamError(f"{key}: {item!r}: weight must be > 0")
         out.append(Source(location, weight=weight, **fields))
     return out
+
+
+def is_file_source(location: str) -> bool:
+    """Whether a source is a file or `save_to_disk` folder, local or at a URI, rather than a
+    hub dataset name."""
+    return is_uri(location) or is_local_path(location, tuple(EXTENSIONS))
 
 
 def is_conversation(value) -> bool:
@@ -95,15 +117,31 @@ def _kind_of(value) -> str:
 
 
 def read_source(source: Source):
-    """The rows of one source as an HF `datasets.Dataset`."""
+    """The rows of one source as an HF `datasets.Dataset`: a file or `save_to_disk` folder
+    (local, `~` expanded, or at an fsspec URI), else a hub dataset."""
     import datasets  # heavy: only runs that read their own files import it
+    import fsspec
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     loc = source.location
-    if os.path.isdir(loc):
+    if not is_file_source(loc):
+        try:  # a hub dataset (into the HF cache)
+            return datasets.load_dataset(loc, source.config or None,
+                                         split=source.split or "train")
+        except Exception as e:
+            raise UpstreamError(f"{loc}: neither a local file or folder, a URI nor a readable "
+                                f"hub dataset ({type(e).__name__}: {str(e)[:300]})") from None
+    path = os.path.expanduser(loc)
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        is_dir, is_file = fs.isdir(inner), fs.isfile(inner)
+    except Exception as e:   # an unknown protocol, missing credentials, ...
+        raise UpstreamError(f"{loc}: cannot be reached ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    if is_dir:
         try:
-            ds = datasets.load_from_disk(loc)
+            ds = datasets.load_from_disk(path)
         except FileNotFoundError as e:
             raise UpstreamError(f"{loc}: not a folder written by datasets' save_to_disk ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
@@ -112,22 +150,16 @@ def read_source(source: Source):
                 raise UpstreamError(f"{loc}: no split {split!r}; it has {sorted(ds)}")
             ds = ds[split]
         return ds
-    ext = os.path.splitext(loc)[1].lower()
-    if ext in EXTENSIONS or loc.startswith((".", "/", "~")):
-        if not os.path.isfile(loc):
-            raise UpstreamError(f"{loc}: no such file")
-        if ext not in EXTENSIONS:
-            raise UpstreamError(f"{loc}: unknown file type; use one of {', '.join(EXTENSIONS)}")
-        try:
-            return datasets.load_dataset(EXTENSIONS[ext], data_files=loc, split="train")
-        except Exception as e:  # pyarrow/json parse errors: name the file
-            raise UpstreamError(f"{loc}: cannot be read as {ext[1:]} ({type(e).__name__}: "
+    if not is_file:
+        raise UpstreamError(f"{loc}: no such file")
+    ext = os.path.splitext(inner)[1].lower()
+    if ext not in EXTENSIONS:
+        raise UpstreamError(f"{loc}: unknown file type; use one of {', '.join(EXTENSIONS)}")
+    try:
+        return datasets.load_dataset(EXTENSIONS[ext], data_files=path, split="train")
+    except Exception as e:  # pyarrow/json parse errors: name the file
+        raise UpstreamError(f"{loc}: cannot be read as {ext[1:]} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
-    try:  # a hub dataset (into the HF cache)
-        return datasets.load_dataset(loc, source.config or None, split=source.split or "train")
-    except Exception as e:
-        raise UpstreamError(f"{loc}: neither a local file or folder nor a readable hub dataset "
-                        f"({type(e).__name__}: {str(e)[:300]})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,13 +193,15 @@ class Records:
         pick = lambda xs: [xs[i] for i in rows]
         return Records(self.kind, pick(self.prompts), {k: pick(v) for k, v in self.responses.items()},
                        {k: pick(v) for k, v in self.columns.items()}, pick(self.origin),
-                       _sha256(self.fingerprint + json.dumps(rows)))
+                       sha256(self.fingerprint + json.dumps(rows)))
 
 
 def _source_fingerprint(ds, source: Source) -> str:
-    """What a cache of this source depends on: the file's bytes, else datasets' fingerprint."""
-    if os.path.isfile(source.location):
-        with open(source.location, "rb") as f:
+    """What a cache of this source depends on: a local file's bytes, else datasets'
+    fingerprint (a URI's: from the files' metadata, as datasets' own cache keys them)."""
+    path = os.path.expanduser(source.location)
+    if not is_uri(path) and os.path.isfile(path):
+        with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
     return f"{source.name}:{getattr(ds, '_fingerprint', '')}"
 
@@ -281,7 +315,7 @@ def load_records(text: str, key: str, kind: str, keys: Keys, seed: int,
         if not prompts_:
             raise UpstreamError(f"{source.name}: no rows")
         parts.append(Records(kind, prompts_, responses, columns, origin,
-                             _sha256(json.dumps([kind, shape, dataclasses.astuple(keys),
+                             sha256(json.dumps([kind, shape, dataclasses.astuple(keys),
                                                  _source_fingerprint(ds, source)]))))
     return mix(parts, [s.weight for s in sources], seed)
 
@@ -297,7 +331,7 @@ def mix(parts: list[Records], weights: Sequence[float], seed: int) -> Records:
     rng = np.random.default_rng(seed)
     names = sorted({c for p in parts for c in p.columns})
     out = Records(parts[0].kind, [], {k: [] for k in parts[0].responses},
-                  {c: [] for c in names}, [], _sha256(json.dumps(
+                  {c: [] for c in names}, [], sha256(json.dumps(
                       [p.fingerprint for p in parts] + [int(c) for c in counts])))
     for part, count in zip(parts, counts):
         order = np.concatenate([rng.permutation(len(part))
@@ -312,91 +346,79 @@ def mix(parts: list[Records], weights: Sequence[float], seed: int) -> Records:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# rendering and encoding
-
-@dataclasses.dataclass(frozen=True)
-class Render:
-    """How records become text: the tokenizer's chat template for conversations."""
-    tokenizer: object
-    wrap: bool = False        # plain-string prompts as one user turn
-
-    def conversation(self, prompt) -> list | None:
-        """The prompt as the messages the template renders (None: a plain string)."""
-        if isinstance(prompt, str) and not self.wrap:
-            return None
-        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return msgs
-
-    def template(self, msgs: list, generation_prompt: bool) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise UpstreamError("the data has conversations but the tokenizer has no chat template "
-                            "(data.tokenizer: use one that has, or plain-string prompts)")
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
-
-    def prompt(self, prompt) -> str:
-        msgs = self.conversation(prompt)
-        return prompt if msgs is None else self.template(msgs, True)
-
-    def response(self, prompt, response, origin: str) -> str:
-        """The text of `response` after `prompt`, without the EOS (appended as a token)."""
-        msgs = self.conversation(prompt)
-        if msgs is None:
-            return response
-        turns = ([{"role": "assistant", "content": response}] if isinstance(response, str)
-                 else list(response))
-        before, full = self.template(msgs, True), self.template(msgs + turns, False)
-        if not full.startswith(before):
-            raise UpstreamError(f"{origin}: the chat template does not render the response as a "
-                            f"continuation of the prompt (the text before it changes)")
-        text = full[len(before):].rstrip()
-        eos = self.tokenizer.eos_token
-        return text[:-len(eos)] if eos and text.endswith(eos) else text
-
-    def fingerprint(self) -> str:
-        tok = self.tokenizer
-        definition = (tok.backend_tokenizer.to_str() if tok.is_fast
-                      else json.dumps(sorted(tok.get_vocab().items())))
-        return _sha256(json.dumps([ENCODING_VERSION, _sha256(definition), tok.eos_token_id,
-                                   getattr(tok, "chat_template", None), self.wrap]))
-
-
-def encode(records: Records, render: Render, prompt_len: int, response_len: int,
+def encode(records: Records, render: R.Render, prompt_len: int, response_len: int,
            long_prompts: str, cache_dir: str | None = None) -> dict[str, np.ndarray]:
     """Token ids of every record, ragged (`loader.Encoded`'s columns: `f"{field}.ids"`,
     `f"{field}.offsets"` for "prompt" and each response field), plus "row": the records kept.
-    Prompts over `prompt_len` tokens keep their last ones (`long_prompts="truncate"`) or are
-    dropped ("filter"), counted on stderr; responses keep their first `response_len` tokens,
-    EOS included. Cached in `cache_dir` by the records', the rendering's and the lengths' hash."""
-    key = _sha256(records.fingerprint + render.fingerprint()
-                  + json.dumps([prompt_len, response_len, long_prompts]))[:24]
-    path = os.path.join(cache_dir, f"own-{records.kind}-{key}.npz") if cache_dir else None
-    if path and os.path.exists(path):
-        with np.load(path) as cached:
-            return dict(cached)
+
+    A prompt is `render.prompt`'s text encoded; one over `prompt_len` tokens stops the run with
+    an UpstreamError naming its row and length (`long_prompts="error"`), is shortened by
+    `render.fit` (the content of its last user message keeps its last characters: "truncate")
+    or is dropped ("filter"), those cut or dropped counted on stderr. A response is
+    `render.response`'s text after its (shortened) prompt, its ids those that follow the
+    prompt's in the encoding of both (`prompts.encode_responses`), cut to the first
+    `response_len` (the stop token is lost if it is longer). Cached in `cache_dir`
+    (`cache.cached`) by the records', the rendering's, the lengths' and the code's hash."""
+    if long_prompts not in LONG_PROMPTS:
+        raise ValueError(f"long_prompts must be one of {LONG_PROMPTS}, got {long_prompts!r}")
+    key = json.dumps([records.fingerprint, render.fingerprint(), prompt_len, response_len,
+                      long_prompts])
+    return cached(cache_dir, f"own-{records.kind}", key, (sys.modules[__name__], R, P),
+                  lambda: _encode(records, render, prompt_len, response_len, long_prompts))
+
+
+def _encode(records: Records, render: R.Render, prompt_len: int, response_len: int,
+            long_prompts: str) -> dict[str, np.ndarray]:
+    """`encode` without its cache."""
     tok = render.tokenizer
-    prompt_ids = P.encode_batch(tok, [render.prompt(p) for p in records.prompts])
-    too_long = np.array([len(ids) > prompt_len for ids in prompt_ids], bool)
-    keep = np.flatnonzero(~too_long) if long_prompts == "filter" else np.arange(len(records))
-    if too_long.any():
-        print(f"data: {int(too_long.sum())} of {len(records)} prompts ({records.kind} rows) are "
-              f"longer than {prompt_len} tokens: "
-              f"{'dropped' if long_prompts == 'filter' else 'their last tokens kept'} "
-              f"(data.long_prompts={long_prompts})", file=sys.stderr)
-    if not len(keep):
+    values = list(records.prompts)
+    texts = [_rendered(render.prompt, records, i, values[i]) for i in range(len(records))]
+    prompt_ids = P.encode_batch(tok, texts)
+    long = [i for i, ids in enumerate(prompt_ids) if len(ids) > prompt_len]
+    if long and long_prompts == "error":
+        i = long[0]
+        more = f" (and {len(long) - 1} more of the {len(records)})" if len(long) > 1 else ""
+        raise UpstreamError(
+            f"{records.origin[i]}: the prompt is {len(prompt_ids[i])} tokens, more than "
+            f"data.prompt_len={prompt_len}{more}: raise data.prompt_len, or set "
+            f"data.long_prompts=truncate (cut the last user message) or filter (drop them)")
+    if long:
+        print(f"data: {len(long)} of {len(records)} prompts ({records.kind} rows) are longer "
+              f"than {prompt_len} tokens: "
+              f"{'dropped' if long_prompts == 'filter' else 'their last user message cut to fit'}"
+              f" (data.long_prompts={long_prompts})", file=sys.stderr)
+    if long_prompts == "truncate":
+        for i in long:
+            fitted = _rendered(lambda v: render.fit(v, prompt_len), records, i, values[i])
+            if fitted is None:
+                raise UpstreamError(f"{records.origin[i]}: the prompt is over data.prompt_len="
+                                    f"{prompt_len} tokens even with its last user message empty")
+            values[i], texts[i] = fitted, render.prompt(fitted)
+            prompt_ids[i] = P.encode(tok, texts[i])
+    keep = (sorted(set(range(len(records))) - set(long)) if long_prompts == "filter"
+            else list(range(len(records))))
+    if not keep:
         raise UpstreamError(f"every {records.kind} prompt is longer than {prompt_len} tokens "
-                        f"(data.prompt_len)")
-    chunk = {"prompt": [P.cut_prompt(tok, prompt_ids[i], prompt_len) for i in keep]}
-    for name, values in records.responses.items():
-        texts = [render.response(records.prompts[i], values[i], records.origin[i]) for i in keep]
-        chunk[name] = [P.cut_response(tok, ids, response_len)
-                       for ids in P.encode_batch(tok, texts)]
+                            f"(data.prompt_len)")
+    chunk = {"prompt": [prompt_ids[i] for i in keep]}
+    for name, responses in records.responses.items():
+        after = [_rendered(lambda v: render.response(v, responses[i]), records, i, values[i])
+                 for i in keep]
+        chunk[name] = [P.cut_response(tok, ids, response_len, append_eos=False) for ids in
+                       P.encode_responses(tok, [texts[i] for i in keep], chunk["prompt"], after)]
     columns = ragged_columns([chunk], list(chunk))
-    columns["row"] = keep.astype(np.int64)
-    if path:
-        save_npz_atomically(path, columns)
+    columns["row"] = np.asarray(keep, np.int64)
     return columns
+
+
+def _rendered(fn, records: Records, i: int, value):
+    """`fn(value)` for record i; its ValueError as an UpstreamError naming the row."""
+    try:
+        return fn(value)
+    except UpstreamError:
+        raise
+    except ValueError as e:
+        raise UpstreamError(f"{records.origin[i]}: {e}") from None
 
 
 class Examples(Sequence):
@@ -410,7 +432,3 @@ class Examples(Sequence):
 
     def __getitem__(self, index: int) -> dict:
         return dict(self.encoded[index], row=self.rows[index])
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()

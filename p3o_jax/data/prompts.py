@@ -69,15 +69,23 @@ def fit_tldr_prompt(
     if header_tokens > max_tokens:
         raise ValueError(
             f"TL;DR header alone takes {header_tokens} > {max_tokens} tokens (title {title!r})")
-    word_ends = [m.end() for m in _WORD.finditer(post)]
-    lo, hi = 0, len(word_ends) + 1  # bisection invariant: k = lo words fit, k = hi do not
+    word_ends = [0] + [m.end() for m in _WORD.finditer(post)]
+    words = largest_fitting(lambda k: n_tokens(post[:word_ends[k]]) <= max_tokens,
+                            len(word_ends) - 1)
+    return format_tldr_prompt(subreddit, title, post[:word_ends[words]])
+
+
+def largest_fitting(fits, n: int) -> int:
+    """The largest k in 0 .. n with ``fits(k)``, by bisection: for a ``fits`` true up to some
+    k and false after (``fits(0)`` is taken as true, not called)."""
+    lo, hi = 0, n + 1   # invariant: fits(lo), not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if n_tokens(post[:word_ends[mid - 1]]) <= max_tokens:
+        if fits(mid):
             lo = mid
         else:
             hi = mid
-    return format_tldr_prompt(subreddit, title, post[:word_ends[lo - 1]] if lo else "")
+    return lo
 
 
 def split_hh_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -108,6 +116,21 @@ def encode_continuation(tokenizer: PreTrainedTokenizerBase, text: str) -> list[i
     before = encode(tokenizer, ".")
     ids = encode(tokenizer, "." + text)
     return ids[len(before):] if ids[:len(before)] == before else encode(tokenizer, text)
+
+
+def encode_responses(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                     prompt_ids: list[list[int]], responses: list[str]) -> list[list[int]]:
+    """The ids of each response as it follows its prompt: prompt + response encoded as one
+    text, less the prompt's own ids (``prompt_ids[i]``: `encode` of ``prompts[i]``). So the
+    prompt's ids and these are the encoding of the whole text: what a sampler given the
+    prompt's ids emits to write the response (encoding the response alone can differ in its
+    first token: a SentencePiece tokenizer marks the start of a text with "▁"). Where a token
+    spans the boundary (the whole text's ids do not begin with the prompt's), the response is
+    encoded as a continuation (`encode_continuation`)."""
+    whole = encode_batch(tokenizer, [p + r for p, r in zip(prompts, responses, strict=True)])
+    return [ids[len(before):] if ids[:len(before)] == before
+            else encode_continuation(tokenizer, response)
+            for ids, before, response in zip(whole, prompt_ids, responses, strict=True)]
 
 
 def encode_batch(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
