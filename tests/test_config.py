@@ -48,7 +48,7 @@ def invalid_values(kind, field_checks) -> list[str]:
                 values.append(str(kind(c.hi) if c.hi_open else kind(c.hi) + 1))
         elif isinstance(c, (checks.OneOf, checks.SubsetOf)):
             values.append("bogus-choice")
-        elif isinstance(c, checks.JsonStrings):
+        elif isinstance(c, (checks.JsonStrings, checks.JsonObject)):
             values.append("not json")
         elif isinstance(c, checks.Pattern):
             values.append("not valid!")

@@ -1,6 +1,7 @@
 """Your own data and rewards (`task=dataset`, `reward_fns=`): every file format the sources
-take (written here: JSONL, JSON, CSV, conversational Parquet, Arrow, a `save_to_disk` folder),
-TRL's column layouts, chat-template rendering, mixing by weight, over-long prompts, every bad
+take (written here: JSONL, JSON, CSV, conversational Parquet, Arrow, a `save_to_disk` folder;
+local, under `~` or at an fsspec URI), the source grammar, TRL's column layouts, chat-template
+rendering (tests/test_render.py has the rest), mixing by weight, over-long prompts, every bad
 input as one line, reward functions (their calls, checks and failures), the toy task trained by
 a reward function equal to its gold reward, and runs with no reward model anywhere."""
 import json
@@ -23,6 +24,7 @@ from p3o_jax import rewards
 from p3o_jax.cli.train import main
 from p3o_jax.data import own
 from p3o_jax.data.fixtures import chat_tokenizer
+from p3o_jax.data.render import Render
 from p3o_jax.data.validate import UpstreamError
 from p3o_jax.pipeline import run_experiment
 
@@ -107,6 +109,58 @@ def test_save_to_disk_folder_and_its_splits(files):
         own.load_records(files["disk"] + ":split=valid", "data.eval", "prompt", KEYS, seed=0)
 
 
+def test_the_source_grammar_takes_uris_and_hub_names():
+    """Options are the trailing `:name=value` parts; a URI's `:` (and a folder named `k=v`)
+    stays in its location."""
+    got = own.parse_sources("gs://b/year=2024/x.jsonl:split=test:weight=2, openai/gsm8k:"
+                            "config=main:split=train,~/d/a.parquet,memory://f.jsonl", "data.sft")
+    assert got == [own.Source("gs://b/year=2024/x.jsonl", "test", "", 2.0),
+                   own.Source("openai/gsm8k", "train", "main"), own.Source("~/d/a.parquet"),
+                   own.Source("memory://f.jsonl")]
+    for text, message in [("a.jsonl:splt=test", r"options are split=, config=, weight=.*got splt="),
+                          ("a.jsonl:split=a:split=b", r"split= given twice"),
+                          ("a.jsonl:weight=0", r"weight must be > 0")]:
+        with pytest.raises(UpstreamError, match=message):
+            own.parse_sources(text, "data.sft")
+    assert [own.is_file_source(s.location) for s in got] == [True, False, True, True]
+
+
+def test_uris_are_read_through_fsspec(monkeypatch):
+    """fsspec's memory filesystem stands for gs:// and s3://: JSONL and Parquet files and a
+    save_to_disk folder at URIs read as local ones do; the config check leaves URIs be."""
+    import fsspec
+    from p3o_jax.checks import Sources
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)   # no hub: memory only
+    fs = fsspec.filesystem("memory")
+    rows = [{"prompt": user(q), "answer": a} for q, a in QUESTIONS[:6]]
+    with fs.open("memory://own/prompts.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with fs.open("memory://own/prompts.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    datasets.Dataset.from_list(rows).save_to_disk("memory://own/disk")
+    for location in ("memory://own/prompts.jsonl", "memory://own/prompts.parquet",
+                     "memory://own/disk"):
+        r = own.load_records(location, "data.prompts", "prompt", KEYS, seed=0)
+        assert r.prompts == [row["prompt"] for row in rows], location
+        assert r.columns["answer"] == [a for _, a in QUESTIONS[:6]]
+        assert r.origin[2] == f"{location} row 2"
+        assert Sources().problem(location) is None
+    with pytest.raises(UpstreamError, match=r"memory://own/nope.jsonl: no such file"):
+        own.load_records("memory://own/nope.jsonl", "data.prompts", "prompt", KEYS, seed=0)
+
+
+def test_a_path_under_home_is_expanded(files, tmp_path, monkeypatch):
+    home = os.path.dirname(files["jsonl"])
+    monkeypatch.setenv("HOME", home)
+    from p3o_jax.checks import Sources
+    assert Sources().problem("~/prompts.jsonl") is None
+    assert Sources().problem("~/missing.jsonl") == "no such file or folder: ~/missing.jsonl"
+    r = own.load_records("~/prompts.jsonl", "data.prompts", "prompt", KEYS, seed=0)
+    assert len(r) == len(QUESTIONS) and r.origin[0] == "~/prompts.jsonl row 0"
+    assert own.load_records("~/disk:split=test", "data.eval", "prompt", KEYS, seed=0).prompts[0] \
+        == user(QUESTIONS[30][0])
+
+
 def test_sft_and_preference_layouts_agree(files):
     completion = own.load_records(files["parquet"], "data.sft", "sft", KEYS, seed=0)
     messages = own.load_records(files["arrow"], "data.sft", "sft", KEYS, seed=0)
@@ -120,7 +174,7 @@ def test_sft_and_preference_layouts_agree(files):
 
 def test_rendering_uses_the_chat_template(files, tokenizer):
     r = own.load_records(files["parquet"], "data.sft", "sft", KEYS, seed=0)
-    columns = own.encode(r, own.Render(tokenizer), 40, 8, "truncate")
+    columns = own.encode(r, Render(tokenizer), 40, 8, "error")
     ex = own.Examples(own_examples(columns, tokenizer, "sft", 40, 8), columns["row"])[2]
     q, a = QUESTIONS[2]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(user(q), tokenize=False,
@@ -132,8 +186,8 @@ def test_rendering_uses_the_chat_template(files, tokenizer):
     assert ids[40:40 + len(response)].tolist() == response and ex["loss_mask"].sum() == len(response)
     assert ex["row"] == 2
     # a plain prompt stays text unless wrapped as a user turn
-    assert own.Render(tokenizer).prompt("2 + 2 =") == "2 + 2 ="
-    assert own.Render(tokenizer, wrap=True).prompt("2 + 2 =") == tokenizer.apply_chat_template(
+    assert Render(tokenizer).prompt("2 + 2 =") == "2 + 2 ="
+    assert Render(tokenizer, wrap=True).prompt("2 + 2 =") == tokenizer.apply_chat_template(
         user("2 + 2 ="), tokenize=False, add_generation_prompt=True)
 
 
@@ -143,22 +197,53 @@ def own_examples(columns, tokenizer, kind, P, N):
     return Encoded(columns, Tokenize(tokenizer, "own", kind, P, N))
 
 
-@pytest.mark.parametrize("mode", ["truncate", "filter"])
-def test_long_prompts_are_cut_or_dropped_and_counted(files, tokenizer, mode, capsys):
+@pytest.mark.parametrize("mode", ["error", "truncate", "filter"])
+def test_long_prompts_stop_or_are_cut_or_dropped_and_counted(files, tokenizer, mode, capsys):
     r = own.load_records(files["jsonl"], "data.prompts", "prompt", KEYS, seed=0)
     short = own.load_records(files["json"], "data.prompts", "prompt", KEYS, seed=0)
     mixed = own.mix([r, short], [1, 1], seed=0)     # templated prompts are long, plain short
-    P = max(len(tokenizer.encode(q, add_special_tokens=False)) for q, _ in QUESTIONS)
-    columns = own.encode(mixed, own.Render(tokenizer), P, 4, mode)
+    P = max(len(tokenizer.encode(q, add_special_tokens=False)) for q, _ in QUESTIONS) + 4
+    if mode == "error":
+        with pytest.raises(UpstreamError, match=rf"{re.escape(files['jsonl'])} row \d+: the "
+                                                rf"prompt is \d+ tokens, more than "
+                                                rf"data.prompt_len={P} \(and {len(r) - 1} more"):
+            own.encode(mixed, Render(tokenizer), P, 4, mode)
+        return
+    columns = own.encode(mixed, Render(tokenizer), P, 4, mode)
     assert f"{len(r)} of {len(mixed)} prompts (prompt rows) are longer than {P} tokens" in \
         capsys.readouterr().err
     lengths = np.diff(columns["prompt.offsets"])
-    assert lengths.max() == P
+    assert lengths.max() <= P
     if mode == "filter":
         kept = [mixed.prompts[i] for i in columns["row"]]
         assert len(kept) == len(short) and all(isinstance(p, str) for p in kept)
     else:
         assert len(columns["row"]) == len(mixed)
+        start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        templated = [i for i, p in enumerate(mixed.prompts) if not isinstance(p, str)]
+        for i in templated:   # the template's head is kept: the cut is in the content
+            o = columns["prompt.offsets"]
+            assert columns["prompt.ids"][o[i]] == start
+
+
+def test_the_experiments_prompts_fit_their_prompt_len():
+    """experiments/arithmetic.py and smollm2.py are sized to their data: no prompt is cut
+    (the default, long_prompts=error, would stop the run). SmolLM2's own tokenizer, with its
+    default system turn, gives 44-46 tokens: under its 48 (measured; not downloaded here)."""
+    import transformers
+    for exp, tok in (("arithmetic", None), ("smollm2", chat_tokenizer())):
+        cfg = config_args.load_experiment(exp)
+        tok = tok or transformers.AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+        assert cfg.data.long_prompts == "error"
+        for key in ("sft", "prompts", "eval"):
+            if getattr(cfg.data, key):
+                kind = "sft" if key == "sft" else "prompt"
+                r = own.load_records(getattr(cfg.data, key), key, kind, KEYS, seed=0)
+                lengths = [len(tok.encode(Render(tok).prompt(p), add_special_tokens=False))
+                           for p in r.prompts]
+                assert max(lengths) <= cfg.data.prompt_len, (exp, key, max(lengths))
+    cfg = config_args.load_experiment("arithmetic")     # a policy from scratch: its positions
+    assert cfg.data.prompt_len + cfg.data.response_len <= cfg.policy.max_len
 
 
 def test_column_names_are_settings(files, tmp_path):
@@ -172,16 +257,16 @@ def test_column_names_are_settings(files, tmp_path):
 
 def test_the_tokenised_data_is_cached_by_content_and_rendering(files, tokenizer, tmp_path):
     r = own.load_records(files["jsonl"], "data.prompts", "prompt", KEYS, seed=0)
-    first = own.encode(r, own.Render(tokenizer), 40, 8, "truncate", str(tmp_path))
+    first = own.encode(r, Render(tokenizer), 40, 8, "error", str(tmp_path))
     cached = os.listdir(tmp_path)
     assert len(cached) == 1
-    again = own.encode(r, own.Render(tokenizer), 40, 8, "truncate", str(tmp_path))
+    again = own.encode(r, Render(tokenizer), 40, 8, "error", str(tmp_path))
     assert os.listdir(tmp_path) == cached
     for k in first:
         np.testing.assert_array_equal(first[k], again[k])
     other = chat_tokenizer()
     other.chat_template = other.chat_template.replace("<|im_start|>", "<|im_start|> ")
-    own.encode(r, own.Render(other), 40, 8, "truncate", str(tmp_path))
+    own.encode(r, Render(other), 40, 8, "error", str(tmp_path))
     assert len(os.listdir(tmp_path)) == 2        # another template: another entry
 
 

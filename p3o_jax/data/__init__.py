@@ -8,8 +8,9 @@
                                  batch_size=8, prompt_len=512, response_len=64, seed=0)
 
 See `builders` (datasets, manual_dir/download), `validate` (bad records), `prompts`
-(formats, truncation), `pipeline` (batch layout, sharding, checkpointable iterators,
-random access by index) and `fixtures` (tiny files in the upstream formats, offline).
+(formats, truncation), `loader` (batch layout, sharding, checkpointable iterators,
+random access by index), `fixtures` (tiny files in the upstream formats, offline), `own` and
+`render` (your own data, `task=dataset`) and `cache` (the tokenised data kept on disk).
 """
 from p3o_jax.data.builders import (
     COMPARISON_FILES, HH_SUBSETS, HhRlhf, TldrComparisons, TldrSft, check_manual_dir, prepare,

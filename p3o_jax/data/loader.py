@@ -60,8 +60,8 @@ from p3o_jax.data.cache import cached, sha256, tokenizer_fingerprint
 
 DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf", "own"]
 Kind = Literal["sft", "preference", "prompt"]
-DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf", "own")  # own: texts already rendered
-                                                                # (p3o_jax/data/own.py)
+DATASETS = ("tldr_sft", "tldr_comparisons", "hh_rlhf", "own")  # own: your data, its ids from
+                                        # `own.encode` (p3o_jax/data/own.py); here its layout
 KINDS = ("sft", "preference", "prompt")
 ENCODE_CHUNK = 4096     # records per batch encoding call
 
