@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import requests
 import tensorflow_datasets as tfds
+import tokenizers
+import transformers
 
 import data_fixtures as F
 from p3o_jax import data
@@ -382,7 +384,12 @@ def test_batch_encoding_is_one_by_one_encoding(tokenizer):
 def test_stop_sequences_are_encoded_as_they_occur_mid_text(tokenizer):
     """A SentencePiece-style tokenizer marks a text's start with "▁": "\\n\\nHuman:" alone
     encodes differently from the same text after a reply, which is what the policy samples."""
-    sp = F.sentencepiece_tokenizer()
+    sp = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator([t for pair in F.HH_DIALOGUES["train"] for t in pair] * 5,
+                           tokenizers.trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                          show_progress=False))
+    sp = transformers.PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
     for tok in (sp, tokenizer):
         stop = prompts.encode_continuation(tok, "\n\nHuman:")
         reply = prompts.encode(tok, "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Bye")
