@@ -161,6 +161,45 @@ def test_a_path_under_home_is_expanded(files, tmp_path, monkeypatch):
         == user(QUESTIONS[30][0])
 
 
+def test_tokenizer_and_model_folders_under_home(tmp_path, monkeypatch, tokenizer):
+    from p3o_jax.config import DataConfig
+    from p3o_jax.tasks import TextRLHF
+    tokenizer.save_pretrained(tmp_path / "tok")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hf.resolve("~/tok") == str(tmp_path / "tok")
+    task = object.__new__(TextRLHF)
+    task.read_tokenizer("~/tok", DataConfig())
+    assert task.tokenizer.chat_template == tokenizer.chat_template
+
+
+def test_chat_template_kwargs_reach_the_task(files, tmp_path):
+    """`data.chat_template_kwargs` from the config to every prompt the sampler sees, and
+    checked as a JSON object without the keys the pipeline sets itself."""
+    from p3o_jax.checks import JsonObject
+    from p3o_jax.config import RESERVED_TEMPLATE_KEYS, DataConfig
+    from p3o_jax.tasks import DatasetRLHF
+    tok = chat_tokenizer()
+    tok.chat_template = CHATML_THINKING
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = DataConfig(prompts=files["jsonl"], prompt_len=48, response_len=4,
+                     chat_template_kwargs='{"enable_thinking": false}')
+    task = DatasetRLHF(cfg, str(tmp_path / "tok"), 0, 8, str(tmp_path / "cache"))
+    ids, mask = task.prompts(4, "rl")
+    assert all(p.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+               for p in tok.batch_decode([i[m == 1] for i, m in zip(ids, mask)]))
+    check = JsonObject(RESERVED_TEMPLATE_KEYS)
+    assert check.problem('{"enable_thinking": false}') is None
+    assert check.problem("[1]") == "'[1]' is not a JSON object, e.g. {\"enable_thinking\": false}"
+    assert check.problem('{"tokenize": true}') == "tokenize: set by p3o_jax itself"
+
+
+CHATML_THINKING = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                   "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and "
+                   "enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+                   "{% endif %}")
+
+
 def test_sft_and_preference_layouts_agree(files):
     completion = own.load_records(files["parquet"], "data.sft", "sft", KEYS, seed=0)
     messages = own.load_records(files["arrow"], "data.sft", "sft", KEYS, seed=0)

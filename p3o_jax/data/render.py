@@ -41,7 +41,7 @@ from p3o_jax.data import prompts as P
 from p3o_jax.data.cache import sha256, tokenizer_fingerprint
 from p3o_jax.data.validate import UpstreamError
 
-PLACEHOLDER = "\x00p3o content\x00"   # stands for an assistant message's content (case 2)
+PLACEHOLDER = "[[p3o: the content]]"   # stands for an assistant message's content (case 2)
 
 
 @dataclasses.dataclass(frozen=True)
