@@ -363,7 +363,8 @@ def encode(records: Records, render: R.Render, prompt_len: int, response_len: in
         raise ValueError(f"long_prompts must be one of {LONG_PROMPTS}, got {long_prompts!r}")
     key = json.dumps([records.fingerprint, render.fingerprint(), prompt_len, response_len,
                       long_prompts])
-    return cached(cache_dir, f"own-{records.kind}", key, (sys.modules[__name__], R, P),
+    return cached(cache_dir, f"own-{records.kind}", key,
+                  (sys.modules[__name__], R, P, ragged_columns),
                   lambda: _encode(records, render, prompt_len, response_len, long_prompts))
 
 
