@@ -20,7 +20,8 @@ Columns (names configurable, `data.prompt_key` ...), each value a string or a co
                 rejected alone (implicit prompt)              rejected share
 
 A conversational prompt is rendered with `apply_chat_template(add_generation_prompt=True)`;
-a response is what the template adds after it, ending in the tokenizer's EOS (appended once).
+a response is what the template adds after it, ending in exactly one stop token: the template's
+end of turn where it writes one (Gemma's `<end_of_turn>`), else the tokenizer's EOS (appended).
 `data.wrap_prompts` turns plain-string prompts (and their completions) into one user turn
 (and one assistant turn). Every other column of
 a prompt record is kept (`Records.columns`) for the reward functions.
@@ -320,6 +321,8 @@ class Render:
     """How records become text: the tokenizer's chat template for conversations."""
     tokenizer: object
     wrap: bool = False        # plain-string prompts as one user turn
+    eos_ids: tuple[int, ...] = ()   # stop ids (`Task.eos_ids`): a response text ending with
+                                    # one (an end of turn) gets no EOS appended
 
     def conversation(self, prompt) -> list | None:
         """The prompt as the messages the template renders (None: a plain string)."""
@@ -340,7 +343,9 @@ class Render:
         return prompt if msgs is None else self.template(msgs, True)
 
     def response(self, prompt, response, origin: str) -> str:
-        """The text of `response` after `prompt`, without the EOS (appended as a token)."""
+        """The text of `response` after `prompt`, without a trailing tokenizer EOS (appended
+        as a token unless the text ends with another stop token, the template's end of turn:
+        `encode`)."""
         msgs = self.conversation(prompt)
         if msgs is None:
             return response
@@ -352,14 +357,15 @@ class Render:
                             f"continuation of the prompt (the text before it changes)")
         text = full[len(before):].rstrip()
         eos = self.tokenizer.eos_token
-        return text[:-len(eos)] if eos and text.endswith(eos) else text
+        return text[:-len(eos)].rstrip() if eos and text.endswith(eos) else text
 
     def fingerprint(self) -> str:
         tok = self.tokenizer
         definition = (tok.backend_tokenizer.to_str() if tok.is_fast
                       else json.dumps(sorted(tok.get_vocab().items())))
         return _sha256(json.dumps([ENCODING_VERSION, _sha256(definition), tok.eos_token_id,
-                                   getattr(tok, "chat_template", None), self.wrap]))
+                                   getattr(tok, "chat_template", None), self.wrap,
+                                   list(self.eos_ids)]))
 
 
 def encode(records: Records, render: Render, prompt_len: int, response_len: int,
@@ -368,7 +374,8 @@ def encode(records: Records, render: Render, prompt_len: int, response_len: int,
     `f"{field}.offsets"` for "prompt" and each response field), plus "row": the records kept.
     Prompts over `prompt_len` tokens keep their last ones (`long_prompts="truncate"`) or are
     dropped ("filter"), counted on stderr; responses keep their first `response_len` tokens,
-    EOS included. Cached in `cache_dir` by the records', the rendering's and the lengths' hash."""
+    their one stop token included (the EOS appended unless they end with a `render.eos_ids`).
+    Cached in `cache_dir` by the records', the rendering's and the lengths' hash."""
     key = _sha256(records.fingerprint + render.fingerprint()
                   + json.dumps([prompt_len, response_len, long_prompts]))[:24]
     path = os.path.join(cache_dir, f"own-{records.kind}-{key}.npz") if cache_dir else None
@@ -390,7 +397,8 @@ def encode(records: Records, render: Render, prompt_len: int, response_len: int,
     chunk = {"prompt": [P.cut_prompt(tok, prompt_ids[i], prompt_len) for i in keep]}
     for name, values in records.responses.items():
         texts = [render.response(records.prompts[i], values[i], records.origin[i]) for i in keep]
-        chunk[name] = [P.cut_response(tok, ids, response_len)
+        chunk[name] = [P.cut_response(tok, ids, response_len,
+                                      append_eos=not ids or ids[-1] not in render.eos_ids)
                        for ids in P.encode_batch(tok, texts)]
     columns = ragged_columns([chunk], list(chunk))
     columns["row"] = keep.astype(np.int64)
