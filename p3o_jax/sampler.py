@@ -3,17 +3,17 @@
 `generate` prefills LEFT-padded prompts [B, P] into a preallocated KV cache of length P + N,
 then decodes inside a `lax.while_loop` that writes one token per step into the cache in place
 and exits as soon as every row has emitted a stop token (`SamplingConfig.eos_ids`: EOS, a chat
-model's end of turn) or reached its length limit. `sample_responses` draws
-n responses per prompt, prefilling each prompt once and repeating its cache n times.
+model's end of turn) or reached its length limit. `sample_responses` draws n responses per
+prompt, prefilling each prompt once and repeating its cache n times.
 
 Shapes: B batch (prompts), n responses per prompt, P prompt length, N = max_new_tokens,
 S = P + N cache length, V vocab.
 
 Conventions (those of `model.py`): `mask = 1` marks a real token; prompts are left-padded and
 responses right-padded (`pad_id` after the stop token; the stop token itself is kept with
-mask 1). The
-response continues the positions of the prompt's real tokens, so `concat_prompt_response`
-followed by the training forward (`positions_from_mask`) sees exactly the sampled sequence.
+mask 1). The response continues the positions of the prompt's real tokens, so
+`concat_prompt_response` followed by the training forward (`positions_from_mask`) sees exactly
+the sampled sequence.
 
 Randomness: row b draws step t with `fold_in(keys[b], t)`, so its samples depend on its own key
 and logits only -- not on the batch it sits in, its sharding, or how long other rows run.
@@ -22,9 +22,9 @@ Stop sequences (`SamplingConfig.stop_sequences`, e.g. the token ids of "\n\nHuma
 an Assistant's turn): checked inside the loop on each row's last L generated tokens (L the
 longest sequence), with no host sync. A row whose tokens end with one stops there: the stop
 sequence is cut off and the primary EOS (`eos_ids[0]`) put in its first position (mask 1), so
-the response is what came before it plus EOS, as the reward model saw in training. That EOS's `raw_logprobs` and
-`logprobs` are log p(EOS) under the untruncated distribution at that position (what the
-training forward computes for it); its entropy is that position's.
+the response is what came before it plus EOS, as the reward model saw in training. That EOS's
+`raw_logprobs` and `logprobs` are log p(EOS) under the untruncated distribution at that
+position (what the training forward computes for it); its entropy is that position's.
 """
 from __future__ import annotations
 
