@@ -164,7 +164,8 @@ def retokenized_rm(run: Run, rm_params):
         return None
     place = lambda n, *arrays: run.batch(n, lambda a, b: tuple(x[a:b] for x in arrays))
     return RetokenizedReward(run.task.tokenizer, run.rm_tokenizer, rm_params, run.cfg.rm_model,
-                             run.cfg.prompt_len, 2 * run.cfg.response_len, place)
+                             run.cfg.prompt_len, 2 * run.cfg.response_len, place,
+                             run.task.eos_ids)
 
 
 def function_rewards(run: Run, split: str) -> FunctionRewards | None:
@@ -319,14 +320,13 @@ def make_task(cfg: ExperimentConfig) -> Task:
     `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`."""
     if cfg.task == "toy":
         return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
+    model = cfg.base_model or cfg.pretrained_sft    # the policy's origin, if any
     if cfg.task == "dataset":
-        return DatasetRLHF(cfg.data, cfg.data.tokenizer or cfg.base_model or cfg.pretrained_sft,
-                           cfg.seed, cfg.eval_prompts,
-                           os.path.join(cfg.data.data_dir or cfg.out_dir, "p3o_tokenized"))
+        return DatasetRLHF(cfg.data, cfg.data.tokenizer or model, cfg.seed, cfg.eval_prompts,
+                           os.path.join(cfg.data.data_dir or cfg.out_dir, "p3o_tokenized"), model)
     data_cfg = (fixtures.smoke_data(cfg.data, cfg.task, os.path.join(cfg.out_dir, "smoke_data"))
                 if cfg.smoke else cfg.data)
-    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or cfg.base_model or cfg.pretrained_sft,
-                    cfg.seed)
+    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or model, cfg.seed, model)
 
 
 def load_reward_fns(cfg: ExperimentConfig, task: Task):

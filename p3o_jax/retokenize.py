@@ -54,14 +54,15 @@ def encode_rows(tokenizer, texts: list[str], length: int, left: bool,
 
 
 def retokenize(policy_tokenizer, reward_tokenizer, prompts, prompt_mask, responses,
-               response_mask, prompt_len: int, response_len: int) -> Retokenized:
+               response_mask, prompt_len: int, response_len: int,
+               eos_ids: tuple[int, ...]) -> Retokenized:
     """Policy tokens -> reward-model tokens. prompts, prompt_mask: [B, P] (left-padded);
-    responses, response_mask: [B, N] (right-padded). A response that ended with the policy's
-    EOS ends with the reward model's EOS."""
+    responses, response_mask: [B, N] (right-padded). A response that ended with one of the
+    policy's stop ids `eos_ids` (its EOS, its end of turn) ends with the reward model's EOS."""
     responses, response_mask = np.asarray(responses), np.asarray(response_mask)
     last = np.maximum(response_mask.sum(-1) - 1, 0)
-    finished = (response_mask.sum(-1) > 0) & (
-        responses[np.arange(len(responses)), last] == policy_tokenizer.eos_token_id)
+    finished = (response_mask.sum(-1) > 0) & np.isin(
+        responses[np.arange(len(responses)), last], eos_ids)
     p, pm = encode_rows(reward_tokenizer, decode_rows(policy_tokenizer, prompts, prompt_mask),
                         prompt_len, left=True)
     r, rm = encode_rows(reward_tokenizer, decode_rows(policy_tokenizer, responses, response_mask),
@@ -73,11 +74,13 @@ class RetokenizedReward:
     """`rm_fn(prompts, samples) -> rewards [B, K]` for a reward model whose tokenizer is not
     the policy's: prompts {"ids", "mask"} [B, P] and `SampleOutput` [B, K, N] are decoded,
     encoded with the reward model's tokenizer into [P2 | N2] rows and scored at the last real
-    token. `place(rows, tokens, mask)` puts host arrays on the mesh (batch-sharded)."""
+    token. `place(rows, tokens, mask)` puts host arrays on the mesh (batch-sharded);
+    `eos_ids`: the policy's stop ids (`Task.eos_ids`)."""
 
     def __init__(self, policy_tokenizer, reward_tokenizer, reward_model, rm_cfg: M.ModelConfig,
-                 prompt_len: int, response_len: int, place):
+                 prompt_len: int, response_len: int, place, eos_ids: tuple[int, ...]):
         self.policy_tokenizer, self.reward_tokenizer = policy_tokenizer, reward_tokenizer
+        self.eos_ids = eos_ids
         self.reward_model, self.place = reward_model, place
         self.prompt_len, self.response_len = prompt_len, response_len
         self._score = jax.jit(lambda p, t, m: response_reward(p, rm_cfg, t, m, prompt_len))
@@ -88,7 +91,8 @@ class RetokenizedReward:
         B, K, N = tokens.shape
         r = retokenize(self.policy_tokenizer, self.reward_tokenizer, np.repeat(ids, K, 0),
                        np.repeat(mask, K, 0), tokens.reshape(B * K, N),
-                       resp_mask.reshape(B * K, N), self.prompt_len, self.response_len)
+                       resp_mask.reshape(B * K, N), self.prompt_len, self.response_len,
+                       self.eos_ids)
         rows = np.concatenate([r.prompts, r.responses], -1)[:, None]          # [B K, 1, L2]
         rows_mask = np.concatenate([r.prompt_mask, r.response_mask], -1)[:, None]
         scores = self._score(self.reward_model, *self.place(B * K, rows, rows_mask))

@@ -2,16 +2,18 @@
 
 `generate` prefills LEFT-padded prompts [B, P] into a preallocated KV cache of length P + N,
 then decodes inside a `lax.while_loop` that writes one token per step into the cache in place
-and exits as soon as every row has emitted EOS or reached its length limit. `sample_responses` draws
-n responses per prompt, prefilling each prompt once and repeating its cache n times.
+and exits as soon as every row has emitted a stop token (`SamplingConfig.eos_ids`: EOS, a chat
+model's end of turn) or reached its length limit. `sample_responses` draws n responses per
+prompt, prefilling each prompt once and repeating its cache n times.
 
 Shapes: B batch (prompts), n responses per prompt, P prompt length, N = max_new_tokens,
 S = P + N cache length, V vocab.
 
 Conventions (those of `model.py`): `mask = 1` marks a real token; prompts are left-padded and
-responses right-padded (`pad_id` after EOS; the EOS token itself is kept with mask 1). The
-response continues the positions of the prompt's real tokens, so `concat_prompt_response`
-followed by the training forward (`positions_from_mask`) sees exactly the sampled sequence.
+responses right-padded (`pad_id` after the stop token; the stop token itself is kept with
+mask 1). The response continues the positions of the prompt's real tokens, so
+`concat_prompt_response` followed by the training forward (`positions_from_mask`) sees exactly
+the sampled sequence.
 
 Randomness: row b draws step t with `fold_in(keys[b], t)`, so its samples depend on its own key
 and logits only -- not on the batch it sits in, its sharding, or how long other rows run.
@@ -19,10 +21,10 @@ and logits only -- not on the batch it sits in, its sharding, or how long other 
 Stop sequences (`SamplingConfig.stop_sequences`, e.g. the token ids of "\n\nHuman:" that end
 an Assistant's turn): checked inside the loop on each row's last L generated tokens (L the
 longest sequence), with no host sync. A row whose tokens end with one stops there: the stop
-sequence is cut off and an EOS put in its first position (mask 1), so the response is what
-came before it plus EOS, as the reward model saw in training. That EOS's `raw_logprobs` and
-`logprobs` are log p(EOS) under the untruncated distribution at that position (what the
-training forward computes for it); its entropy is that position's.
+sequence is cut off and the primary EOS (`eos_ids[0]`) put in its first position (mask 1), so
+the response is what came before it plus EOS, as the reward model saw in training. That EOS's
+`raw_logprobs` and `logprobs` are log p(EOS) under the untruncated distribution at that
+position (what the training forward computes for it); its entropy is that position's.
 """
 from __future__ import annotations
 
@@ -46,15 +48,17 @@ class SamplingConfig:
     """Static sampling settings (hashable; part of the compiled program).
 
     `top_k = 0` and `top_p = 1` disable truncation. `greedy`
-    takes the argmax and ignores temperature/top-k/top-p. `eos_id = None` disables EOS stopping.
-    `stop_sequences`: token-id sequences that end a response (replaced by EOS; needs `eos_id`).
+    takes the argmax and ignores temperature/top-k/top-p. `eos_ids`: the token ids that end a
+    response, kept as its last token (`stop_tokens.read_eos_ids`; () disables stopping).
+    `stop_sequences`: token-id sequences that end a response (replaced by the primary EOS
+    `eos_ids[0]`).
     """
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
-    eos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     gather_once: bool = True        # FSDP: gather the weights once per call, not at every
@@ -70,8 +74,11 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.stop_sequences and self.eos_id is None:
-            raise ValueError("sampling.stop_sequences need an eos_id to end the response with")
+        if not (isinstance(self.eos_ids, tuple)
+                and all(isinstance(t, int) for t in self.eos_ids)):
+            raise ValueError(f"sampling.eos_ids must be a tuple of token ids, got {self.eos_ids}")
+        if self.stop_sequences and not self.eos_ids:
+            raise ValueError("sampling.stop_sequences need eos_ids to end the response with")
         if not all(seq and all(isinstance(t, int) for t in seq) for seq in self.stop_sequences):
             raise ValueError(f"sampling.stop_sequences must be non-empty tuples of token ids, "
                              f"got {self.stop_sequences}")
@@ -80,7 +87,7 @@ class SamplingConfig:
 class SampleOutput(NamedTuple):
     """Sampled responses; leading dims [B] (`generate`) or [B, n] (`sample_responses`).
 
-    tokens:       int32 [..., N], `pad_id` after EOS (EOS included, mask 1).
+    tokens:       int32 [..., N], `pad_id` after the stop token (which is included, mask 1).
     mask:         int32 [..., N], 1 on generated tokens.
     logprobs:     float32 [..., N], log-prob of each token under the distribution it was drawn
                   from (after temperature, top-k, top-p; 0 for greedy); 0 where mask = 0.
@@ -288,7 +295,7 @@ def _eos_logprob(scfg: SamplingConfig, logits):
     """log p(EOS) [B] under the untruncated distribution (temperature 1 when greedy), the
     one `raw_logprobs` reports."""
     scaled = logits if scfg.greedy else logits / scfg.temperature
-    return scaled[:, scfg.eos_id] - jax.nn.logsumexp(scaled, -1)
+    return scaled[:, scfg.eos_ids[0]] - jax.nn.logsumexp(scaled, -1)
 
 
 def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, active):
@@ -308,7 +315,7 @@ def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, ac
     eos_logp = _take(window.eos_logp, jnp.clip(L - length, 0, L - 1))[:, None]
     cut = lambda x, eos_value: jnp.where(at_eos, eos_value, jnp.where(erase, 0, x))
     return out._replace(
-        tokens=jnp.where(at_eos, scfg.eos_id, jnp.where(erase, scfg.pad_id, out.tokens)),
+        tokens=jnp.where(at_eos, scfg.eos_ids[0], jnp.where(erase, scfg.pad_id, out.tokens)),
         mask=cut(out.mask, 1), logprobs=cut(out.logprobs, eos_logp),
         raw_logprobs=cut(out.raw_logprobs, eos_logp),
         entropy=jnp.where(erase & ~at_eos, 0.0, out.entropy)), stopped
@@ -338,8 +345,8 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
                            write(out.logprobs, live(logprobs)), write(out.raw_logprobs, live(raw)),
                            write(out.entropy, live(entropy)), t + 1)
         done = done | (t + 1 >= limit)
-        if scfg.eos_id is not None:
-            done = done | (tokens == scfg.eos_id)
+        if scfg.eos_ids:
+            done = done | jnp.isin(tokens, jnp.asarray(scfg.eos_ids, jnp.int32))
         if scfg.stop_sequences:
             shift = lambda buf, col: jnp.concatenate([buf[:, 1:], col[:, None]], 1)
             window = StopWindow(shift(window.tokens, tokens),

@@ -27,13 +27,13 @@ from p3o_jax.tasks import Task
 from p3o_jax.train_state import gradient_step, jit_step, make_optimizer, state_shardings
 
 
-def sampling_config(rl, response_len: int, eos_id, pad_id: int = 0,
+def sampling_config(rl, response_len: int, eos_ids: tuple[int, ...], pad_id: int = 0,
                     stop_sequences=()) -> SamplingConfig:
     """Sampling of RL, the reward model's pairs and evaluation: `rl.temperature / top_k /
-    top_p / sampler_gather_once`, responses of up to `response_len` tokens, the task's EOS,
-    padding and stops."""
+    top_p / sampler_gather_once`, responses of up to `response_len` tokens, the task's stop
+    ids (EOS, end of turn), padding and stop sequences."""
     return SamplingConfig(max_new_tokens=response_len, temperature=rl.temperature,
-                          top_k=rl.top_k, top_p=rl.top_p, eos_id=eos_id, pad_id=pad_id,
+                          top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos_ids, pad_id=pad_id,
                           stop_sequences=stop_sequences, gather_once=rl.sampler_gather_once)
 
 
@@ -67,7 +67,7 @@ class Run:
     @functools.cached_property
     def sampling(self) -> SamplingConfig:
         """How RL, the reward model's pairs and evaluation sample (`rl.*` and the task's)."""
-        return sampling_config(self.cfg.rl, self.task.response_len, self.task.eos_id,
+        return sampling_config(self.cfg.rl, self.task.response_len, self.task.eos_ids,
                                self.task.pad_id, self.task.stop_sequences)
 
     @functools.cached_property

@@ -26,6 +26,7 @@ from p3o_jax.data import own
 from p3o_jax.data.loader import Encoded
 from p3o_jax.data.render import Render
 from p3o_jax.data import prompts as text_formats
+from p3o_jax.stop_tokens import read_eos_ids
 from p3o_jax.toy_task import EOS_ID, PAD_ID, ToyTask, ToyTaskConfig, annotate_preferences
 
 # sample(prompt_ids [n, P], prompt_mask [n, P]) -> (responses [n, 2, N], response_mask [n, 2, N])
@@ -35,7 +36,8 @@ SampleFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 class Task(Protocol):
     tokenizer: object              # an HF tokenizer (exported with every stage)
     vocab_size: int
-    eos_id: int
+    eos_ids: tuple[int, ...]       # token ids that end a response (`stop_tokens.read_eos_ids`)
+    eos_id: int                    # the primary one, eos_ids[0]: what targets end with
     pad_id: int
     prompt_len: int
     response_len: int
@@ -75,7 +77,7 @@ class ToyRLHF:
     """The embedded task (toy_task.py) as a `Task`; preference pairs are the SFT policy's own
     samples labelled by a simulated Bradley-Terry annotator on the gold reward."""
 
-    eos_id, pad_id = EOS_ID, PAD_ID
+    eos_ids, eos_id, pad_id = (EOS_ID,), EOS_ID, PAD_ID
     stop_sequences = ()
 
     def __init__(self, config: ToyTaskConfig, annotator_temperature: float = 1.0):
@@ -173,9 +175,11 @@ class TextRLHF:
 
     gold_reward = None
 
-    def __init__(self, task: str, data_cfg: DataConfig, tokenizer: str, seed: int):
-        """``tokenizer``: an HF name or local folder (AutoTokenizer)."""
-        self.read_tokenizer(tokenizer, data_cfg)
+    def __init__(self, task: str, data_cfg: DataConfig, tokenizer: str, seed: int,
+                 model: str = ""):
+        """``tokenizer``: an HF name or local folder (AutoTokenizer); ``model``: the one the
+        policy starts from (its generation config's EOS ids end responses too), if any."""
+        self.read_tokenizer(tokenizer, data_cfg, model)
         data_dir = os.path.expanduser(data_cfg.data_dir) or None
         if task == "tldr":
             builds = ("tldr_sft", "tldr_comparisons")
@@ -208,13 +212,15 @@ class TextRLHF:
         self._prompts = {"rm": stream(1, *pairs, "prompt"), "rl": stream(2, *demos, "prompt"),
                          "eval": stream(3, *held_out, "prompt")}
 
-    def read_tokenizer(self, tokenizer: str, data_cfg: DataConfig) -> None:
+    def read_tokenizer(self, tokenizer: str, data_cfg: DataConfig, model: str) -> None:
         """The tokenizer (an HF name or local folder, `~` expanded) and what the task takes
-        from it: ids of EOS and padding, `data_cfg.stop_sequences` as token ids, the
-        vocabulary size."""
+        from it: the ids that end a response (with those of ``model``'s generation config), of
+        padding, `data_cfg.stop_sequences` as token ids, the vocabulary size."""
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.expanduser(tokenizer))
         self.vocab_size = len(self.tokenizer)
-        self.eos_id, self.pad_id = self.tokenizer.eos_token_id, data.pad_token_id(self.tokenizer)
+        self.eos_ids = read_eos_ids(self.tokenizer, model)
+        self.eos_id = self.eos_ids[0] if self.eos_ids else None
+        self.pad_id = data.pad_token_id(self.tokenizer)
         self.prompt_len, self.response_len = data_cfg.prompt_len, data_cfg.response_len
         self.stop_sequences = tuple(tuple(text_formats.encode_continuation(self.tokenizer, text))
                                     for text in data_cfg.stop_sequence_list)
@@ -270,8 +276,8 @@ class DatasetRLHF(TextRLHF):
     completions. Bad data raises `UnusableData` (a ConfigError) naming the source and row."""
 
     def __init__(self, data_cfg: DataConfig, tokenizer: str, seed: int, eval_prompts: int,
-                 cache_dir: str):
-        self.read_tokenizer(tokenizer, data_cfg)
+                 cache_dir: str, model: str = ""):
+        self.read_tokenizer(tokenizer, data_cfg, model)
         d = data_cfg
         keys = own.Keys(d.prompt_key, d.completion_key, d.messages_key, d.chosen_key,
                         d.rejected_key)

@@ -81,8 +81,10 @@ def check(out_dir: str, new_tokens: int = 24) -> dict:
 
     from p3o_jax import hf
     from p3o_jax import model as M
+    from p3o_jax.stop_tokens import read_eos_ids
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    eos_ids = read_eos_ids(tokenizer, out_dir)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}],
                                          tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="np")["input_ids"]
@@ -99,7 +101,7 @@ def check(out_dir: str, new_tokens: int = 24) -> dict:
     tokens[0, :P] = ids[0]
     for t in range(P, P + new_tokens):  # greedy, the whole sequence each step (plain, not fast)
         tokens[0, t] = int(np.argmax(np.asarray(logits(params, jnp.asarray(tokens)))[0, t - 1]))
-        if tokens[0, t] == tokenizer.eos_token_id:
+        if tokens[0, t] in eos_ids:
             break
     ours_tokens = tokens[0, P:t + 1].tolist()
     return {"max_abs_logit_diff": float(np.max(np.abs(ours - ref))),

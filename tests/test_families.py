@@ -62,7 +62,7 @@ def test_greedy_generation_matches_transformers(saved):
     rng = np.random.default_rng(3)
     mask = (np.arange(P)[None] >= P - np.array([[6], [3], [1]])).astype(np.int32)
     prompts = np.where(mask == 1, rng.integers(1, VOCAB, (B, P)), 0)
-    scfg = S.SamplingConfig(max_new_tokens=N, greedy=True, eos_id=None, pad_id=0)
+    scfg = S.SamplingConfig(max_new_tokens=N, greedy=True, pad_id=0)
     out = S.generate(params, cfg, scfg, jnp.asarray(prompts, jnp.int32), jnp.asarray(mask),
                      jax.random.split(jax.random.key(0), B))
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_sampling_and_scoring_match_padded():
     policy, ref, rm = (random_params(cfg, seed=s) for s in (2, 3, 4))
     ids, mask = prompts(cfg.vocab_size, seed=5)
     pk = PK.pack_prompts(ids, mask)
-    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.9, eos_id=3)
+    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.9, eos_ids=(3,))
     key = jax.random.key(6)
     padded = S.sample_responses(policy, cfg, scfg, ids, mask, key)
     packed = S.sample_responses(policy, cfg, scfg, ids, mask, key, packing=pk)

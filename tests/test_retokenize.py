@@ -21,7 +21,11 @@ def test_round_trip_to_the_reward_tokenizer(tokenizers):
     prompts, prompt_mask = encode_rows(policy, PROMPTS, 40, left=True)
     finished = np.array([True, False, True])         # row 1 ran out of length, row 2 is empty
     responses, response_mask = encode_rows(policy, RESPONSES, 30, left=False, append=finished)
-    out = retokenize(policy, reward, prompts, prompt_mask, responses, response_mask, 48, 36)
+    # row 0 ends with another stop id (as a chat model's end of turn): finished too
+    end_of_turn = policy.bos_token_id
+    responses[0, response_mask[0].sum() - 1] = end_of_turn
+    out = retokenize(policy, reward, prompts, prompt_mask, responses, response_mask, 48, 36,
+                     eos_ids=(policy.eos_token_id, end_of_turn))
     assert out.prompts.shape == (3, 48) and out.responses.shape == (3, 36)
     assert decode_rows(reward, out.prompts, out.prompt_mask) == PROMPTS
     assert decode_rows(reward, out.responses, out.response_mask) == RESPONSES
@@ -39,7 +43,8 @@ def test_truncation_keeps_the_prompt_end_and_the_eos(tokenizers):
     prompts, prompt_mask = encode_rows(policy, PROMPTS[:1], 40, left=True)
     responses, response_mask = encode_rows(policy, RESPONSES[:1], 30, left=False,
                                            append=np.array([True]))
-    out = retokenize(policy, reward, prompts, prompt_mask, responses, response_mask, 4, 3)
+    out = retokenize(policy, reward, prompts, prompt_mask, responses, response_mask, 4, 3,
+                     eos_ids=(policy.eos_token_id,))
     full = reward(PROMPTS[0], add_special_tokens=False)["input_ids"]
     np.testing.assert_array_equal(out.prompts[0], full[-4:])
     first = reward(RESPONSES[0], add_special_tokens=False)["input_ids"][:2]

@@ -85,7 +85,8 @@ def test_sampler_logprobs_are_the_training_forwards():
     cfg = FAMILIES["gpt_neox"]
     policy, ref, rm = (random_params(cfg, seed=s) for s in (5, 6, 7))
     prompts, prompt_mask = left_padded_prompts(4, P, cfg.vocab_size, [6, 4, 2, 5], seed=8)
-    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.8, top_k=20, top_p=0.9, eos_id=3)
+    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.8, top_k=20, top_p=0.9,
+                            eos_ids=(3,))
     samples = S.sample_responses(policy, cfg, scfg, prompts, prompt_mask, jax.random.key(9))
     score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
     reused = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, False)

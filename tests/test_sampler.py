@@ -106,7 +106,8 @@ def test_greedy_matches_transformers_generate(tmp_path):
     prompts, prompt_mask = left_padded_prompts(B, P, cfg.vocab_size, [6, 3, 1], seed=3)
 
     def ours(eos):
-        scfg = S.SamplingConfig(max_new_tokens=N, greedy=True, eos_id=eos, pad_id=pad)
+        scfg = S.SamplingConfig(max_new_tokens=N, greedy=True, pad_id=pad,
+                                eos_ids=() if eos is None else (eos,))
         out = S.generate(params, cfg, scfg, prompts, prompt_mask,
                          jax.random.split(jax.random.key(0), B))
         return np.asarray(out.tokens), np.asarray(out.mask)
@@ -207,7 +208,7 @@ def test_sample_pairs_reuses_prefill_equivalently():
     B, n = 3, 3
     prompts, prompt_mask = left_padded_prompts(B, 6, cfg.vocab_size, [6, 2, 4])
     max_lengths = jnp.array([8, 3, 6])
-    scfg = S.SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=10, eos_id=7)
+    scfg = S.SamplingConfig(max_new_tokens=8, temperature=0.9, top_k=10, eos_ids=(7,))
     key = jax.random.key(3)
     pairs = S.sample_responses(params, cfg, scfg, prompts, prompt_mask, key, n=n,
                                max_lengths=max_lengths)
@@ -237,7 +238,7 @@ def test_eos_and_length_limits_stop_rows_and_exit_early():
     # per-row limits each row is a prefix of its free-running sample.
     eos = int(free.tokens[0, 2])
     max_lengths = jnp.array([N, 4, 6])
-    scfg = S.SamplingConfig(max_new_tokens=N, eos_id=eos, pad_id=0)
+    scfg = S.SamplingConfig(max_new_tokens=N, eos_ids=(eos,), pad_id=0)
     out = S.generate(params, cfg, scfg, prompts, prompt_mask, keys, max_lengths)
     chex.assert_shape([out.tokens, out.mask, out.logprobs, out.raw_logprobs], (B, N))
     chex.assert_shape(out.num_steps, ())
@@ -278,7 +279,7 @@ def test_stop_sequences_cut_rows_at_different_steps_like_the_reference():
     eos = min(set(range(cfg.vocab_size)) - {t for row in rows for t in row})  # never sampled
     # Several tokens each, taken from rows 0 and 1; and one token, from row 2.
     stops = (tuple(rows[0][6:8]), tuple(rows[1][3:6]), tuple(rows[2][9:10]))
-    scfg = S.SamplingConfig(max_new_tokens=N, eos_id=eos, pad_id=0, stop_sequences=stops)
+    scfg = S.SamplingConfig(max_new_tokens=N, eos_ids=(eos,), pad_id=0, stop_sequences=stops)
     out = S.generate(params, cfg, scfg, prompts, prompt_mask, keys)
     chex.assert_shape([out.tokens, out.mask, out.logprobs, out.raw_logprobs, out.entropy], (B, N))
 
@@ -306,7 +307,7 @@ def test_stop_sequences_cut_rows_at_different_steps_like_the_reference():
         else:
             ends.append(N)
     assert int(out.num_steps) == max(ends)          # the loop ran until the last row stopped
-    with pytest.raises(ValueError, match="need an eos_id"):
+    with pytest.raises(ValueError, match="need eos_ids"):
         S.SamplingConfig(max_new_tokens=N, stop_sequences=stops)
 
 

@@ -135,7 +135,7 @@ class Workload:
                              max_len=self.prompt_len + self.new_tokens, dtype=self.dtype)
 
     @property
-    def sampling(self) -> S.SamplingConfig:   # eos_id=None: responses end at their limits
+    def sampling(self) -> S.SamplingConfig:   # no eos_ids: responses end at their limits
         return S.SamplingConfig(max_new_tokens=self.new_tokens, temperature=self.temperature,
                                 top_k=self.top_k, top_p=self.top_p)
 
@@ -425,7 +425,8 @@ class WorkloadTask:
 
     def __init__(self, w: Workload, prompts: dict):
         self.vocab_size, self.prompt_len, self.response_len = w.vocab, w.prompt_len, w.new_tokens
-        self.tokenizer, self.eos_id, self.pad_id, self.stop_sequences = None, None, 0, ()
+        self.tokenizer, self.pad_id, self.stop_sequences = None, 0, ()
+        self.eos_ids, self.eos_id = (), None
         self.gold_reward = None
         self.ids, self.mask = (np.asarray(prompts[k]) for k in ("ids", "mask"))
 

@@ -84,8 +84,11 @@ class Render:
             text = full[len(before):]
         else:
             text = self._after_generation_prompt(msgs, turns, before)
-        text = text.rstrip()
-        return text if text.endswith(self._added_tokens) else text + self._eos()
+        text, eos = text.rstrip(), self._eos()
+        if text.endswith(eos) and text[:-len(eos)].rstrip().endswith(self._added_tokens):
+            text = text[:-len(eos)].rstrip()   # Phi-3's "<|end|>\n<|endoftext|>": the end of
+                                               # turn stops the sampler before the EOS
+        return text if text.endswith(self._added_tokens) else text + eos
 
     def _after_generation_prompt(self, msgs: list, turns: list, before: str) -> str:
         """Case 2 of the module docstring: the content, less what the generation prompt adds
