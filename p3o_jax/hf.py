@@ -628,10 +628,13 @@ def _set(tree, path, value):
 # Saving
 
 def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=None,
-                    as_reward_model: bool = False, pad_token_id: int | None = None) -> None:
+                    as_reward_model: bool = False, pad_token_id: int | None = None,
+                    eos_ids: tuple[int, ...] = ()) -> None:
     """Write `config.json` + `model.safetensors` (+ the tokenizer's files) that transformers'
     `AutoModelForCausalLM` loads, or with `as_reward_model` its
     `AutoModelForSequenceClassification` (`score.weight` = our reward head, `num_labels` 1).
+    `eos_ids` (a policy's stop set, `Task.eos_ids`) go to `generation_config.json`, so that
+    `generate` stops where our sampler does (at a chat model's end of turn).
 
     transformers scores a sequence at its last token that is not `pad_token_id` (taken from
     `tokenizer` when not given; required for a reward model), so the exported scores equal
@@ -682,6 +685,12 @@ def save_pretrained(params, cfg: M.ModelConfig, directory: str, *, tokenizer=Non
                       metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(partial)
+            if eos_ids and not as_reward_model:
+                generation = {k: hf_config[k] for k in ("bos_token_id", "pad_token_id")
+                              if k in hf_config}
+                with open(os.path.join(partial, "generation_config.json"), "w") as f:
+                    json.dump(dict(generation, eos_token_id=[int(i) for i in eos_ids]), f,
+                              indent=2)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

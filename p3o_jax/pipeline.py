@@ -411,7 +411,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         save_params(path, params)
         if cfg.export_hf:
             hf.save_pretrained(params, model_cfg, run.path(os.path.join("hf", output)),
-                               tokenizer=run.task.tokenizer, as_reward_model=role == "reward")
+                               tokenizer=run.task.tokenizer, as_reward_model=role == "reward",
+                               eos_ids=run.task.eos_ids)
         return params
 
     try:

@@ -8,6 +8,8 @@ tokenizer's: what plain-text targets end with and what a cut stop sequence becom
 """
 from __future__ import annotations
 
+import os
+
 import jinja2
 import transformers
 
@@ -39,7 +41,7 @@ def generation_eos_ids(model: str | None) -> tuple[int, ...]:
     if not model:
         return ()
     try:
-        ids = transformers.GenerationConfig.from_pretrained(model).eos_token_id
+        ids = transformers.GenerationConfig.from_pretrained(os.path.expanduser(model)).eos_token_id
     except OSError:     # no generation_config.json
         return ()
     if ids is None:

@@ -160,6 +160,10 @@ def test_every_trained_stage_exports_an_hf_folder(trained, tmp_path):
                                atol=1e-4)
     assert export.main([f"run={path}", "stage=p3o", "step=1", f"to={tmp_path}/p3o-1"]) == 0
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "p3o-1") is not None
+    from p3o_jax.toy_task import EOS_ID     # generate stops where the sampler does
+    for folder in (path / "hf" / "p3o", tmp_path / "p3o-1"):
+        assert transformers.GenerationConfig.from_pretrained(folder).eos_token_id == [EOS_ID]
+    assert not (path / "hf" / "rm" / "generation_config.json").exists()
     assert export.main([f"run={path}", "stage=p3o", "step=5"]) == 2
 
 

@@ -33,6 +33,7 @@ from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
 from p3o_jax.rl import final_policy, frozen_policy
 from p3o_jax.sharding import make_mesh
+from p3o_jax.stop_tokens import read_eos_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                      if os.path.isdir(source) or args.tokenizer else None)
         name = args.stage + (f"-step{args.step}" if args.step >= 0 else "")
         to = args.to or os.path.join(args.run, "hf", name)
+        eos_ids = read_eos_ids(tokenizer, source) if tokenizer is not None else ()
         hf.save_pretrained(params, model_cfg, to, tokenizer=tokenizer,
-                           as_reward_model=args.stage == "rm")
+                           as_reward_model=args.stage == "rm", eos_ids=eos_ids)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
