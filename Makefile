@@ -32,8 +32,9 @@ $(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-$(ACCEL): requirements-test.txt requirements-compile.txt $(VENV)/.runtime-$(ACCEL)
+$(VENV)/.test-$(ACCEL): requirements-test.txt requirements-verl.txt requirements-compile.txt $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m pip install -q -r requirements-test.txt "$(JAX_EXTRA)"
+	$(PY) -m pip install -q --no-deps -r requirements-verl.txt
 	$(PY) -m pip install -q --no-deps --upgrade --target $(COMPILERS) -r requirements-compile.txt
 	$(COMPILERS_OUT_$(ACCEL))
 	touch $@

@@ -21,10 +21,12 @@ from p3o_jax.algos import gspo, grpo, p3o, ppo, rloo
 from p3o_jax.checks import ConfigError, parse_reward_specs
 from p3o_jax.data import own
 from p3o_jax.rollout import Rollout, drop_truncated, truncated
+from data_fixtures import verl_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FNS = os.path.join(HERE, "reward_functions.py")
 LAUNCH = os.path.join(os.path.dirname(HERE), "scripts", "launch_local.py")
+GSM8K = [("Natalia sold 48 clips, then half as many. Total?", "72"), ("What is 7 + 3?", "10")]
 
 
 def assistant(text):
@@ -94,7 +96,7 @@ def test_verl_default_compute_score_on_a_verl_dataset(tmp_path):
     verl's layout (the ground truth in `reward_model.ground_truth`), and math_answer reading
     that ground truth through data.answer_key."""
     path = tmp_path / "gsm8k.parquet"
-    pq.write_table(pa.Table.from_pylist(verl_rows()), path)
+    pq.write_table(pa.Table.from_pylist(verl_rows(GSM8K)), path)
     records = own.load_records(str(path), "data.prompts", "prompt", own.Keys(), seed=0)
     assert set(records.columns) == {"data_source", "ability", "reward_model", "extra_info"}
     columns = R.with_answer(records.columns, "reward_model.ground_truth")
@@ -108,19 +110,9 @@ def test_verl_default_compute_score_on_a_verl_dataset(tmp_path):
     np.testing.assert_array_equal(R.call(load_one("math_answer"), inputs, origin(2))[0], [1, 0])
 
 
-def verl_rows():
-    """Two rows of verl's GSM8K parquet layout (its examples/data_preprocess/gsm8k.py)."""
-    return [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": q}],
-             "ability": "math", "reward_model": {"style": "rule", "ground_truth": a},
-             "extra_info": {"split": "train", "index": i, "answer": f"... #### {a}",
-                            "question": q}}
-            for i, (q, a) in enumerate([("Natalia sold 48 clips, then half as many. Total?",
-                                         "72"), ("What is 7 + 3?", "10")])]
-
-
 def test_verl_dicts_give_the_score_and_numeric_extras():
     f = load_one(f"verl:{FNS}:verl_compute_score")
-    rows = verl_rows()
+    rows = verl_rows(GSM8K)
     inputs = batch(["#### 72", "#### 11", "#### 3"],
                    reward_model=[r["reward_model"] for r in rows] + [None],
                    extra_info=[r["extra_info"] for r in rows] + [None],
