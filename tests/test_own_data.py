@@ -310,7 +310,7 @@ def test_rl_from_a_pretrained_policy_with_reward_functions_only(files, sft_folde
     assert summary[0]["kl_k1"] == 0.0
 
 
-def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path):
+def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path, verl_path):
     """verl's parquet layout end to end: verl's own default_compute_score, a verl function
     whose dict has extras (logged as reward/<name>/<extra>), math_answer reading the ground
     truth through data.answer_key, and GRPO with the responses cut at response_len out of the

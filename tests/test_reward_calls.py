@@ -91,7 +91,7 @@ def test_trl_own_reward_functions():
                                       origin(13))[0], ours(completion_ids=ids))
 
 
-def test_verl_default_compute_score_on_a_verl_dataset(tmp_path):
+def test_verl_default_compute_score_on_a_verl_dataset(tmp_path, verl_path):
     """verl's own `default_compute_score`, called per response by keyword on a parquet file in
     verl's layout (the ground truth in `reward_model.ground_truth`), and math_answer reading
     that ground truth through data.answer_key."""
