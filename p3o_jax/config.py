@@ -196,9 +196,10 @@ class ExperimentFields:
     pretrained_rm: Annotated[str, ModelSource()] = ""   # a *ForSequenceClassification reward
                                     # model used instead of training one (stage rm); its own
                                     # tokenizer, if it has another, scores re-tokenised text
-    reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of module:function,
-                                    # file.py:function, built-ins (p3o_jax/builtin_rewards.py) or
-                                    # verl:<those>; the reward is their weighted sum, plus the
+    reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of
+                                    # module:function, file.py:function, built-ins
+                                    # (p3o_jax/builtin_rewards.py) or verl:<those>, called as TRL
+                                    # and verl call them; the reward is their weighted sum, plus the
                                     # reward model's score when one is trained or given
                                     # (p3o_jax/reward_calls.py)
     reward_weights: tuple[float, ...] = ()  # one per reward function, then optionally the

@@ -296,8 +296,9 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     p, ev = policy_evaluator(run, sft_params, rm_params)
     results = {"sft": ev(sft_params, 0)}
     if rl_params is not None:
-        steps = offline_steps(run.cfg) if ALGORITHMS[run.cfg.algo].offline else run.cfg.rl.iterations
-        results[run.cfg.algo] = ev(rl_params, steps)
+        offline = ALGORITHMS[run.cfg.algo].offline
+        results[run.cfg.algo] = ev(rl_params, offline_steps(run.cfg) if offline
+                                   else run.cfg.rl.iterations)
     rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
     ids, mask = to_host((p["ids"], p["mask"]))
     # three held-out prompts with each policy's response (the same prompts for every policy)

@@ -318,7 +318,8 @@ def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path, ver
     path = tmp_path / "gsm8k.parquet"
     pq.write_table(pa.Table.from_pylist(verl_rows(QUESTIONS)), path)
     out = tmp_path / "run"
-    fns = f"math_answer,verl:verl.utils.reward_score:default_compute_score,verl:{FNS}:verl_compute_score"
+    fns = (f"math_answer,verl:verl.utils.reward_score:default_compute_score,"
+           f"verl:{FNS}:verl_compute_score")
     assert main(dataset_args({"jsonl": str(path)}, sft_folder, out, f"reward_fns={fns}",
                              "reward_weights=", "data.answer_key=reward_model.ground_truth",
                              "algo=grpo", "rl.mask_truncated=true", "rl.eval_every=0")) == 0

@@ -139,7 +139,8 @@ def test_the_start_up_check_reads_names_not_counts(tmp_path):
         "def not_verl(solution_str, ground_truth, extra_info=None):\n    return 0.0\n")
     fns, _ = R.load(f"{tmp_path}/mine.py:reward,{tmp_path}/mine.py:by_state", (), False, 10)
     R.check_columns(fns, set(), "the prompts")
-    assert [R.call(f, batch(["a"]), origin(1), 1, R.TrainerState(0, 4))[0][0] for f in fns] == [1, 4]
+    state = R.TrainerState(global_step=0, max_steps=4)
+    assert [R.call(f, batch(["a"]), origin(1), 1, state)[0][0] for f in fns] == [1, 4]
     for spec, message in [
             (f"{FNS}:positional_only", r"positional-only parameters \['prompts', 'completions'\]"),
             (f"{FNS}:only_prompts", r"must accept completions= \(it is called as f\(prompts=, "
