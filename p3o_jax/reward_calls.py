@@ -86,6 +86,7 @@ def _parameters(fn: Callable) -> list[inspect.Parameter]:
 
 
 def accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes the keyword argument `name` (by name, or in its **kwargs)."""
     ps = _parameters(fn)
     return any(p.kind is p.VAR_KEYWORD for p in ps) or any(p.name == name for p in ps)
 
