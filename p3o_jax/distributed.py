@@ -154,6 +154,19 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
+def gather_texts(text: str) -> list[str]:
+    """Every process's `text`, in process order: `[text]` in a single process, else an
+    all-gather (a collective: every process must call this at the same point)."""
+    if jax.process_count() == 1:
+        return [text]
+    data = np.frombuffer(text.encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))
+    padded = np.zeros(max(int(lengths.max()), 1), np.uint8)
+    padded[:len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [bytes(row[:n]).decode() for row, n in zip(rows, lengths)]
+
+
 def is_main_process() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0

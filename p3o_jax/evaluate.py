@@ -87,21 +87,21 @@ _score_given_rewards = jax.jit(_score, static_argnames=STATIC)
 
 def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
                     prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None,
-                    rm_fn=None, reward_fns=None, rows=None, rm_weight: float = 1.0) -> dict:
+                    rm_fn=None, fn_scorer=None, rows=None, rm_weight: float = 1.0) -> dict:
     """Sample one response per prompt and return per-prompt numpy arrays: reward, rm (with a
     reward model), reward/<name> (each reward function), gold (if `gold_fn`), kl_k1, kl_k3,
     length, plus tokens/mask of the responses. Scored outside the program: `rm_fn(prompts,
-    samples) -> [B, 2]` (a reward model with another tokenizer) and `reward_fns` (a
-    `reward_fns.FunctionRewards`; `rows` [B]: the prompts' rows in its records)."""
-    if rm_fn is None and reward_fns is None:
+    samples) -> [B, 2]` (a reward model with another tokenizer) and `fn_scorer` (a
+    `reward_calls.FunctionRewards`; `rows` [B]: the prompts' rows in its records)."""
+    if rm_fn is None and fn_scorer is None:
         out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts,
                                 prompt_mask, key, scfg, rm_weight=rm_weight)
     else:
         samples = sample_responses(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
         p = {"ids": prompts, "mask": prompt_mask, "row": rows}
         rm_scores = rm_fn(p, samples) if rm_fn else None
-        fn_rewards = reward_fns(p, samples) if reward_fns else None
-        weights = tuple(reward_fns.weights.items()) if reward_fns else ()
+        fn_rewards = fn_scorer(p, samples) if fn_scorer else None
+        weights = tuple(fn_scorer.weights.items()) if fn_scorer else ()
         out = _score_given_rewards(policy, ref, None if rm_fn else reward_model, policy_cfg,
                                    rm_cfg, prompts, prompt_mask, samples, scfg, rm_scores,
                                    fn_rewards, weights, rm_weight)

@@ -53,6 +53,12 @@ def masked_sum(x: Array, mask: Array, axis: int | tuple[int, ...] | None = -1) -
     return jnp.sum(jnp.where(mask > 0, x, 0), axis=axis)
 
 
+def has_tokens(mask: Array) -> Array:
+    """Whether each response of a mask [..., T] has a real token: [...]. A response masked out
+    whole (`rl.mask_truncated`) does not count in a loss's mean over responses."""
+    return jnp.any(mask > 0, axis=-1)
+
+
 def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
     """Mean of `x` over real positions; 0 where there are none. Default: over all axes."""
     count = jnp.sum(mask > 0, axis=axis)

@@ -4,8 +4,8 @@ command line.
 
 Stages run in order (`stages=sft,rm,rl`); a stage left out is loaded from `<out_dir>/<stage>`
 (RL's from `<out_dir>/<algo>`). The reward is the reward model's score and/or the reward
-functions' (`reward_fns`, p3o_jax/reward_fns.py); with reward functions alone no reward model
-is read or trained (`ExperimentConfig.uses_reward_model`). Each stage writes its params there, metrics go to
+functions' (`reward_fns`, p3o_jax/reward_calls.py); with reward functions alone no reward
+model is read or trained (`ExperimentConfig.uses_reward_model`). Each stage writes its params there, metrics go to
 `<out_dir>/metrics.jsonl` and TensorBoard (`<out_dir>/tb`), the config to
 `<out_dir>/config.json`, and the final table to `<out_dir>/summary.json` and stdout.
 Checkpoints go to `<out_dir>/ckpt/<stage>` (RL: `ckpt/<algo>`); running the same command again
@@ -27,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-from p3o_jax import checkpoint, hf, memory_plan, reward_fns
+from p3o_jax import checkpoint, hf, memory_plan, reward_calls
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
@@ -47,7 +47,7 @@ from p3o_jax.sampler import sample_responses
 from p3o_jax.sharding import make_mesh
 from p3o_jax.compile_check import check_run, table
 from p3o_jax.stage import Run, stage_loop, supervised_step
-from p3o_jax.reward_fns import FunctionRewards
+from p3o_jax.reward_calls import FunctionRewards
 from p3o_jax.tasks import DatasetRLHF, Task, TextRLHF, ToyRLHF
 from p3o_jax.train_state import create_state, param_shardings
 
@@ -171,21 +171,22 @@ def retokenized_rm(run: Run, rm_params):
 def function_rewards(run: Run, split: str) -> FunctionRewards | None:
     """The reward functions scoring responses to the prompts of `split` ("rl", "eval"); None
     without any."""
-    if not run.reward_fns:
+    if not run.reward_functions:
         return None
-    return FunctionRewards(run.reward_fns, run.task, split, run.batch, run.cfg.reward_workers)
+    return FunctionRewards(run.reward_functions, run.task, split, run.mesh,
+                           run.cfg.reward_workers, run.stop_ids, run.cfg.data.answer_key)
 
 
 def policy_evaluator(run: Run, sft_params, rm_params):
-    """The eval prompts and `evaluate(policy_params)`, the per-prompt results of a policy on
-    them (the same prompts and sampling key for every policy): `final_table` and
-    `rl.eval_every`."""
+    """The eval prompts and `evaluate(policy_params, step)`, the per-prompt results of a
+    policy trained for `step` iterations on them (the same prompts and sampling key for every
+    policy): `final_table` and `rl.eval_every`."""
     p = run.prompts(run.cfg.eval_prompts, "eval")
-    rm_fn, reward_fns = retokenized_rm(run, rm_params), function_rewards(run, "eval")
-    return p, lambda params: evaluate_policy(params, sft_params, rm_params, run.cfg.policy,
-                                             run.cfg.rm_model, p["ids"], p["mask"], run.key(5),
-                                             run.sampling, run.task.gold_reward, rm_fn,
-                                             reward_fns, p.get("row"), run.rm_weight)
+    rm_fn, fn_scorer = retokenized_rm(run, rm_params), function_rewards(run, "eval")
+    return p, lambda params, step: evaluate_policy(
+        params, sft_params, rm_params, run.cfg.policy, run.cfg.rm_model, p["ids"], p["mask"],
+        run.key(5), run.sampling, run.task.gold_reward, rm_fn,
+        fn_scorer and fn_scorer.at(run.trainer_state(step)), p.get("row"), run.rm_weight)
 
 
 def eval_along(run: Run, sft_params, rm_params, total: int, frozen=None):
@@ -196,9 +197,9 @@ def eval_along(run: Run, sft_params, rm_params, total: int, frozen=None):
     if not every:
         return None
     _, evaluate = policy_evaluator(run, sft_params, rm_params)
-    sft_eval = evaluate(sft_params)
+    sft_eval = evaluate(sft_params, 0)
     policy = lambda state: final_policy(run.cfg, state.params["policy"], frozen)
-    return lambda step, state: (compare(evaluate(policy(state)), sft_eval)
+    return lambda step, state: (compare(evaluate(policy(state), step), sft_eval)
                                 if step % every == 0 or step == total else None)
 
 
@@ -220,14 +221,16 @@ def stage_rl(run: Run, sft_params, rm_params):
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
     iteration = RLIteration(cfg, run.mesh, run.sampling, rm_fn=retokenized_rm(run, rm_params),
-                            reward_fns=function_rewards(run, "rl"), rm_weight=run.rm_weight)
+                            fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight,
+                            stop_ids=run.stop_ids)
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
     frozen = frozen_policy(cfg, sft_params)
 
     def step(it, state, carry):
         prompts = run.prompts(cfg.rl.prompts_per_iter, "rl", start=it * cfg.rl.prompts_per_iter)
         state, samples, metrics = iteration(state, carry, sft_params, rm_params, prompts,
-                                            run.key(4, it), frozen)
+                                            run.key(4, it), frozen,
+                                            trainer_state=run.trainer_state(it))
         if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
             metrics["gold_reward"] = gold_of_samples(run, prompts, samples)
         metrics = {k: float(v) for k, v in metrics.items()}
@@ -292,9 +295,11 @@ def stage_offline(run: Run, sft_params, rm_params):
 
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     p, ev = policy_evaluator(run, sft_params, rm_params)
-    results = {"sft": ev(sft_params)}
+    results = {"sft": ev(sft_params, 0)}
     if rl_params is not None:
-        results[run.cfg.algo] = ev(rl_params)
+        offline = ALGORITHMS[run.cfg.algo].offline
+        results[run.cfg.algo] = ev(rl_params, offline_steps(run.cfg) if offline
+                                   else run.cfg.rl.iterations)
     rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
     ids, mask = to_host((p["ids"], p["mask"]))
     # three held-out prompts with each policy's response (the same prompts for every policy)
@@ -303,7 +308,7 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     summary = {"rows": rows, "samples": samples}
     if not is_main_process():
         return summary
-    components = [k for f in run.reward_fns for k in (f.name, f.name + "_acc")]
+    components = [k for f in run.reward_functions for k in (f.name, f.name + "_acc")]
     columns = ["policy", "gold", "gold_se", "reward", "reward_se", "rm", "rm_se", *components,
                "kl_k1", "kl_k1_se", "kl_k3", "length", "win_gold", "win_gold_se", "win_reward",
                "win_reward_se", "win_rm", "win_rm_se"]
@@ -329,16 +334,18 @@ def make_task(cfg: ExperimentConfig) -> Task:
     return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or model, cfg.seed, model)
 
 
-def load_reward_fns(cfg: ExperimentConfig, task: Task):
-    """`reward_fns.load` of `cfg.reward_fns`, each function checked against the task's prompt
+def load_reward_functions(cfg: ExperimentConfig, task: Task):
+    """`reward_calls.load` of `cfg.reward_fns`, each function checked against the task's prompt
     columns: ([], 1.0) without any. ConfigError when the task cannot give them prompts."""
     if not cfg.reward_fns:
         return [], 1.0
     if not hasattr(task, "prompt_records"):
         raise ConfigError(f"config key 'reward_fns': task={cfg.task} has no prompt records for "
                           f"reward functions; use task=dataset (or toy)")
-    fns, rm_weight = reward_fns.load(cfg.reward_fns, cfg.reward_weights, cfg.uses_reward_model)
-    reward_fns.check_columns(fns, task.prompt_columns, "the prompts")
+    fns, rm_weight = reward_calls.load(cfg.reward_fns, cfg.reward_weights, cfg.uses_reward_model,
+                                       task.response_len)
+    columns = reward_calls.answer_columns(task.prompt_columns, cfg.data.answer_key)
+    reward_calls.check_columns(fns, columns, "the prompts")
     return fns, rm_weight
 
 
@@ -373,9 +380,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.policy.vocab_size < task.vocab_size:
         raise ConfigError(f"config key 'policy.vocab_size': {cfg.policy.vocab_size} < the task's "
                           f"vocabulary of {task.vocab_size}")
-    fns, rm_weight = load_reward_fns(cfg, task)
+    fns, rm_weight = load_reward_functions(cfg, task)
     if cfg.task == "dataset":   # no more eval prompts than the held-out set has
-        cfg = dataclasses.replace(cfg, eval_prompts=eval_count(cfg, task.eval_size()))
+        cfg = dataclasses.replace(cfg, eval_prompts=eval_count(cfg, task.prompt_count("eval")))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)

@@ -123,14 +123,16 @@ class RLIteration:
     `mesh`; `init_state` builds the sharded train state they update."""
 
     def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, rm_fn=None,
-                 reward_fns=None, rm_weight: float = 1.0):
+                 fn_scorer=None, rm_weight: float = 1.0, stop_ids: tuple[int, ...] = ()):
         """`rm_fn(prompts, samples) -> [B, K]`: the reward model's scores computed on the
         host's side (a reward model with another tokenizer); None: it scores inside `score`.
-        `reward_fns(prompts, samples) -> {name: [B, K]}` (`reward_fns.FunctionRewards`): the
+        `fn_scorer(prompts, samples) -> {name: [B, K]}` (`reward_calls.FunctionRewards`): the
         reward functions, weighed by its `weights` and added to `rm_weight` x the reward
-        model's score (p3o_jax/reward_fns.py)."""
+        model's score (p3o_jax/reward_calls.py). `stop_ids`: the tokens that end a response;
+        one without any at its end was cut (`rollout.truncated`, `rl.mask_truncated`)."""
         self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
-        self.rm_fn, self.reward_fns, self.rm_weight = rm_fn, reward_fns, rm_weight
+        self.rm_fn, self.fn_scorer, self.rm_weight = rm_fn, fn_scorer, rm_weight
+        self.stop_ids = stop_ids
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
         self.shardings = state_shardings(
@@ -182,9 +184,10 @@ class RLIteration:
         """The prepared buffer and the rollout's metrics (every model is an argument: a jit
         may not close over arrays of other processes). `rm_scores` [B, K]: the reward model's,
         computed on the host; `fn_rewards` {name: [B, K]}: the reward functions' (NaN: no
-        opinion), each logged as `reward/<name>`."""
+        opinion) and their extras, each logged as `reward/<name>`. With `rl.mask_truncated`
+        the responses cut at `response_len` leave the loss (`rollout.drop_truncated`)."""
         cfg = self.cfg
-        host = rollout.weighed(fn_rewards, self.reward_fns.weights) if fn_rewards else None
+        host = rollout.weighed(fn_rewards, self.fn_scorer.weights) if fn_rewards else None
         buffer = rollout.score(params["policy"], ref, reward_model, cfg.policy, cfg.rm_model,
                                prompts["ids"], prompts["mask"], samples, cfg.rl.temperature,
                                cfg.recompute_old, rm_scores, packing, host, self.rm_weight)
@@ -195,6 +198,10 @@ class RLIteration:
         metrics = rollout.rollout_metrics(buffer)
         for name, r in (fn_rewards or {}).items():
             metrics[f"reward/{name}"] = jnp.nanmean(r)
+        cut = rollout.truncated(samples.tokens, samples.mask, self.stop_ids)
+        metrics["truncated_frac"] = jnp.mean(cut)
+        if cfg.rl.mask_truncated:
+            buffer = rollout.drop_truncated(buffer, cut)
         return buffer, metrics
 
     def plan(self, state: TrainState, buffer) -> MinibatchPlan:
@@ -229,10 +236,11 @@ class RLIteration:
                         batch_shardings=shardings)
 
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
-                 frozen=None, max_lengths=None):
+                 frozen=None, max_lengths=None, trainer_state=None):
         """One iteration: (state, samples, metrics); metrics include the wall time of each
         program (`time_generate`, `time_score`, `time_update`), each synchronised. `frozen`:
-        the policy's frozen part (`split_policy`; None when the state trains all of it)."""
+        the policy's frozen part (`split_policy`; None when the state trains all of it);
+        `trainer_state`: what the reward functions get (`reward_calls.TrainerState`)."""
         t0 = time.perf_counter()
         params = self.params(state.params, frozen)
         packing = self.packing(prompts["ids"], prompts["mask"])
@@ -241,16 +249,17 @@ class RLIteration:
         t1 = time.perf_counter()
         rm_scores = self.rm_fn(prompts, samples) if self.rm_fn else None
         t_rm = time.perf_counter() - t1           # retokenising for another tokenizer's RM
-        fn_rewards = self.reward_fns(prompts, samples) if self.reward_fns else None
+        scorer = self.fn_scorer and (self.fn_scorer.at(trainer_state) if trainer_state
+                                     else self.fn_scorer)
+        fn_rewards = scorer(prompts, samples) if scorer else None
         buffer, metrics = self.score(params, ref, None if self.rm_fn else reward_model,
                                      prompts, samples, carry, rm_scores, packing, fn_rewards)
         buffer = jax.block_until_ready(buffer.replace(entropy=None, rm_scores=None))
         t2 = time.perf_counter()
         if self.rm_fn:
             metrics = dict(metrics, time_retokenized_reward=t_rm)
-        if self.reward_fns:
-            metrics = dict(metrics, **{f"time_reward/{k}": t
-                                       for k, t in self.reward_fns.time.items()})
+        if scorer:
+            metrics = dict(metrics, **{f"time_reward/{k}": t for k, t in scorer.time.items()})
         state, update_metrics = jax.block_until_ready(self.update(state, buffer, frozen))
         t3 = time.perf_counter()
         return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,

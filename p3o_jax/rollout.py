@@ -176,8 +176,29 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
 
 
 def weighed(fn_rewards: dict, weights: dict):
-    """sum_f w_f r_f of the reward functions' [B, K] rewards, NaN (no opinion) counting 0."""
-    return sum(weights[name] * jnp.nan_to_num(r) for name, r in fn_rewards.items())
+    """sum_f w_f r_f of the reward functions' [B, K] rewards (`weights`: {name: w_f}; other
+    entries of `fn_rewards`, a function's extra metrics, are not rewards), NaN (no opinion)
+    counting 0."""
+    return sum(w * jnp.nan_to_num(fn_rewards[name]) for name, w in weights.items())
+
+
+def truncated(tokens, mask, stop_ids: tuple[int, ...]):
+    """Whether each response [..., N] was cut at N tokens: its last position is real and holds
+    none of the tokens that end a response (`stop_ids`). bool [...], numpy or jax as given."""
+    last = tokens[..., -1]
+    stopped = last != last      # all False, of last's kind
+    for s in stop_ids:
+        stopped = stopped | (last == s)
+    return (mask[..., -1] > 0) & ~stopped
+
+
+def drop_truncated(buffer: Rollout, cut) -> Rollout:
+    """The buffer with the responses `cut` [B, K] (`truncated`) out of the loss
+    (`rl.mask_truncated`, TRL's mask_truncated_completions): their response mask zeroed, after
+    the rewards, baselines and advantages that they took part in. Every loss averages over the
+    responses (P3O: the pairs) that have tokens, so the update is that of the batch without
+    them; Dr. GRPO's constant normaliser stays constant."""
+    return buffer.replace(resp_mask=buffer.resp_mask * ~cut[..., None])
 
 
 def rollout_metrics(buffer: Rollout) -> dict:

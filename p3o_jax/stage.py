@@ -21,6 +21,7 @@ from p3o_jax.config import ExperimentConfig
 from p3o_jax.distributed import is_main_process, local_rows
 from p3o_jax.logger import MetricsLogger
 from p3o_jax.retokenize import same_vocabulary
+from p3o_jax.reward_calls import TrainerState
 from p3o_jax.sampler import SamplingConfig
 from p3o_jax.sharding import shard_batch
 from p3o_jax.tasks import Task
@@ -53,12 +54,12 @@ def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):
 @dataclasses.dataclass
 class Run:
     """What every stage needs: the resolved config, mesh, task, logger, and the reward
-    functions with the reward model's weight (`reward_fns.load`)."""
+    functions with the reward model's weight (`reward_calls.load`)."""
     cfg: ExperimentConfig
     mesh: jax.sharding.Mesh
     task: Task
     logger: MetricsLogger
-    reward_fns: list = dataclasses.field(default_factory=list)
+    reward_functions: list = dataclasses.field(default_factory=list)
     rm_weight: float = 1.0
 
     def path(self, name: str) -> str:
@@ -69,6 +70,20 @@ class Run:
         """How RL, the reward model's pairs and evaluation sample (`rl.*` and the task's)."""
         return sampling_config(self.cfg.rl, self.task.response_len, self.task.eos_ids,
                                self.task.pad_id, self.task.stop_sequences)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end a response: one without any at its end was cut at
+        `response_len` (`rollout.truncated`)."""
+        return (self.task.eos_id,)  # TODO(merge): task.eos_ids
+
+    def trainer_state(self, step: int) -> TrainerState:
+        """What reward functions get as `trainer_state` for the responses of RL iteration
+        `step` (or of a policy trained for `step` iterations)."""
+        rl = self.cfg.rl
+        count = getattr(self.task, "prompt_count", None)   # the toy task's never repeat
+        epoch = step * rl.prompts_per_iter / count("rl") if count else 0.0
+        return TrainerState(step, rl.iterations, epoch)
 
     @functools.cached_property
     def rm_tokenizer(self):
@@ -103,7 +118,7 @@ class Run:
         with reward functions "row" [n], each prompt's row in `task.prompt_records(split)`."""
         def read(a, b):
             ids, mask = self.task.prompts(b - a, split, start + a)
-            if not self.reward_fns:
+            if not self.reward_functions:
                 return {"ids": ids, "mask": mask}
             rows = self.task.prompt_rows(b - a, split, start + a).astype(np.int32)
             return {"ids": ids, "mask": mask, "row": rows}

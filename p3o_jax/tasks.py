@@ -59,7 +59,7 @@ class Task(Protocol):
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int) -> str:
         """A few (prompt, response) pairs as text, for the end-of-run printout."""
 
-    # tasks whose prompts reward functions can score (p3o_jax/reward_fns.py) also have:
+    # tasks whose prompts reward functions can score (p3o_jax/reward_calls.py) also have:
     # prompt_rows(n, split, start) -> int [n], each prompt's row in `prompt_records(split)`
     # prompt_records(split, rows) -> data.own.Records of those rows (prompt values, columns)
     # prompt_columns: set[str], the columns of every prompt record
@@ -321,8 +321,9 @@ class DatasetRLHF(TextRLHF):
         """The columns every prompt record of RL and evaluation has (for reward functions)."""
         return set(self.records["rl"].columns) & set(self.records["eval"].columns)
 
-    def eval_size(self) -> int:
-        return len(self._prompts["eval"])
+    def prompt_count(self, split: str) -> int:
+        """The prompts of `split` ("rl" or "eval")."""
+        return len(self._prompts[split])
 
     def prompt_rows(self, n: int, split: str, start: int = 0) -> np.ndarray:
         return data.read_batch(self._prompts[split], start, n)["row"]

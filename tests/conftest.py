@@ -1,6 +1,9 @@
 """Test-wide setup: 8 fake CPU devices and XLA flags (set before jax is imported), and the order
-in which the test files run."""
+in which the test files run, and verl on the import path for the tests that call it."""
 import os
+import sys
+
+import pytest
 
 # XLA:CPU's LLVM at -O0: the suite's programs are tiny and compile far more often than they run
 # (a quarter off the time of the end-to-end files); every comparison runs under the same flags.
@@ -15,9 +18,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` (`--dist loadfile --no-loadscope-reorder`) end on short files together.
 SLOWEST_FIRST = ("test_compile_check.py", "test_checkpoint.py", "test_multihost.py",
                  "test_frontier.py", "test_packing.py", "test_bench.py", "test_own_data.py",
-                 "test_rollout.py", "test_pipeline.py", "test_real_data_smoke.py")
+                 "test_rollout.py", "test_pipeline.py", "test_real_data_smoke.py",
+                 "test_reward_calls.py")
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept
+
+
+@pytest.fixture
+def verl_path(monkeypatch):
+    """verl importable: `make test` installs it into <venv>/verl, outside site-packages
+    (requirements-verl.txt, Makefile)."""
+    monkeypatch.syspath_prepend(os.path.join(sys.prefix, "verl"))

@@ -19,14 +19,14 @@ from p3o_jax import config_args
 from p3o_jax.checks import ConfigError
 from p3o_jax import hf
 from p3o_jax import model as M
-from p3o_jax import reward_fns as R
-from p3o_jax import rewards
+from p3o_jax import reward_calls as R
 from p3o_jax.cli.train import main
 from p3o_jax.data import own
 from p3o_jax.data.fixtures import chat_tokenizer
 from p3o_jax.data.render import Render
 from p3o_jax.data.validate import UpstreamError
 from p3o_jax.pipeline import run_experiment
+from data_fixtures import verl_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FNS = os.path.join(HERE, "reward_functions.py")
@@ -320,36 +320,29 @@ def test_sources_mix_by_weight(files):
 # ---------------------------------------------------------------------------------------------
 # reward functions
 
-def test_builtin_rewards():
-    assert rewards.final_answer("so 3 + 4 = 7. #### 7") == "7"
-    assert rewards.final_answer(r"the answer is \boxed{\frac{1}{2}} indeed") == r"\frac{1}{2}"
-    assert rewards.final_answer("first 3 then 1,250.0") == "1,250.0"
-    got = rewards.math_answer(None, ["#### 1250", assistant("it is 12"), "no idea", "x"],
-                              answer=["... #### 1,250", "12", "3", None])
-    assert got == [1.0, 1.0, 0.0, None]
-    assert rewards.final_answer_format(None, ["#### 4", "4", assistant(r"\boxed{4} ")]) == [1, 0, 1]
-    assert rewards.length_penalty(None, ["a", "b"], completion_ids=[[1, 2], [3]]) == [-0.002, -0.001]
-
-
 def batch(n=4):
-    return ([user(q) for q, _ in QUESTIONS[:n]], [assistant(a) for _, a in QUESTIONS[:n]],
-            {"answer": [a for _, a in QUESTIONS[:n]], "completion_ids": [[1]] * n},
+    prompts = [user(q) for q, _ in QUESTIONS[:n]]
+    return ({"prompts": prompts, "completions": [assistant(a) for _, a in QUESTIONS[:n]],
+             "completion_ids": [[1]] * n, "truncated": [False] * n,
+             "answer": [a for _, a in QUESTIONS[:n]]},
             [f"prompts.jsonl row {i}" for i in range(n)])
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_reward_functions_are_called_as_trl_calls_them(workers):
     fns, rm_weight = R.load(f"{FNS}:says_answer,{FNS}:async_length,verl:{FNS}:verl_compute_score,"
-                            "math_answer", (1.0, 0.5, 2.0, 1.0, 0.25), has_rm=True)
+                            "math_answer", (1.0, 0.5, 2.0, 1.0, 0.25), has_rm=True,
+                            response_len=8)
     assert [f.name for f in fns] == ["says_answer", "async_length", "verl_verl_compute_score",
                                      "math_answer"]
     assert [f.weight for f in fns] == [1.0, 0.5, 2.0, 1.0] and rm_weight == 0.25
-    prompts, completions, columns, origin = batch()
-    columns["answer"][1] = None
-    got = [R.call(f, prompts, completions, columns, origin, workers) for f in fns]
+    inputs, origin = batch()
+    inputs["answer"][1] = None
+    got = [R.call(f, inputs, origin, workers)[0] for f in fns]
     np.testing.assert_array_equal(got[0], [1, np.nan, 1, 1])      # None: no opinion
     np.testing.assert_allclose(got[1], [len(a) / 10 for a in ("0", "1", "2", "3")])
-    np.testing.assert_array_equal(got[2][[0, 2, 3]], [1, 1, 1])
+    np.testing.assert_array_equal(got[2], [1, np.nan, 1, 1])      # no ground truth: None
+    np.testing.assert_array_equal(got[3], [1, np.nan, 1, 1])
 
 
 @pytest.mark.parametrize("name, message", [
@@ -358,7 +351,7 @@ def test_reward_functions_are_called_as_trl_calls_them(workers):
     ("raises", r"raised RuntimeError: the grader is down"),
 ])
 def test_a_failing_reward_function_names_itself_and_the_row(name, message):
-    (f,), _ = R.load(f"{FNS}:{name}", (), has_rm=False)
+    (f,), _ = R.load(f"{FNS}:{name}", (), has_rm=False, response_len=8)
     with pytest.raises(R.RewardError, match=message):
         R.call(f, *batch())
 
@@ -367,18 +360,18 @@ def test_a_failing_reward_function_names_itself_and_the_row(name, message):
     ("nowhere.py:f", r"nowhere.py: no such file"),
     ("no_such_module_xyz:f", r"cannot import no_such_module_xyz \(ModuleNotFoundError"),
     (f"{FNS}:missing", r"has no function 'missing'"),
-    (f"{FNS}:only_prompts", r"must have the signature f\(prompts, completions, \*\*columns\)"),
+    (f"{FNS}:only_prompts", r"must accept completions="),
     ("exact_match", r"'exact_match' is no built-in reward \(math_answer, "),
 ])
 def test_a_reward_function_that_cannot_load_is_one_config_error(spec, message):
     with pytest.raises(ConfigError, match=message):
-        R.load(spec, (), has_rm=False)
+        R.load(spec, (), has_rm=False, response_len=8)
 
 
 def test_weights_and_columns_are_checked():
     with pytest.raises(ConfigError, match=r"3 weights for 1 reward functions; give 1"):
-        R.load("math_answer", (1, 2, 3), has_rm=False)
-    fns, _ = R.load(f"{FNS}:needs_difficulty", (), has_rm=False)
+        R.load("math_answer", (1, 2, 3), has_rm=False, response_len=8)
+    fns, _ = R.load(f"{FNS}:needs_difficulty", (), has_rm=False, response_len=8)
     with pytest.raises(ConfigError, match=r"needs the column\(s\) \['difficulty'\], which the "
                                             r"prompts lacks; it has \['answer'\]"):
         R.check_columns(fns, {"answer"}, "the prompts")
@@ -441,6 +434,32 @@ def test_rl_from_a_pretrained_policy_with_reward_functions_only(files, sft_folde
     assert summary[0]["kl_k1"] == 0.0
 
 
+def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path, verl_path):
+    """verl's parquet layout end to end: verl's own default_compute_score, a verl function
+    whose dict has extras (logged as reward/<name>/<extra>), math_answer reading the ground
+    truth through data.answer_key, and GRPO with the responses cut at response_len out of the
+    loss."""
+    path = tmp_path / "gsm8k.parquet"
+    pq.write_table(pa.Table.from_pylist(verl_rows(QUESTIONS)), path)
+    out = tmp_path / "run"
+    fns = (f"math_answer,verl:verl.utils.reward_score:default_compute_score,"
+           f"verl:{FNS}:verl_compute_score")
+    assert main(dataset_args({"jsonl": str(path)}, sft_folder, out, f"reward_fns={fns}",
+                             "reward_weights=", "data.answer_key=reward_model.ground_truth",
+                             "algo=grpo", "rl.mask_truncated=true", "rl.eval_every=0")) == 0
+    rl = [r for r in read_metrics(out) if r["stage"] == "rl:grpo"]
+    assert len(rl) == 3
+    for r in rl:
+        parts = ("math_answer", "verl_default_compute_score", "verl_verl_compute_score")
+        assert r["reward"] == pytest.approx(sum(r[f"reward/{p}"] for p in parts), abs=1e-5)
+        assert 0 <= r["reward/verl_verl_compute_score/acc"] <= 1
+        assert r["truncated_frac"] > 0.5   # a random policy seldom ends in 6 tokens
+        if r["truncated_frac"] == 1:       # every response out of the loss
+            assert r["grad_norm"] == 0
+    summary = json.load(open(out / "summary.json"))["rows"]
+    assert "math_answer_acc" in summary[1] and "verl_verl_compute_score/acc" in summary[1]
+
+
 FLAKY = """import os
 def flaky(prompts, completions, **_):
     counter = os.environ["FLAKY_COUNTER"]
@@ -485,7 +504,7 @@ BAD = {
                      r"{d}/no_user.jsonl: row 0: the prompt conversation must end with a user turn, "
                      r"not 'assistant'"),
     "no_reward": ("reward_fns=", r"config key 'reward_fns': no reward: set reward_fns"),
-    "bad_signature": ("reward_fns={fns}:only_prompts reward_weights=", r"must have the signature"),
+    "bad_signature": ("reward_fns={fns}:only_prompts reward_weights=", r"must accept completions="),
     "missing_reward_column": ("reward_fns={fns}:needs_difficulty reward_weights=",
                               r"needs the column\(s\) \['difficulty'\]"),
 }

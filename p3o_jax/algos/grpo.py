@@ -76,7 +76,8 @@ def aggregate(token_losses, mask, aggregation: str):
     ops.require(aggregation in AGGREGATIONS,
                 f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if aggregation == "sequence":
-        return jnp.mean(ops.masked_mean(token_losses, mask, axis=-1))
+        return ops.masked_mean(ops.masked_mean(token_losses, mask, axis=-1),
+                               ops.has_tokens(mask))
     if aggregation == "constant":
         return ops.masked_sum(token_losses, mask, axis=None) / token_losses.size
     return ops.masked_mean(token_losses, mask)

@@ -68,7 +68,7 @@ def gspo_loss(logp, logp_old, mask, advantages, *, eps_low: float = 3e-4,
     KL(pi_old || pi) per response)."""
     ops.require_responses(advantages, logp=logp, logp_old=logp_old, mask=mask)
     loss, metrics = clipped_sequence_loss(sequence_log_ratio(logp, logp_old, mask), advantages,
-                                          eps_low, eps_high)
+                                          ops.has_tokens(mask), eps_low, eps_high)
     return loss, {**metrics, "approx_kl": jax.lax.stop_gradient(
         jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3")))}
 

@@ -26,7 +26,8 @@ Per iteration (p3o_jax/rl.py): sample K >= 2 responses per prompt from pi_old, s
       u  = log pi(y_i) - log pi(y_j),  w = sg(c(rho_i rho_j))
       L  = max(-Delta w u, -Delta w clip(u, u_old - eps, u_old + eps)) / 2
 
-  averaged over all pairs of the minibatch. At theta = theta_old both have the gradient
+  averaged over all pairs of the minibatch (but a pair with a response masked out whole:
+  `rl.mask_truncated`). At theta = theta_old both have the gradient
   -Delta grad(log pi(y_i) - log pi(y_j)) / 2: the pairwise policy gradient.
 """
 from __future__ import annotations
@@ -158,7 +159,7 @@ def p3o_loss(logp, logp_old, mask, delta, *, clip: str, eps: float = 0.2,
     delta = jax.lax.stop_gradient(delta)
     one_pair = functools.partial(pair_loss, clip=clip, eps=eps, ratio_bound=ratio_bound)
     pair_losses, stats = jax.vmap(one_pair)(logp, logp_old, mask, delta)
-    loss = jnp.mean(pair_losses)
+    loss = ops.masked_mean(pair_losses, jnp.all(ops.has_tokens(mask), -1))  # both have tokens
     log_rho = stats["log_rho"]
     rho = jnp.exp(log_rho)
     return loss, {

@@ -58,13 +58,15 @@ def prepare(buffer: Rollout, params, cfg, carry) -> Rollout:
         buffer.rewards - cfg.rl.beta * buffer.seq_kl))
 
 
-def clipped_sequence_loss(log_ratio, advantages, eps_low: float, eps_high: float):
-    """Mean over responses of max(-A rho, -A clip(rho, 1 - eps_low, 1 + eps_high)), rho =
-    exp(log_ratio): log_ratio (with gradient) and advantages (constant) [B, K]. Metrics:
+def clipped_sequence_loss(log_ratio, advantages, responses, eps_low: float, eps_high: float):
+    """Mean over `responses` (bool, those with tokens: `ops.has_tokens`) of max(-A rho,
+    -A clip(rho, 1 - eps_low, 1 + eps_high)), rho = exp(log_ratio): log_ratio (with gradient),
+    advantages (constant) and responses [B, K]. Metrics:
     `clip_frac` (responses with rho outside the range), `advantage_abs_mean`, `ratio_mean`,
     `log_ratio_abs_max`."""
     ops.require_same_shape(log_ratio=log_ratio, advantages=advantages)
-    loss = jnp.mean(ops.clipped_surrogate(jnp.exp(log_ratio), advantages, eps_low, eps_high))
+    loss = ops.masked_mean(ops.clipped_surrogate(jnp.exp(log_ratio), advantages, eps_low,
+                                                 eps_high), responses)
     log_ratio = jax.lax.stop_gradient(log_ratio)
     outside = (log_ratio < jnp.log1p(-eps_low)) | (log_ratio > jnp.log1p(eps_high))
     return loss, {
@@ -83,7 +85,7 @@ def rloo_loss(logp, logp_old, mask, advantages, eps: float = 0.2):
     ops.require_responses(advantages, logp=logp, logp_old=logp_old, mask=mask)
     log_rho = ops.clamped_log_ratio(ops.sequence_logprob(logp, mask),
                                     ops.sequence_logprob(logp_old, mask))          # [B, K]
-    loss, metrics = clipped_sequence_loss(log_rho, advantages, eps, eps)
+    loss, metrics = clipped_sequence_loss(log_rho, advantages, ops.has_tokens(mask), eps, eps)
     return loss, {**metrics, "approx_kl": jax.lax.stop_gradient(
         jnp.mean(ops.kl_per_sequence(logp_old, logp, mask, "k3")))}
 

@@ -24,7 +24,7 @@ from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.checks import ConfigError
 from p3o_jax.config_args import from_args
 from p3o_jax.pipeline import run_experiment
-from p3o_jax.reward_fns import RewardError
+from p3o_jax.reward_calls import RewardError
 
 
 def main(argv: list[str] | None = None) -> int:

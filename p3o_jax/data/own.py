@@ -172,6 +172,19 @@ class Keys:
     rejected: str = "rejected"
 
 
+def column_value(record: dict, path: str):
+    """The value a column name names in a record: `record[path]`, or for a dotted path into
+    struct (dict) columns, `record["a"]["b"]` for "a.b"; None where a part is missing."""
+    if path in record:
+        return record[path]
+    value = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 @dataclasses.dataclass
 class Records:
     """The rows of a source list as `kind` asks: for each row its prompt (a string or a
