@@ -294,6 +294,20 @@ def test_column_names_are_settings(files, tmp_path):
     assert r.responses["response"] == [a for _, a in QUESTIONS[:5]] and r.columns == {}
 
 
+def test_column_names_are_dotted_paths_into_struct_columns(tmp_path):
+    """verl's parquet keeps the question in `extra_info`: data.prompt_key=extra_info.question
+    reads it, and the struct column still reaches the reward functions whole."""
+    path = tmp_path / "verl.parquet"
+    pq.write_table(pa.Table.from_pylist(verl_rows(QUESTIONS[:4])), path)
+    r = own.load_records(str(path), "data.prompts", "prompt",
+                         own.Keys(prompt="extra_info.question"), seed=0)
+    assert r.prompts == [q for q, _ in QUESTIONS[:4]]
+    assert [e["question"] for e in r.columns["extra_info"]] == r.prompts
+    with pytest.raises(UpstreamError, match=r"row 0: 'extra_info.missing' is missing"):
+        own.load_records(str(path), "data.prompts", "prompt",
+                         own.Keys(prompt="extra_info.missing"), seed=0)
+
+
 def test_the_tokenised_data_is_cached_by_content_and_rendering(files, tokenizer, tmp_path):
     r = own.load_records(files["jsonl"], "data.prompts", "prompt", KEYS, seed=0)
     first = own.encode(r, Render(tokenizer), 40, 8, "error", str(tmp_path))

@@ -172,6 +172,12 @@ class Keys:
     rejected: str = "rejected"
 
 
+def has_column(columns, path: str) -> bool:
+    """Whether `path` (a column name, or a dotted path into a struct column) can be read from
+    rows with these `columns` (its struct's fields are checked row by row: `column_value`)."""
+    return path in columns or path.split(".")[0] in columns
+
+
 def column_value(record: dict, path: str):
     """The value a column name names in a record: `record[path]`, or for a dotted path into
     struct (dict) columns, `record["a"]["b"]` for "a.b"; None where a part is missing."""
@@ -229,7 +235,7 @@ def _shape(ds, source: Source, kind: str, keys: Keys) -> str:
                "preference": [("explicit", {keys.prompt, keys.chosen, keys.rejected}),
                               ("implicit", {keys.chosen, keys.rejected})]}[kind]
     for name, needed in layouts:
-        if needed <= cols:
+        if all(has_column(cols, path) for path in needed):
             return name
     wanted = " or ".join("+".join(sorted(n)) for _, n in layouts)
     raise UpstreamError(f"{source.name}: no column(s) {wanted} for {kind} rows; it has "
@@ -251,19 +257,29 @@ def _common_prefix(chosen, rejected):
     raise ValueError("chosen and rejected must both be strings or both conversations")
 
 
+def _value(record: dict, path: str):
+    """`column_value`, a ValueError where a dotted path finds nothing in this row."""
+    value = column_value(record, path)
+    if value is None and path not in record:
+        raise ValueError(f"{path!r} is missing (a dotted path into a struct column)")
+    return value
+
+
 def _row(record: dict, shape: str, keys: Keys):
-    """(prompt, {response key: value}) of one record; ValueError saying what is wrong."""
+    """(prompt, {response key: value}) of one record; ValueError saying what is wrong. A
+    column name may be a dotted path into a struct column (`column_value`)."""
     if shape == "messages":
-        msgs = record[keys.messages]
+        msgs = _value(record, keys.messages)
         if not is_conversation(msgs):
             raise ValueError(f"{keys.messages!r} must be a conversation, got {_kind_of(msgs)}")
         return msgs[:-1], {"response": msgs[-1:]}
     if shape == "implicit":
-        prompt, chosen, rejected = _common_prefix(record[keys.chosen], record[keys.rejected])
+        prompt, chosen, rejected = _common_prefix(_value(record, keys.chosen),
+                                                  _value(record, keys.rejected))
         return prompt, {"chosen": chosen, "rejected": rejected}
     names = {"prompt": {}, "completion": {"response": keys.completion},
              "explicit": {"chosen": keys.chosen, "rejected": keys.rejected}}[shape]
-    return record[keys.prompt], {n: record[column] for n, column in names.items()}
+    return _value(record, keys.prompt), {n: _value(record, c) for n, c in names.items()}
 
 
 def _check(prompt, responses: dict, wrap: bool) -> None:
@@ -313,7 +329,7 @@ def load_records(text: str, key: str, kind: str, keys: Keys, seed: int,
             try:
                 prompt, resp = _row(record, shape, keys)
                 if kind == "prompt":   # a messages column may hold the prompt whole
-                    msgs = record.get(keys.messages) if shape == "messages" else None
+                    msgs = column_value(record, keys.messages) if shape == "messages" else None
                     prompt = msgs if is_conversation(msgs) and msgs[-1]["role"] == "user" else prompt
                     resp = {}
                 _check(prompt, resp, wrap)
