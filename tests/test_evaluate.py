@@ -6,13 +6,17 @@ import pytest
 
 from p3o_jax import ops
 from p3o_jax.algos import p3o
-from p3o_jax.evaluate import compare, judge_win_rate, mean_se, summarize, win_rate
+from p3o_jax.evaluate import (compare, judge_win_rate, mean_se, mean_se_over_runs, summarize,
+                              win_rate)
 from p3o_jax.rl import prompt_offset
 
 
 def test_mean_se():
     assert mean_se([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, np.sqrt(14 / 3) / 2))
     assert mean_se([5.0]) == (5.0, 0.0)
+    # over runs: the SE across them, or a lone run's own SE over prompts
+    assert mean_se_over_runs([1.0, 2.0, 3.0, 6.0], [9.0] * 4) == mean_se([1.0, 2.0, 3.0, 6.0])
+    assert mean_se_over_runs([0.5], [0.1]) == (0.5, 0.1)
 
 
 def test_kl_estimates_k1_k3():

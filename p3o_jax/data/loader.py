@@ -45,7 +45,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -55,6 +54,7 @@ from absl import flags
 from etils import epath
 from transformers import PreTrainedTokenizerBase
 
+from p3o_jax import storage
 from p3o_jax.data import prompts
 
 DatasetName = Literal["tldr_sft", "tldr_comparisons", "hh_rlhf", "own"]
@@ -266,16 +266,9 @@ def ragged_columns(chunks: Iterable[dict[str, list[list[int]]]], fields: Sequenc
 
 
 def save_npz_atomically(path: str, columns: dict[str, np.ndarray]) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **columns)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Readers see the old file or the whole new one, never a partial write; a failed write
+    (a full disk) is `storage.WriteFailed` naming `path`."""
+    storage.write_atomically(path, lambda f: np.savez(f, **columns), "wb")
 
 
 def _sha256(text: str) -> str:
