@@ -309,12 +309,41 @@ def test_rl_from_a_pretrained_policy_with_reward_functions_only(files, sft_folde
         assert r["time_reward/says_answer"] >= 0
     evals = [r for r in rows if r["stage"] == f"eval:{algo}"]
     assert [r["step"] for r in evals] == [0, 2, 3]
-    summary = json.load(open(out / "summary.json"))["rows"]
-    assert [r["policy"] for r in summary] == ["sft", algo]
-    for r in summary:
+    summary = json.load(open(out / "summary.json"))
+    rows = summary["rows"]
+    assert [r["policy"] for r in rows] == ["sft", algo]
+    for r in rows:
         assert {"reward", "says_answer", "final_answer_format", "kl_k1", "win_reward"} <= set(r)
         assert "says_answer_acc" in r and "rm" not in r
-    assert summary[0]["kl_k1"] == 0.0
+        assert_recomputed(r, eval_records(out, summary, r["policy"]), files)
+    assert rows[0]["kl_k1"] == 0.0
+
+
+def eval_records(out, summary: dict, policy: str) -> list[dict]:
+    """The per-prompt records of `policy`'s final evaluation, from the file summary.json names."""
+    assert summary["eval_records"][policy] == f"eval_{policy}.jsonl"
+    with open(out / summary["eval_records"][policy]) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_recomputed(row: dict, records: list[dict], files) -> None:
+    """The final table's row of a policy is the means of its per-prompt records: one record
+    per held-out prompt, with its row (among the held-out records), origin (the file's row),
+    prompt and response texts."""
+    assert [r["index"] for r in records] == list(range(8))
+    assert len({r["row"] for r in records}) == len({r["origin"] for r in records}) == 8
+    for r in records:
+        path, _, line = r["origin"].rpartition(" row ")
+        assert path == files["jsonl"] and QUESTIONS[int(line)][0] in r["prompt"], r
+        assert isinstance(r["response"], str)
+    says = np.array([r["reward_fns"]["says_answer"] for r in records
+                     if r["reward_fns"]["says_answer"] is not None])   # None: no opinion
+    assert row["says_answer_acc"] == pytest.approx(np.mean(says == 1))
+    assert row["says_answer"] == pytest.approx(np.mean(says))
+    for k in ("reward", "kl_k1", "kl_k3", "length"):
+        assert row[k] == pytest.approx(np.mean([r[k] for r in records])), k
+    fmt = [r["reward_fns"]["final_answer_format"] for r in records]
+    assert row["final_answer_format"] == pytest.approx(np.mean(fmt))
 
 
 FLAKY = """import os
