@@ -3,6 +3,7 @@ take (written here: JSONL, JSON, CSV, conversational Parquet, Arrow, a `save_to_
 TRL's column layouts, chat-template rendering, mixing by weight, over-long prompts, every bad
 input as one line, reward functions (their calls, checks and failures), the toy task trained by
 a reward function equal to its gold reward, and runs with no reward model anywhere."""
+import errno
 import json
 import os
 import re
@@ -376,6 +377,44 @@ def test_a_reward_function_failing_mid_run_keeps_the_checkpoint_and_resumes(
     os.remove(tmp_path / "broken")            # fixed: the same command continues
     assert main(args) == 0
     assert "rl: resuming at step 2 of 3" in capsys.readouterr().err
+
+
+FULL_DISK = """import errno, os
+def full_disk(prompts, completions, **_):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+"""
+
+
+def test_a_reward_functions_oserror_is_its_own_failure(files, sft_folder, tmp_path, capsys):
+    """A reward function raising OSError(ENOSPC) stops the run as the reward function's
+    failure (exit 3, its one line), not as a failed write of the run (exit 74)."""
+    (tmp_path / "full.py").write_text(FULL_DISK)
+    args = dataset_args(files, sft_folder, tmp_path / "run", f"reward_fns={tmp_path}/full.py:full_disk",
+                        "reward_weights=", "rl.eval_every=0")
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"{tmp_path}/full.py:full_disk raised OSError" in errors[0], errors
+    assert "No space left on device" in errors[0] and "writing" not in errors[0], errors
+
+
+@pytest.mark.parametrize("reader", ["datasets.load_dataset", "own.read_source"])
+def test_a_data_read_that_fails_is_a_data_error(files, sft_folder, tmp_path, capsys, monkeypatch,
+                                                reader):
+    """An I/O error reading the data (EIO, from the datasets library or from our reader)
+    stops the run as a data error (exit 2, one line naming the file), not as a failed write
+    (exit 74), and before anything is written."""
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), files["jsonl"])
+    module, name = reader.split(".")
+    monkeypatch.setattr({"datasets": datasets, "own": own}[module], name, broken)
+    assert main(dataset_args(files, sft_folder, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert files["jsonl"] in errors[0] and "Input/output error" in errors[0], errors
+    assert not os.path.exists(tmp_path / "run" / "ckpt")
 
 
 BAD = {
