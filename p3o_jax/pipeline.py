@@ -332,8 +332,8 @@ def eval_file(policy: str) -> str:
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     """The final evaluation of the SFT policy and, if trained, the RL policy on the same eval
     prompts: its table on stdout and in `<out_dir>/summary.json` ("rows"; "samples", three
-    responses of each policy; "eval_records", the per-prompt records file of each policy,
-    `eval_<policy>.jsonl` beside it, one `eval_records` line per prompt)."""
+    responses of each policy; "eval_records", the name of each policy's per-prompt file
+    beside it, `eval_<policy>.jsonl`, a JSON line of `eval_records` per prompt)."""
     p, ev = policy_evaluator(run, sft_params, rm_params)
     results = {"sft": ev(sft_params)}
     if rl_params is not None:
