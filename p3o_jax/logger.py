@@ -181,8 +181,8 @@ class MetricsLogger:
     def _check_tensorboard(self) -> None:
         if not self._tensorboard_alive():
             raise storage.WriteFailed(os.path.join(self.directory, "tb"), "its writer thread "
-                                      "stopped on an error (printed above)",
-                                      storage.free_space(self.directory))
+                                      "stopped on an error (a refused write, or the error "
+                                      "printed above)", storage.free_space(self.directory))
 
     def close(self):
         if self._file is not None:

@@ -38,8 +38,8 @@ import glob
 import logging
 import os
 import shutil
-import tempfile
 import threading
+import uuid
 import warnings
 from typing import IO, Callable
 
@@ -162,10 +162,10 @@ def write_atomically(path: str, write: Callable[[IO], None], mode: str = "w") ->
     see the old file or the whole new one. A failed write raises `WriteFailed` naming `path`
     and leaves no temporary file. `mode`: "w" (text) or "wb"."""
     directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{os.path.abspath(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     with writing(path):
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
-                                   suffix=".tmp")
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # the umask's mode
         try:
             with os.fdopen(fd, mode) as f:
                 write(f)

@@ -92,6 +92,9 @@ def test_write_atomically_keeps_the_old_file_on_a_full_disk(tmp_path):
     with pytest.raises(WriteFailed, match=rf"writing {path} failed: No space left on device"):
         storage.write_atomically(str(path), fill)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["summary.json"]
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask       # as open() would make it
 
 
 def test_only_writes_become_write_failed():
