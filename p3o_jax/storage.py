@@ -195,7 +195,9 @@ def quiet_background_errors():
     """Inside: a thread that dies of a write the filesystem refused (`io_cause`), or a log
     record of one (orbax's through absl, asyncio's), prints nothing: the main thread reports
     the failed write once, as `WriteFailed`. Other thread errors and log records print as
-    usual."""
+    usual. Left by a `WriteFailed`, the filters stay for the rest of the process: the failed
+    save's asyncio futures log their errors when they are collected, after the run has
+    returned (the CLI then prints its line and exits)."""
     previous = threading.excepthook
     refused = _RefusedWriteFilter()
 
@@ -206,12 +208,17 @@ def quiet_background_errors():
     loggers = [logging.getLogger(name) for name in _BACKGROUND_LOGGERS]
     for logger in loggers:
         logger.addFilter(refused)
+    failed = False
     try:
         yield
+    except WriteFailed:
+        failed = True
+        raise
     finally:
-        threading.excepthook = previous
-        for logger in loggers:
-            logger.removeFilter(refused)
+        if not failed:
+            threading.excepthook = previous
+            for logger in loggers:
+                logger.removeFilter(refused)
 
 
 _warned: set[str] = set()

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import threading
+import warnings
 
 import jax
 import pytest
@@ -135,3 +136,28 @@ def test_background_errors_of_a_refused_write_print_nothing(monkeypatch, caplog)
     assert [r.exc_info[1] for r in caplog.records if r.name == "absl"] == [other]
     thread(tensorstore)                 # outside: printed as usual
     assert seen == [other, tensorstore]
+    before = (threading.excepthook, [list(logging.getLogger(n).filters) for n in ("absl", "asyncio")])
+    with pytest.raises(WriteFailed), storage.quiet_background_errors():
+        raise WriteFailed("/runs/x/ckpt", os.strerror(errno.ENOSPC), 0)
+    # left by a failed write, still quiet: asyncio logs a failed save's futures when they
+    # are collected, after the run returned
+    logging.getLogger("asyncio").error("Future exception was never retrieved",
+                                       exc_info=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    thread(tensorstore)
+    assert seen == [other, tensorstore]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    threading.excepthook = before[0]          # this test's own state back
+    for name, filters in zip(("absl", "asyncio"), before[1]):
+        logging.getLogger(name).filters[:] = filters
+
+
+def test_a_short_disk_is_announced(tmp_path):
+    """A checkpoint's size is known before it is written: too little free space for the ones
+    due is a warning, once per folder."""
+    storage.warn_if_short(str(tmp_path), 1, count=2)         # 2 bytes fit: nothing
+    with pytest.warns(RuntimeWarning, match=rf"{tmp_path}: .* free, but 3 more checkpoint\(s\) "
+                                            r"of about 1048576.0 GiB are due .*will likely fail"):
+        storage.warn_if_short(str(tmp_path), 1 << 50, count=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        storage.warn_if_short(str(tmp_path), 1 << 50, count=3)   # said once
