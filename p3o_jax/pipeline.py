@@ -291,19 +291,18 @@ def stage_offline(run: Run, sft_params, rm_params):
 EVAL_SCALARS = ("reward", "rm", "gold", "kl_k1", "kl_k3", "length")
 
 
-def eval_records(run: Run, prompts: dict, per_prompt: dict) -> list[dict]:
-    """One policy's evaluation (`evaluate_policy`'s per-prompt arrays on `prompts`, the eval
-    prompts [B, P]) as one record per held-out prompt: `index` (its place among the eval
-    prompts), `row` and `origin` (its record, for tasks with prompt records), the `prompt` and
-    `response` texts, and its scalar results: reward, rm, gold, kl_k1, kl_k3, length (those
-    the run has) and `reward_fns`, each reward function's value (None: no opinion). The final
-    table's means are theirs (`summarize`): a reward function's over its non-None values,
-    `<name>_acc` the fraction of those equal to 1."""
-    task = run.task
-    ids, mask = to_host((prompts["ids"], prompts["mask"]))
-    n = len(ids)
-    rows = (to_host(prompts["row"]) if "row" in prompts
-            else task.prompt_rows(n, "eval") if hasattr(task, "prompt_rows") else None)
+def eval_records(task: Task, prompts: dict, per_prompt: dict) -> list[dict]:
+    """One policy's evaluation (`evaluate_policy`'s per-prompt arrays) on the eval `prompts`
+    (numpy: "ids", "mask" [B, P], with reward functions "row" [B]) as one record per held-out
+    prompt: `index` (its place among the eval prompts), `row` and `origin` (its record, for
+    tasks with prompt records), the `prompt` and `response` texts, and its scalar results:
+    reward, rm, gold, kl_k1, kl_k3, length (those the run has) and `reward_fns`, each reward
+    function's value (None: no opinion). The final table's means are theirs (`summarize`): a
+    reward function's over its non-None values, `<name>_acc` the fraction of those equal to 1."""
+    ids, mask = prompts["ids"], prompts["mask"]
+    rows = prompts.get("row")
+    if rows is None and hasattr(task, "prompt_rows"):
+        rows = task.prompt_rows(len(ids), "eval")
     origins = (task.prompt_records("eval", rows).origin if rows is not None
                and hasattr(task, "prompt_records") else None)
     texts = zip(task.decode(ids, mask), task.decode(per_prompt["tokens"], per_prompt["mask"]))
@@ -339,9 +338,10 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     if rl_params is not None:
         results[run.cfg.algo] = ev(rl_params)
     rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
-    ids, mask = to_host((p["ids"], p["mask"]))
+    prompts = to_host(p)   # whole, on every process (a collective)
     # three held-out prompts with each policy's response (the same prompts for every policy)
-    samples = {name: run.task.format_samples(ids, mask, r["tokens"], r["mask"], n=3)
+    samples = {name: run.task.format_samples(prompts["ids"], prompts["mask"], r["tokens"],
+                                             r["mask"], n=3)
                for name, r in results.items()}
     summary = {"rows": rows, "samples": samples,
                "eval_records": {name: eval_file(name) for name in results}}
@@ -355,7 +355,7 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     print("\nsamples from the final policy:")
     print(samples[list(results)[-1]])
     for name, r in results.items():
-        lines = "".join(json.dumps(x) + "\n" for x in eval_records(run, p, r))
+        lines = "".join(json.dumps(x) + "\n" for x in eval_records(run.task, prompts, r))
         storage.write_atomically(run.path(eval_file(name)), lambda f: f.write(lines))
     storage.write_atomically(run.path("summary.json"), lambda f: json.dump(summary, f, indent=2))
     return summary
