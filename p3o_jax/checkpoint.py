@@ -265,9 +265,12 @@ class StageCheckpoints:
         if c.every_minutes > 0:
             when.append(policies.ContinuousCheckpointingPolicy(
                 minimum_interval_secs=c.every_minutes * 60))
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=c.keep, enable_async_checkpointing=c.async_save,
-            cleanup_tmp_directories=True, save_decision_policy=policies.AnySavePolicy(when)))
+        with self._writing():   # it makes the folder
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(
+                    max_to_keep=c.keep, enable_async_checkpointing=c.async_save,
+                    cleanup_tmp_directories=True,
+                    save_decision_policy=policies.AnySavePolicy(when)))
 
     def __enter__(self):
         return self

@@ -1,6 +1,8 @@
-"""Evaluation on held-out prompts: reward (RM and gold), KL to the reference (k1 and k3) with
-standard errors, response length, and head-to-head win rates with ties, by a score
-(`win_rate`, `compare`) or by an external judge (`judge_win_rate`)."""
+"""Evaluation on held-out prompts: one sampled response per prompt, its reward (RM, reward
+functions, gold), KL to the reference (k1 and k3) and length, their means with standard errors,
+and head-to-head win rates with ties, by a score (`win_rate`, `compare`) or by an external
+judge (`judge_win_rate`). Only the response kept is scored: a slow reward function or verifier
+runs once per prompt."""
 from __future__ import annotations
 
 import functools
@@ -13,14 +15,23 @@ from p3o_jax import model as M
 from p3o_jax import ops
 from p3o_jax.distributed import to_host
 from p3o_jax.rollout import score, weighed
-from p3o_jax.sampler import SamplingConfig, sample_responses
+from p3o_jax.sampler import SampleOutput, SamplingConfig, generate, pair_keys
 
 
 def mean_se(x) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n)); SE is 0 for n < 2."""
+    """Mean of `x` [n] and its standard error (sample std / sqrt(n)); SE is 0 for n < 2. The one
+    standard error of the project: over prompts here, over seeds in `mean_se_over_runs`."""
     x = np.asarray(x, np.float64)
     se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
     return float(x.mean()), se
+
+
+def mean_se_over_runs(means, ses) -> tuple[float, float]:
+    """The mean of runs' (seeds') `means` [S] with its `mean_se` across them; with one run,
+    that run's own SE `ses[0]` (over prompts) instead of 0."""
+    if len(means) == 1:
+        return float(means[0]), float(ses[0])
+    return mean_se(means)
 
 
 def win_rate(a, b) -> tuple[float, float]:
@@ -47,13 +58,27 @@ def judge_win_rate(judge: Callable[[str, str], float], texts_a: Sequence[str],
     return mean_se((p + 1.0 - ask(texts_b, texts_a)) / 2 if both_orders else p)
 
 
+def _sample_one(policy, policy_cfg: M.ModelConfig, scfg: SamplingConfig, prompts, prompt_mask,
+                key) -> SampleOutput:
+    """One response per prompt, laid out [B, 1, N] as `rollout.score` takes them. Its key is
+    the first of the prompt's pair in `pair_keys(key, B, 2)`: the response is
+    `sample_responses(..., key, n=2)`'s first, the one earlier versions evaluated (they sampled
+    and scored both and kept that one)."""
+    keys = pair_keys(key, prompts.shape[0], 2)[::2]
+    out = generate(policy, policy_cfg, scfg, prompts, prompt_mask, keys)
+    return out._replace(**{f: getattr(out, f)[:, None] for f in out._fields if f != "num_steps"})
+
+
+sample_one = jax.jit(_sample_one, static_argnames=("policy_cfg", "scfg"))
+
+
 def _score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
            prompts, prompt_mask, samples, scfg: SamplingConfig, rm_scores=None,
            fn_rewards=None, weights: tuple = (), rm_weight: float = 1.0):
-    """The first of each prompt's two responses with its reward (and the reward model's score
-    "rm", each reward function's "reward/<name>"), KL estimates and length, as [B] arrays.
-    The policy's log-probs are recomputed by the same forward as the reference's, so that
-    the KL of a policy to itself is exactly 0, whatever the dtype. `weights`: the reward
+    """Each prompt's response (`samples` [B, 1, N]) with its reward (and the reward model's
+    score "rm", each reward function's "reward/<name>"), KL estimates and length, as [B, 1]
+    arrays. The policy's log-probs are recomputed by the same forward as the reference's, so
+    that the KL of a policy to itself is exactly 0, whatever the dtype. `weights`: the reward
     functions' (name, weight) pairs."""
     host = weighed(fn_rewards, dict(weights)) if fn_rewards else None
     buf = score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
@@ -75,9 +100,8 @@ STATIC = ("policy_cfg", "rm_cfg", "scfg", "weights", "rm_weight")
 def _sample_and_score(policy, ref, reward_model, policy_cfg: M.ModelConfig,
                       rm_cfg: M.ModelConfig, prompts, prompt_mask, key, scfg: SamplingConfig,
                       weights: tuple = (), rm_weight: float = 1.0):
-    """`_score` of two responses per prompt (the draws of training's `sample_responses`), one
-    program."""
-    samples = sample_responses(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+    """`_score` of `_sample_one`'s responses, one program."""
+    samples = _sample_one(policy, policy_cfg, scfg, prompts, prompt_mask, key)
     return _score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts, prompt_mask, samples,
                   scfg, rm_weight=rm_weight)
 
@@ -88,16 +112,17 @@ _score_given_rewards = jax.jit(_score, static_argnames=STATIC)
 def evaluate_policy(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
                     prompts, prompt_mask, key, scfg: SamplingConfig, gold_fn=None,
                     rm_fn=None, fn_scorer=None, rows=None, rm_weight: float = 1.0) -> dict:
-    """Sample one response per prompt and return per-prompt numpy arrays: reward, rm (with a
-    reward model), reward/<name> (each reward function), gold (if `gold_fn`), kl_k1, kl_k3,
-    length, plus tokens/mask of the responses. Scored outside the program: `rm_fn(prompts,
-    samples) -> [B, 2]` (a reward model with another tokenizer) and `fn_scorer` (a
-    `reward_calls.FunctionRewards`; `rows` [B]: the prompts' rows in its records)."""
+    """Sample one response per prompt (`sample_one`) and return per-prompt numpy arrays [B]:
+    reward, rm (with a reward model), reward/<name> (each reward function; NaN: no opinion),
+    gold (if `gold_fn`), kl_k1, kl_k3, length, plus tokens/mask [B, N] of the responses.
+    Scored outside the program, on those responses alone: `rm_fn(prompts, samples) -> [B, 1]`
+    (a reward model with another tokenizer) and `fn_scorer` (a `reward_calls.FunctionRewards`;
+    `rows` [B]: the prompts' rows in its records)."""
     if rm_fn is None and fn_scorer is None:
         out = _sample_and_score(policy, ref, reward_model, policy_cfg, rm_cfg, prompts,
                                 prompt_mask, key, scfg, rm_weight=rm_weight)
     else:
-        samples = sample_responses(policy, policy_cfg, scfg, prompts, prompt_mask, key, n=2)
+        samples = sample_one(policy, policy_cfg, scfg, prompts, prompt_mask, key)
         p = {"ids": prompts, "mask": prompt_mask, "row": rows}
         rm_scores = rm_fn(p, samples) if rm_fn else None
         fn_rewards = fn_scorer(p, samples) if fn_scorer else None

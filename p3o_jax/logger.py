@@ -76,15 +76,13 @@ class WandbRun:
         except ImportError:
             raise ImportError("log.backends has wandb: pip install wandb") from None
         folder = os.path.join(directory, "wandb")
-        os.makedirs(folder, exist_ok=True)
         id_file = os.path.join(folder, "run_id")
         if os.path.exists(id_file):
             with open(id_file) as f:
                 run_id = f.read().strip()
         else:
             run_id = uuid.uuid4().hex[:12]
-            with open(id_file, "w") as f:
-                f.write(run_id)
+            storage.write_atomically(id_file, lambda f: f.write(run_id))
         mode = wandb_mode(log.wandb_mode)
         if mode == "offline":
             print(f"wandb: offline; upload later with `wandb sync {folder}/offline-run-*`",
@@ -120,9 +118,11 @@ class MetricsLogger:
         self._file = None
         self._wandb = None
         if enabled:
-            os.makedirs(directory, exist_ok=True)
             if "jsonl" in self.backends:
-                self._file = open(os.path.join(directory, "metrics.jsonl"), "a")
+                path = os.path.join(directory, "metrics.jsonl")
+                with storage.writing(path):
+                    os.makedirs(directory, exist_ok=True)
+                    self._file = open(path, "a")
             if "wandb" in self.backends:
                 self._wandb = WandbRun(directory, log, config, name or os.path.basename(
                     os.path.abspath(directory)))
@@ -147,10 +147,9 @@ class MetricsLogger:
             return not ((r["stage"] == stage and r["step"] >= step)
                         or (r["stage"] == eval_stage and (r["step"] > step or step == 0)))
         keep = [line for line in lines if keep(line)]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-        self._file = open(path, "a")
+        storage.write_atomically(path, lambda f: f.writelines(keep))
+        with storage.writing(path):
+            self._file = open(path, "a")
 
     def log(self, stage: str, step: int, metrics: dict) -> dict:
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -164,7 +163,9 @@ class MetricsLogger:
         if "tensorboard" in self.backends:
             if self._writer is None:
                 from tensorboardX import SummaryWriter
-                self._writer = SummaryWriter(os.path.join(self.directory, "tb"))
+                tb = os.path.join(self.directory, "tb")
+                with storage.writing(tb):
+                    self._writer = SummaryWriter(tb)
             for k, v in scalars.items():
                 self._check_tensorboard()
                 self._writer.add_scalar(f"{stage}/{k}", v, step)
@@ -180,8 +181,8 @@ class MetricsLogger:
     def _check_tensorboard(self) -> None:
         if not self._tensorboard_alive():
             raise storage.WriteFailed(os.path.join(self.directory, "tb"), "its writer thread "
-                                      "stopped on an error (printed above)",
-                                      storage.free_space(self.directory))
+                                      "stopped on an error (a refused write, or the error "
+                                      "printed above)", storage.free_space(self.directory))
 
     def close(self):
         if self._file is not None:

@@ -343,10 +343,11 @@ def make_plan(cfg: ExperimentConfig, n_devices: int, stages=("sft", "rm", "rl", 
                                 decode_weights=0 if algo.offline else decode,
                                 scoring=scoring(pol, seqs, N), step_factor=RL_UPDATE_FACTOR,
                                 **step)
-    if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch
+    if "eval" in stages:  # the final table: SFT, RL policy and RM; eval_prompts in one batch,
+        # one response each (`evaluate.sample_one`)
         plans["eval"] = StagePlan("eval", frozen=2 * sft_p + rm_p, gathered=gathered(pol, rmc),
-                                  kv_cache=cache(cfg.eval_prompts, 2), decode_weights=decode,
-                                  scoring=scoring(pol, 2 * cfg.eval_prompts, N))
+                                  kv_cache=kv_cache_bytes(pol, cfg.eval_prompts, L, mesh),
+                                  decode_weights=decode, scoring=scoring(pol, cfg.eval_prompts, N))
     return Plan(dict(mesh.shape), tuple(plans[s] for s in stages if s in plans))
 
 

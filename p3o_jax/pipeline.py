@@ -27,7 +27,7 @@ import sys
 import jax
 import numpy as np
 
-from p3o_jax import checkpoint, hf, memory_plan, reward_calls
+from p3o_jax import checkpoint, hf, memory_plan, reward_calls, storage
 from p3o_jax import model as M
 from p3o_jax.algos import ALGORITHMS, dpo, reward_model, sft
 from p3o_jax.checkpoint import load_params, save_params
@@ -48,7 +48,7 @@ from p3o_jax.sharding import make_mesh
 from p3o_jax.compile_check import check_run, table
 from p3o_jax.stage import Run, stage_loop, supervised_step
 from p3o_jax.reward_calls import FunctionRewards
-from p3o_jax.tasks import DatasetRLHF, Task, TextRLHF, ToyRLHF
+from p3o_jax.tasks import DatasetRLHF, Task, TextRLHF, ToyRLHF, UnusableData
 from p3o_jax.train_state import create_state, param_shardings
 
 
@@ -121,8 +121,7 @@ def stage_rm(run: Run, sft_params):
     data = run.task.preference_data(
         n_pairs, lambda p, m: response_pairs(run, sft_params, p, m), cfg.seed)
     if is_main_process():  # atomically: offline DPO and the frontier's runs read it later
-        np.savez(run.path("preferences.tmp.npz"), **data)
-        os.replace(run.path("preferences.tmp.npz"), run.path("preferences.npz"))
+        storage.write_atomically(run.path("preferences.npz"), lambda f: np.savez(f, **data), "wb")
     n_val = max(len(data["tokens"]) // 10 // c.batch_size, 1) * c.batch_size  # splits evenly
     train = {k: v[n_val:] for k, v in data.items()}
     rng = np.random.default_rng(cfg.seed)
@@ -293,7 +292,51 @@ def stage_offline(run: Run, sft_params, rm_params):
 # ---------------------------------------------------------------------------------------------
 # evaluation and the final table
 
+EVAL_SCALARS = ("reward", "rm", "gold", "kl_k1", "kl_k3", "length")
+
+
+def eval_records(task: Task, prompts: dict, per_prompt: dict) -> list[dict]:
+    """One policy's evaluation (`evaluate_policy`'s per-prompt arrays) on the eval `prompts`
+    (numpy: "ids", "mask" [B, P], with reward functions "row" [B]) as one record per held-out
+    prompt: `index` (its place among the eval prompts), `row` and `origin` (its record, for
+    tasks with prompt records), the `prompt` and `response` texts, and its scalar results:
+    reward, rm, gold, kl_k1, kl_k3, length (those the run has) and `rewards`, each reward
+    function's value (None: no opinion). The final table's means are theirs (`summarize`): a
+    reward function's over its non-None values, `<name>_acc` the fraction of those equal to 1."""
+    ids, mask = prompts["ids"], prompts["mask"]
+    rows = prompts.get("row")
+    if rows is None and hasattr(task, "prompt_rows"):
+        rows = task.prompt_rows(len(ids), "eval")
+    origins = (task.prompt_records("eval", rows).origin if rows is not None
+               and hasattr(task, "prompt_records") else None)
+    texts = zip(task.decode(ids, mask), task.decode(per_prompt["tokens"], per_prompt["mask"]))
+    value = lambda x: None if np.isnan(x) else float(x)
+    names = [k for k in per_prompt if k.startswith("reward/")]
+    records = []
+    for i, (prompt, response) in enumerate(texts):
+        r = {"index": i}
+        if rows is not None:
+            r["row"] = int(rows[i])
+        if origins is not None:
+            r["origin"] = origins[i]
+        r |= {"prompt": prompt, "response": response}
+        r |= {k: value(per_prompt[k][i]) for k in EVAL_SCALARS if k in per_prompt}
+        if names:
+            r["rewards"] = {k.partition("/")[2]: value(per_prompt[k][i]) for k in names}
+        records.append(r)
+    return records
+
+
+def eval_file(policy: str) -> str:
+    """The per-prompt records of `policy`'s final evaluation, beside summary.json."""
+    return f"eval_{policy}.jsonl"
+
+
 def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
+    """The final evaluation of the SFT policy and, if trained, the RL policy on the same eval
+    prompts: its table on stdout and in `<out_dir>/summary.json` ("rows"; "samples", three
+    responses of each policy; "eval_records", the name of each policy's per-prompt file
+    beside it, `eval_<policy>.jsonl`, a JSON line of `eval_records` per prompt)."""
     p, ev = policy_evaluator(run, sft_params, rm_params)
     results = {"sft": ev(sft_params, 0)}
     if rl_params is not None:
@@ -301,11 +344,13 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
         results[run.cfg.algo] = ev(rl_params, offline_steps(run.cfg) if offline
                                    else run.cfg.rl.iterations)
     rows = [{"policy": name, **compare(r, results["sft"])} for name, r in results.items()]
-    ids, mask = to_host((p["ids"], p["mask"]))
+    prompts = to_host(p)   # whole, on every process (a collective)
     # three held-out prompts with each policy's response (the same prompts for every policy)
-    samples = {name: run.task.format_samples(ids, mask, r["tokens"], r["mask"], n=3)
+    samples = {name: run.task.format_samples(prompts["ids"], prompts["mask"], r["tokens"],
+                                             r["mask"], n=3)
                for name, r in results.items()}
-    summary = {"rows": rows, "samples": samples}
+    summary = {"rows": rows, "samples": samples,
+               "eval_records": {name: eval_file(name) for name in results}}
     if not is_main_process():
         return summary
     components = [k for f in run.reward_functions for k in (f.name, f.name + "_acc")]
@@ -315,23 +360,35 @@ def final_table(run: Run, sft_params, rl_params, rm_params) -> dict:
     print("\n" + format_table(rows, [c for c in columns if c in rows[0]]))
     print("\nsamples from the final policy:")
     print(samples[list(results)[-1]])
-    with open(run.path("summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    for name, r in results.items():
+        lines = "".join(json.dumps(x) + "\n" for x in eval_records(run.task, prompts, r))
+        storage.write_atomically(run.path(eval_file(name)), lambda f: f.write(lines))
+    storage.write_atomically(run.path("summary.json"), lambda f: json.dump(summary, f, indent=2))
     return summary
 
 
 def make_task(cfg: ExperimentConfig) -> Task:
     """The task of `cfg.task`. Real data is built here, before anything compiles; with
-    `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`."""
-    if cfg.task == "toy":
-        return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
-    model = cfg.base_model or cfg.pretrained_sft    # the policy's origin, if any
-    if cfg.task == "dataset":
-        return DatasetRLHF(cfg.data, cfg.data.tokenizer or model, cfg.seed, cfg.eval_prompts,
-                           os.path.join(cfg.data.data_dir or cfg.out_dir, "p3o_tokenized"), model)
-    data_cfg = (fixtures.smoke_data(cfg.data, cfg.task, os.path.join(cfg.out_dir, "smoke_data"))
-                if cfg.smoke else cfg.data)
-    return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or model, cfg.seed, model)
+    `smoke`, the data paths left empty are generated under `<out_dir>/smoke_data`. Data that
+    cannot be read stops the run with `UnusableData` (exit 2), an OSError too, whatever its
+    errno (a read that fails is not a full disk); a write of the tokenised-data cache that
+    fails is `storage.WriteFailed` (exit 74)."""
+    try:
+        if cfg.task == "toy":
+            return ToyRLHF(cfg.toy, cfg.rm.annotator_temperature)
+        model = cfg.base_model or cfg.pretrained_sft    # the policy's origin, if any
+        if cfg.task == "dataset":
+            return DatasetRLHF(cfg.data, cfg.data.tokenizer or model, cfg.seed, cfg.eval_prompts,
+                               os.path.join(cfg.data.data_dir or cfg.out_dir, "p3o_tokenized"),
+                               model)
+        data_cfg = cfg.data
+        if cfg.smoke:
+            smoke = os.path.join(cfg.out_dir, "smoke_data")
+            with storage.writing(smoke):
+                data_cfg = fixtures.smoke_data(cfg.data, cfg.task, smoke)
+        return TextRLHF(cfg.task, data_cfg, data_cfg.tokenizer or model, cfg.seed, model)
+    except OSError as e:
+        raise UnusableData(f"reading the data of task={cfg.task} failed: {e}") from e
 
 
 def load_reward_functions(cfg: ExperimentConfig, task: Task):
@@ -386,10 +443,11 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    with storage.writing(cfg.out_dir):
+        os.makedirs(cfg.out_dir, exist_ok=True)
     if is_main_process():
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        storage.write_atomically(os.path.join(cfg.out_dir, "config.json"),
+                                 lambda f: json.dump(dataclasses.asdict(cfg), f, indent=2))
     run = Run(cfg, mesh, task, MetricsLogger(cfg.out_dir, enabled=is_main_process(), log=cfg.log,
                                              config=dataclasses.asdict(cfg), name=cfg.name),
               fns, rm_weight)

@@ -114,12 +114,16 @@ def acquire(out_dir: str):
             else "alive but no longer holding it"
         warnings.warn(f"{path}: taking over the lock of {_describe(holder)}, {gone} (it did "
                       f"not exit cleanly)", RuntimeWarning, stacklevel=3)
-    f.seek(0)
-    f.truncate()
-    json.dump({"host": host, "pid": os.getpid(),
-               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-    f.flush()
-    os.fsync(f.fileno())
+    try:
+        f.seek(0)
+        f.truncate()
+        json.dump({"host": host, "pid": os.getpid(),
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    except BaseException:   # a full disk: `hold` reports the write; the lock goes with the file
+        f.close()
+        raise
     return f
 
 
@@ -138,7 +142,8 @@ def hold(out_dir: str):
     lock, error = None, None
     if jax.process_index() == 0:
         try:
-            lock = acquire(out_dir)
+            with storage.writing(os.path.join(os.path.abspath(out_dir), LOCK_FILE)):
+                lock = acquire(out_dir)
         except RunLocked as e:
             error = e
     if jax.process_count() > 1:
@@ -156,11 +161,13 @@ def hold(out_dir: str):
 
 
 def one_writer(run):
-    """Decorate `run(cfg, ...)` to hold `cfg.out_dir`'s lock while it runs, and to report a
-    failed write that no save of its own reported (config.json, summary.json, ...) as
-    `storage.WriteFailed` naming the out_dir."""
+    """Decorate `run(cfg, ...)` to hold `cfg.out_dir`'s lock while it runs; a
+    `storage.WriteFailed` of a save that did not know the run names its last checkpoint
+    (`storage.of_run`), and background threads' tracebacks of that failed write are kept off
+    stderr (`storage.quiet_background_errors`). Other errors pass as they are: only the write
+    sites report a failed write (p3o_jax/storage.py)."""
     @functools.wraps(run)
     def locked(cfg, *args, **kwargs):
-        with storage.writing(os.path.abspath(cfg.out_dir), cfg.out_dir), hold(cfg.out_dir):
+        with storage.quiet_background_errors(), storage.of_run(cfg.out_dir), hold(cfg.out_dir):
             return run(cfg, *args, **kwargs)
     return locked

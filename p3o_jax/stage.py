@@ -155,13 +155,13 @@ def stage_loop(run: Run, stage: str, label: str, state, total: int, step, *, car
         run.logger.rewind(label, meta["step"], eval_label)
         if meta["step"] == 0:
             log_eval(0, state)
-        bar = progress(label, meta["step"], total)
-        for i in bar:
-            state, metrics, carry = step(i, state, carry)
-            if i % log_every == 0 or i == total - 1 or metrics["skipped_nonfinite"]:
-                m = run.logger.log(label, i, metrics)
-                bar.set_postfix({k: f"{m[k]:.3f}" for k in show if k in m})
-            log_eval(i + 1, state)
-            ckpt.end_step(i + 1, state, metrics, **carry)
+        with progress(label, meta["step"], total) as bar:   # closed (its line ended) on errors too
+            for i in bar:
+                state, metrics, carry = step(i, state, carry)
+                if i % log_every == 0 or i == total - 1 or metrics["skipped_nonfinite"]:
+                    m = run.logger.log(label, i, metrics)
+                    bar.set_postfix({k: f"{m[k]:.3f}" for k in show if k in m})
+                log_eval(i + 1, state)
+                ckpt.end_step(i + 1, state, metrics, **carry)
         ckpt.finish(state, **carry)
     return state

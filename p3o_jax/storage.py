@@ -1,21 +1,30 @@
 """Failed writes (a full disk, a quota, a read-only or vanished filesystem) stop the run with one
-line that says what happened, where, and what is kept (orbax's and tensorstore's background
-threads still print their own tracebacks before it; the line comes last, on its own).
+line that says what happened, where, and what is kept, and nothing else on stderr.
 
-`writing(path, out_dir)` wraps a save: an error caused by one of those (`io_cause`: an
-`OSError` anywhere in the exception's chain, or tensorstore's text of one) becomes
-`WriteFailed`, whose message names the path, the free space on its filesystem and the run's
-last complete checkpoint (the one the same command resumes from), after removing what the
-failed save left half-written. The CLI prints it and exits with `EXIT_IO_ERROR` (74). Saves
-wrapped: checkpoints and final params (p3o_jax/checkpoint.py), the HF export (hf.py),
-metrics.jsonl and TensorBoard (logger.py), and, for any other write, the whole run
-(`run_lock.one_writer`, naming the out_dir).
+Errors are classified where they happen: `writing(path, out_dir)` wraps each write site, and
+only there does an error caused by the filesystem (`io_cause`: an `OSError` anywhere in the
+exception's chain, or tensorstore's text of one) become `WriteFailed`, whose message names the
+path, the free space on its filesystem and the run's last complete checkpoint (the one the same
+command resumes from), after removing what the failed save left half-written. The CLI prints it
+and exits with `EXIT_IO_ERROR` (74). The write sites: checkpoints and final params
+(p3o_jax/checkpoint.py), the HF export (hf.py), metrics.jsonl and TensorBoard (logger.py), the
+run lock (run_lock.py), config.json, preferences.npz, summary.json and the per-prompt eval
+records (pipeline.py, through `write_atomically`), and the tokenised-data cache
+(data/loader.py). An OSError anywhere else is not a write: a reward function's stays its
+`RewardError` (exit 3), a data read's a data error (exit 2), whatever its errno.
+`of_run(out_dir)` around the whole run only completes a `WriteFailed` whose save did not know
+the run with the run's last checkpoint.
 
 What a resume reads is never half-written: orbax saves a step into
 `<step>.orbax-checkpoint-tmp-*` and renames it when complete (a step folder is always whole),
 the final params likewise; the HF export goes to a temporary folder whose files are renamed
-into place at the end; metrics.jsonl loses at most a torn last line, which
-`MetricsLogger.rewind` drops.
+into place at the end; `write_atomically` files are renamed into place whole; metrics.jsonl
+loses at most a torn last line, which `MetricsLogger.rewind` drops.
+
+A failed write is reported once: orbax's background writer threads and the asyncio loops they
+run in print their own tracebacks when the disk fills (dozens of them, before the line);
+`quiet_background_errors` keeps those of an error `io_cause` recognises off stderr (the main
+thread's `WriteFailed` reports it), and lets any other through.
 
 `warn_if_short(directory, nbytes, count)` is the early warning: a checkpoint's size is known
 before it is written, so a save that will not fit is announced while the state is still in
@@ -26,9 +35,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import logging
 import os
 import shutil
+import threading
+import uuid
 import warnings
+from typing import IO, Callable
 
 EXIT_IO_ERROR = 74   # sysexits EX_IOERR
 
@@ -115,12 +128,13 @@ def remove_partial(path: str) -> None:
 @contextlib.contextmanager
 def writing(path: str, out_dir: str | None = None):
     """Inside: a failed write becomes `WriteFailed` naming `path` and, given the run's
-    `out_dir`, its last complete checkpoint (see the module docstring)."""
+    `out_dir`, its last complete checkpoint (see the module docstring). Wrap write sites
+    only: whatever raises inside with an `OSError` of a full disk in its chain is reported as
+    a failed write of `path`."""
     try:
-        yield
-    except WriteFailed as e:
-        if e.out_dir is None:   # a save that does not know the run it belongs to
-            e.out_dir = out_dir
+        with of_run(out_dir):
+            yield
+    except WriteFailed:
         raise
     except Exception as e:
         cause = io_cause(e)
@@ -129,6 +143,82 @@ def writing(path: str, out_dir: str | None = None):
         free = free_space(path)
         remove_partial(path)
         raise WriteFailed(path, cause, free, out_dir) from e
+
+
+@contextlib.contextmanager
+def of_run(out_dir: str | None):
+    """Inside: a `WriteFailed` of a save that does not know the run it belongs to (the HF
+    export, metrics.jsonl) names `out_dir`'s last complete checkpoint. Nothing else changes."""
+    try:
+        yield
+    except WriteFailed as e:
+        if e.out_dir is None:
+            e.out_dir = out_dir
+        raise
+
+
+def write_atomically(path: str, write: Callable[[IO], None], mode: str = "w") -> None:
+    """`write(f)` into a temporary file beside `path`, renamed to `path` when complete: readers
+    see the old file or the whole new one. A failed write raises `WriteFailed` naming `path`
+    and leaves no temporary file. `mode`: "w" (text) or "wb"."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{os.path.abspath(path)}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    with writing(path):
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)   # the umask's mode
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+class _RefusedWriteFilter(logging.Filter):
+    """Drops the log records of a write the filesystem refused (`io_cause` of the record's
+    exception, or its text): orbax's error logs of its failed background saves and asyncio's
+    "Task exception was never retrieved"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            return io_cause(record.exc_info[1]) is None
+        return not any(t in record.getMessage() for t in _IO_TEXTS)
+
+
+_BACKGROUND_LOGGERS = ("absl", "asyncio")   # orbax logs through absl
+
+
+@contextlib.contextmanager
+def quiet_background_errors():
+    """Inside: a thread that dies of a write the filesystem refused (`io_cause`), or a log
+    record of one (orbax's through absl, asyncio's), prints nothing: the main thread reports
+    the failed write once, as `WriteFailed`. Other thread errors and log records print as
+    usual. Left by a `WriteFailed`, the filters stay for the rest of the process: the failed
+    save's asyncio futures log their errors when they are collected, after the run has
+    returned (the CLI then prints its line and exits)."""
+    previous = threading.excepthook
+    refused = _RefusedWriteFilter()
+
+    def hook(args):
+        if args.exc_value is None or io_cause(args.exc_value) is None:
+            previous(args)
+    threading.excepthook = hook
+    loggers = [logging.getLogger(name) for name in _BACKGROUND_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(refused)
+    failed = False
+    try:
+        yield
+    except WriteFailed:
+        failed = True
+        raise
+    finally:
+        if not failed:
+            threading.excepthook = previous
+            for logger in loggers:
+                logger.removeFilter(refused)
 
 
 _warned: set[str] = set()

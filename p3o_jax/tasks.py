@@ -59,6 +59,9 @@ class Task(Protocol):
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int) -> str:
         """A few (prompt, response) pairs as text, for the end-of-run printout."""
 
+    def decode(self, ids, mask) -> list[str]:
+        """Rows of ids [n, L] with mask [n, L] -> the text of their real tokens."""
+
     # tasks whose prompts reward functions can score (p3o_jax/reward_calls.py) also have:
     # prompt_rows(n, split, start) -> int [n], each prompt's row in `prompt_records(split)`
     # prompt_records(split, rows) -> data.own.Records of those rows (prompt values, columns)
@@ -110,6 +113,9 @@ class ToyRLHF:
 
     def format_samples(self, prompt_ids, prompt_mask, response_ids, response_mask, n: int = 3):
         return self.toy.format_samples(prompt_ids, prompt_mask, response_ids, response_mask, n=n)
+
+    def decode(self, ids, mask) -> list[str]:
+        return self.toy.decode(ids, mask)
 
     prompt_columns = {"prompt_ids"}
 

@@ -1,18 +1,25 @@
-"""Evaluation maths on small hand-checked inputs, and the reward-offset hook of the invariance
-experiment."""
+"""Evaluation maths on small hand-checked inputs, what the evaluation samples and scores, and
+the reward-offset hook of the invariance experiment."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from p3o_jax import ops
+from p3o_jax import sampler as S
 from p3o_jax.algos import p3o
-from p3o_jax.evaluate import compare, judge_win_rate, mean_se, summarize, win_rate
+from p3o_jax.evaluate import (compare, evaluate_policy, judge_win_rate, mean_se,
+                              mean_se_over_runs, summarize, win_rate)
 from p3o_jax.rl import prompt_offset
+from tests.test_sampler import FAMILIES, left_padded_prompts, random_params
 
 
 def test_mean_se():
     assert mean_se([1.0, 2.0, 3.0, 6.0]) == pytest.approx((3.0, np.sqrt(14 / 3) / 2))
     assert mean_se([5.0]) == (5.0, 0.0)
+    # over runs: the SE across them, or a lone run's own SE over prompts
+    assert mean_se_over_runs([1.0, 2.0, 3.0, 6.0], [9.0] * 4) == mean_se([1.0, 2.0, 3.0, 6.0])
+    assert mean_se_over_runs([0.5], [0.1]) == (0.5, 0.1)
 
 
 def test_kl_estimates_k1_k3():
@@ -99,3 +106,37 @@ def test_reward_offset_leaves_p3o_delta_unchanged():
     assert not np.allclose(shifted, rewards)
     np.testing.assert_allclose(p3o.p3o_delta(shifted, seq_kl, 0.1),
                                p3o.p3o_delta(rewards, seq_kl, 0.1), atol=1e-5)
+
+
+def test_the_evaluation_scores_only_the_responses_it_keeps():
+    """One response per prompt is sampled and scored: the reward functions and a reward model
+    scored outside the program see [B, 1] responses, once. It is the first of the pair
+    `sample_responses` draws with the same key (what the evaluation kept when it sampled and
+    scored two)."""
+    cfg = FAMILIES["gpt_neox"]
+    params = random_params(cfg, seed=1)
+    B, N = 4, 6
+    ids, mask = left_padded_prompts(B, 8, cfg.vocab_size, [8, 3, 5, 1], seed=2)
+    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.9, eos_ids=(7,))
+    key = jax.random.key(3)
+    seen = []
+
+    def rm_fn(prompts, samples):
+        seen.append(("rm", samples.tokens.shape))
+        return jnp.full(samples.tokens.shape[:2], 0.5)
+
+    class Functions:                        # a `reward_calls.FunctionRewards` stand-in
+        weights = {"ones": 2.0}
+
+        def __call__(self, prompts, samples):
+            seen.append(("functions", samples.tokens.shape))
+            return {"ones": jnp.ones(samples.tokens.shape[:2])}
+
+    out = evaluate_policy(params, params, None, cfg, cfg, ids, mask, key, scfg, rm_fn=rm_fn,
+                          fn_scorer=Functions())
+    assert seen == [("rm", (B, 1, N)), ("functions", (B, 1, N))]
+    pair = S.sample_responses(params, cfg, scfg, ids, mask, key, n=2)
+    np.testing.assert_array_equal(out["tokens"], pair.tokens[:, 0])
+    np.testing.assert_array_equal(out["length"], np.asarray(pair.mask[:, 0]).sum(-1))
+    assert out["reward"].tolist() == [0.5 + 2.0] * B and out["reward/ones"].tolist() == [1.0] * B
+    assert out["kl_k1"].tolist() == [0.0] * B           # the policy is its own reference

@@ -4,6 +4,7 @@ local, under `~` or at an fsspec URI), the source grammar, TRL's column layouts,
 rendering (tests/test_render.py has the rest), mixing by weight, over-long prompts, every bad
 input as one line, reward functions (their calls, checks and failures), the toy task trained by
 a reward function equal to its gold reward, and runs with no reward model anywhere."""
+import errno
 import json
 import os
 import re
@@ -440,12 +441,41 @@ def test_rl_from_a_pretrained_policy_with_reward_functions_only(files, sft_folde
         assert r["time_reward/says_answer"] >= 0
     evals = [r for r in rows if r["stage"] == f"eval:{algo}"]
     assert [r["step"] for r in evals] == [0, 2, 3]
-    summary = json.load(open(out / "summary.json"))["rows"]
-    assert [r["policy"] for r in summary] == ["sft", algo]
-    for r in summary:
+    summary = json.load(open(out / "summary.json"))
+    rows = summary["rows"]
+    assert [r["policy"] for r in rows] == ["sft", algo]
+    for r in rows:
         assert {"reward", "says_answer", "final_answer_format", "kl_k1", "win_reward"} <= set(r)
         assert "says_answer_acc" in r and "rm" not in r
-    assert summary[0]["kl_k1"] == 0.0
+        assert_recomputed(r, eval_records(out, summary, r["policy"]), files)
+    assert rows[0]["kl_k1"] == 0.0
+
+
+def eval_records(out, summary: dict, policy: str) -> list[dict]:
+    """The per-prompt records of `policy`'s final evaluation, from the file summary.json names."""
+    assert summary["eval_records"][policy] == f"eval_{policy}.jsonl"
+    with open(out / summary["eval_records"][policy]) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_recomputed(row: dict, records: list[dict], files) -> None:
+    """The final table's row of a policy is the means of its per-prompt records: one record
+    per held-out prompt, with its row (among the held-out records), origin (the file's row),
+    prompt and response texts."""
+    assert [r["index"] for r in records] == list(range(8))
+    assert len({r["row"] for r in records}) == len({r["origin"] for r in records}) == 8
+    for r in records:
+        path, _, line = r["origin"].rpartition(" row ")
+        assert path == files["jsonl"] and QUESTIONS[int(line)][0] in r["prompt"], r
+        assert isinstance(r["response"], str)
+    says = np.array([r["rewards"]["says_answer"] for r in records
+                     if r["rewards"]["says_answer"] is not None])   # None: no opinion
+    assert row["says_answer_acc"] == pytest.approx(np.mean(says == 1))
+    assert row["says_answer"] == pytest.approx(np.mean(says))
+    for k in ("reward", "kl_k1", "kl_k3", "length"):
+        assert row[k] == pytest.approx(np.mean([r[k] for r in records])), k
+    fmt = [r["rewards"]["final_answer_format"] for r in records]
+    assert row["final_answer_format"] == pytest.approx(np.mean(fmt))
 
 
 def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path, verl_path):
@@ -504,6 +534,44 @@ def test_a_reward_function_failing_mid_run_keeps_the_checkpoint_and_resumes(
     os.remove(tmp_path / "broken")            # fixed: the same command continues
     assert main(args) == 0
     assert "rl: resuming at step 2 of 3" in capsys.readouterr().err
+
+
+FULL_DISK = """import errno, os
+def full_disk(prompts, completions, **_):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+"""
+
+
+def test_a_reward_functions_oserror_is_its_own_failure(files, sft_folder, tmp_path, capsys):
+    """A reward function raising OSError(ENOSPC) stops the run as the reward function's
+    failure (exit 3, its one line), not as a failed write of the run (exit 74)."""
+    (tmp_path / "full.py").write_text(FULL_DISK)
+    args = dataset_args(files, sft_folder, tmp_path / "run", f"reward_fns={tmp_path}/full.py:full_disk",
+                        "reward_weights=", "rl.eval_every=0")
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"{tmp_path}/full.py:full_disk raised OSError" in errors[0], errors
+    assert "No space left on device" in errors[0] and "writing" not in errors[0], errors
+
+
+@pytest.mark.parametrize("reader", ["datasets.load_dataset", "own.read_source"])
+def test_a_data_read_that_fails_is_a_data_error(files, sft_folder, tmp_path, capsys, monkeypatch,
+                                                reader):
+    """An I/O error reading the data (EIO, from the datasets library or from our reader)
+    stops the run as a data error (exit 2, one line naming the file), not as a failed write
+    (exit 74), and before anything is written."""
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), files["jsonl"])
+    module, name = reader.split(".")
+    monkeypatch.setattr({"datasets": datasets, "own": own}[module], name, broken)
+    assert main(dataset_args(files, sft_folder, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert files["jsonl"] in errors[0] and "Input/output error" in errors[0], errors
+    assert not os.path.exists(tmp_path / "run" / "ckpt")
 
 
 BAD = {

@@ -28,12 +28,13 @@ import jax
 import numpy as np
 
 from p3o_jax.checks import NonNegative, OneOf, Pattern
-from p3o_jax.cli.frontier import (METHODS, keep_compiled, load_average, mean_and_se, overridden,
+from p3o_jax.cli.frontier import (METHODS, keep_compiled, load_average, overridden,
                                   write_jsonl, write_report)
 from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.checks import ConfigError
 from p3o_jax.config import ExperimentConfig
 from p3o_jax.config_args import from_args, tool_args
+from p3o_jax.evaluate import mean_se, mean_se_over_runs
 from p3o_jax.logger import format_table
 from p3o_jax.pipeline import run_experiment
 
@@ -104,10 +105,10 @@ def table(records: list[dict], timings: list[dict], key: str) -> list[dict]:
         for when, group in (("before", start), ("after", end)):
             for k in dict.fromkeys((key, "reward")):
                 values = [r.get(k + "_acc", r[k]) for r in group]
-                mean, se = mean_and_se(values, [r[k + "_se"] for r in group])
+                mean, se = mean_se_over_runs(values, [r[k + "_se"] for r in group])
                 row[f"{k} {when}"] = f"{mean:.3f} ± {se:.3f}"
                 row[f"{k} {when} (prompts)"] = f"± {np.mean([r[k + '_se'] for r in group]):.3f}"
-        mean, se = mean_and_se([r["kl_k1"] for r in end], [r["kl_k1_se"] for r in end])
+        mean, se = mean_se_over_runs([r["kl_k1"] for r in end], [r["kl_k1_se"] for r in end])
         row["KL (k1)"] = f"{mean:.2f} ± {se:.2f}"
         ts = [t for t in timings if t["method"] == method]
         row["s / iteration"] = f"{np.mean([t['seconds_per_iteration'] for t in ts]):.1f}"
@@ -128,9 +129,7 @@ def plot(records: list[dict], key: str, path: str) -> None:
         for ax, k in zip(axes, (key + "_acc" * (key != "reward"), "kl_k1")):
             per = [[r[k] for r in records if r["method"] == method and r["step"] == s]
                    for s in steps]
-            mean = np.array([np.mean(v) for v in per])
-            se = np.array([np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
-                           for v in per])
+            mean, se = np.array([mean_se(v) for v in per]).T
             ax.plot(steps, mean, marker="o", color=color,
                     label=f"{method} ({len(per[-1])} seed{'s' * (len(per[-1]) > 1)})")
             ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2)

@@ -47,6 +47,7 @@ from p3o_jax.cli.help import help_text, wants_help
 from p3o_jax.checks import ConfigError
 from p3o_jax.config import ExperimentConfig
 from p3o_jax.config_args import from_args, override, tool_args
+from p3o_jax.evaluate import mean_se_over_runs
 from p3o_jax.logger import format_table
 from p3o_jax.pipeline import make_task, offline_steps, run_experiment
 from p3o_jax.rl import prompt_offset
@@ -203,13 +204,6 @@ def frontier(sweep: Sweep, cfg: ExperimentConfig) -> tuple[list[dict], list[dict
     return records, timings
 
 
-def mean_and_se(values: list[float], ses: list[float]) -> tuple[float, float]:
-    """Mean over seeds with the SE across seeds; with one seed, that run's own SE over prompts."""
-    if len(values) == 1:
-        return values[0], ses[0]
-    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
-
-
 def final_rows(records: list[dict]) -> list[dict]:
     """The table: SFT (the runs' start), then each method and beta's final policy."""
     groups = {("SFT", ""): list({r["seed"]: r for r in records if r["step"] == 0}.values())}
@@ -220,7 +214,8 @@ def final_rows(records: list[dict]) -> list[dict]:
     for (method, beta), rs in groups.items():
         row = {"policy": method, "beta": beta, "seeds": len(rs)}
         for k in ("kl_k1", "kl_k3", "gold", "rm", "win_gold", "win_rm", "length"):
-            row[k], row[k + "_se"] = mean_and_se([r[k] for r in rs], [r[k + "_se"] for r in rs])
+            row[k], row[k + "_se"] = mean_se_over_runs([r[k] for r in rs],
+                                                       [r[k + "_se"] for r in rs])
         rows.append(row)
     return rows
 

@@ -11,9 +11,12 @@ checkpoint saved (run the same command again to continue); 143/130 a second SIGT
 (immediate exit).
 
 Also exit 2: another run holds the out_dir (p3o_jax/run_lock.py), an earlier stage the run
-loads is missing or a pretrained folder cannot serve its role (p3o_jax/preflight.py); exit 74
-(`storage.EXIT_IO_ERROR`): a write failed, e.g. a full disk, in one line naming the path, the
-free space and the last complete checkpoint.
+loads is missing or a pretrained folder cannot serve its role (p3o_jax/preflight.py), data that
+cannot be read (whatever the OSError); exit 74 (`storage.EXIT_IO_ERROR`): one of the run's
+writes failed (checkpoints, params, exports, logs, config.json, summary.json, the eval records,
+the tokenised-data cache), e.g. a full disk, in one line naming the path, the free space and
+the last complete checkpoint, and nothing else on stderr. Each error is classified where it
+happens: a reward function's OSError is exit 3, a data read's exit 2 (p3o_jax/storage.py).
 """
 from __future__ import annotations
 
@@ -40,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except storage.WriteFailed as e:  # a full disk, a quota, a read-only filesystem
-        # one write on a line of its own: orbax's threads may still be printing their errors
-        sys.stderr.write(f"\nerror: {e}\n")
+        print(f"error: {e}", file=sys.stderr)    # alone: orbax's threads print nothing of it
         return storage.EXIT_IO_ERROR
     except checkpoint.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,8 @@ The key hashes everything the arrays depend on: what the caller names (the data'
 the tokenizer, the lengths: `tokenizer_fingerprint`, a file's bytes, ...) and the source text
 of the code that computes them (`inspect.getsource` of the modules or functions it gives), so
 that editing the encoding code invalidates its entries without a hand-bumped version number.
-Entries are written atomically: a reader sees no file or the whole file.
+Entries are written atomically (`storage.write_atomically`): a reader sees no file or the
+whole file, and a full disk is `storage.WriteFailed` naming the entry.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from p3o_jax import storage
 
 
 def sha256(text: str) -> str:
@@ -56,18 +58,5 @@ def cached(cache_dir: str | os.PathLike | None, name: str, key: str, code: Seque
         with np.load(path) as stored:
             return dict(stored)
     arrays = compute()
-    _save_atomically(path, arrays)
+    storage.write_atomically(path, lambda f: np.savez(f, **arrays), "wb")
     return arrays
-
-
-def _save_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Readers see the old file or the whole new one, never a partial write."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
