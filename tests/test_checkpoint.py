@@ -26,7 +26,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from p3o_jax import storage
 from p3o_jax.algos import sft
 from p3o_jax.checkpoint import EXIT_PREEMPTED, NonFiniteError, skip_nonfinite
 from p3o_jax.config_args import from_args

@@ -438,7 +438,7 @@ def test_run_lock_is_taken_once_for_all_processes(env, tmp_path):
 
     held = launch("free")
     pid = json.loads(held[0].split("held 0 ", 1)[1].splitlines()[0])["pid"]
-    assert f"held 1 {{" in held[1] and f'"pid": {pid}' in held[1], held   # process 0's lock
+    assert "held 1 {" in held[1] and f'"pid": {pid}' in held[1], held   # process 0's lock
     lock = run_lock.acquire(str(out))                                   # another run's
     try:
         refused = launch("held")

@@ -7,7 +7,6 @@ with exactly one stop token."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers

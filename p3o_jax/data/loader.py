@@ -55,7 +55,6 @@ from absl import flags
 from etils import epath
 from transformers import PreTrainedTokenizerBase
 
-from p3o_jax import storage
 from p3o_jax.data import prompts
 from p3o_jax.data.cache import cached, sha256, tokenizer_fingerprint
 
