@@ -177,7 +177,7 @@ _NEUTRAL = ("name", "out_dir", "stages", "resume", "checkpoint", "mesh", "dist",
             "log", "eval_prompts", "data.on_bad_record", "export_hf", "reward_workers")
 # Fields a stage does not read (those of later stages, and the other algorithms' settings)...
 _ALGO_SETTINGS = tuple({a.settings for a in ALGORITHMS.values() if a.settings})
-_REWARDS = ("reward_fns", "reward_weights", "data.answer_key")
+_REWARDS = ("reward_fns", "reward_weights", "data.answer_key", "data.reward_columns")
 _UNREAD = {"sft": ("algo", "reward_model", "rm", "rl") + _REWARDS + _ALGO_SETTINGS,
            "rm": ("algo", "rl") + _REWARDS + _ALGO_SETTINGS, "rl": ()}
 # ...except the sampling settings the rm stage draws its preference pairs with.

@@ -149,6 +149,25 @@ class JsonObject(Check):
 
 
 @dataclasses.dataclass(frozen=True)
+class ColumnMap(Check):
+    """A JSON object of argument names to column names or dotted paths (`""`: none)."""
+
+    def problem(self, value):
+        if not value:
+            return None
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(
+                isinstance(k, str) and k.isidentifier() and isinstance(v, str)
+                and re.fullmatch(r"[\w.-]+", v) for k, v in parsed.items()):
+            return (f"{value!r} is not a JSON object of argument names to columns, e.g. "
+                    f"{{\"solution\": \"reward_model.ground_truth\"}}")
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class ExistingDir(Check):
     """A local folder that must exist (`""`: unset)."""
 

@@ -28,7 +28,7 @@ from typing import Annotated
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.algos.reward_model import RMConfig
 from p3o_jax.algos.sft import SFTConfig
-from p3o_jax.checks import (Check, ExistingDir, JsonObject, JsonStrings, ModelSource,
+from p3o_jax.checks import (Check, ColumnMap, ExistingDir, JsonObject, JsonStrings, ModelSource,
                             NonNegative, OneOf, Pattern, Positive, Range, RewardSpecs, Sources,
                             STAGES, SubsetOf, WritableDir)
 from p3o_jax.data.builders import HH_SUBSETS
@@ -138,6 +138,10 @@ class DataConfig:
     answer_key: Annotated[str, COLUMN] = "answer"  # the built-ins' and verl's answer: a column,
                                     # or a dotted path into a struct column, e.g.
                                     # reward_model.ground_truth (reward functions get `answer`)
+    reward_columns: Annotated[str, ColumnMap()] = ""  # more arguments for the reward
+                                    # functions, a JSON object {argument: column or dotted path},
+                                    # e.g. {"solution": "reward_model.ground_truth"} (TRL's
+                                    # accuracy_reward on verl's layout)
     wrap_prompts: bool = False      # render plain-string prompts as one user turn (and their
                                     # completions as the assistant's) with the chat template
     long_prompts: Annotated[str, OneOf(*LONG_PROMPTS)] = "error"  # prompts over prompt_len
@@ -156,6 +160,14 @@ class DataConfig:
     def stop_sequence_list(self) -> tuple[str, ...]:
         """`stop_sequences` parsed (checked by its `JsonStrings`)."""
         return tuple(json.loads(self.stop_sequences)) if self.stop_sequences else ()
+
+    @property
+    def reward_column_paths(self) -> dict[str, str]:
+        """{argument: column or dotted path} the reward functions get beside the prompts' own
+        columns: `answer` from `answer_key` (where it names another column) and
+        `reward_columns` (checked by its `ColumnMap`)."""
+        paths = {"answer": self.answer_key} if self.answer_key != "answer" else {}
+        return paths | (json.loads(self.reward_columns) if self.reward_columns else {})
 
     @property
     def chat_template_kwargs_dict(self) -> dict:

@@ -173,7 +173,7 @@ def function_rewards(run: Run, split: str) -> FunctionRewards | None:
     if not run.reward_functions:
         return None
     return FunctionRewards(run.reward_functions, run.task, split, run.mesh,
-                           run.cfg.reward_workers, run.stop_ids, run.cfg.data.answer_key)
+                           run.cfg.reward_workers, run.cfg.data.reward_column_paths)
 
 
 def policy_evaluator(run: Run, sft_params, rm_params):
@@ -220,8 +220,7 @@ def stage_rl(run: Run, sft_params, rm_params):
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
     iteration = RLIteration(cfg, run.mesh, run.sampling, rm_fn=retokenized_rm(run, rm_params),
-                            fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight,
-                            stop_ids=run.stop_ids)
+                            fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight)
     state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
     frozen = frozen_policy(cfg, sft_params)
 
@@ -401,7 +400,7 @@ def load_reward_functions(cfg: ExperimentConfig, task: Task):
                           f"reward functions; use task=dataset (or toy)")
     fns, rm_weight = reward_calls.load(cfg.reward_fns, cfg.reward_weights, cfg.uses_reward_model,
                                        task.response_len)
-    columns = reward_calls.answer_columns(task.prompt_columns, cfg.data.answer_key)
+    columns = reward_calls.path_columns(task.prompt_columns, cfg.data.reward_column_paths)
     reward_calls.check_columns(fns, columns, "the prompts")
     return fns, rm_weight
 

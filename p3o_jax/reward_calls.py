@@ -13,7 +13,8 @@ and the scorer the RL loop and the evaluation run (`FunctionRewards`).
 `prompts[i]` the row's prompt as the data has it (a string or a list of messages),
 `completions[i]` the decoded response (for a conversation: `[{"role": "assistant", "content":
 text}]`), `completion_ids[i]` its token ids (EOS included), every other column of the prompt's
-row (and `answer`, read from `data.answer_key` when that names another column), `truncated[i]`
+row (and `answer`, read from `data.answer_key` when that names another column, and the
+arguments of `data.reward_columns`, each read from a column or a dotted path), `truncated[i]`
 whether the response was cut at `response_len` without a stop token, and `trainer_state`
 (`TrainerState`). A function without `**kwargs` gets those it names. `async def` functions are
 awaited. A value is a number, None ("no opinion": that sample gets nothing from that function)
@@ -52,7 +53,7 @@ import numpy as np
 
 from p3o_jax.builtin_rewards import builtin, text_of
 from p3o_jax.checks import ConfigError, RewardSpec, parse_reward_specs
-from p3o_jax.data.own import column_value
+from p3o_jax.data.own import column_value, has_column
 from p3o_jax.distributed import gather_texts, process_rows, to_host
 from p3o_jax.rollout import truncated
 from p3o_jax.sharding import shard_batch
@@ -197,7 +198,7 @@ def load(text: str, weights: tuple[float, ...], has_rm: bool,
 
 def check_columns(fns: list[RewardFunction], columns: set[str], where: str) -> None:
     """ConfigError when a function requires an argument no call gives: a column the prompts
-    (`where`, with `columns`, `answer` included when data.answer_key finds it) lack, or for
+    (`where`, with `columns`, those of data.answer_key and data.reward_columns included) lack, or for
     verl no ground truth at all."""
     for f in fns:
         if f.spec.verl and not columns & set(GROUND_TRUTH):
@@ -210,21 +211,21 @@ def check_columns(fns: list[RewardFunction], columns: set[str], where: str) -> N
                               f"{missing}, which {where} lacks; it has {sorted(columns)}")
 
 
-def with_answer(columns: dict[str, list], answer_key: str) -> dict[str, list]:
-    """The columns reward functions get: the prompts' own, plus `answer` read from
-    `answer_key` (data.answer_key: a column, or a dotted path into a struct column such as
-    "reward_model.ground_truth") when that names another column the prompts have."""
-    if answer_key == "answer" or answer_key.split(".")[0] not in columns and \
-            answer_key not in columns:
+def with_paths(columns: dict[str, list], paths: dict[str, str]) -> dict[str, list]:
+    """The columns reward functions get: the prompts' own, plus each argument of `paths`
+    (`DataConfig.reward_column_paths`: `answer` from data.answer_key, data.reward_columns) read
+    from its column or dotted path into a struct column ("reward_model.ground_truth"), where
+    the prompts have that column."""
+    found = {name: path for name, path in paths.items() if has_column(columns, path)}
+    if not found:
         return columns
     rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    return dict(columns, answer=[column_value(r, answer_key) for r in rows])
+    return columns | {name: [column_value(r, path) for r in rows] for name, path in found.items()}
 
 
-def answer_columns(columns: set[str], answer_key: str) -> set[str]:
-    """`columns` of the prompts, with `answer` when `with_answer` adds it."""
-    found = answer_key in columns or answer_key.split(".")[0] in columns
-    return columns | ({"answer"} if found else set())
+def path_columns(columns: set[str], paths: dict[str, str]) -> set[str]:
+    """`columns` of the prompts, with the arguments `with_paths` adds."""
+    return columns | {name for name, path in paths.items() if has_column(columns, path)}
 
 
 def _score(value, f: RewardFunction, origin: str):
@@ -305,22 +306,23 @@ class FunctionRewards:
     rows its devices hold, and `time` the seconds each function took in the last call.
 
     prompts: {"ids", "mask" [B, P], "row" [B]} (row: the prompt's index in the task's records of
-    `split`); samples: `SampleOutput` [B, K, N]. `stop_ids`: the tokens that end a response
-    (`truncated`); `answer_key`: data.answer_key (`with_answer`); `trainer_state`: what the
-    functions get (`at` gives a scorer with another)."""
+    `split`); samples: `SampleOutput` [B, K, N]. A response that does not end with one of
+    `task.eos_ids` was cut at its length (`truncated`); `column_paths`: more arguments read
+    from columns (`with_paths`); `trainer_state`: what the functions get (`at` gives a scorer
+    with another)."""
 
     def __init__(self, fns: list[RewardFunction], task, split: str, mesh, workers: int = 1,
-                 stop_ids: tuple[int, ...] = (), answer_key: str = "answer",
+                 column_paths: dict[str, str] | None = None,
                  trainer_state: TrainerState = TrainerState()):
         self.fns, self.task, self.split, self.mesh = fns, task, split, mesh
-        self.workers, self.stop_ids, self.answer_key = workers, stop_ids, answer_key
+        self.workers, self.column_paths = workers, column_paths or {}
         self.trainer_state, self.time = trainer_state, {}
         self.weights = {f.name: f.weight for f in fns}
 
     def at(self, trainer_state: TrainerState) -> "FunctionRewards":
         """This scorer, its functions given `trainer_state`."""
         return FunctionRewards(self.fns, self.task, self.split, self.mesh, self.workers,
-                               self.stop_ids, self.answer_key, trainer_state)
+                               self.column_paths, trainer_state)
 
     def __call__(self, prompts: dict, samples) -> dict:
         rows, tokens, mask = to_host((prompts["row"], samples.tokens, samples.mask))
@@ -348,11 +350,11 @@ class FunctionRewards:
         texts = self.task.tokenizer.batch_decode(ids, skip_special_tokens=True)
         rep = lambda xs: [x for x in xs for _ in range(K)]
         prompts = rep(records.prompts)
-        inputs = {k: rep(v) for k, v in with_answer(records.columns, self.answer_key).items()}
+        inputs = {k: rep(v) for k, v in with_paths(records.columns, self.column_paths).items()}
         inputs |= {"prompts": prompts, "completion_ids": ids,
                    "completions": [[{"role": "assistant", "content": t}] if isinstance(p, list)
                                    else t for p, t in zip(prompts, texts)],
-                   "truncated": truncated(tokens, mask, self.stop_ids).tolist()}
+                   "truncated": truncated(tokens, mask, self.task.eos_ids).tolist()}
         out = {}
         for f in self.fns:
             t0 = time.perf_counter()

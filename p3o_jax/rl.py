@@ -123,16 +123,15 @@ class RLIteration:
     `mesh`; `init_state` builds the sharded train state they update."""
 
     def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, rm_fn=None,
-                 fn_scorer=None, rm_weight: float = 1.0, stop_ids: tuple[int, ...] = ()):
+                 fn_scorer=None, rm_weight: float = 1.0):
         """`rm_fn(prompts, samples) -> [B, K]`: the reward model's scores computed on the
         host's side (a reward model with another tokenizer); None: it scores inside `score`.
         `fn_scorer(prompts, samples) -> {name: [B, K]}` (`reward_calls.FunctionRewards`): the
         reward functions, weighed by its `weights` and added to `rm_weight` x the reward
-        model's score (p3o_jax/reward_calls.py). `stop_ids`: the tokens that end a response;
-        one without any at its end was cut (`rollout.truncated`, `rl.mask_truncated`)."""
+        model's score (p3o_jax/reward_calls.py). A response that does not end with one of
+        `sampling.eos_ids` was cut at its length (`rollout.truncated`, `rl.mask_truncated`)."""
         self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
         self.rm_fn, self.fn_scorer, self.rm_weight = rm_fn, fn_scorer, rm_weight
-        self.stop_ids = stop_ids
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
         self.shardings = state_shardings(
@@ -198,7 +197,7 @@ class RLIteration:
         metrics = rollout.rollout_metrics(buffer)
         for name, r in (fn_rewards or {}).items():
             metrics[f"reward/{name}"] = jnp.nanmean(r)
-        cut = rollout.truncated(samples.tokens, samples.mask, self.stop_ids)
+        cut = rollout.truncated(samples.tokens, samples.mask, self.sampling.eos_ids)
         metrics["truncated_frac"] = jnp.mean(cut)
         if cfg.rl.mask_truncated:
             buffer = rollout.drop_truncated(buffer, cut)

@@ -182,12 +182,13 @@ def weighed(fn_rewards: dict, weights: dict):
     return sum(w * jnp.nan_to_num(fn_rewards[name]) for name, w in weights.items())
 
 
-def truncated(tokens, mask, stop_ids: tuple[int, ...]):
+def truncated(tokens, mask, eos_ids: tuple[int, ...]):
     """Whether each response [..., N] was cut at N tokens: its last position is real and holds
-    none of the tokens that end a response (`stop_ids`). bool [...], numpy or jax as given."""
+    none of the tokens that end a response (`eos_ids`, `Task.eos_ids`). bool [...], numpy or
+    jax as given."""
     last = tokens[..., -1]
     stopped = last != last      # all False, of last's kind
-    for s in stop_ids:
+    for s in eos_ids:
         stopped = stopped | (last == s)
     return (mask[..., -1] > 0) & ~stopped
 

@@ -71,12 +71,6 @@ class Run:
         return sampling_config(self.cfg.rl, self.task.response_len, self.task.eos_ids,
                                self.task.pad_id, self.task.stop_sequences)
 
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """The tokens that end a response: one without any at its end was cut at
-        `response_len` (`rollout.truncated`)."""
-        return (self.task.eos_id,)  # TODO(merge): task.eos_ids
-
     def trainer_state(self, step: int) -> TrainerState:
         """What reward functions get as `trainer_state` for the responses of RL iteration
         `step` (or of a policy trained for `step` iterations)."""

@@ -50,6 +50,8 @@ def invalid_values(kind, field_checks) -> list[str]:
             values.append("bogus-choice")
         elif isinstance(c, (checks.JsonStrings, checks.JsonObject)):
             values.append("not json")
+        elif isinstance(c, checks.ColumnMap):
+            values += ["not json", '{"solution": 3}', '{"not an argument": "answer"}']
         elif isinstance(c, checks.Pattern):
             values.append("not valid!")
         elif isinstance(c, (checks.ExistingDir, checks.ModelSource)):

@@ -478,30 +478,51 @@ def assert_recomputed(row: dict, records: list[dict], files) -> None:
     assert row["final_answer_format"] == pytest.approx(np.mean(fmt))
 
 
-def test_a_verl_dataset_with_verl_and_built_in_rewards(sft_folder, tmp_path, verl_path):
-    """verl's parquet layout end to end: verl's own default_compute_score, a verl function
-    whose dict has extras (logged as reward/<name>/<extra>), math_answer reading the ground
-    truth through data.answer_key, and GRPO with the responses cut at response_len out of the
-    loss."""
+@pytest.fixture(scope="module")
+def smollm2_class_folder(tmp_path_factory, tokenizer):
+    """A SmolLM2-class chat model as an HF folder: Llama family, GQA, tied embeddings, the
+    ChatML tokenizer whose `<|im_end|>` ends a turn, random weights."""
+    cfg = M.ModelConfig(family="llama", vocab_size=384, d_model=32, n_layers=1, n_heads=4,
+                        n_kv_heads=2, d_ff=64, max_len=64, tie_embeddings=True)
+    path = tmp_path_factory.mktemp("smollm2_class") / "hf"
+    hf.save_pretrained(M.init_params(cfg, jax.random.key(0)), cfg, str(path), tokenizer=tokenizer,
+                       eos_ids=(tokenizer.eos_token_id,))
+    return str(path)
+
+
+def test_a_verl_dataset_with_verl_trl_and_built_in_rewards(smollm2_class_folder, tmp_path,
+                                                           verl_path):
+    """The issue's done-when: verl's parquet layout end to end on a SmolLM2-class chat model,
+    verl's own default_compute_score (its GSM8K scorer) through `verl:`, TRL's own
+    accuracy_reward (math-verify) reading `solution` from reward_model.ground_truth
+    (data.reward_columns), math_answer reading it through data.answer_key, a verl function
+    whose dict has extras (logged as reward/<name>/<extra>), each logged; GRPO with the
+    responses cut at response_len out of the loss."""
     path = tmp_path / "gsm8k.parquet"
     pq.write_table(pa.Table.from_pylist(verl_rows(QUESTIONS)), path)
     out = tmp_path / "run"
     fns = (f"math_answer,verl:verl.utils.reward_score:default_compute_score,"
-           f"verl:{FNS}:verl_compute_score")
-    assert main(dataset_args({"jsonl": str(path)}, sft_folder, out, f"reward_fns={fns}",
+           f"trl.rewards:accuracy_reward,verl:{FNS}:verl_compute_score")
+    assert main(dataset_args({"jsonl": str(path)}, smollm2_class_folder, out, f"reward_fns={fns}",
                              "reward_weights=", "data.answer_key=reward_model.ground_truth",
+                             'data.reward_columns={"solution": "reward_model.ground_truth"}',
                              "algo=grpo", "rl.mask_truncated=true", "rl.eval_every=0")) == 0
     rl = [r for r in read_metrics(out) if r["stage"] == "rl:grpo"]
     assert len(rl) == 3
+    parts = ("math_answer", "verl_default_compute_score", "accuracy_reward",
+             "verl_verl_compute_score")
     for r in rl:
-        parts = ("math_answer", "verl_default_compute_score", "verl_verl_compute_score")
         assert r["reward"] == pytest.approx(sum(r[f"reward/{p}"] for p in parts), abs=1e-5)
         assert 0 <= r["reward/verl_verl_compute_score/acc"] <= 1
         assert r["truncated_frac"] > 0.5   # a random policy seldom ends in 6 tokens
         if r["truncated_frac"] == 1:       # every response out of the loss
             assert r["grad_norm"] == 0
     summary = json.load(open(out / "summary.json"))["rows"]
-    assert "math_answer_acc" in summary[1] and "verl_verl_compute_score/acc" in summary[1]
+    assert {"math_answer_acc", "accuracy_reward_acc", "verl_verl_compute_score/acc"} <= set(
+        summary[1])
+    records = [json.loads(line) for line in open(out / "eval_grpo.jsonl")]
+    for r in records:       # the functions saw clean assistant text: no template, no specials
+        assert "<|im_" not in r["response"] and set(parts) <= set(r["rewards"])
 
 
 FLAKY = """import os

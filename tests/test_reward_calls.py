@@ -99,14 +99,14 @@ def test_verl_default_compute_score_on_a_verl_dataset(tmp_path, verl_path):
     pq.write_table(pa.Table.from_pylist(verl_rows(GSM8K)), path)
     records = own.load_records(str(path), "data.prompts", "prompt", own.Keys(), seed=0)
     assert set(records.columns) == {"data_source", "ability", "reward_model", "extra_info"}
-    columns = R.with_answer(records.columns, "reward_model.ground_truth")
+    columns = R.with_paths(records.columns, {"answer": "reward_model.ground_truth"})
     assert columns["answer"] == ["72", "10"]
     inputs = batch(["... #### 72", "#### 11"], **columns)
     verl = load_one("verl:verl.utils.reward_score:default_compute_score")
     assert verl.name == "verl_default_compute_score"
     np.testing.assert_array_equal(R.call(verl, inputs, origin(2))[0], [1, 0])
     R.check_columns([verl, load_one("math_answer")],
-                    R.answer_columns(set(records.columns), "reward_model.ground_truth"), "x")
+                    R.path_columns(set(records.columns), {"answer": "reward_model.ground_truth"}), "x")
     np.testing.assert_array_equal(R.call(load_one("math_answer"), inputs, origin(2))[0], [1, 0])
 
 
@@ -292,6 +292,7 @@ from p3o_jax.sharding import make_mesh, shard_batch
 
 class Task:
     tokenizer = types.SimpleNamespace(batch_decode=lambda ids, **_: [str(i) for i in ids])
+    eos_ids = (7,)
     def prompt_records(self, split, rows):
         rows = [int(r) for r in rows]
         return own.Records("prompt", [f"q{r}" for r in rows], {}, {"row": rows},
