@@ -31,6 +31,8 @@ def write_run(path, method, seed, before, after, sample_before=None):
     with open(os.path.join(path, "summary.json"), "w") as f:
         json.dump({"rows": [], "samples": {"sft": sample_before or f"{method} before",
                                            "x": f"{method} after"}}, f)
+    with open(os.path.join(path, "eval_x.jsonl"), "w") as f:   # the final policy's records
+        f.write(json.dumps({"index": 0, "rewards": {"math_answer": after}}) + "\n")
 
 
 @pytest.fixture
@@ -64,6 +66,10 @@ def test_finished_runs_are_read_not_run(finished, tmp_path, monkeypatch):
     assert f"± {se_prompts:.3f}" in cells
     assert "0.40 ± 0.00" in cells                                          # KL at the end
     assert "P3O-V2 before" in text and "GRPO after" in text
+    for (method, seed), (_, after) in ACC.items():  # each run's per-prompt records kept
+        kept = results / "demo" / f"seed{seed}-{method}"
+        assert json.loads(open(kept / "eval_x.jsonl").read())["rewards"]["math_answer"] == after
+        assert (kept / "summary.json").exists()
 
 
 def test_an_unfinished_run_is_run(finished, tmp_path, monkeypatch):

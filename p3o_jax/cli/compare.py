@@ -15,12 +15,17 @@ kill (the same command again); a finished run (its summary.json written) is only
     <results>/<name>.md     the table before/after (SE across seeds, and over the eval prompts),
                             seconds per iteration, total minutes, and three held-out answers per
                             method before and after
+    <results>/<name>/seed<S>-<method>/  each run's summary.json and per-prompt final evaluation
+                            (eval_<policy>.jsonl: prompt, response, each reward), from which
+                            the table's before and after can be recomputed
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import glob
 import os
+import shutil
 import sys
 from typing import Annotated
 
@@ -85,6 +90,15 @@ def read_run(path: str, method: str, seed: int) -> tuple[list[dict], dict, dict]
     with open(os.path.join(path, "summary.json")) as f:
         samples = json.load(f).get("samples", {})
     return rows, timing, samples
+
+
+def keep_records(path: str, to: str) -> None:
+    """A run's summary.json and per-prompt evaluation files (`pipeline.eval_file`) copied to
+    `to`, beside the report."""
+    os.makedirs(to, exist_ok=True)
+    for name in ["summary.json", *map(os.path.basename,
+                                      glob.glob(os.path.join(path, "eval_*.jsonl")))]:
+        shutil.copyfile(os.path.join(path, name), os.path.join(to, name))
 
 
 def accuracy_key(records: list[dict]) -> str:
@@ -191,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             elif not os.path.exists(os.path.join(path, "summary.json")):
                 continue
             rows, timing, text = read_run(path, method, seed)
+            keep_records(path, os.path.join(args.results, args.name or cfg.name,
+                                            f"seed{seed}-{method}"))
             records += rows
             timings.append(timing)
             if seed == args.seeds[0]:
