@@ -8,7 +8,8 @@ with the built-in reward functions `math_answer` (1 if the final answer is right
 about 7 minutes on a 2-core CPU. prompt_len is the longest rendered prompt of the files (35
 tokens: `<|im_start|>user\nWhich is larger, 85 or 63?<|im_end|>\n<|im_start|>assistant\n`), so
 that no prompt is cut (tests/test_own_data.py checks it). Measured (seed 0): held-out accuracy
-RESULT; the run's summary.json and per-prompt records are in experiments/results/arithmetic/.
+0.555 +- 0.031 after SFT, 0.699 +- 0.029 after P3O (256 held-out prompts, one response each;
+KL 0.65); the run's summary.json and per-prompt records are in experiments/results/arithmetic/.
 
     make train EXP=arithmetic                      (P3O)
     make train EXP=arithmetic ARGS="algo=grpo"     (any algorithm; algo=ppo: critic from the policy)
