@@ -38,6 +38,7 @@ import glob
 import logging
 import os
 import shutil
+import sys
 import threading
 import uuid
 import warnings
@@ -188,23 +189,92 @@ class _RefusedWriteFilter(logging.Filter):
 
 
 _BACKGROUND_LOGGERS = ("absl", "asyncio")   # orbax logs through absl
+# after a refused write, also the futures that orbax's closed event loop can no longer resolve
+# ("exception calling callback for <Future ...>: RuntimeError: Event loop is closed")
+_AFTER_FAILURE_LOGGERS = _BACKGROUND_LOGGERS + ("concurrent.futures",)
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _background_noise(error: BaseException | None) -> bool:
+    """A refused write, or what it leaves behind: tensorstore's callbacks of a failed orbax
+    save that find orbax's event loop closed (printed through `sys.excepthook`, no header)."""
+    return error is not None and (io_cause(error) is not None or (
+        isinstance(error, RuntimeError) and str(error) == "Event loop is closed"))
+
+
+class _WithoutClosedLoopTracebacks:
+    """sys.stderr less the tracebacks that end in "RuntimeError: Event loop is closed" (what
+    tensorstore prints from C when a failed orbax save's callbacks find its loop closed, some
+    without passing `sys.excepthook`, from several threads at once): each thread's traceback
+    lines are held until its last one."""
+
+    def __init__(self, stream):
+        self.stream, self.lock = stream, threading.Lock()
+        self.held: dict[int, str] = {}      # per thread: its traceback so far
+        self.partial: dict[int, str] = {}   # per thread: its line so far
+
+    def write(self, text: str) -> int:
+        me = threading.get_ident()
+        with self.lock:
+            partial = self.partial.pop(me, "") + text
+            if me not in self.held and not partial.startswith("T") and "Traceback" not in partial:
+                self.stream.write(partial)          # progress bars and lines pass at once
+                return len(text)
+            *lines, rest = partial.split("\n")
+            for line in lines:
+                self._line(me, line + "\n")
+            if rest and me not in self.held and not "Traceback".startswith(rest[:9]):
+                self.stream.write(rest)
+            elif rest:
+                self.partial[me] = rest
+        return len(text)
+
+    def _line(self, me: int, line: str) -> None:
+        if me not in self.held and line.startswith("Traceback (most recent call last):"):
+            self.held[me] = ""
+        if me not in self.held:
+            self.stream.write(line)
+            return
+        self.held[me] += line
+        if not line[:1].isspace() and not line.startswith("Traceback"):   # its last line
+            held = self.held.pop(me)
+            if line.strip() != "RuntimeError: Event loop is closed":
+                self.stream.write(held)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 @contextlib.contextmanager
 def quiet_background_errors():
-    """Inside: a thread that dies of a write the filesystem refused (`io_cause`), or a log
-    record of one (orbax's through absl, asyncio's), prints nothing: the main thread reports
+    """Inside: a thread that dies of a write the filesystem refused (`io_cause`), a log record
+    of one (orbax's through absl, asyncio's), or a callback from C that finds orbax's event loop
+    closed after one (`_background_noise`) prints nothing: the main thread reports
     the failed write once, as `WriteFailed`. Other thread errors and log records print as
-    usual. Left by a `WriteFailed`, the filters stay for the rest of the process: the failed
-    save's asyncio futures log their errors when they are collected, after the run has
-    returned (the CLI then prints its line and exits)."""
-    previous = threading.excepthook
+    usual. Left by a `WriteFailed`, the background loggers print nothing for the rest of the
+    process: the failed save's futures log their errors (a refused write, or orbax's event loop
+    closed under them) when they are collected, after the run has returned (the CLI then
+    prints its line and exits)."""
+    previous, previous_sys = threading.excepthook, sys.excepthook
     refused = _RefusedWriteFilter()
 
     def hook(args):
-        if args.exc_value is None or io_cause(args.exc_value) is None:
+        if not _background_noise(args.exc_value):
             previous(args)
-    threading.excepthook = hook
+
+    def sys_hook(kind, error, tb):
+        if not _background_noise(error):
+            previous_sys(kind, error, tb)
+    threading.excepthook, sys.excepthook = hook, sys_hook
+    stderr = sys.stderr
+    sys.stderr = _WithoutClosedLoopTracebacks(stderr)
     loggers = [logging.getLogger(name) for name in _BACKGROUND_LOGGERS]
     for logger in loggers:
         logger.addFilter(refused)
@@ -213,10 +283,13 @@ def quiet_background_errors():
         yield
     except WriteFailed:
         failed = True
+        for name in _AFTER_FAILURE_LOGGERS:
+            logging.getLogger(name).addFilter(_DropAll())
         raise
     finally:
         if not failed:
-            threading.excepthook = previous
+            threading.excepthook, sys.excepthook = previous, previous_sys
+            sys.stderr = stderr
             for logger in loggers:
                 logger.removeFilter(refused)
 

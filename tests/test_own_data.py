@@ -166,11 +166,14 @@ def test_tokenizer_and_model_folders_under_home(tmp_path, monkeypatch, tokenizer
     from p3o_jax.config import DataConfig
     from p3o_jax.tasks import TextRLHF
     tokenizer.save_pretrained(tmp_path / "tok")
+    with open(tmp_path / "tok" / "generation_config.json", "w") as f:   # the model's stop ids
+        json.dump({"eos_token_id": [tokenizer.eos_token_id, 7]}, f)
     monkeypatch.setenv("HOME", str(tmp_path))
     assert hf.resolve("~/tok") == str(tmp_path / "tok")
     task = object.__new__(TextRLHF)
-    task.read_tokenizer("~/tok", DataConfig())
+    task.read_tokenizer("~/tok", DataConfig(), "~/tok")
     assert task.tokenizer.chat_template == tokenizer.chat_template
+    assert task.eos_ids == (tokenizer.eos_token_id, 7)
 
 
 def test_chat_template_kwargs_reach_the_task(files, tmp_path):

@@ -161,3 +161,27 @@ def test_a_short_disk_is_announced(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         storage.warn_if_short(str(tmp_path), 1 << 50, count=3)   # said once
+
+
+def test_closed_loop_tracebacks_are_dropped_from_stderr_and_the_rest_kept():
+    """What tensorstore prints from C after a failed save (a traceback ending "RuntimeError:
+    Event loop is closed", written in pieces, from two threads at once) is dropped; other
+    tracebacks, progress bars and lines pass whole."""
+    import io
+    import threading
+
+    out = io.StringIO()
+    w = storage._WithoutClosedLoopTracebacks(out)
+    closed = ["Traceback (most recent call last):\n", '  File "base_events.py", line 806\n',
+              "    self._check_closed()\n", "RuntimeError", ": ", "Event loop is closed", "\n"]
+    threads = [threading.Thread(target=lambda: [w.write(c) for c in closed]) for _ in range(2)]
+    w.write("sft:  50%\r")
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for chunk in ["Traceback (most recent call last):\n", "  File y\n", "ValueError: real\n",
+                  "error: writing x failed\n"]:
+        w.write(chunk)
+    assert out.getvalue() == ("sft:  50%\rTraceback (most recent call last):\n  File y\n"
+                              "ValueError: real\nerror: writing x failed\n")
