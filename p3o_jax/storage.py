@@ -184,19 +184,13 @@ class _RefusedWriteFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
-            return io_cause(record.exc_info[1]) is None
+            return not _background_noise(record.exc_info[1])
         return not any(t in record.getMessage() for t in _IO_TEXTS)
 
 
-_BACKGROUND_LOGGERS = ("absl", "asyncio")   # orbax logs through absl
-# after a refused write, also the futures that orbax's closed event loop can no longer resolve
-# ("exception calling callback for <Future ...>: RuntimeError: Event loop is closed")
-_AFTER_FAILURE_LOGGERS = _BACKGROUND_LOGGERS + ("concurrent.futures",)
-
-
-class _DropAll(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
+# orbax logs through absl; concurrent.futures logs the callbacks that find orbax's event loop
+# closed after a refused write ("exception calling callback for <Future ...>")
+_BACKGROUND_LOGGERS = ("absl", "asyncio", "concurrent.futures")
 
 
 def _background_noise(error: BaseException | None) -> bool:
@@ -258,10 +252,10 @@ def quiet_background_errors():
     of one (orbax's through absl, asyncio's), or a callback from C that finds orbax's event loop
     closed after one (`_background_noise`) prints nothing: the main thread reports
     the failed write once, as `WriteFailed`. Other thread errors and log records print as
-    usual. Left by a `WriteFailed`, the background loggers print nothing for the rest of the
-    process: the failed save's futures log their errors (a refused write, or orbax's event loop
-    closed under them) when they are collected, after the run has returned (the CLI then
-    prints its line and exits)."""
+    usual. Left by a `WriteFailed`, the filters stay for the rest of the process: the failed
+    save's futures log their errors (a refused write, or orbax's event loop closed under them)
+    when they are collected, after the run has returned (the CLI then prints its line and
+    exits)."""
     previous, previous_sys = threading.excepthook, sys.excepthook
     refused = _RefusedWriteFilter()
 
@@ -283,8 +277,6 @@ def quiet_background_errors():
         yield
     except WriteFailed:
         failed = True
-        for name in _AFTER_FAILURE_LOGGERS:
-            logging.getLogger(name).addFilter(_DropAll())
         raise
     finally:
         if not failed:
