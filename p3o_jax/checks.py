@@ -112,6 +112,14 @@ class Pattern(Check):
         return self.what
 
 
+def _json(value: str):
+    """`value` parsed as JSON, None if it is not JSON."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonStrings(Check):
     """A JSON list of non-empty strings (`""`: none)."""
@@ -119,10 +127,7 @@ class JsonStrings(Check):
     def problem(self, value):
         if not value:
             return None
-        try:
-            texts = json.loads(value)
-        except json.JSONDecodeError:
-            texts = None
+        texts = _json(value)
         if isinstance(texts, list) and texts and all(isinstance(t, str) and t for t in texts):
             return None
         return f"{value!r} is not a JSON list of non-empty strings, e.g. [\"\\n\\nHuman:\"]"
@@ -138,10 +143,7 @@ class JsonObject(Check):
     def problem(self, value):
         if not value:
             return None
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = None
+        parsed = _json(value)
         if not isinstance(parsed, dict):
             return f"{value!r} is not a JSON object, e.g. {{\"enable_thinking\": false}}"
         taken = sorted(set(parsed) & set(self.reserved))
@@ -155,10 +157,7 @@ class ColumnMap(Check):
     def problem(self, value):
         if not value:
             return None
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = None
+        parsed = _json(value)
         if not isinstance(parsed, dict) or not all(
                 isinstance(k, str) and k.isidentifier() and isinstance(v, str)
                 and re.fullmatch(r"[\w.-]+", v) for k, v in parsed.items()):
