@@ -234,11 +234,12 @@ class Sources(Check):
 class RewardSpec:
     """One entry of `reward_fns` (p3o_jax/reward_calls.py): a built-in name,
     `package.module:function` or `path/to/file.py:function`, any of them after `verl:` for
-    verl's `compute_score`."""
+    verl's `compute_score`, or a reward server's `http(s)://` URL (p3o_jax/remote_rewards.py)."""
     text: str           # the entry as given
-    where: str          # "" (a built-in), a module, or a .py file with `~` expanded
+    where: str          # "" (a built-in), a module, a .py file with `~` expanded, or the URL
     function: str
     verl: bool = False
+    remote: bool = False
 
     @property
     def name(self) -> str:
@@ -250,8 +251,14 @@ def parse_reward_specs(text: str) -> list[RewardSpec]:
     """The entries of a `reward_fns` comma list; ValueError saying what is wrong with one (a
     `file.py` that does not exist included). Importing waits for the run."""
     from p3o_jax.builtin_rewards import BUILTINS
+    from p3o_jax.remote_rewards import check_url, is_url, remote_name
     out = []
     for entry in filter(None, (s.strip() for s in text.split(","))):
+        if is_url(entry):
+            if problem := check_url(entry):
+                raise ValueError(problem)
+            out.append(RewardSpec(entry, entry, remote_name(entry), remote=True))
+            continue
         spec = entry.removeprefix("verl:")
         where, sep, name = spec.rpartition(":")
         if not sep:
@@ -270,8 +277,8 @@ def parse_reward_specs(text: str) -> list[RewardSpec]:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSpecs(Check):
-    """A comma list of reward functions (`""`: unset): each a built-in name or
-    `WHERE:function`, a `file.py` that exists (`parse_reward_specs`)."""
+    """A comma list of reward functions (`""`: unset): each a built-in name,
+    `WHERE:function` (a `file.py` that exists) or a reward server's URL (`parse_reward_specs`)."""
 
     def problem(self, value):
         try:

@@ -37,6 +37,7 @@ from p3o_jax.data.validate import ON_BAD_RECORD
 from p3o_jax.logger import LogConfig
 from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
+from p3o_jax.remote_rewards import RemoteConfig
 from p3o_jax.toy_task import ToyTaskConfig
 from p3o_jax.train_state import OptimConfig
 
@@ -226,13 +227,15 @@ class ExperimentFields:
     reward_fns: Annotated[str, RewardSpecs()] = ""  # reward functions, a comma list of
                                     # module:function, file.py:function, built-ins
                                     # (p3o_jax/builtin_rewards.py) or verl:<those>, called as TRL
-                                    # and verl call them; the reward is their weighted sum, plus the
+                                    # and verl call them, or reward servers' http(s):// URLs;
+                                    # the reward is their weighted sum, plus the
                                     # reward model's score when one is trained or given
                                     # (p3o_jax/reward_calls.py)
     reward_weights: tuple[float, ...] = ()  # one per reward function, then optionally the
                                     # reward model's; () = all 1
     reward_workers: Annotated[int, Positive] = 1  # threads each reward function's batch is
                                     # split over (for functions that wait on a service)
+    reward_remote: RemoteConfig = RemoteConfig()  # reward servers (reward_fns=http://...)
     export_hf: bool = True          # each trained stage also writes <out_dir>/hf/<stage>, a
                                     # folder transformers loads (p3o_jax/cli/export.py: any
                                     # checkpoint)

@@ -399,7 +399,7 @@ def load_reward_functions(cfg: ExperimentConfig, task: Task):
         raise ConfigError(f"config key 'reward_fns': task={cfg.task} has no prompt records for "
                           f"reward functions; use task=dataset (or toy)")
     fns, rm_weight = reward_calls.load(cfg.reward_fns, cfg.reward_weights, cfg.uses_reward_model,
-                                       task.response_len)
+                                       task.response_len, cfg.reward_remote)
     columns = reward_calls.path_columns(task.prompt_columns, cfg.data.reward_column_paths)
     reward_calls.check_columns(fns, columns, "the prompts")
     return fns, rm_weight

@@ -5,7 +5,9 @@ and the scorer the RL loop and the evaluation run (`FunctionRewards`).
 `reward_fns` is a comma list (`checks.parse_reward_specs`); each entry is
 `package.module:function`, `path/to/file.py:function`, a built-in name
 (p3o_jax/builtin_rewards.py: `math_answer`, ...), or any of these after `verl:` for verl's
-`compute_score`. Each function is called as TRL's GRPOTrainer calls it, by keyword, on a batch:
+`compute_score`, or a reward server's URL (`http://host:port/path`: OpenRLHF's remote reward
+protocol, p3o_jax/remote_rewards.py; `reward_remote.*`). Each function is called as TRL's
+GRPOTrainer calls it, by keyword, on a batch:
 
     f(prompts=..., completions=..., completion_ids=..., **columns, truncated=...,
       trainer_state=...) -> list[float | None]
@@ -55,11 +57,13 @@ from p3o_jax.builtin_rewards import builtin, text_of
 from p3o_jax.checks import ConfigError, RewardSpec, parse_reward_specs
 from p3o_jax.data.own import column_value, has_column
 from p3o_jax.distributed import gather_texts, process_rows, to_host
+from p3o_jax.remote_rewards import RemoteConfig, RemoteReward
 from p3o_jax.rollout import truncated
 from p3o_jax.sharding import shard_batch
 
 RESERVED = ("gold", "reward", "rm", "kl_k1", "kl_k3", "length")  # `evaluate.summarize`'s columns
 PASSED = ("prompts", "completions", "completion_ids", "truncated", "trainer_state")  # and columns
+REMOTE_PASSED = ("query", "prompt_texts")   # a reward server's only (the rendered sequence)
 VERL_ARGS = ("data_source", "solution_str", "ground_truth", "extra_info")
 GROUND_TRUTH = ("reward_model", "ground_truth", "answer")  # verl's, in order
 TRL_CALL = "f(prompts=, completions=, completion_ids=, **columns, trainer_state=)"
@@ -106,7 +110,9 @@ class RewardFunction:
     weight: float = 1.0
 
 
-def _import(spec: RewardSpec, response_len: int) -> Callable:
+def _import(spec: RewardSpec, response_len: int, remote: RemoteConfig) -> Callable:
+    if spec.remote:
+        return RemoteReward(spec.where, remote)
     if not spec.where:
         return builtin(spec.function, response_len)
     try:
@@ -170,11 +176,12 @@ def verl_adapter(compute_score: Callable) -> Callable:
     return verl_score
 
 
-def load(text: str, weights: tuple[float, ...], has_rm: bool,
-         response_len: int) -> tuple[list[RewardFunction], float]:
+def load(text: str, weights: tuple[float, ...], has_rm: bool, response_len: int,
+         remote: RemoteConfig = RemoteConfig()) -> tuple[list[RewardFunction], float]:
     """The functions of `reward_fns` with their weights, and the reward model's weight: every
-    entry imported and its signature checked (ConfigError naming the key). `response_len`:
-    what the built-in soft_overlong_punishment counts to."""
+    entry imported and its signature checked, every reward server asked whether it answers
+    (ConfigError naming the key). `response_len`: what the built-in soft_overlong_punishment
+    counts to; `remote`: how reward servers are called."""
     try:
         specs = parse_reward_specs(text)
     except ValueError as e:
@@ -187,8 +194,10 @@ def load(text: str, weights: tuple[float, ...], has_rm: bool,
     w = list(weights) or [1.0] * n
     out = []
     for spec, weight in zip(specs, w):
-        fn = _import(spec, response_len)
+        fn = _import(spec, response_len, remote)
         check_signature(fn, spec)
+        if spec.remote:
+            fn.check()
         out.append(RewardFunction(spec.name, spec, verl_adapter(fn) if spec.verl else fn, weight))
     names = [f.name for f in out]   # each name once, and none an evaluation column's
     out = [dataclasses.replace(f, name=f.spec.text)
@@ -205,7 +214,12 @@ def check_columns(fns: list[RewardFunction], columns: set[str], where: str) -> N
             raise ConfigError(f"config key 'reward_fns': {f.spec.text} needs a ground truth: a "
                               f"reward_model column with ground_truth, a ground_truth column or "
                               f"data.answer_key's column; {where} has {sorted(columns)}")
-        missing = [c for c in required(f.fn) if c not in columns and c not in PASSED]
+        labels = f.fn.config.labels if f.spec.remote else ""
+        if labels not in ("", "answer") and labels not in columns:
+            raise ConfigError(f"config key 'reward_remote.labels': {labels!r} is no column of "
+                              f"{where}; it has {sorted(columns)}")
+        missing = [c for c in required(f.fn)
+                   if c not in columns and c not in PASSED + REMOTE_PASSED * f.spec.remote]
         if missing:
             raise ConfigError(f"config key 'reward_fns': {f.spec.text} needs the column(s) "
                               f"{missing}, which {where} lacks; it has {sorted(columns)}")
@@ -264,7 +278,8 @@ def call(f: RewardFunction, inputs: dict[str, list], origin: list[str], workers:
          trainer_state: TrainerState = TrainerState()):
     """`f` on one batch (`inputs`: `PASSED`'s lists and the columns, n each; split into
     `workers` chunks run in threads), checked: (float64 [n], {extra: float64 [n]})."""
-    kwargs = {k: v for k, v in inputs.items() if accepts(f.fn, k)}
+    kwargs = {k: v for k, v in inputs.items()
+              if accepts(f.fn, k) and (f.spec.remote or k not in REMOTE_PASSED)}
     n = len(inputs["completions"])
     state = {"trainer_state": trainer_state} if accepts(f.fn, "trainer_state") else {}
 
@@ -325,12 +340,15 @@ class FunctionRewards:
                                self.column_paths, trainer_state)
 
     def __call__(self, prompts: dict, samples) -> dict:
-        rows, tokens, mask = to_host((prompts["row"], samples.tokens, samples.mask))
+        rows, tokens, mask, ids, ids_mask = to_host((prompts["row"], samples.tokens,
+                                                     samples.mask, prompts["ids"],
+                                                     prompts["mask"]))
         self.time = {f.name: 0.0 for f in self.fns}
         parts, error = [], None
         for a, b in process_rows(self.mesh, len(rows)):
             try:
-                parts.append(self.score(rows[a:b], tokens[a:b], mask[a:b]))
+                parts.append(self.score(rows[a:b], tokens[a:b], mask[a:b],
+                                        (ids[a:b], ids_mask[a:b])))
             except RewardError as e:
                 error = str(e)
                 break
@@ -340,9 +358,10 @@ class FunctionRewards:
         return shard_batch({k: np.concatenate([p.get(k, np.full_like(p[self.fns[0].name], np.nan))
                                                for p in parts]) for k in names}, self.mesh)
 
-    def score(self, rows, tokens, mask) -> dict[str, np.ndarray]:
+    def score(self, rows, tokens, mask, prompt_ids=None) -> dict[str, np.ndarray]:
         """{name (and name/extra): [b, K] float32} of the responses tokens, mask [b, K, N] to
-        the prompts of `rows` [b]."""
+        the prompts of `rows` [b]; `prompt_ids`: the prompts' (ids, mask) [b, P], which reward
+        servers get rendered (`REMOTE_PASSED`)."""
         b, K, N = tokens.shape
         records = self.task.prompt_records(self.split, rows)
         tokens, mask = tokens.reshape(-1, N), mask.reshape(-1, N)
@@ -355,6 +374,8 @@ class FunctionRewards:
                    "completions": [[{"role": "assistant", "content": t}] if isinstance(p, list)
                                    else t for p, t in zip(prompts, texts)],
                    "truncated": truncated(tokens, mask, self.task.eos_ids).tolist()}
+        if any(f.spec.remote for f in self.fns):
+            inputs |= self.rendered(prompt_ids, ids, K)
         out = {}
         for f in self.fns:
             t0 = time.perf_counter()
@@ -363,3 +384,13 @@ class FunctionRewards:
             out[f.name] = scores.astype(np.float32).reshape(b, K)
             out |= {f"{f.name}/{k}": v.astype(np.float32).reshape(b, K) for k, v in extras.items()}
         return out
+
+    def rendered(self, prompt_ids, response_ids: list[list[int]], K: int) -> dict[str, list]:
+        """`REMOTE_PASSED`: each prompt and each whole sequence as the policy saw them (template
+        and stop tokens kept), from the prompts' (ids, mask) [b, P] and the responses'."""
+        if prompt_ids is None:
+            raise ValueError("reward servers need the prompts' ids (FunctionRewards.score)")
+        decode = lambda ids: self.task.tokenizer.batch_decode(ids, skip_special_tokens=False)
+        prompts = [p[m.astype(bool)].tolist() for p, m in zip(*prompt_ids) for _ in range(K)]
+        return {"prompt_texts": decode(prompts),
+                "query": decode([p + r for p, r in zip(prompts, response_ids)])}

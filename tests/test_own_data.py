@@ -8,6 +8,9 @@ import errno
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import datasets
 import jax
@@ -558,6 +561,68 @@ def test_a_reward_function_failing_mid_run_keeps_the_checkpoint_and_resumes(
     os.remove(tmp_path / "broken")            # fixed: the same command continues
     assert main(args) == 0
     assert "rl: resuming at step 2 of 3" in capsys.readouterr().err
+
+
+DYING = """import os
+def dying(completions, answer, **_):
+    counter = os.environ["DYING_COUNTER"]
+    calls = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, "w").write(str(calls + 1))
+    if calls == 2 and os.environ.get("DYING") == "1":
+        os._exit(1)                   # the server process dies on the batch of iteration 2
+    return [float(a is not None and str(a) in text[-1]["content"])
+            for text, a in zip(completions, answer)]
+"""
+
+
+def test_a_run_scored_by_a_reward_server_process_stops_when_it_dies_and_resumes(
+        files, sft_folder, tmp_path, capsys):
+    """reward_fns=http://...: the run scored by `python -m p3o_jax.cli.reward_server` in a
+    process of its own, its functions' values logged from the server's extra_logs; the server
+    dying mid-run stops the run with one line (exit 3) and a checkpoint; restarted, the same
+    command resumes."""
+    (tmp_path / "dying.py").write_text(DYING)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def start(dying: bool):
+        env = dict(os.environ, DYING_COUNTER=str(tmp_path / "calls"), DYING=str(int(dying)))
+        proc = subprocess.Popen([sys.executable, "-m", "p3o_jax.cli.reward_server",
+                                 f"{tmp_path}/dying.py:dying", f"port={port}"], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().startswith("serving dying on"), proc.wait()
+        return proc, f"http://127.0.0.1:{port}/score"
+
+    server, url = start(dying=True)
+    args = lambda url: dataset_args(files, sft_folder, tmp_path / "run", f"reward_fns={url}",
+                                    "reward_weights=", "rl.eval_every=0",
+                                    "reward_remote.retries=1")
+    try:
+        assert main(args(url)) == 3
+        assert server.wait(timeout=30) == 1
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert errors[0].startswith(f"error: reward function {url} raised ServerFailed: {url} "
+                                    f"failed after 2 attempt(s): "), errors
+        ckpts = tmp_path / "run" / "ckpt" / "p3o"
+        assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit()) == [1, 2]
+        server, url = start(dying=False)          # back (a run's reward_fns are its own)
+        assert main(args(url)) == 0
+        assert "rl: resuming at step 2 of 3" in capsys.readouterr().err
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rl = [r for r in read_metrics(tmp_path / "run") if r["stage"] == "rl:p3o"]
+    assert len(rl) == 3
+    for r in rl:
+        served = {k: v for k, v in r.items() if k.startswith("reward/remote_127_0_0_1_")}
+        assert len(served) == 2, r.keys()      # the server's reward and its function's values
+        total = next(v for k, v in served.items() if not k.endswith("/dying"))
+        assert total == pytest.approx(r["reward"]) == pytest.approx(
+            next(v for k, v in served.items() if k.endswith("/dying")))
 
 
 FULL_DISK = """import errno, os
