@@ -17,6 +17,7 @@ import json
 import os
 import re
 import typing
+import urllib.parse
 
 from p3o_jax.paths import is_local_path
 
@@ -243,7 +244,7 @@ class RewardSpec:
 
     @property
     def name(self) -> str:
-        """What the metrics call it (reward/<name>)."""
+        """What the metrics call it (reward/<name>; a server: remote_<host>_<port>_<path>)."""
         return ("verl_" if self.verl else "") + self.function
 
 
@@ -251,13 +252,15 @@ def parse_reward_specs(text: str) -> list[RewardSpec]:
     """The entries of a `reward_fns` comma list; ValueError saying what is wrong with one (a
     `file.py` that does not exist included). Importing waits for the run."""
     from p3o_jax.builtin_rewards import BUILTINS
-    from p3o_jax.remote_rewards import check_url, is_url, remote_name
     out = []
     for entry in filter(None, (s.strip() for s in text.split(","))):
-        if is_url(entry):
-            if problem := check_url(entry):
-                raise ValueError(problem)
-            out.append(RewardSpec(entry, entry, remote_name(entry), remote=True))
+        if entry.startswith(("http://", "https://")):   # a reward server
+            url = urllib.parse.urlsplit(entry)
+            if not url.hostname:
+                raise ValueError(f"{entry!r}: a reward server URL needs a host "
+                                 f"(http://host:port/path)")
+            name = "remote_" + re.sub(r"\W+", "_", url.netloc + url.path).strip("_")
+            out.append(RewardSpec(entry, entry, name, remote=True))
             continue
         spec = entry.removeprefix("verl:")
         where, sep, name = spec.rpartition(":")

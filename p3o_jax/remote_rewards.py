@@ -1,6 +1,6 @@
 """Rewards that run elsewhere: OpenRLHF's remote reward protocol, the client that a
 `reward_fns=http://host:port/path` entry calls (`RemoteReward`) and the server that serves any
-reward functions over it (`serve`; `python -m p3o_jax.cli.reward_server`).
+reward functions over it (p3o_jax/cli/reward_server.py).
 
 The protocol (OpenRLHF's `--remote_rm_url`): one POST of JSON per batch of responses,
 
@@ -31,9 +31,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import re
-import signal
-import urllib.parse
 from typing import Annotated
 
 from p3o_jax.checks import ConfigError, NonNegative, Positive
@@ -51,24 +48,6 @@ class RemoteConfig:
     concurrency: Annotated[int, Positive] = 4       # requests in flight at once
     timeout_s: Annotated[float, Positive] = 60.0    # per request
     retries: Annotated[int, NonNegative] = 3        # after a failed request, before stopping
-
-
-def is_url(entry: str) -> bool:
-    return entry.startswith(("http://", "https://"))
-
-
-def check_url(entry: str) -> str | None:
-    """What is wrong with a `reward_fns` URL entry, or None."""
-    parts = urllib.parse.urlsplit(entry)
-    if not parts.hostname:
-        return f"{entry!r}: a reward server URL needs a host (http://host:port/path)"
-    return None
-
-
-def remote_name(url: str) -> str:
-    """What the metrics call a reward server: remote_<host>_<port>_<path>."""
-    parts = urllib.parse.urlsplit(url)
-    return "remote_" + re.sub(r"\W+", "_", parts.netloc + parts.path).strip("_")
 
 
 def _jsonable(values: list) -> bool:
@@ -164,73 +143,3 @@ def _values(reply, n: int, url: str) -> list:
     return [{"score": s, **{k: v[i] for k, v in extras.items()
                             if isinstance(v[i], (int, float)) and math.isfinite(v[i])}}
             for i, s in enumerate(scores)]
-
-
-def make_app(fns, workers: int = 1):
-    """An aiohttp application that scores POSTed batches (the protocol above) with `fns`
-    (`reward_calls.load`'s functions, each called as a local run calls it, with the request's
-    `columns`; its `labels` are also the `labels` and, unless a column has that name, the
-    `answer` argument; an OpenRLHF client's `completions` are its query after the prompt
-    text): "rewards" is their
-    weighted sum (null where every function had no opinion), "extra_logs" each function's
-    values and extras under its name."""
-    from aiohttp import web
-    from p3o_jax.reward_calls import TrainerState, call   # reward_calls imports this module
-
-    async def score(request):
-        try:
-            body = await request.json()
-            query = body["query"]
-            n = len(query)
-            prompts = body.get("prompts") or [""] * n
-            completions = body.get("completions") or [
-                q[len(p):] if q.startswith(p) else q for q, p in zip(query, prompts)]
-            columns = dict(body.get("columns") or {})
-            if body.get("labels") is not None:   # OpenRLHF's gold answers: also `answer`
-                columns.setdefault("labels", body["labels"])
-                columns.setdefault("answer", body["labels"])
-            inputs = {"prompts": prompts, "completions": completions,
-                      "completion_ids": [[] for _ in range(n)],
-                      "truncated": [False] * n, **columns}
-            state = TrainerState(**(body.get("trainer_state") or {}))
-        except (ValueError, KeyError, TypeError) as e:
-            return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"},
-                                     status=400)
-        if not n:
-            return web.json_response({"rewards": [], "scores": [], "extra_logs": {}})
-        origin = [f"request row {i}" for i in range(n)]
-        try:
-            results = await asyncio.to_thread(
-                lambda: [(f, *call(f, inputs, origin, workers, state)) for f in fns])
-        except Exception as e:   # a RewardError: the same batch would fail again, so 422
-            return web.json_response({"error": str(e)}, status=422)   # (not retried)
-        total = [0.0] * n
-        seen = [False] * n
-        logs = {}
-        for f, values, extras in results:
-            logs[f.name] = [None if math.isnan(v) else float(v) for v in values]
-            logs |= {f"{f.name}/{k}": [None if math.isnan(v) else float(v) for v in e]
-                     for k, e in extras.items()}
-            for i, v in enumerate(values):
-                if not math.isnan(v):
-                    total[i] += f.weight * float(v)
-                    seen[i] = True
-        rewards = [t if s else None for t, s in zip(total, seen)]
-        return web.json_response({"rewards": rewards, "scores": rewards, "extra_logs": logs})
-
-    app = web.Application(client_max_size=256 * 2 ** 20)
-    app.router.add_post("/{tail:.*}", score)
-    return app
-
-
-def serve(fns, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Serve `fns` on host:port until SIGINT or SIGTERM (any path takes the POST); once it
-    listens, one line says so on stdout."""
-    from aiohttp import web
-
-    def stop(signum, frame):
-        raise web.GracefulExit()
-    signal.signal(signal.SIGTERM, stop)
-    listening = f"serving {', '.join(f.name for f in fns)} on http://{host}:{port}"
-    web.run_app(make_app(fns, workers), host=host, port=port,
-                print=lambda _: print(listening, flush=True))

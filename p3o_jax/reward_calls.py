@@ -340,15 +340,15 @@ class FunctionRewards:
                                self.column_paths, trainer_state)
 
     def __call__(self, prompts: dict, samples) -> dict:
-        rows, tokens, mask, ids, ids_mask = to_host((prompts["row"], samples.tokens,
-                                                     samples.mask, prompts["ids"],
-                                                     prompts["mask"]))
+        rows, tokens, mask = to_host((prompts["row"], samples.tokens, samples.mask))
+        rendered = any(f.spec.remote for f in self.fns)   # reward servers get the prompts' text
+        ids = to_host((prompts["ids"], prompts["mask"])) if rendered else None
         self.time = {f.name: 0.0 for f in self.fns}
         parts, error = [], None
         for a, b in process_rows(self.mesh, len(rows)):
             try:
                 parts.append(self.score(rows[a:b], tokens[a:b], mask[a:b],
-                                        (ids[a:b], ids_mask[a:b])))
+                                        ids and (ids[0][a:b], ids[1][a:b])))
             except RewardError as e:
                 error = str(e)
                 break

@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from p3o_jax.cli import bench, compare, compile_check, export, frontier, memory_plan
+from p3o_jax.cli import bench, compare, compile_check, export, frontier, memory_plan, reward_server
 from p3o_jax.cli.help import wants_help
 from p3o_jax.config_args import key_values, load_experiment, override
 
@@ -22,7 +22,8 @@ DOCS = ["README.md", "bench/NOTES.md"] + sorted(
 TOOLS = {"train": (None, "toy"), "frontier": (frontier.FrontierArgs(), "toy"),
          "compare": (compare.CompareArgs(), "toy"),
          "bench": (bench.BenchArgs(), None), "memory_plan": (memory_plan.PlanArgs(), "tldr"),
-         "compile_check": (compile_check.CompileArgs(), "tldr"), "export": (export.ExportArgs(), None)}
+         "compile_check": (compile_check.CompileArgs(), "tldr"), "export": (export.ExportArgs(), None),
+         "reward_server": (reward_server.ServerArgs(), None)}
 MAKE_TOOLS = {"train": "train", "frontier": "frontier", "compare": "compare", "bench": "bench"}
 
 
@@ -79,6 +80,8 @@ def check_keys(tool: str, args: list[str]) -> None:
     """Every key=value of `args` sets a field of the tool's own keys, of the benchmark's
     workload or of the experiment, from a value its type parses (ConfigError otherwise)."""
     own, default_exp = TOOLS[tool]
+    if tool == "reward_server":         # its first argument is a reward_fns list
+        args = [f"fns={a}" if "=" not in a else a for a in args]
     pairs = key_values(args)
     exp = next((v for k, v in pairs if k == "exp"), default_exp)
     cfg = load_experiment(exp) if exp else None

@@ -68,7 +68,7 @@ def inputs(n):
 def server():
     """Our server, in this process, serving a TRL-style and a verl-style function."""
     fns, _ = R.load(f"final_answer_format,verl:{FNS}:verl_compute_score", (), False, 10)
-    served = Served(RR.make_app(fns))
+    served = Served(reward_server.make_app(fns))
     yield served, fns
     served.close()
 
