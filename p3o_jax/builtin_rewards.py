@@ -31,7 +31,11 @@ import threading
 import math_verify
 from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# a number, a fraction a/b, or a LaTeX \frac{a}{b}: what a plain-text answer ends with
+_NUMBER = re.compile(r"-?\\d?frac\{[^{}]*\}\{[^{}]*\}|-?\d(?:[\d,]*\d)?(?:\.\d+)?"
+                     r"(?:\s*/\s*\d+(?:\.\d+)?)?"
+                     r"|-?\.\d+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _GSM8K = re.compile(r"####\s*([^\n]+)")
 TIMEOUT_S = 5   # math-verify's limit for one parse and one comparison
 
@@ -56,7 +60,8 @@ def _boxed(text: str) -> str | None:
 
 def final_answer(text: str) -> str | None:
     """The final answer of a solution text: after GSM8K's last "####", else the last
-    \\boxed{}, else the last number; None if there is none."""
+    \\boxed{}, else the last number (a fraction a/b and a LaTeX \\frac{a}{b} count as
+    one); None if there is none."""
     if found := _GSM8K.findall(text):
         return found[-1].strip()
     if (boxed := _boxed(text)) is not None:
@@ -77,18 +82,24 @@ def gold_answer(text: str) -> str:
 def grade(gold: str, completion: str) -> float | None:
     """1.0 if the completion's final answer equals the gold answer (`gold_answer` of `gold`,
     read whole as a LaTeX expression), 0.0 if not or if it has none, None if the gold is no
-    expression. The completion's answer: after its last "####", else math-verify's extraction
-    (\\boxed{} first, then "the answer is", then the last expression). Its timeouts need the
-    main thread: `MathGrader` runs this in processes of their own."""
+    expression. The completion's answer is `final_answer`'s: after its last "####", else its
+    last \\boxed{}, else its last number; never an expression picked out of its text, which
+    RL learns to exploit (restating "15 + 19" scored as the answer 34). Both are compared by
+    math-verify, symbolically. Its timeouts need the main thread: `MathGrader` runs this in
+    processes of their own."""
     gold, completion = (t.replace("\u2212", "-") for t in (gold, completion))   # unicode minus
     parsed_gold = math_verify.parse(f"${gold_answer(gold)}$", [LatexExtractionConfig()],
                                     parsing_timeout=TIMEOUT_S)
     if not parsed_gold:
         return None
-    if found := _GSM8K.findall(completion):
-        completion = found[-1]
-    parsed = math_verify.parse(completion, [LatexExtractionConfig(boxed_match_priority=0),
-                                            ExprExtractionConfig()],
+    answer = final_answer(completion)
+    if answer is None:
+        return 0.0
+    answer = _THOUSANDS.sub("", answer)
+    latex = "\\" in answer or "^" in answer or _boxed(completion) is not None
+    parsed = math_verify.parse(f"${answer}$" if latex else answer,
+                               [LatexExtractionConfig(boxed_match_priority=0),
+                                ExprExtractionConfig()],
                                extraction_mode="first_match", parsing_timeout=TIMEOUT_S)
     return float(math_verify.verify(parsed_gold, parsed, timeout_seconds=TIMEOUT_S))
 

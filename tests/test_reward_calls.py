@@ -190,7 +190,12 @@ def test_math_answer_compares_symbolically():
              ("72", "#### 72 dollars", 1), ("Natalia ... 48 + 24 = 72\n#### 72", "#### 72", 1),
              ("-5", "\u22125", 1), ("\u22125", "#### -5", 1), ("0.5", r"\boxed{\frac{1}{2}}", 1),
              ("1,250", "It costs $1250.", 1), (r"x^2 + 1", r"\boxed{1 + x^2}", 1),
-             ("12", "no number", 0), ("12", r"\boxed{13}", 0)]
+             ("12", "no number", 0), ("12", r"\boxed{13}", 0),
+             # the question restated is no answer (SmolLM2 learned this under RL when the
+             # completion's expressions were read: "15 + 19" is 34 symbolically)
+             ("34", "To find 15 + 19, we need", 0), ("34", "15 + 19 = 34", 1),
+             ("34", "15 + 19 = 34, so", 1), ("3/4", r"it is $\dfrac{3}{4}$.", 1),
+             ("1250", "1,250 in all", 1)]
     got = B.math_answer([assistant(c) for _, c, _ in cases] + ["7"], [g for g, _, _ in cases]
                         + [None])
     assert got == [float(want) for _, _, want in cases] + [None]
