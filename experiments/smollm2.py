@@ -9,7 +9,8 @@ The model comes from PyPI as a GGUF file (scripts/smollm2.py writes models/smoll
 --n 441 --n-eval 200 --suffix " Answer with the number only." --no-sft`: all 441 sums, 200
 held out. Sampled at temperature 0.7 (training and evaluation), 12 response tokens; RL trains
 the top 4 of the 30 blocks and the final norm (the tied embedding stays), lr 5e-5, beta 0.02,
-32 prompts x 2 responses per iteration, 40 iterations: ~10 s an iteration on a 2-core CPU.
+32 prompts x 2 responses per iteration, 40 iterations: 10-23 s an iteration on a 2-core CPU
+(10.5 s on 2026-12-04, 22.8 s on 2026-12-07's machine).
 
     make train EXP=smollm2                        (P3O)
     make train EXP=smollm2 ARGS="algo=grpo"       (any algorithm)
