@@ -33,7 +33,7 @@ import json
 import math
 from typing import Annotated
 
-from p3o_jax.checks import ConfigError, NonNegative, Positive
+from p3o_jax.checks import ConfigError, NonNegative, Pattern, Positive
 
 BACKOFF_S = 0.5
 
@@ -41,9 +41,10 @@ BACKOFF_S = 0.5
 @dataclasses.dataclass(frozen=True)
 class RemoteConfig:
     """How `reward_fns=http://...` entries are called (p3o_jax/remote_rewards.py)."""
-    labels: str = "answer"              # the argument sent as "labels": a column, `answer`
-                                        # (data.answer_key's; nulls where the prompts lack it)
-                                        # or a data.reward_columns name; "": nulls
+    labels: Annotated[str, Pattern(r"|[A-Za-z_]\w*", "a name")] = "answer"  # sent as "labels":
+                                        # a column, `answer` (data.answer_key's; nulls where
+                                        # the prompts lack it) or a data.reward_columns name;
+                                        # "": nulls
     batch: Annotated[int, Positive] = 64            # responses per request
     concurrency: Annotated[int, Positive] = 4       # requests in flight at once
     timeout_s: Annotated[float, Positive] = 60.0    # per request
