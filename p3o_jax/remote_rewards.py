@@ -71,23 +71,24 @@ class RemoteReward:
 
     def check(self) -> None:
         """ConfigError unless the server answers (any HTTP reply will do: an empty batch)."""
+        async def empty_batch():
+            async with self._session() as session:
+                return await self._post(session, {"query": [], "prompts": [], "labels": []}, 0)
         try:
-            asyncio.run(self._post(None, {"query": [], "prompts": [], "labels": []}, retries=0))
+            asyncio.run(empty_batch())
         except ServerFailed as e:
             if e.status is None:
                 raise ConfigError(f"config key 'reward_fns': the reward server {self.url} does "
                                   f"not answer ({e.reason})") from None
 
     async def __call__(self, query, prompt_texts, completions, trainer_state=None, **columns):
-        import aiohttp   # here: `import p3o_jax.config` stays light
         c = self.config
         labels = columns.get(c.labels) if c.labels else None   # None: nulls (checked at start)
         sent = {k: v for k, v in columns.items() if _jsonable(v)}   # prompts as the data has
         state = {} if trainer_state is None else dataclasses.asdict(trainer_state)   # them too
         n = len(query)
         limit = asyncio.Semaphore(c.concurrency)
-        timeout = aiohttp.ClientTimeout(total=c.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with self._session() as session:
             async def one(a: int, b: int):
                 body = {"query": query[a:b], "prompts": prompt_texts[a:b],
                         "labels": [None] * (b - a) if labels is None else labels[a:b],
@@ -100,12 +101,14 @@ class RemoteReward:
                                            for a in range(0, n, c.batch)))
         return [v for part in parts for v in part]
 
+    def _session(self):
+        import aiohttp   # here: `import p3o_jax.config` stays light
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
+
     async def _post(self, session, body: dict, retries: int) -> dict:
+        """The server's JSON reply to `body`, retried `retries` times after a connection
+        error, a timeout or a 5xx; ServerFailed after that, or at once for a 4xx."""
         import aiohttp
-        if session is None:
-            timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                return await self._post(session, body, retries)
         for attempt in range(retries + 1):
             status, reason = None, ""
             try:
@@ -119,7 +122,6 @@ class RemoteReward:
             if status is not None and status < 500 or attempt == retries:
                 raise ServerFailed(self.url, status, reason, attempt + 1)
             await asyncio.sleep(BACKOFF_S * 2 ** attempt)
-        raise AssertionError("unreachable")
 
 
 class ServerFailed(RuntimeError):
