@@ -211,3 +211,15 @@ def test_the_server_command_serves_and_stops_on_sigterm(capsys):
         proc.terminate()
         rc = proc.wait(timeout=30)
         assert rc == 0, (rc, proc.stderr.read())
+
+
+def test_an_openrlhf_client_is_served(server):
+    """OpenRLHF's own client (openrlhf/utils/remote_rm_utils.py, `request_api_wrapper`) POSTs
+    only {"query": [...]} as JSON and reads "rewards": our server scores the whole query."""
+    import urllib.request
+    served, _ = server
+    body = json.dumps({"query": ["<user>2+2?<assistant>so #### 4", "<user>2+2?<assistant>4"]})
+    request = urllib.request.Request(served.url, body.encode(),
+                                      {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=180) as reply:
+        assert json.loads(reply.read())["rewards"] == [1.0, 0.0]
