@@ -34,6 +34,7 @@ from p3o_jax.checks import (Check, ColumnMap, ExistingDir, JsonObject, JsonStrin
 from p3o_jax.data.builders import HH_SUBSETS
 from p3o_jax.data.own import LONG_PROMPTS
 from p3o_jax.data.validate import ON_BAD_RECORD
+from p3o_jax.importance import MODES as ROLLOUT_IS_MODES
 from p3o_jax.logger import LogConfig
 from p3o_jax.lora import LoraConfig
 from p3o_jax.model import ModelConfig
@@ -100,6 +101,15 @@ class RLConfig:
                                     # norm and untied LM head only (p3o_jax/top_layers.py); 0: all
     mask_truncated: bool = False    # responses cut at response_len without a stop token leave
                                     # the loss (TRL's mask_truncated_completions; P3O: their pairs)
+    max_staleness: Annotated[int, NonNegative] = 0  # s > 0: generation runs up to s policy
+                                    # versions ahead of the update, the reward functions of
+                                    # one batch beside the sampling of the next (p3o_jax/rl.py);
+                                    # 0: sample, score, update in turn
+    rollout_is: Annotated[str, OneOf(*ROLLOUT_IS_MODES)] = "token"  # off-policy rollouts
+                                    # (stale, or a sampler that rounds apart): the update's
+                                    # gradient weighed by min(pi_prox / pi_behav, cap) per
+                                    # token | sequence | none (p3o_jax/importance.py)
+    rollout_is_cap: Annotated[float, Positive] = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +284,10 @@ class ExperimentFields:
 
     @property
     def recompute_old(self) -> bool:
-        """Whether the RL loop recomputes pi_old's log-probs (`rl.recompute_logp_old`)."""
+        """Whether the RL loop recomputes pi_old's log-probs (`rl.recompute_logp_old`): always
+        for stale rollouts, whose sampler ran older weights (`rl.max_staleness`)."""
+        if self.rl.max_staleness > 0:
+            return True
         if self.rl.recompute_logp_old is None:
             return self.policy.dtype != "float32"
         return self.rl.recompute_logp_old

@@ -40,7 +40,7 @@ from p3o_jax.evaluate import compare, evaluate_policy, win_rate
 from p3o_jax.logger import MetricsLogger, format_table
 from p3o_jax import preflight, run_lock
 from p3o_jax.retokenize import RetokenizedReward
-from p3o_jax.rl import (RLIteration, final_policy, frozen_policy, initial_params,
+from p3o_jax.rl import (LoopState, RLIteration, final_policy, frozen_policy, initial_params,
                         rl_optimizer)
 from p3o_jax.rollout import response_logprobs, response_reward
 from p3o_jax.sampler import sample_responses
@@ -189,16 +189,16 @@ def policy_evaluator(run: Run, sft_params, rm_params):
 
 
 def eval_along(run: Run, sft_params, rm_params, total: int, frozen=None):
-    """`evaluate(step, state)` for `stage_loop`: every `rl.eval_every` steps and at the end,
-    the policy (the state's, joined to its `frozen` part) against the SFT policy on the eval
-    prompts; None when not due or off."""
+    """`evaluate(step, loop)` for `stage_loop`: every `rl.eval_every` steps and at the end,
+    the policy (the `rl.LoopState`'s, joined to its `frozen` part) against the SFT policy on
+    the eval prompts; None when not due or off."""
     every = run.cfg.rl.eval_every
     if not every:
         return None
     _, evaluate = policy_evaluator(run, sft_params, rm_params)
     sft_eval = evaluate(sft_params, 0)
-    policy = lambda state: final_policy(run.cfg, state.params["policy"], frozen)
-    return lambda step, state: (compare(evaluate(policy(state), step), sft_eval)
+    policy = lambda loop: final_policy(run.cfg, loop.train.params["policy"], frozen)
+    return lambda step, loop: (compare(evaluate(policy(loop), step), sft_eval)
                                 if step % every == 0 or step == total else None)
 
 
@@ -215,30 +215,56 @@ def stage_rl(run: Run, sft_params, rm_params):
     prompts and sampling keys addressed by the iteration, the algorithm's carry checkpointed.
     The state trains the policy or a part of it (`rl.split_policy`: LoRA adapters, the top
     layers); the SFT policy is the reference and, under those, also holds the frozen part.
-    Returns the plain policy (adapters merged)."""
+
+    With `rl.max_staleness` = s > 0 the rollout side runs s iterations ahead: iteration i
+    first sets the sampling of iteration i + s's prompts going with the current weights, then
+    learns from its own batch, drawn s updates ago (at the start, with the first weights), so
+    the host's reward functions run while the device samples. The batches in flight are part
+    of the checkpoint (`rl.LoopState`). Returns the plain policy (adapters merged)."""
     cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
     iteration = RLIteration(cfg, run.mesh, run.sampling, rm_fn=retokenized_rm(run, rm_params),
                             fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight)
-    state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
     frozen = frozen_policy(cfg, sft_params)
+    rl, ahead = cfg.rl, cfg.rl.max_staleness
+    prompts = lambda it: run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
 
-    def step(it, state, carry):
-        prompts = run.prompts(cfg.rl.prompts_per_iter, "rl", start=it * cfg.rl.prompts_per_iter)
-        state, samples, metrics = iteration(state, carry, sft_params, rm_params, prompts,
-                                            run.key(4, it), frozen,
-                                            trainer_state=run.trainer_state(it))
+    def generate(state, it):
+        """Iteration `it`'s samples from the state's weights (none past the last)."""
+        if it >= rl.iterations:
+            return iteration.no_samples()
+        return iteration.generate(state, prompts(it), run.key(4, it), frozen)
+
+    def ahead_of_time(state, it):
+        """`generate` placed as a checkpoint restores batches in flight, so that an
+        interrupted run goes on with the very programs an uninterrupted one runs."""
+        return jax.device_put(generate(state, it), placement)
+
+    def step(it, loop, carry):
+        state, in_flight = loop.train, loop.in_flight
+        if it == 0:
+            in_flight = tuple(ahead_of_time(state, i) for i in range(ahead))
+        if ahead:
+            samples = in_flight[0]
+            in_flight = in_flight[1:] + (ahead_of_time(state, it + ahead),)
+        else:
+            samples = generate(state, it)
+        state, metrics = iteration.learn(state, carry, sft_params, rm_params, prompts(it),
+                                         samples, frozen, trainer_state=run.trainer_state(it))
+        metrics["staleness"] = min(it, ahead)
         if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
-            metrics["gold_reward"] = gold_of_samples(run, prompts, samples)
+            metrics["gold_reward"] = gold_of_samples(run, prompts(it), samples)
         metrics = {k: float(v) for k, v in metrics.items()}
-        return state, metrics, algo.next_carry(carry, metrics, cfg)
+        return LoopState(state, in_flight), metrics, algo.next_carry(carry, metrics, cfg)
 
-    state = stage_loop(run, "rl", f"rl:{algo.name}", state, cfg.rl.iterations, step,
-                       carry=algo.init_carry(cfg), log_every=1, show=("reward", "kl_k1"),
-                       evaluate=eval_along(run, sft_params, rm_params, cfg.rl.iterations,
-                                           frozen))
-    return final_policy(cfg, state.params["policy"], frozen)
+    start = LoopState(iteration.init_state(initial_params(cfg, sft_params, rm_params)),
+                      tuple(iteration.no_samples() for _ in range(ahead)))
+    placement = jax.tree.map(lambda x: x.sharding, start.in_flight[:1])[0] if ahead else None
+    loop = stage_loop(run, "rl", f"rl:{algo.name}", start, rl.iterations, step,
+                      carry=algo.init_carry(cfg), log_every=1, show=("reward", "kl_k1"),
+                      evaluate=eval_along(run, sft_params, rm_params, rl.iterations, frozen))
+    return final_policy(cfg, loop.train.params["policy"], frozen)
 
 
 def offline_steps(cfg: ExperimentConfig) -> int:
@@ -273,19 +299,20 @@ def stage_offline(run: Run, sft_params, rm_params):
     once = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, epochs=1))
     iteration = RLIteration(once, run.mesh, run.sampling,
                             rl_optimizer(once, steps * cfg.rl.minibatches))
-    state = iteration.init_state(initial_params(cfg, sft_params, rm_params))
+    start = LoopState(iteration.init_state(initial_params(cfg, sft_params, rm_params)))
     frozen = frozen_policy(cfg, sft_params)
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(n) for _ in range(cfg.dpo.epochs)])
 
-    def step(it, state, carry):
+    def step(it, loop, carry):
         idx = order[it * chunk:(it + 1) * chunk]
         batch = run.batch(chunk, lambda a, b: jax.tree.map(lambda x: x[idx[a:b]], buffer))
-        return *iteration.update(state, batch, frozen), carry
+        state, metrics = iteration.update(loop.train, batch, frozen)
+        return LoopState(state), metrics, carry
 
-    state = stage_loop(run, "rl", "rl:dpo_offline", state, steps, step,
-                       evaluate=eval_along(run, sft_params, rm_params, steps, frozen))
-    return final_policy(cfg, state.params["policy"], frozen)
+    loop = stage_loop(run, "rl", "rl:dpo_offline", start, steps, step,
+                      evaluate=eval_along(run, sft_params, rm_params, steps, frozen))
+    return final_policy(cfg, loop.train.params["policy"], frozen)
 
 
 # ---------------------------------------------------------------------------------------------

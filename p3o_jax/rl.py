@@ -21,16 +21,17 @@ import dataclasses
 import functools
 import time
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import lora, rollout, top_layers
+from p3o_jax import importance, lora, rollout, top_layers
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
-from p3o_jax.sampler import SamplingConfig, sample_responses
+from p3o_jax.sampler import SampleOutput, SamplingConfig, sample_responses
 from p3o_jax.sharding import batch_sharding, replicated
 from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, gradient_step,
                                  jit_step, make_optimizer, make_update, minibatch_index,
@@ -143,7 +144,8 @@ class RLIteration:
             return self.algo.loss(self.params(params, frozen), batch, cfg=cfg)
         # each minibatch step is skipped on its own: a guard around the whole scan would keep
         # the state it started from alive throughout, a second copy of params and moments
-        self.update_steps = make_update(skip_nonfinite(gradient_step(loss)))
+        self.update_steps = make_update(skip_nonfinite(gradient_step(loss)),
+                                        importance.FIRST_STEP_METRICS)
         self.compiled_update = None     # `compile_update`'s program, made by `update`
         # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
         self.pack = cfg.rl.pack_prompts and jax.process_count() == 1
@@ -194,7 +196,9 @@ class RLIteration:
             offset = cfg.rl.reward_offset * prompt_offset(prompts["ids"], prompts["mask"])
             buffer = buffer.replace(rewards=buffer.rewards + offset[:, None])
         buffer = self.algo.prepare(buffer, params, cfg, carry)
-        metrics = rollout.rollout_metrics(buffer)
+        metrics = rollout.rollout_metrics(buffer) | importance.weight_metrics(
+            buffer.logp_old, buffer.logp_old if buffer.logp_behav is None else buffer.logp_behav,
+            buffer.resp_mask, cfg.rl.rollout_is, cfg.rl.rollout_is_cap)
         for name, r in (fn_rewards or {}).items():
             metrics[f"reward/{name}"] = jnp.nanmean(r)
         cut = rollout.truncated(samples.tokens, samples.mask, self.sampling.eos_ids)
@@ -234,18 +238,27 @@ class RLIteration:
         return jit_step(self.update_steps, self.shardings, None, self.mesh, self.frozen_shardings,
                         batch_shardings=shardings)
 
-    def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
-                 frozen=None, max_lengths=None, trainer_state=None):
-        """One iteration: (state, samples, metrics); metrics include the wall time of each
-        program (`time_generate`, `time_score`, `time_update`), each synchronised. `frozen`:
-        the policy's frozen part (`split_policy`; None when the state trains all of it);
-        `trainer_state`: what the reward functions get (`reward_calls.TrainerState`)."""
+    def generate(self, state: TrainState, prompts: dict, key, frozen=None, max_lengths=None):
+        """The rollout side: K responses per prompt sampled with the state's weights
+        (`sample`), dispatched and not waited for: the host goes on (with reward functions,
+        under `rl.max_staleness`) while the device samples."""
+        params = self.params(state.params, frozen)
+        return self.sample(params, prompts, key, self.packing(prompts["ids"], prompts["mask"]),
+                           max_lengths)
+
+    def learn(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, samples,
+              frozen=None, trainer_state=None):
+        """The learner side: the reward functions (on the host), `score` with the state's
+        weights (pi_prox) and `update` on `samples` of `prompts`, drawn by the current weights
+        or, stale, by older ones. (state, metrics); metrics include the wall time of each
+        part, each synchronised: `time_generate` (waiting for the samples), `time_score`,
+        `time_update`. `trainer_state`: what the reward functions get
+        (`reward_calls.TrainerState`)."""
         t0 = time.perf_counter()
+        samples = jax.block_until_ready(samples)
+        t1 = time.perf_counter()
         params = self.params(state.params, frozen)
         packing = self.packing(prompts["ids"], prompts["mask"])
-        samples = jax.block_until_ready(self.sample(params, prompts, key, packing,
-                                                    max_lengths))
-        t1 = time.perf_counter()
         rm_scores = self.rm_fn(prompts, samples) if self.rm_fn else None
         t_rm = time.perf_counter() - t1           # retokenising for another tokenizer's RM
         scorer = self.fn_scorer and (self.fn_scorer.at(trainer_state) if trainer_state
@@ -261,5 +274,44 @@ class RLIteration:
             metrics = dict(metrics, **{f"time_reward/{k}": t for k, t in scorer.time.items()})
         state, update_metrics = jax.block_until_ready(self.update(state, buffer, frozen))
         t3 = time.perf_counter()
-        return state, samples, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
-                                "time_score": t2 - t1, "time_update": t3 - t2}
+        return state, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
+                       "time_score": t2 - t1, "time_update": t3 - t2}
+
+    def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,
+                 frozen=None, max_lengths=None, trainer_state=None):
+        """One on-policy iteration, `generate` then `learn`: (state, samples, metrics).
+        `frozen`: the policy's frozen part (`split_policy`; None when the state trains all of
+        it)."""
+        t0 = time.perf_counter()
+        samples = self.generate(state, prompts, key, frozen, max_lengths)
+        dispatch = time.perf_counter() - t0
+        state, metrics = self.learn(state, carry, ref, reward_model, prompts, samples, frozen,
+                                    trainer_state)
+        return state, samples, dict(metrics, time_generate=dispatch + metrics["time_generate"])
+
+    def no_samples(self) -> SampleOutput:
+        """Zeros of a batch of samples' shapes, placed as batches are: what the loop's
+        `LoopState.in_flight` holds where nothing is in flight (before the first iteration,
+        past the last)."""
+        rl = self.cfg.rl
+        shape = (rl.prompts_per_iter, rl.n_samples, self.sampling.max_new_tokens)
+        dtypes = SampleOutput(jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.float32,
+                              jnp.int32)
+        shapes = SampleOutput(*[shape] * 5, ())
+        shardings = jax.tree.map(lambda s: batch_sharding(self.mesh, len(s)) if s
+                                 else replicated(self.mesh), shapes, is_leaf=_is_shape)
+        return jax.jit(lambda: jax.tree.map(jnp.zeros, shapes, dtypes, is_leaf=_is_shape),
+                       out_shardings=shardings)()
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+@flax.struct.dataclass
+class LoopState:
+    """What the RL loop carries from one iteration to the next and checkpoints: the train
+    state and, under `rl.max_staleness` = s, the samples of the next s iterations' prompts,
+    drawn ahead with older weights (`RLIteration.no_samples` where there are none yet)."""
+    train: TrainState
+    in_flight: tuple = ()

@@ -18,6 +18,7 @@ L = P + N):
     tokens, mask        int32   [B, K, L]   left-padded prompt | right-padded response
     resp_mask           int32   [B, K, N]   1 on generated tokens (EOS included)
     logp_old, logp_ref  float32 [B, K, N]   per-token log-probs under pi_old / pi_ref (0 on pads)
+    logp_behav          float32 [B, K, N]   the sampler's, when logp_old was recomputed (or None)
     entropy             float32 [B, K, N]   policy entropy at each response position
     rewards             float32 [B, K]      the reward: w_rm x the reward model's score at the
                                             last real token + the reward functions' sum
@@ -125,6 +126,9 @@ class Rollout:
     packing: Packing | None = None          # the prompts packed (set per minibatch by the
                                             # update: `train_state.MinibatchPlan`)
     rm_scores: jax.Array | None = None      # float32 [B, K] (dropped before the update)
+    logp_behav: jax.Array | None = None     # float32 [B, K, N]: the sampler's log-probs, when
+                                            # logp_old (pi_prox) was recomputed; None: they
+                                            # are logp_old (p3o_jax/importance.py)
 
     @property
     def prompt_len(self) -> int:
@@ -146,7 +150,8 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
           recompute_old: bool = False, rm_scores=None, packing: Packing | None = None,
           rewards=None, rm_weight: float = 1.0) -> Rollout:
     """The buffer from prompts [B, P] and `sample_responses` output [B, K, N]: reference log-probs
-    (and the policy's, if `recompute_old`), sequence KL (k1) and the reward, `rm_weight` times
+    (and the policy's, if `recompute_old`: pi_prox's, the sampler's kept as `logp_behav`),
+    sequence KL (k1) and the reward, `rm_weight` times
     the reward model's scores plus `rewards` [B, K] (the reward functions', computed on the
     host). The reward model scores here unless `reward_model` is None or its scores
     `rm_scores` [B, K] were computed elsewhere (a reward model with another tokenizer,
@@ -154,9 +159,11 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
     P = prompts.shape[-1]
     tokens, mask = concat_prompt_response(prompts, prompt_mask, samples.tokens, samples.mask)
     resp_mask = samples.mask.astype(jnp.int32)
+    logp_behav = None
     if recompute_old:
         logp_old, entropy = response_logprobs(policy, policy_cfg, tokens, mask, P, temperature,
                                               True, packing)
+        logp_behav = samples.raw_logprobs * resp_mask
     else:
         logp_old, entropy = samples.raw_logprobs, samples.entropy
     logp_ref = response_logprobs(after_previous_model(ref, logp_old), policy_cfg, tokens, mask,
@@ -172,7 +179,8 @@ def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelC
     return Rollout(tokens=tokens, mask=mask, resp_mask=resp_mask, logp_old=logp_old,
                    logp_ref=logp_ref, entropy=entropy,
                    seq_kl=ops.kl_per_sequence(logp_old, logp_ref, resp_mask, "k1"),
-                   rewards=jnp.asarray(total, jnp.float32), rm_scores=rm_scores)
+                   rewards=jnp.asarray(total, jnp.float32), rm_scores=rm_scores,
+                   logp_behav=logp_behav)
 
 
 def weighed(fn_rewards: dict, weights: dict):

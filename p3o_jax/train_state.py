@@ -98,11 +98,12 @@ def minibatch_index(seed: int, step: int, epochs: int, minibatches: int, rows: i
     return perms.reshape(epochs * minibatches, rows // minibatches)
 
 
-def make_update(step):
+def make_update(step, first_step_metrics=()):
     """update(state, (buffer, plan), *frozen) -> (state, metrics): the optimizer steps
     `step(state, minibatch, *frozen) -> (state, metrics)` (e.g. `gradient_step`) of a
     `MinibatchPlan` over a buffer (a flax struct, batch first), one scan; metrics averaged
-    over the steps."""
+    over the steps, but those named in `first_step_metrics`: the first step's (taken where
+    the params are still those the update started from)."""
     def update(state, batch, *frozen):
         buffer, plan = batch
 
@@ -113,7 +114,8 @@ def make_update(step):
                 minibatch = minibatch.replace(packing=packing)
             return step(state, minibatch, *frozen)
         state, metrics = jax.lax.scan(one, state, (plan.index, plan.packing))
-        return state, jax.tree.map(jnp.mean, metrics)
+        return state, {k: v[0] if k in first_step_metrics else jnp.mean(v)
+                       for k, v in metrics.items()}
     return update
 
 

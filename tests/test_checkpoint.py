@@ -349,11 +349,13 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
     manager.close()
 
 
-@pytest.mark.parametrize("part", ["rl.lora.rank=2", "rl.train_top_layers=1"])
+@pytest.mark.parametrize("part", ["rl.lora.rank=2", "rl.train_top_layers=1",
+                                  "rl.max_staleness=2"])
 def test_kill9_in_partial_rl_resumes_exactly(reference, env, tmp_path, part):
     """LoRA adapters and top-N layers: the RL state (adapters or top blocks, their moments)
-    resumes bit for bit, the frozen rest rebuilt from the SFT policy. Both runs start from
-    the reference's SFT policy and reward model."""
+    resumes bit for bit, the frozen rest rebuilt from the SFT policy. Stale rollouts: the
+    batches sampled ahead (with older weights) are in the checkpoint and resume bit for bit.
+    Both runs start from the reference's SFT policy and reward model."""
     runs = [tmp_path / "uninterrupted", tmp_path / "killed"]
     for out in runs:
         out.mkdir()
@@ -361,13 +363,21 @@ def test_kill9_in_partial_rl_resumes_exactly(reference, env, tmp_path, part):
             (shutil.copytree if os.path.isdir(reference / shared) else shutil.copy)(
                 reference / shared, out / shared)
     run_to_end(runs[0], env, part)
+    stale = "max_staleness" in part
     with Training(runs[1], env, part) as t:
         t.wait_until(("rl", 1))
+        while stale and "p3o/2" not in checkpoints(runs[1]):  # in flight: batches 2 and 3
+            assert t.proc.poll() is None, t.output()[-3000:]
+            time.sleep(0.01)
         t.proc.send_signal(signal.SIGKILL)
         t.proc.wait(timeout=30)
     print(f"{part}: killed with checkpoints {sorted(checkpoints(runs[1]))}")
     log = run_to_end(runs[1], env, part)
     assert "rl: resuming at step" in log or "finished in an earlier run" in log, log[-3000:]
+    if stale:
+        assert "rl: resuming at step 2" in log, log[-3000:]
+        assert [r["staleness"] for r in metric_rows(runs[1]) if r["stage"] == "rl:p3o"] == [
+            0, 1, 2, 2]
     assert_same_run(*runs)
 
 

@@ -39,7 +39,7 @@ from typing import Annotated
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import ops
+from p3o_jax import importance, ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.checks import NonNegative, OneOf, Positive
 from p3o_jax.rollout import Rollout, policy_logprobs
@@ -127,9 +127,11 @@ def loss(params, batch: Rollout, cfg):
     """The minibatch loss: the policy's log-probs of the buffer's responses, then `grpo_loss`."""
     c = cfg.grpo
     logp = policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature)
-    return grpo_loss(logp, batch.logp_old, batch.logp_ref, batch.resp_mask, batch.advantages,
-                     aggregation=c.aggregation, eps_low=c.eps_low, eps_high=c.eps_high,
-                     kl_coef=cfg.rl.beta if c.kl == "loss" else 0.0)
+    loss, metrics = grpo_loss(importance.corrected_logprobs(logp, batch, cfg.rl),
+                              batch.logp_old, batch.logp_ref, batch.resp_mask, batch.advantages,
+                              aggregation=c.aggregation, eps_low=c.eps_low, eps_high=c.eps_high,
+                              kl_coef=cfg.rl.beta if c.kl == "loss" else 0.0)
+    return loss, metrics | importance.gap_metrics(logp, batch)
 
 
 ALGORITHM = Algorithm(name="grpo", loss=loss, prepare=prepare, settings="grpo",

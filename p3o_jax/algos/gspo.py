@@ -30,7 +30,7 @@ from typing import Annotated
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import ops
+from p3o_jax import importance, ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.algos.grpo import group_advantages
 from p3o_jax.algos.rloo import clipped_sequence_loss
@@ -77,8 +77,10 @@ def loss(params, batch: Rollout, cfg):
     """The minibatch loss: the policy's log-probs of the buffer's responses, then `gspo_loss`."""
     c = cfg.gspo
     logp = policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature)
-    return gspo_loss(logp, batch.logp_old, batch.resp_mask, batch.advantages,
-                     eps_low=c.eps_low, eps_high=c.eps_high)
+    loss, metrics = gspo_loss(importance.corrected_logprobs(logp, batch, cfg.rl),
+                              batch.logp_old, batch.resp_mask, batch.advantages,
+                              eps_low=c.eps_low, eps_high=c.eps_high)
+    return loss, metrics | importance.gap_metrics(logp, batch)
 
 
 ALGORITHM = Algorithm(name="gspo", loss=loss, prepare=prepare, settings="gspo",

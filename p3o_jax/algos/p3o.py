@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import ops
+from p3o_jax import importance, ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.checks import OneOf, Positive, Range
 from p3o_jax.rollout import Rollout, policy_logprobs
@@ -107,8 +107,10 @@ def _bounded_weight(log_weight, ratio_bound: float):
     return jax.lax.stop_gradient(jnp.exp(jnp.clip(log_weight, -log_bound, log_bound)))
 
 
-def pair_loss(logp, logp_old, mask, delta, clip: str, eps: float, ratio_bound: float):
-    """P3O loss of ONE pair: logp, logp_old, mask [2, T], delta scalar -> (loss, stats)."""
+def pair_loss(logp, logp_old, mask, delta, is_weight, clip: str, eps: float,
+              ratio_bound: float):
+    """P3O loss of ONE pair: logp, logp_old, mask [2, T], delta and the pair's importance
+    weight (`pair_is_weights`; 1 on-policy) scalars -> (loss, stats)."""
     seq_logp = ops.sequence_logprob(logp, mask)                     # [2]
     seq_logp_old = ops.sequence_logprob(logp_old, mask)             # [2]
     log_rho = ops.clamped_log_ratio(seq_logp, seq_logp_old)         # [2]
@@ -130,6 +132,7 @@ def pair_loss(logp, logp_old, mask, delta, clip: str, eps: float, ratio_bound: f
         loss = jnp.maximum(-delta * weight * u, -delta * weight * u_clipped) / 2
         clip_frac = (jnp.abs(u - u_old) > eps).astype(loss.dtype)
         weight_clip_frac = (jnp.abs(log_rho[0] + log_rho[1]) > log_bound).astype(loss.dtype)
+    loss = is_weight * loss
     stats = {"log_rho": jax.lax.stop_gradient(log_rho), "clip_frac": clip_frac,
              "weight_clip_frac": weight_clip_frac,
              "approx_kl": jax.lax.stop_gradient(ops.kl_per_sequence(logp_old, logp, mask, "k3"))}
@@ -137,11 +140,12 @@ def pair_loss(logp, logp_old, mask, delta, clip: str, eps: float, ratio_bound: f
 
 
 def p3o_loss(logp, logp_old, mask, delta, *, clip: str, eps: float = 0.2,
-             ratio_bound: float = 10.0):
+             ratio_bound: float = 10.0, is_weights=None):
     """The P3O loss (module docstring) of B pairs, vmapped over pairs and averaged.
 
     logp, logp_old, mask: [B, 2, T] per-token log-probs of the two responses under the current
-    policy and pi_old, and their mask; delta: [B], a constant. `clip`: "separate" (V1) or
+    policy and pi_old, and their mask; delta: [B], a constant; is_weights: [B], each pair's
+    constant importance weight (`pair_is_weights`; None: 1). `clip`: "separate" (V1) or
     "joint" (V2), always said (`P3OConfig.clip`, "joint" by default, is the run's). Returns
     (loss, metrics):
     `clip_frac` (V1: responses with |rho - 1| > eps; V2: pairs with |u - u_old| > eps),
@@ -157,8 +161,11 @@ def p3o_loss(logp, logp_old, mask, delta, *, clip: str, eps: float = 0.2,
     ops.require(eps > 0, f"eps must be > 0, got {eps}")
     ops.require(ratio_bound > 1, f"ratio_bound must be > 1, got {ratio_bound}")
     delta = jax.lax.stop_gradient(delta)
+    is_weights = (jnp.ones_like(delta) if is_weights is None
+                  else jax.lax.stop_gradient(is_weights))
+    ops.require_same_shape(delta=delta, is_weights=is_weights)
     one_pair = functools.partial(pair_loss, clip=clip, eps=eps, ratio_bound=ratio_bound)
-    pair_losses, stats = jax.vmap(one_pair)(logp, logp_old, mask, delta)
+    pair_losses, stats = jax.vmap(one_pair)(logp, logp_old, mask, delta, is_weights)
     loss = ops.masked_mean(pair_losses, jnp.all(ops.has_tokens(mask), -1))  # both have tokens
     log_rho = stats["log_rho"]
     rho = jnp.exp(log_rho)
@@ -175,9 +182,10 @@ def p3o_loss(logp, logp_old, mask, delta, *, clip: str, eps: float = 0.2,
     }
 
 
-def p3o_loss_k(logp, logp_old, mask, delta, **settings):
+def p3o_loss_k(logp, logp_old, mask, delta, is_weights=None, **settings):
     """P3O over all unordered pairs of K >= 2 responses: logp, logp_old, mask [B, K, T],
-    delta [B, pairs] (`pairwise_delta`). At K = 2 this is `p3o_loss`."""
+    delta and is_weights [B, pairs] (`pairwise_delta`, `pair_is_weights`; None: 1). At K = 2
+    this is `p3o_loss`."""
     ops.require(jnp.ndim(logp) == 3 and jnp.shape(logp)[1] >= 2,
                 f"logp must have shape [B, K, T] with K >= 2, got {tuple(jnp.shape(logp))}")
     ops.require_same_shape(logp=logp, logp_old=logp_old, mask=mask)
@@ -186,16 +194,45 @@ def p3o_loss_k(logp, logp_old, mask, delta, **settings):
     ops.require(jnp.shape(delta) == (jnp.shape(logp)[0], n_pairs),
                 f"delta must have shape [B, pairs]={(jnp.shape(logp)[0], n_pairs)}, "
                 f"got {tuple(jnp.shape(delta))}")
+    if is_weights is not None:
+        ops.require_same_shape(delta=delta, is_weights=is_weights)
+        is_weights = is_weights.reshape(-1)
     return p3o_loss(to_pairs(logp, K), to_pairs(logp_old, K), to_pairs(mask, K),
-                    delta.reshape(-1), **settings)
+                    delta.reshape(-1), is_weights=is_weights, **settings)
+
+
+def pair_is_weights(logp_prox, logp_behav, mask, cap: float):
+    """The sequence-mode importance weight of every pair (docs/P3O.md, "Off-policy rollouts"):
+    min(w_i w_j, cap) with w_i = pi_prox(y_i) / pi_behav(y_i), the pair being one draw from
+    pi_behav x pi_behav. logp_prox, logp_behav, mask [B, K, T] -> [B, pairs], constant."""
+    K = jnp.shape(mask)[1]
+    seq = jnp.sum(importance.log_ratio(logp_prox, logp_behav, mask), -1)          # [B, K]
+    pair = to_pairs(seq, K).sum(-1).reshape(seq.shape[0], -1)                      # [B, pairs]
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(jnp.minimum(pair, ops.LOG_RATIO_CLAMP)),
+                                             cap))
+
+
+def corrected(logp, batch: Rollout, rl):
+    """The importance correction of an off-policy buffer (p3o_jax/importance.py), P3O's way:
+    (logp, pair weights) for `p3o_loss_k(logp, ..., is_weights=...)`. "sequence": the pairs'
+    weights (`pair_is_weights`); "token": each token's weight on its log-prob's gradient and
+    no pair weight; none needed (`batch.logp_behav` None) or "none": (logp, None)."""
+    if rl.rollout_is == "sequence" and batch.logp_behav is not None:
+        return logp, pair_is_weights(batch.logp_old, batch.logp_behav, batch.resp_mask,
+                                     rl.rollout_is_cap)
+    return importance.corrected_logprobs(logp, batch, rl), None
 
 
 def loss(params, batch: Rollout, cfg):
-    """The minibatch loss: the policy's log-probs of the buffer's responses, then `p3o_loss_k`."""
+    """The minibatch loss: the policy's log-probs of the buffer's responses, then `p3o_loss_k`,
+    importance-weighted per token or per pair when the rollout is off-policy
+    (p3o_jax/importance.py)."""
     c = cfg.p3o
     logp = policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature)
-    return p3o_loss_k(logp, batch.logp_old, batch.resp_mask, batch.advantages, clip=c.clip,
-                      eps=c.eps, ratio_bound=c.ratio_bound)
+    weighted, is_weights = corrected(logp, batch, cfg.rl)
+    loss, metrics = p3o_loss_k(weighted, batch.logp_old, batch.resp_mask, batch.advantages,
+                               is_weights, clip=c.clip, eps=c.eps, ratio_bound=c.ratio_bound)
+    return loss, metrics | importance.gap_metrics(logp, batch)
 
 
 ALGORITHM = Algorithm(name="p3o", loss=loss, prepare=prepare, settings="p3o",

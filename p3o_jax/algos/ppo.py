@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from p3o_jax import ops
+from p3o_jax import importance, ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.checks import NonNegative, Positive, Probability
 from p3o_jax.rollout import Rollout, flat, policy_logprobs, response_values
@@ -145,13 +145,15 @@ def loss(params, batch: Rollout, cfg):
     """Policy surrogate + vf_coef x value loss, over the flattened [B * K, N] tokens."""
     c = cfg.ppo
     m = flat(batch.resp_mask)
-    logp = flat(policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature))
+    logp = policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature)
+    gap = importance.gap_metrics(logp, batch)
+    logp = flat(importance.corrected_logprobs(logp, batch, cfg.rl))
     pl, pm = policy_loss(logp, flat(batch.logp_old), flat(batch.advantages), m, c.eps)
     values = flat(response_values(params["critic"], cfg.rm_model, batch.tokens, batch.mask,
                                   batch.prompt_len))
     vl, vm = value_loss(values, flat(batch.values_old), flat(batch.returns), m, c.value_clip)
     metrics = {**{f"policy_{k}": v for k, v in pm.items()},
-               **{f"value_{k}": v for k, v in vm.items()}}
+               **{f"value_{k}": v for k, v in vm.items()}, **gap}
     return pl + c.vf_coef * vl, metrics
 
 

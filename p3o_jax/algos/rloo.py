@@ -32,7 +32,7 @@ from typing import Annotated
 import jax
 import jax.numpy as jnp
 
-from p3o_jax import ops
+from p3o_jax import importance, ops
 from p3o_jax.algos.base import Algorithm
 from p3o_jax.checks import Positive
 from p3o_jax.rollout import Rollout, policy_logprobs
@@ -93,7 +93,9 @@ def rloo_loss(logp, logp_old, mask, advantages, eps: float = 0.2):
 def loss(params, batch: Rollout, cfg):
     """The minibatch loss: the policy's log-probs of the buffer's responses, then `rloo_loss`."""
     logp = policy_logprobs(params["policy"], cfg.policy, batch, cfg.rl.temperature)
-    return rloo_loss(logp, batch.logp_old, batch.resp_mask, batch.advantages, cfg.rloo.eps)
+    loss, metrics = rloo_loss(importance.corrected_logprobs(logp, batch, cfg.rl),
+                              batch.logp_old, batch.resp_mask, batch.advantages, cfg.rloo.eps)
+    return loss, metrics | importance.gap_metrics(logp, batch)
 
 
 ALGORITHM = Algorithm(name="rloo", loss=loss, prepare=prepare, settings="rloo",

@@ -88,7 +88,7 @@ def stage_params(args: ExportArgs, model_cfg: ModelConfig):
             raise ConfigError(f"config key 'step': {directory} has steps {manager.all_steps()}")
         state = manager.restore(args.step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore())).state
-    params = state["params"]
+    params = state.get("train", state)["params"]    # RL's: the train state of a `rl.LoopState`
     return whole_policy(args, model_cfg, params["policy"]) if "policy" in params else params
 
 
