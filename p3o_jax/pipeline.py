@@ -17,6 +17,7 @@ the files above (p3o_jax/distributed.py).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -218,9 +219,11 @@ def stage_rl(run: Run, sft_params, rm_params):
 
     With `rl.max_staleness` = s > 0 the rollout side runs s iterations ahead: iteration i
     first sets the sampling of iteration i + s's prompts going with the current weights, then
-    learns from its own batch, drawn s updates ago (at the start, with the first weights), so
-    the host's reward functions run while the device samples. The batches in flight are part
-    of the checkpoint (`rl.LoopState`). Returns the plain policy (adapters merged)."""
+    learns from its own batch, drawn s updates ago (at the start, with the first weights),
+    while a thread computes the host's rewards of batch i + 1 (reward functions, a reward
+    server, a reward model with another tokenizer): a slow verifier runs beside the device's
+    scoring, update and sampling instead of before them. The batches in flight are part of
+    the checkpoint (`rl.LoopState`); the rewards in flight are computed again on resume. Returns the plain policy (adapters merged)."""
     cfg, algo = run.cfg, ALGORITHMS[run.cfg.algo]
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
@@ -241,6 +244,12 @@ def stage_rl(run: Run, sft_params, rm_params):
         interrupted run goes on with the very programs an uninterrupted one runs."""
         return jax.device_put(generate(state, it), placement)
 
+    # the host's rewards of the next batch, computed beside this one's update (one process:
+    # with several, their collectives could interleave differently across processes)
+    beside = (concurrent.futures.ThreadPoolExecutor(1, "host-rewards")
+              if ahead and jax.process_count() == 1 else None)
+    pending = {}
+
     def step(it, loop, carry):
         state, in_flight = loop.train, loop.in_flight
         if it == 0:
@@ -250,8 +259,13 @@ def stage_rl(run: Run, sft_params, rm_params):
             in_flight = in_flight[1:] + (ahead_of_time(state, it + ahead),)
         else:
             samples = generate(state, it)
+        rewards = pending.pop(it, None)     # None after a restart: computed here
+        if beside and it + 1 < rl.iterations:
+            pending[it + 1] = beside.submit(iteration.host_rewards, prompts(it + 1),
+                                            in_flight[0], run.trainer_state(it + 1))
         state, metrics = iteration.learn(state, carry, sft_params, rm_params, prompts(it),
-                                         samples, frozen, trainer_state=run.trainer_state(it))
+                                         samples, frozen, trainer_state=run.trainer_state(it),
+                                         rewards=rewards)
         metrics["staleness"] = min(it, ahead)
         if run.task.gold_reward is not None:  # the hidden gold reward of the rollouts
             metrics["gold_reward"] = gold_of_samples(run, prompts(it), samples)
@@ -261,9 +275,13 @@ def stage_rl(run: Run, sft_params, rm_params):
     start = LoopState(iteration.init_state(initial_params(cfg, sft_params, rm_params)),
                       tuple(iteration.no_samples() for _ in range(ahead)))
     placement = jax.tree.map(lambda x: x.sharding, start.in_flight[:1])[0] if ahead else None
-    loop = stage_loop(run, "rl", f"rl:{algo.name}", start, rl.iterations, step,
-                      carry=algo.init_carry(cfg), log_every=1, show=("reward", "kl_k1"),
-                      evaluate=eval_along(run, sft_params, rm_params, rl.iterations, frozen))
+    try:
+        loop = stage_loop(run, "rl", f"rl:{algo.name}", start, rl.iterations, step,
+                          carry=algo.init_carry(cfg), log_every=1, show=("reward", "kl_k1"),
+                          evaluate=eval_along(run, sft_params, rm_params, rl.iterations, frozen))
+    finally:
+        if beside:
+            beside.shutdown(wait=True, cancel_futures=True)
     return final_policy(cfg, loop.train.params["policy"], frozen)
 
 

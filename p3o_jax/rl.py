@@ -246,35 +246,54 @@ class RLIteration:
         return self.sample(params, prompts, key, self.packing(prompts["ids"], prompts["mask"]),
                            max_lengths)
 
-    def learn(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, samples,
-              frozen=None, trainer_state=None):
-        """The learner side: the reward functions (on the host), `score` with the state's
-        weights (pi_prox) and `update` on `samples` of `prompts`, drawn by the current weights
-        or, stale, by older ones. (state, metrics); metrics include the wall time of each
-        part, each synchronised: `time_generate` (waiting for the samples), `time_score`,
-        `time_update`. `trainer_state`: what the reward functions get
-        (`reward_calls.TrainerState`)."""
+    def host_rewards(self, prompts: dict, samples, trainer_state=None) -> tuple[dict, dict]:
+        """The rewards computed on the host, once `samples` exist: ({"rm_scores": [B, K] of a
+        reward model with another tokenizer, "fn_rewards": the reward functions'}, either None
+        without one) and their metrics: `time_generate` (the wait for the samples),
+        `time_retokenized_reward`, `time_reward/<name>`. `trainer_state`: what the reward
+        functions get (`reward_calls.TrainerState`). Thread-safe: under `rl.max_staleness` it
+        runs beside the learner (p3o_jax/pipeline.py)."""
         t0 = time.perf_counter()
         samples = jax.block_until_ready(samples)
         t1 = time.perf_counter()
-        params = self.params(state.params, frozen)
-        packing = self.packing(prompts["ids"], prompts["mask"])
+        metrics = {"time_generate": t1 - t0}
         rm_scores = self.rm_fn(prompts, samples) if self.rm_fn else None
-        t_rm = time.perf_counter() - t1           # retokenising for another tokenizer's RM
+        if self.rm_fn:              # retokenising for another tokenizer's reward model
+            metrics["time_retokenized_reward"] = time.perf_counter() - t1
         scorer = self.fn_scorer and (self.fn_scorer.at(trainer_state) if trainer_state
                                      else self.fn_scorer)
         fn_rewards = scorer(prompts, samples) if scorer else None
+        if scorer:
+            metrics |= {f"time_reward/{k}": t for k, t in scorer.time.items()}
+        return {"rm_scores": rm_scores, "fn_rewards": fn_rewards}, metrics
+
+    def learn(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, samples,
+              frozen=None, trainer_state=None, rewards=None):
+        """The learner side on `samples` of `prompts`, drawn by the current weights or, stale,
+        by older ones: the host's rewards (`host_rewards`, or `rewards`, a future of its
+        result computed beside), `score` with the state's weights (pi_prox), `update`.
+        (state, metrics); metrics include the wall time of each part, each synchronised:
+        `time_generate` (waiting for the samples), `time_score` (the host's rewards and the
+        scoring program), `time_update`; with `rewards`, `time_wait_rewards` (of
+        `time_score`)."""
+        t0 = time.perf_counter()
+        if rewards is None:
+            host, host_metrics = self.host_rewards(prompts, samples, trainer_state)
+        else:
+            host, host_metrics = rewards.result()
+            host_metrics = dict(host_metrics, time_generate=0.0,
+                                time_wait_rewards=time.perf_counter() - t0)
+        t1 = t0 + host_metrics["time_generate"]
+        params = self.params(state.params, frozen)
+        packing = self.packing(prompts["ids"], prompts["mask"])
         buffer, metrics = self.score(params, ref, None if self.rm_fn else reward_model,
-                                     prompts, samples, carry, rm_scores, packing, fn_rewards)
+                                     prompts, samples, carry, host["rm_scores"], packing,
+                                     host["fn_rewards"])
         buffer = jax.block_until_ready(buffer.replace(entropy=None, rm_scores=None))
         t2 = time.perf_counter()
-        if self.rm_fn:
-            metrics = dict(metrics, time_retokenized_reward=t_rm)
-        if scorer:
-            metrics = dict(metrics, **{f"time_reward/{k}": t for k, t in scorer.time.items()})
         state, update_metrics = jax.block_until_ready(self.update(state, buffer, frozen))
         t3 = time.perf_counter()
-        return state, {**metrics, **update_metrics, **carry, "time_generate": t1 - t0,
+        return state, {**metrics, **update_metrics, **carry, **host_metrics,
                        "time_score": t2 - t1, "time_update": t3 - t2}
 
     def __call__(self, state: TrainState, carry: dict, ref, reward_model, prompts: dict, key,

@@ -95,6 +95,28 @@ def test_baselines_end_to_end(trained, algo):
             assert "advantage_abs_mean" in rl[-1] and "clip_frac" in rl[-1]
 
 
+@pytest.mark.parametrize("algo, rollout_is", [("p3o", "token"), ("p3o", "sequence"),
+                                              ("grpo", "token"), ("rloo", "sequence"),
+                                              ("ppo", "token")])
+def test_stale_rollouts_train_with_importance_weights(trained, tmp_path, algo, rollout_is):
+    """`rl.max_staleness=2`: each batch is learned from 2 updates after it was sampled (the
+    first two with fewer), the update weighs it by pi_prox / pi_behav, and the run logs its
+    staleness, the weights and the sampler's gap; the RL policy still beats the SFT one."""
+    path, _ = trained
+    for stage in ("sft", "rm"):
+        shutil.copytree(path / stage, tmp_path / stage)
+    summary = run_experiment(tiny(tmp_path, algo=algo, stages="rl", **{
+        "rl.max_staleness": 2, "rl.rollout_is": rollout_is, "rl.iterations": 8}))
+    rl = _check_rl(tmp_path, summary, algo)
+    assert [r["staleness"] for r in rl] == [0, 1, 2, 2, 2, 2, 2, 2]
+    for r in rl:
+        assert 0 < r["is_weight_mean"] <= r["is_weight_max"] <= 2.0 and 0 <= r["is_capped_frac"]
+        assert r["logp_gap_max"] >= r["logp_gap_mean"] >= 0
+    # stale batches are off-policy: weights away from 1 and a gap far above rounding
+    assert all(r["is_weight_max"] > 1.001 and r["logp_gap_max"] > 1e-3 for r in rl[2:]), rl
+    assert rl[0]["logp_gap_max"] < 1e-4       # staleness 0: the sampler's numerics only
+
+
 @pytest.mark.parametrize("args, key", [
     (["rl.betta=0.1"], "rl.betta"),
     (["rl.beta=high"], "rl.beta"),

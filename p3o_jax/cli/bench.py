@@ -1,7 +1,8 @@
 """Performance of an RL iteration (workloads W1, W2, W2-var), measured against the machine's
 own limits.
 
-    python -m p3o_jax.cli.bench [workloads=w1,w2,w2_var] [only=machine,iteration,loop,torch,memory]
+    python -m p3o_jax.cli.bench [workloads=w1,w2,w2_var]
+        [only=machine,iteration,loop,torch,memory,staleness]
     make bench ARGS="workloads=w2 only=iteration"
 
 Workloads (`WORKLOADS`; kept exactly, so that numbers compare across changes):
@@ -33,7 +34,10 @@ FLOP bounds; MFU on the padded shapes and useful MFU on the real tokens), `loop`
 loop's own RL stage, `pipeline.stage_rl`, with its host code, metrics, logging and checkpoints:
 the wall time per iteration beside the sum of its three programs), `torch` (transformers'
 PyTorch `generate` on the same weights and shapes, best over thread counts), `memory` (peak
-resident memory of a P3O and of a PPO iteration, each in a fresh process).
+resident memory of a P3O and of a PPO iteration, each in a fresh process), `staleness` (once,
+on the toy task whatever the workloads: the training command with 2 CPU devices and a reward
+function that sleeps `reward_sleep_s` per batch, per-iteration wall time at `rl.max_staleness`
+0 and 1).
 
 Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
 is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
@@ -91,7 +95,7 @@ from p3o_jax.rl import RLIteration, initial_params
 from p3o_jax.sharding import make_mesh
 from p3o_jax.train_state import OptimConfig, make_optimizer
 
-SECTIONS = ("machine", "iteration", "loop", "torch", "memory")
+SECTIONS = ("machine", "iteration", "loop", "torch", "memory", "staleness")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +473,54 @@ def loop_section(w: Workload, repeats: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# stale rollouts: a slow reward function beside the device's work
+
+SLOW_REWARD = """
+import time
+
+
+def slow_reward(completions, **kwargs):
+    time.sleep({sleep})       # a verifier's latency per batch
+    return [-len(c) / 100.0 for c in completions]
+"""
+
+
+def staleness_section(sleep_s: float, repeats: int):
+    """The training command (`python -m p3o_jax.cli.train exp=toy`, 2 CPU devices by
+    XLA_FLAGS, the policy over both) with a reward function that sleeps `sleep_s` per batch,
+    at `rl.max_staleness` 0 and 1, for `repeats` + 1 iterations each: the wall time between
+    consecutive iterations' log lines (medians after the first) and the speed-up. At 0 the
+    sleep comes between sampling and scoring; at 1 it runs beside the device's scoring, update
+    and sampling (p3o_jax/pipeline.py's `stage_rl`)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    wall, device = {}, {}
+    with tempfile.TemporaryDirectory() as d:
+        fn = os.path.join(d, "slow.py")
+        with open(fn, "w") as f:
+            f.write(SLOW_REWARD.format(sleep=sleep_s))
+        for s in (0, 1):
+            out = os.path.join(d, f"staleness{s}")
+            subprocess.run([sys.executable, "-m", "p3o_jax.cli.train", "exp=toy",
+                            "stages=sft,rl", "sft.steps=1", "mesh.fsdp=2", "eval_prompts=64",
+                            f"rl.iterations={repeats + 1}", f"reward_fns={fn}:slow_reward",
+                            f"rl.max_staleness={s}", f"out_dir={out}"],
+                           check=True, capture_output=True, text=True, env=env)
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                rows = sorted((r for r in map(json.loads, f) if r["stage"] == "rl:p3o"),
+                              key=lambda r: r["step"])
+            wall[s] = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+            device[s] = [r["time_score"] + r["time_update"] - r.get("time_wait_rewards", 0)
+                         - r["time_reward/slow_reward"] * (s == 0) for r in rows[1:]]
+    med = {s: statistics.median(v) for s, v in wall.items()}
+    emit("staleness", devices=2, reward_sleep_s=sleep_s, repeats=repeats, **{
+        **{f"toy.staleness{s}_iteration_s": round(med[s], 4) for s in med},
+        **{f"toy.staleness{s}_iteration_times_s": [round(x, 4) for x in wall[s]] for s in wall},
+        **{f"toy.staleness{s}_device_s": round(statistics.median(device[s]), 4)
+           for s in device},
+        "toy.staleness1_speedup": round(med[0] / med[1], 3)})
+
+
+# ---------------------------------------------------------------------------------------------
 # transformers' PyTorch generate on the same weights and shapes
 
 def torch_section(w: Workload, repeats: int, threads: list[int]):
@@ -604,6 +656,7 @@ class BenchArgs:
     only: Annotated[str, SubsetOf(*SECTIONS)] = ",".join(SECTIONS)   # sections to run
     repeats: Annotated[int, Positive] = 5           # timed iterations (median)
     torch_threads: Annotated[tuple[int, ...], Positive] = tuple(sorted({1, os.cpu_count()}))
+    reward_sleep_s: Annotated[float, Positive] = 1.0   # staleness: the reward's latency
     memory_child: Annotated[str, OneOf("", *ALGORITHMS)] = ""   # internal: memory_section
 
 
@@ -647,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             torch_section(w, args.repeats, list(args.torch_threads))
         if "memory" in sections:
             memory_section(w)
+    if "staleness" in sections:       # the toy task's, whatever the workloads
+        staleness_section(args.reward_sleep_s, args.repeats)
     return 0
 
 
