@@ -27,7 +27,7 @@ ifeq ($(JAX_EXTRA),)
 $(error ACCEL must be one of cpu, cuda, tpu (got '$(ACCEL)'))
 endif
 
-.PHONY: train test bench frontier compare clean-venv
+.PHONY: train test bench frontier compare offpolicy clean-venv
 
 $(VENV)/.runtime-$(ACCEL): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ frontier: $(VENV)/.runtime-$(ACCEL)
 # methods from one starting policy, over seeds (experiments/results/$(EXP).md)
 compare: $(VENV)/.runtime-$(ACCEL) $(MODEL_$(EXP))
 	$(PY) -m p3o_jax.cli.compare exp=$(EXP) $(ARGS)
+
+offpolicy: $(VENV)/.runtime-$(ACCEL)
+	$(PY) -m p3o_jax.cli.offpolicy exp=$(EXP) $(ARGS)
 
 bench: $(VENV)/.test-$(ACCEL)
 	$(PY) -m p3o_jax.cli.bench $(ARGS)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from p3o_jax.cli import frontier as F
+from p3o_jax.cli import offpolicy as O
 from p3o_jax.checks import ConfigError
 
 TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
@@ -116,6 +117,43 @@ def test_invariance_end_to_end(sweep_dir, tmp_path):
     assert curve("P3O-V2", 0.0).shape == (4, 3)
     assert p3o < 1e-3 < ppo, (p3o, ppo)
     assert os.path.getsize(results / "invariance.png") > 10_000
+
+
+def test_offpolicy_end_to_end(sweep_dir, tmp_path):
+    """The off-policy comparison on the frontier's SFT and reward model: each method in each
+    regime, evaluations placed by generated tokens and wall seconds, the runs' statistics,
+    the table and the verdict."""
+    results = tmp_path / "results"
+    assert O.main([*TINY, f"out_dir={sweep_dir}", f"results={results}", "seeds=0",
+                   "methods=P3O-V2,RLOO", "regimes=fresh,stale2", "rl.iterations=4",
+                   "evals=2"]) == 0
+    rows = [json.loads(line) for line in (results / "offpolicy.jsonl").read_text().splitlines()]
+    runs = {(r["regime"], r["method"]): r for r in rows if r.get("run")}
+    assert set(runs) == {(g, m) for g in ("fresh", "stale2") for m in ("P3O-V2", "RLOO")}
+    assert runs["stale2", "RLOO"]["staleness_max"] == 2 == runs["stale2", "P3O-V2"]["staleness_max"]
+    assert runs["fresh", "RLOO"]["staleness_max"] == 0
+    assert runs["fresh", "RLOO"]["is_weight_mean"] == 1.0 != runs["stale2", "RLOO"]["is_weight_mean"]
+    evals = [r for r in rows if not r.get("run") and r["regime"] == "stale2"
+             and r["method"] == "P3O-V2"]
+    assert [r["step"] for r in evals] == [0, 2, 4] and evals[-1]["final"]
+    assert evals[0]["tokens"] == 0 < evals[1]["tokens"] < evals[2]["tokens"]
+    assert evals[0]["seconds"] == 0 < evals[1]["seconds"] < evals[2]["seconds"]
+    report = (results / "offpolicy.md").read_text()
+    assert "| stale2 | P3O-V2 | 1 |" in report and "- **fresh**: P3O-V2 " in report
+    assert (results / "offpolicy.png").stat().st_size > 10_000
+
+
+def test_offpolicy_walls_and_verdicts():
+    rows = [{"stage": "rl:p3o", "step": i, "time": t} for i, t in enumerate((10.0, 11.0, 13.0))]
+    rows += [{"stage": "eval:p3o", "step": 2, "time": 12.5}]     # an evaluation before step 2
+    assert O.iteration_walls(rows) == [0.75, 1.0, 0.5]            # the first: the median
+    table = [{"regime": "reuse", "method": m, "gold": g, "gold_se": 0.1, "kl_k1": 1.0}
+             for m, g in (("P3O-V2", 3.5), ("P3O-V1", 3.2), ("RLOO", 3.1), ("PPO", 3.3))]
+    lines = O.verdicts(table)
+    assert lines[0].startswith("- **reuse**: P3O-V2 ties against PPO") and "+1.4 SE" in lines[0]
+    assert lines[1].startswith("- **reuse**: P3O-V1 ties against PPO")
+    table[3]["gold"] = 3.0                                           # RLOO is then the best other
+    assert O.verdicts(table)[0].startswith("- **reuse**: P3O-V2 wins against RLOO")
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts Linux memory maps")
