@@ -110,6 +110,10 @@ class RLConfig:
                                     # gradient weighed by min(pi_prox / pi_behav, cap) per
                                     # token | sequence | none (p3o_jax/importance.py)
     rollout_is_cap: Annotated[float, Positive] = 2.0
+    rollout_devices: Annotated[int, NonNegative] = 0  # N > 0: the RL sampler runs on the last N
+                                    # devices (a mesh of its own, fsdp over them), every other
+                                    # program on the rest (`mesh` is over those); the weights
+                                    # copied device to device after each update; one process
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,11 @@ def resolve(cfg: ExperimentConfig, n_devices: int) -> ExperimentConfig:
     `pretrained_rm`'s for `reward_model`; the configured ones keep their say on dtypes only),
     and the checks across fields. Nothing is read but those config.json files."""
     check_fields(cfg)
-    cfg = dataclasses.replace(cfg, mesh=mesh_sizes(cfg.mesh, n_devices))
+    need(cfg.rl.rollout_devices < n_devices, "rl.rollout_devices",
+         f"{cfg.rl.rollout_devices} leaves none of the {n_devices} devices for training")
+    need(not cfg.rl.rollout_devices or jax.process_count() == 1, "rl.rollout_devices",
+         "takes one process's devices (several processes: leave it 0)")
+    cfg = dataclasses.replace(cfg, mesh=mesh_sizes(cfg.mesh, n_devices - cfg.rl.rollout_devices))
     if cfg.task == "toy":
         need(not cfg.smoke, "smoke", "is for the real-data tasks (tldr, hh); toy is offline")
     else:

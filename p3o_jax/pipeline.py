@@ -228,7 +228,8 @@ def stage_rl(run: Run, sft_params, rm_params):
     if algo.offline:
         return stage_offline(run, sft_params, rm_params)
     iteration = RLIteration(cfg, run.mesh, run.sampling, rm_fn=retokenized_rm(run, rm_params),
-                            fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight)
+                            fn_scorer=function_rewards(run, "rl"), rm_weight=run.rm_weight,
+                            rollout_mesh=run.rollout_mesh)
     frozen = frozen_policy(cfg, sft_params)
     rl, ahead = cfg.rl, cfg.rl.max_staleness
     prompts = lambda it: run.prompts(rl.prompts_per_iter, "rl", start=it * rl.prompts_per_iter)
@@ -484,7 +485,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     fns, rm_weight = load_reward_functions(cfg, task)
     if cfg.task == "dataset":   # no more eval prompts than the held-out set has
         cfg = dataclasses.replace(cfg, eval_prompts=eval_count(cfg, task.prompt_count("eval")))
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    training_devices = jax.devices()[:jax.device_count() - cfg.rl.rollout_devices]
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=training_devices)
     if cfg.dist.check_memory:
         check_memory(cfg, mesh)
     with storage.writing(cfg.out_dir):

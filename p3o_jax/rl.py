@@ -32,7 +32,7 @@ from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
 from p3o_jax.sampler import SampleOutput, SamplingConfig, sample_responses
-from p3o_jax.sharding import batch_sharding, replicated
+from p3o_jax.sharding import batch_sharding, moved_to, replicated
 from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, gradient_step,
                                  jit_step, make_optimizer, make_update, minibatch_index,
                                  param_shardings, state_shardings)
@@ -124,14 +124,16 @@ class RLIteration:
     `mesh`; `init_state` builds the sharded train state they update."""
 
     def __init__(self, cfg, mesh, sampling: SamplingConfig, tx=None, rm_fn=None,
-                 fn_scorer=None, rm_weight: float = 1.0):
+                 fn_scorer=None, rm_weight: float = 1.0, rollout_mesh=None):
         """`rm_fn(prompts, samples) -> [B, K]`: the reward model's scores computed on the
         host's side (a reward model with another tokenizer); None: it scores inside `score`.
         `fn_scorer(prompts, samples) -> {name: [B, K]}` (`reward_calls.FunctionRewards`): the
         reward functions, weighed by its `weights` and added to `rm_weight` x the reward
         model's score (p3o_jax/reward_calls.py). A response that does not end with one of
-        `sampling.eos_ids` was cut at its length (`rollout.truncated`, `rl.mask_truncated`)."""
+        `sampling.eos_ids` was cut at its length (`rollout.truncated`, `rl.mask_truncated`).
+        `rollout_mesh`: the sampler's own devices (`rl.rollout_devices`); None: `mesh`'s."""
         self.cfg, self.mesh, self.sampling = cfg, mesh, sampling
+        self.rollout_mesh = rollout_mesh
         self.rm_fn, self.fn_scorer, self.rm_weight = rm_fn, fn_scorer, rm_weight
         self.algo = ALGORITHMS[cfg.algo]
         self.tx = tx or rl_optimizer(cfg)
@@ -243,8 +245,16 @@ class RLIteration:
         (`sample`), dispatched and not waited for: the host goes on (with reward functions,
         under `rl.max_staleness`) while the device samples."""
         params = self.params(state.params, frozen)
-        return self.sample(params, prompts, key, self.packing(prompts["ids"], prompts["mask"]),
-                           max_lengths)
+        packing = self.packing(prompts["ids"], prompts["mask"])
+        if self.rollout_mesh is None:
+            return self.sample(params, prompts, key, packing, max_lengths)
+        # on the sampler's own devices: the policy and prompts copied there device to device,
+        # the samples back onto the training devices as a batch is placed (`no_samples`)
+        with jax.set_mesh(self.rollout_mesh):
+            samples = self.sample(moved_to({"policy": params["policy"]}, self.rollout_mesh),
+                                  moved_to(prompts, self.rollout_mesh),
+                                  moved_to(key, self.rollout_mesh), packing, max_lengths)
+        return jax.device_put(samples, self.sample_shardings)
 
     def host_rewards(self, prompts: dict, samples, trainer_state=None) -> tuple[dict, dict]:
         """The rewards computed on the host, once `samples` exist: ({"rm_scores": [B, K] of a
@@ -308,19 +318,28 @@ class RLIteration:
                                     trainer_state)
         return state, samples, dict(metrics, time_generate=dispatch + metrics["time_generate"])
 
+    @functools.cached_property
+    def sample_shapes(self) -> SampleOutput:
+        """The shape of each field of an iteration's samples [B, K, N] (num_steps: [])."""
+        rl = self.cfg.rl
+        return SampleOutput(*[(rl.prompts_per_iter, rl.n_samples,
+                               self.sampling.max_new_tokens)] * 5, ())
+
+    @functools.cached_property
+    def sample_shardings(self) -> SampleOutput:
+        """Where an iteration's samples are placed on `mesh`: rows over the batch devices."""
+        return jax.tree.map(lambda s: batch_sharding(self.mesh, len(s)) if s
+                            else replicated(self.mesh), self.sample_shapes, is_leaf=_is_shape)
+
     def no_samples(self) -> SampleOutput:
         """Zeros of a batch of samples' shapes, placed as batches are: what the loop's
         `LoopState.in_flight` holds where nothing is in flight (before the first iteration,
         past the last)."""
-        rl = self.cfg.rl
-        shape = (rl.prompts_per_iter, rl.n_samples, self.sampling.max_new_tokens)
         dtypes = SampleOutput(jnp.int32, jnp.int32, jnp.float32, jnp.float32, jnp.float32,
                               jnp.int32)
-        shapes = SampleOutput(*[shape] * 5, ())
-        shardings = jax.tree.map(lambda s: batch_sharding(self.mesh, len(s)) if s
-                                 else replicated(self.mesh), shapes, is_leaf=_is_shape)
-        return jax.jit(lambda: jax.tree.map(jnp.zeros, shapes, dtypes, is_leaf=_is_shape),
-                       out_shardings=shardings)()
+        return jax.jit(lambda: jax.tree.map(jnp.zeros, self.sample_shapes, dtypes,
+                                            is_leaf=_is_shape),
+                       out_shardings=self.sample_shardings)()
 
 
 def _is_shape(x) -> bool:

@@ -86,6 +86,20 @@ def logical_shardings(logical_specs, mesh: Mesh, shapes=None):
                         logical_specs, shapes, is_leaf=is_spec)
 
 
+def moved_to(tree, mesh: Mesh):
+    """`tree`'s arrays placed on `mesh` (another set of devices, the same axis names), each
+    laid out by the partition spec it has now, less the mesh axes that do not divide its
+    dimensions there: a device-to-device copy (`rl.rollout_devices`), asynchronous."""
+    def place(x):
+        dims = []
+        spec = getattr(x.sharding, "spec", P())     # one device's array: replicated there
+        for size, names in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+            group = (names,) if isinstance(names, str) else (names or ())
+            dims.append(names if size % math.prod(mesh.shape[a] for a in group) == 0 else None)
+        return jax.device_put(x, NamedSharding(mesh, P(*dims)))
+    return jax.tree.map(place, tree)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names (dimensions the mesh does not divide stay
     unsharded); a no-op outside `jax.set_mesh`."""

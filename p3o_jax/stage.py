@@ -23,7 +23,7 @@ from p3o_jax.logger import MetricsLogger
 from p3o_jax.retokenize import same_vocabulary
 from p3o_jax.reward_calls import TrainerState
 from p3o_jax.sampler import SamplingConfig
-from p3o_jax.sharding import shard_batch
+from p3o_jax.sharding import make_mesh, shard_batch
 from p3o_jax.tasks import Task
 from p3o_jax.train_state import gradient_step, jit_step, make_optimizer, state_shardings
 
@@ -64,6 +64,13 @@ class Run:
 
     def path(self, name: str) -> str:
         return os.path.abspath(os.path.join(self.cfg.out_dir, name))
+
+    @functools.cached_property
+    def rollout_mesh(self) -> jax.sharding.Mesh | None:
+        """The RL sampler's own mesh, fsdp over the last `rl.rollout_devices` devices (the
+        other programs' `mesh` is over the rest); None when it shares `mesh`."""
+        n = self.cfg.rl.rollout_devices
+        return make_mesh(1, -1, 1, devices=jax.devices()[-n:]) if n else None
 
     @functools.cached_property
     def sampling(self) -> SamplingConfig:

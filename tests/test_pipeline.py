@@ -117,6 +117,32 @@ def test_stale_rollouts_train_with_importance_weights(trained, tmp_path, algo, r
     assert rl[0]["logp_gap_max"] < 1e-4       # staleness 0: the sampler's numerics only
 
 
+def test_rollout_devices_sample_on_their_own_mesh(trained, tmp_path, monkeypatch):
+    """`rl.rollout_devices=4` of the 8: the RL sampler runs on the last 4 with the weights of
+    the latest update (copied there after each), scoring and the update on the first 4; with
+    staleness 1 the batch sampled there is learned from one update later."""
+    import jax
+    from p3o_jax import rl
+    path, _ = trained
+    for stage in ("sft", "rm"):
+        shutil.copytree(path / stage, tmp_path / stage)
+    seen = []
+
+    def sample(params, *args, **kwargs):
+        out = sampler(params, *args, **kwargs)
+        seen.append(({d.id for x in jax.tree.leaves(params) for d in x.devices()},
+                     {d.id for d in out.tokens.devices()}))
+        return out
+    sampler = rl.sample_responses
+    monkeypatch.setattr(rl, "sample_responses", sample)
+    summary = run_experiment(tiny(tmp_path, stages="rl", **{
+        "rl.rollout_devices": 4, "mesh.data": 1, "rl.max_staleness": 1, "rl.iterations": 6}))
+    rollout = {d.id for d in jax.devices()[4:]}
+    assert len(seen) == 6 and all(p == o == rollout for p, o in seen), seen
+    rl_rows = _check_rl(tmp_path, summary, "p3o")
+    assert [r["staleness"] for r in rl_rows] == [0, 1, 1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("args, key", [
     (["rl.betta=0.1"], "rl.betta"),
     (["rl.beta=high"], "rl.beta"),
@@ -125,6 +151,8 @@ def test_stale_rollouts_train_with_importance_weights(trained, tmp_path, algo, r
     (["algo=trpo"], "algo"),
     (["policy.n_heads=3", "mesh.tensor=2", "mesh.fsdp=4"], "policy"),
     (["rl"], "rl"),
+    (["rl.rollout_devices=8"], "rl.rollout_devices"),
+    (["rl.rollout_is=pair"], "rl.rollout_is"),
 ])
 def test_config_errors_name_the_key(args, key, capsys):
     assert main(["exp=toy", *args]) == 2
