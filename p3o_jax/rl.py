@@ -14,6 +14,13 @@ policy, or LoRA adapters (`rl.lora`), or its top layers (`rl.train_top_layers`):
 argument, joined to the state's params inside each program. The training loop
 (p3o_jax/pipeline.py) and the benchmark (p3o_jax/cli/bench.py)
 both run `RLIteration`; evaluation samples and scores with the same two functions.
+
+Two sides: the rollout side (`generate`: sampling, on the sampler's own devices with
+`rl.rollout_devices`) and the learner side (`learn`: the host's rewards, score, prepare,
+update). With `rl.max_staleness` = s the training loop runs the rollout side up to s updates
+ahead; the learner then takes the proximal policy's log-probs as pi_old and weighs the
+gradient by pi_prox / pi_behav (p3o_jax/importance.py). `LoopState` is what the loop carries
+and checkpoints: the train state and the batches in flight.
 """
 from __future__ import annotations
 
