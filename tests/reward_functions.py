@@ -1,5 +1,8 @@
 """Reward functions the tests load by `reward_fns=tests/reward_functions.py:<name>`, as users
 write them: TRL's keyword call, verl's `compute_score`."""
+import os
+import threading
+
 import numpy as np
 
 from p3o_jax.builtin_rewards import text_of
@@ -81,3 +84,10 @@ def verl_compute_score(data_source, solution_str, ground_truth, extra_info=None)
     correct = ground_truth is not None and str(ground_truth) in solution_str
     return {"score": float(correct), "acc": correct, "pred": solution_str[-8:],
             "index": (extra_info or {}).get("index", -1)}
+
+
+def toy_gold_logged(completion_ids, prompt_ids, trainer_state, **kwargs):
+    """`toy_gold`, each call's thread and iteration appended to $TOY_GOLD_LOG."""
+    with open(os.environ["TOY_GOLD_LOG"], "a") as f:
+        f.write(f"{threading.current_thread().name} {trainer_state.global_step}\n")
+    return toy_gold(completion_ids, prompt_ids)

@@ -695,11 +695,17 @@ def test_bad_input_is_one_line_before_any_compute(files, sft_folder, tmp_path, c
     assert not os.path.exists(tmp_path / "run" / "ckpt")
 
 
-def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path, monkeypatch, staleness):
     """The plumbing is exact (the reward each response gets is its gold reward) and RL on it
-    improves the gold reward as the gold-scored task should."""
+    improves the gold reward as the gold-scored task should. At `rl.max_staleness=1` too,
+    where each iteration's reward function is called from the thread beside the previous
+    iteration's update (all but the first)."""
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("TOY_GOLD_LOG", str(log))
     cfg = config_args.from_args(["exp=toy", f"out_dir={tmp_path}", "stages=sft,rl",
-                       f"reward_fns={FNS}:toy_gold", "eval_prompts=128", "log_every=50",
+                       f"reward_fns={FNS}:toy_gold_logged", "eval_prompts=128", "log_every=50",
+                       f"rl.max_staleness={staleness}",
                        "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "policy.d_model=32",
                        "policy.n_layers=1", "policy.d_ff=64", "sft.steps=60", "sft.batch_size=32",
                        "sft.optim.lr=1e-2", "rl.iterations=12", "rl.prompts_per_iter=32",
@@ -707,8 +713,12 @@ def test_toy_trained_by_a_reward_function_equal_to_its_gold(tmp_path):
                        "rl.optim.warmup_steps=0", "p3o.delta_norm=batch_std"])
     rows = {r["policy"]: r for r in run_experiment(cfg)["rows"]}
     for r in rows.values():
-        assert r["reward"] == pytest.approx(r["gold"]) == pytest.approx(r["toy_gold"])
+        assert r["reward"] == pytest.approx(r["gold"]) == pytest.approx(r["toy_gold_logged"])
         assert r["reward_se"] == pytest.approx(r["gold_se"])
+    rl_calls = [line.split() for line in log.read_text().splitlines()][:12]   # then evaluation
+    assert [int(step) for _, step in rl_calls] == list(range(12))
+    beside = [thread.startswith("host-rewards") for thread, _ in rl_calls]
+    assert beside == [False] + [bool(staleness)] * 11, rl_calls
     assert rows["p3o"]["gold"] > rows["sft"]["gold"]
     assert rows["p3o"]["win_gold"] - 0.5 > 2 * rows["p3o"]["win_gold_se"], rows
     assert not os.path.exists(tmp_path / "rm")
