@@ -12,7 +12,8 @@ from p3o_jax.checks import ConfigError
 from p3o_jax.config import ExperimentConfig
 from p3o_jax.config_args import from_args
 
-TOOLS = ("train", "frontier", "compare", "bench", "memory_plan", "compile_check", "export")
+TOOLS = ("train", "frontier", "compare", "offpolicy", "bench", "memory_plan", "compile_check",
+         "export")
 
 
 def leaf_keys(obj, prefix=""):
