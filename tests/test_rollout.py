@@ -91,7 +91,10 @@ def test_sampler_logprobs_are_the_training_forwards():
     score = jax.jit(R.score, static_argnums=(3, 4, 8, 9))
     reused = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, False)
     recomputed = score(policy, ref, rm, cfg, cfg, prompts, prompt_mask, samples, 0.8, True)
-    chex.assert_trees_all_close(reused, recomputed, atol=2e-5)
+    # recomputed, the sampler's log-probs are kept as the behaviour policy's (importance.py)
+    assert reused.logp_behav is None
+    np.testing.assert_array_equal(recomputed.logp_behav, reused.logp_old)
+    chex.assert_trees_all_close(reused, recomputed.replace(logp_behav=None), atol=2e-5)
     chex.assert_shape(recomputed.rewards, (4, 2))
     assert float(jnp.abs(recomputed.seq_kl).max()) > 0.1    # policy and reference differ
 
