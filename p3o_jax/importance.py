@@ -46,6 +46,11 @@ def log_ratio(logp_prox, logp_behav, mask):
     return jnp.where(mask > 0, ops.clamped_log_ratio(logp_prox, logp_behav), 0.0)
 
 
+def truncated(log_weight, cap: float):
+    """min(exp(log_weight), cap), overflow-safe: the truncated importance weight."""
+    return jnp.minimum(jnp.exp(jnp.minimum(log_weight, ops.LOG_RATIO_CLAMP)), cap)
+
+
 def token_weights(logp_prox, logp_behav, mask, mode: str, cap: float):
     """The truncated weight of every token, [..., T] (module docstring; "sequence": the
     response's weight on each of its tokens), constant; 1 on pads and for mode "none"."""
@@ -55,8 +60,7 @@ def token_weights(logp_prox, logp_behav, mask, mode: str, cap: float):
         return jnp.ones_like(lr)
     if mode == "sequence":
         lr = jnp.broadcast_to(jnp.sum(lr, -1, keepdims=True), lr.shape)
-    return jnp.where(mask > 0, jnp.minimum(jnp.exp(jnp.minimum(lr, ops.LOG_RATIO_CLAMP)), cap),
-                     1.0)
+    return jnp.where(mask > 0, truncated(lr, cap), 1.0)
 
 
 def weighted_logprobs(logp, weights):

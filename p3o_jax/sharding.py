@@ -68,8 +68,13 @@ def logical_to_spec(axes: Sequence[str | None]) -> P:
 def fitted_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape) -> P:
     """`logical_to_spec(axes)` with every dimension that its mesh axes do not divide left
     unsharded (e.g. GPT-2's vocabulary of 50257 over `tensor`, or a batch of 1)."""
+    return divisible(logical_to_spec(axes), shape, mesh_shape)
+
+
+def divisible(spec: P, shape: Sequence[int], mesh_shape) -> P:
+    """`spec` with every dimension that its mesh axes do not divide left unsharded."""
     dims = []
-    for size, names in zip(shape, logical_to_spec(axes)):
+    for size, names in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         group = (names,) if isinstance(names, str) else (names or ())
         dims.append(names if size % math.prod(mesh_shape[a] for a in group) == 0 else None)
     return P(*dims)
@@ -91,12 +96,8 @@ def moved_to(tree, mesh: Mesh):
     laid out by the partition spec it has now, less the mesh axes that do not divide its
     dimensions there: a device-to-device copy (`rl.rollout_devices`), asynchronous."""
     def place(x):
-        dims = []
         spec = getattr(x.sharding, "spec", P())     # one device's array: replicated there
-        for size, names in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
-            group = (names,) if isinstance(names, str) else (names or ())
-            dims.append(names if size % math.prod(mesh.shape[a] for a in group) == 0 else None)
-        return jax.device_put(x, NamedSharding(mesh, P(*dims)))
+        return jax.device_put(x, NamedSharding(mesh, divisible(spec, x.shape, mesh.shape)))
     return jax.tree.map(place, tree)
 
 

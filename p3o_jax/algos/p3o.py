@@ -208,8 +208,7 @@ def pair_is_weights(logp_prox, logp_behav, mask, cap: float):
     K = jnp.shape(mask)[1]
     seq = jnp.sum(importance.log_ratio(logp_prox, logp_behav, mask), -1)          # [B, K]
     pair = to_pairs(seq, K).sum(-1).reshape(seq.shape[0], -1)                      # [B, pairs]
-    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(jnp.minimum(pair, ops.LOG_RATIO_CLAMP)),
-                                             cap))
+    return jax.lax.stop_gradient(importance.truncated(pair, cap))
 
 
 def corrected(logp, batch: Rollout, rl):
