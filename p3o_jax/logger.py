@@ -179,6 +179,11 @@ class MetricsLogger:
         return self._writer.file_writer.event_writer._worker.is_alive()
 
     def _check_tensorboard(self) -> None:
+        """Before each event: its put blocks while the queue is full, forever once the thread
+        is dead, so wait for room here, where the thread's death can still be seen."""
+        events = self._writer.file_writer.event_writer._event_queue
+        while self._tensorboard_alive() and events.full():
+            time.sleep(0.01)
         if not self._tensorboard_alive():
             raise storage.WriteFailed(os.path.join(self.directory, "tb"), "its writer thread "
                                       "stopped on an error (a refused write, or the error "
