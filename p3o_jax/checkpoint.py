@@ -76,11 +76,28 @@ class CheckpointMismatch(ConfigError):
 # ---------------------------------------------------------------------------------------------
 # a finished stage's params
 
+@contextlib.contextmanager
+def writing(path: str, out_dir: str):
+    """`storage.writing` for orbax saves. A save's items commit in threads of their own, and
+    the first to fail raises while the others still write: they are waited for (up to a
+    minute each) before `storage.writing` removes the temporary folders, which a live one
+    would make again."""
+    with storage.writing(path, out_dir):
+        try:
+            yield
+        except BaseException:
+            for thread in threading.enumerate():   # commit futures, and the async save's
+                if (type(thread).__module__.startswith("orbax.") or thread.name == "async_save"
+                        ) and thread is not threading.current_thread():
+                    thread.join(timeout=60)
+            raise
+
+
 def save_params(path: str, params) -> None:
     """`params` to the folder `path` (`<out_dir>/<stage>`), atomically (orbax renames a
     complete temporary folder); a failed write raises `storage.WriteFailed`."""
     path = os.path.abspath(path)
-    with storage.writing(path, os.path.dirname(path)), ocp.StandardCheckpointer() as ckpt:
+    with writing(path, os.path.dirname(path)), ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, params, force=True)
 
 
@@ -282,7 +299,7 @@ class StageCheckpoints:
 
     def _writing(self):
         """Saves (and background saves finishing) that fail on the filesystem: WriteFailed."""
-        return storage.writing(self.directory, self.out_dir)
+        return writing(self.directory, self.out_dir)
 
     def _save(self, step: int, state, extra: dict) -> None:
         """Save `step`, warning first if the disk will not hold the `keep` + 1 checkpoints the
