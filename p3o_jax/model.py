@@ -323,6 +323,16 @@ def rotary(x: jax.Array, positions: jax.Array, cfg: ModelConfig, local: bool = F
     return jnp.concatenate([rot.astype(x.dtype), rest], -1)
 
 
+def write_cache(cache, new, index):
+    """new [B, K, T, E] into cache [B, K, S, E] at slots [index, index + T): `index` an int
+    (every row at the same slot) or int [B] (each row at its own, continuous batching)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, 2)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, 1))(
+        cache, new, index)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     sliding: bool = False   # this layer uses `cfg.sliding_window` (and `rope_local_theta`)
@@ -357,8 +367,7 @@ class Attention(nn.Module):
         T = x.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # [B, K, T, E]
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 2)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 2)
+            k, v = write_cache(cache["k"], k, cache_index), write_cache(cache["v"], v, cache_index)
             cache = {"k": k, "v": v}
         k, v = constrain(k, KV_CACHE_AXES), constrain(v, KV_CACHE_AXES)
         S = k.shape[2]
@@ -368,12 +377,14 @@ class Attention(nn.Module):
         scores = scores * (cfg.query_pre_attn_scalar or E) ** -0.5
         if cfg.attn_softcap:
             scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-        q_slot, k_slot = cache_index + jnp.arange(T)[:, None], jnp.arange(S)[None, :]
+        # [T, 1] slots of the queries, or [B, T, 1] with a cache index per row
+        q_slot = jnp.asarray(cache_index)[..., None, None] + jnp.arange(T)[:, None]
+        k_slot = jnp.arange(S)[None, :]
         allowed = k_slot <= q_slot
         if self.sliding:
             allowed &= k_slot > q_slot - cfg.sliding_window
         key_mask = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
-        allowed = allowed[None] & key_mask.astype(bool)
+        allowed = (allowed if allowed.ndim == 3 else allowed[None]) & key_mask.astype(bool)
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bkse->btkge", probs, v.astype(dt)).reshape(x.shape[0], T, H, E)
@@ -579,8 +590,9 @@ def forward(params, cfg: ModelConfig, tokens, mask, cache=None, cache_index=0, p
     [B, T, S] mask of the keys each query may see, which needs `positions`).
 
     Without a cache, attention is causal over the T tokens. With a cache ([B, K, S, E] per
-    layer), the T tokens are written at slots [cache_index, cache_index + T) and attend to every
-    earlier slot whose `mask` entry is 1; pass `positions` then. Returns (hidden, cache).
+    layer), the T tokens are written at slots [cache_index, cache_index + T) (cache_index: int,
+    or int [B], a slot per row) and attend to every earlier slot whose `mask` entry is 1; pass
+    `positions` then. Returns (hidden, cache).
     """
     if positions is None:
         positions = positions_from_mask(mask)

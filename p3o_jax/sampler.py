@@ -63,6 +63,10 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     gather_once: bool = True        # FSDP: gather the weights once per call, not at every
                                     # decode step (`weights_for_decode`)
+    engine: str = "static"          # `sample_responses`: "static" (a cache row per response,
+                                    # decoded until the longest ends) or "continuous" (`slots`
+                                    # rows refilled as responses end: p3o_jax/engine.py)
+    slots: int = 0                  # continuous: decode slots (0: engine.default_slots)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -79,6 +83,10 @@ class SamplingConfig:
             raise ValueError(f"sampling.eos_ids must be a tuple of token ids, got {self.eos_ids}")
         if self.stop_sequences and not self.eos_ids:
             raise ValueError("sampling.stop_sequences need eos_ids to end the response with")
+        if self.engine not in ("static", "continuous"):
+            raise ValueError(f"sampling engine must be static or continuous, got {self.engine!r}")
+        if self.slots < 0:
+            raise ValueError(f"sampling slots must be >= 0, got {self.slots}")
         if not all(seq and all(isinstance(t, int) for t in seq) for seq in self.stop_sequences):
             raise ValueError(f"sampling.stop_sequences must be non-empty tuples of token ids, "
                              f"got {self.stop_sequences}")
@@ -162,16 +170,26 @@ def prefill(params, cfg: ModelConfig, prompts, prompt_mask, max_new_tokens: int,
     return DecodeState(cache, key_mask, prompt_mask.sum(-1), jnp.asarray(P, jnp.int32), logits)
 
 
+def write_column(buf, col, index):
+    """col [B] into buf [B, M] at column `index`: an int, or int [B] (a column per row)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], index, 1)
+    return jax.vmap(lambda b, c, i: jax.lax.dynamic_update_slice_in_dim(b, c[None], i, 0))(
+        buf, col, index)
+
+
 def decode_step(params, cfg: ModelConfig, state: DecodeState, tokens, active) -> DecodeState:
-    """Write tokens [B] at slot `state.index` (visible to later steps where `active` [B] is
-    true) and compute the logits of the token after them."""
-    key_mask = jax.lax.dynamic_update_slice_in_dim(
-        state.key_mask, active.astype(jnp.int32)[:, None], state.index, 1)
+    """Write tokens [B] at cache slot `state.index` (visible to later steps where `active` [B]
+    is true) and compute the logits of the token after them. `state.index` is an int (every
+    row's next slot: all advance) or int [B] (each row's own, continuous batching: the active
+    ones advance)."""
+    active_ = active.astype(jnp.int32)
+    key_mask = write_column(state.key_mask, active_, state.index)
     hidden, cache = forward(params, cfg, tokens[:, None], key_mask, state.cache, state.index,
                             positions=state.positions[:, None])
     logits = lm_logits(params, cfg, hidden)[:, 0]
-    return DecodeState(cache, key_mask, state.positions + active.astype(jnp.int32),
-                       state.index + 1, logits)
+    index = state.index + (1 if jnp.ndim(state.index) == 0 else active_)
+    return DecodeState(cache, key_mask, state.positions + active_, index, logits)
 
 
 def _take(x, idx):
@@ -236,7 +254,8 @@ def _inverse_cdf(probs, uniforms):
 
 
 def sample_token(scfg: SamplingConfig, logits, keys, step):
-    """Draw one token per row from logits [B, V] with keys [B] at decode step `step`.
+    """Draw one token per row from logits [B, V] with keys [B] at decode step `step` (int, or
+    int [B]: each row's own).
 
     Returns (tokens int32 [B], logprobs [B] under the truncated distribution, raw_logprobs [B],
     entropy [B] of the untruncated distribution). Sampling is by inverse CDF from one uniform
@@ -252,7 +271,8 @@ def sample_token(scfg: SamplingConfig, logits, keys, step):
     if scfg.greedy:
         tokens = jnp.argmax(logits, -1).astype(jnp.int32)
         return tokens, jnp.zeros(tokens.shape), _take(scaled, tokens) - log_z, entropy
-    uniforms = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+    uniforms = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t)))(
+        keys, jnp.broadcast_to(step, keys.shape))
     if not scfg.top_k and scfg.top_p == 1:
         choice, _ = _inverse_cdf(unnormalised, uniforms)
         raw = _take(scaled, choice) - log_z
@@ -299,9 +319,9 @@ def _eos_logprob(scfg: SamplingConfig, logits):
 
 
 def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, active):
-    """Rows (among `active` [B]) whose last tokens, through step t = out.num_steps - 1, end
-    with a stop sequence: that sequence becomes [EOS, pad, ...] (mask 1, 0, ...). Returns
-    (out, stopped bool [B]). The longest matching sequence is the one cut."""
+    """Rows (among `active` [B]) whose last tokens, through step t = out.num_steps - 1 (int,
+    or int [B]), end with a stop sequence: that sequence becomes [EOS, pad, ...] (mask 1, 0,
+    ...). Returns (out, stopped bool [B]). The longest matching sequence is the one cut."""
     ids, lengths = stop_table(scfg.stop_sequences)
     hit = jnp.all((window.tokens[:, None] == ids) | (ids < 0), -1) & active[:, None]   # [B, K]
     length = jnp.max(jnp.where(hit, lengths, 0), -1)                                  # [B]
@@ -309,7 +329,7 @@ def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, ac
     t = out.num_steps - 1
     start = t + 1 - length                                   # the stop's first column
     cols = jnp.arange(out.tokens.shape[1])[None]
-    erase = stopped[:, None] & (cols >= start[:, None]) & (cols <= t)
+    erase = stopped[:, None] & (cols >= start[:, None]) & (cols <= jnp.reshape(t, (-1, 1)))
     at_eos = stopped[:, None] & (cols == start[:, None])
     L = window.tokens.shape[1]
     eos_logp = _take(window.eos_logp, jnp.clip(L - length, 0, L - 1))[:, None]
@@ -321,6 +341,40 @@ def _cut_at_stop(scfg: SamplingConfig, out: SampleOutput, window: StopWindow, ac
         entropy=jnp.where(erase & ~at_eos, 0.0, out.entropy)), stopped
 
 
+def empty_window(scfg: SamplingConfig, rows: int) -> StopWindow:
+    """The stop window of `rows` rows before their first token."""
+    L = max(map(len, scfg.stop_sequences), default=0)
+    return StopWindow(jnp.full((rows, L), -1, jnp.int32), jnp.zeros((rows, L), jnp.float32))
+
+
+def emit_token(scfg: SamplingConfig, logits, out: SampleOutput, window: StopWindow, done, *,
+               keys, limit):
+    """Sample step `out.num_steps` (int, or int [B] in continuous batching) from logits [B, V]
+    for the rows not yet `done` [B] with their keys [B]; write it to the outputs [B, N] and
+    decide which rows are done now: a stop token, a stop sequence (cut, `_cut_at_stop`) or
+    their length limit [B]. Returns (out, window, done, tokens [B], active [B]: the rows that
+    sampled)."""
+    t = out.num_steps
+    tokens, logprobs, raw, entropy = sample_token(scfg, logits, keys, t)
+    active = ~done
+    tokens = jnp.where(active, tokens, scfg.pad_id)
+    write = lambda buf, col: write_column(buf, col, t)
+    live = lambda x: jnp.where(active, x, 0.0)
+    out = SampleOutput(write(out.tokens, tokens), write(out.mask, active.astype(jnp.int32)),
+                       write(out.logprobs, live(logprobs)), write(out.raw_logprobs, live(raw)),
+                       write(out.entropy, live(entropy)), t + 1)
+    done = done | (t + 1 >= limit)
+    if scfg.eos_ids:
+        done = done | jnp.isin(tokens, jnp.asarray(scfg.eos_ids, jnp.int32))
+    if scfg.stop_sequences:
+        shift = lambda buf, col: jnp.concatenate([buf[:, 1:], col[:, None]], 1)
+        window = StopWindow(shift(window.tokens, tokens),
+                            shift(window.eos_logp, _eos_logprob(scfg, logits)))
+        out, stopped = _cut_at_stop(scfg, out, window, active)
+        done = done | stopped
+    return out, window, done, tokens, active
+
+
 def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, keys,
             max_lengths) -> SampleOutput:
     """Sample up to N tokens per row from a prefilled state, in one `lax.while_loop`."""
@@ -330,30 +384,8 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
     zeros = lambda dtype=jnp.float32: batch(jnp.zeros((B, N), dtype))
     out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
                        zeros(), zeros(), zeros(), jnp.asarray(0, jnp.int32))
-    L = max(map(len, scfg.stop_sequences), default=0)
-    window = StopWindow(jnp.full((B, L), -1, jnp.int32), jnp.zeros((B, L), jnp.float32))
-
-    def emit(state, out, window, done):
-        """Sample step `out.num_steps` for the rows not yet done; write it to the outputs."""
-        t = out.num_steps
-        tokens, logprobs, raw, entropy = sample_token(scfg, state.logits, keys, t)
-        active = ~done
-        tokens = jnp.where(active, tokens, scfg.pad_id)
-        write = lambda buf, col: jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], t, 1)
-        live = lambda x: jnp.where(active, x, 0.0)
-        out = SampleOutput(write(out.tokens, tokens), write(out.mask, active.astype(jnp.int32)),
-                           write(out.logprobs, live(logprobs)), write(out.raw_logprobs, live(raw)),
-                           write(out.entropy, live(entropy)), t + 1)
-        done = done | (t + 1 >= limit)
-        if scfg.eos_ids:
-            done = done | jnp.isin(tokens, jnp.asarray(scfg.eos_ids, jnp.int32))
-        if scfg.stop_sequences:
-            shift = lambda buf, col: jnp.concatenate([buf[:, 1:], col[:, None]], 1)
-            window = StopWindow(shift(window.tokens, tokens),
-                                shift(window.eos_logp, _eos_logprob(scfg, state.logits)))
-            out, stopped = _cut_at_stop(scfg, out, window, active)
-            done = done | stopped
-        return out, window, done, tokens, active
+    window = empty_window(scfg, B)
+    emit = functools.partial(emit_token, scfg, keys=keys, limit=limit)
 
     def cond(carry):
         _, out, _, done, _, _ = carry
@@ -362,9 +394,9 @@ def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, 
     def body(carry):
         state, out, window, done, tokens, active = carry
         state = decode_step(params, cfg, state, tokens, active)
-        return (state, *emit(state, out, window, done))
+        return (state, *emit(state.logits, out, window, done))
 
-    carry = (state, *emit(state, out, window, limit <= 0))
+    carry = (state, *emit(state.logits, out, window, limit <= 0))
     return jax.lax.while_loop(cond, body, carry)[1]
 
 
@@ -402,6 +434,10 @@ def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, pr
     """
     if n < 2:
         raise ValueError(f"sample_responses: n must be >= 2, got {n}")
+    if scfg.engine == "continuous":
+        from p3o_jax.engine import sample_continuous   # it builds on this module
+        return sample_continuous(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths,
+                                 packing)
     B = prompts.shape[0]
     params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)

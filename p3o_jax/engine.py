@@ -1,0 +1,195 @@
+"""Continuous batching: responses decoded in a fixed number of slots, each slot refilled from
+the queue of (prompt, sample) requests as soon as its response ends, in one `lax.while_loop`.
+
+The static sampler (`sampler._decode`) gives each of the B n responses a row of one KV cache
+[B n, P + N] and decodes until the longest ends: memory grows with the batch, and every finished
+row rides along to the end. Here the cache has `slots` rows [slots, P + N], so memory is bounded
+by the slots, and a decode step runs `slots` rows, whoever is in them. With responses of very
+uneven length (a 20-token answer beside a 500-token chain of thought) the executed slot-steps
+approach the real tokens instead of B n times the longest.
+
+Each prompt is prefilled once (all B together, packed as for the static sampler); its cache
+[K, P, E] and last logits are kept, and a request (b, j) entering a slot copies them in, so its
+n samples share one prefill. One loop iteration:
+
+  1. decode: each slot whose last sampled token is not yet in its cache writes it at its own
+     cache slot (`model.write_cache`, an index per row) and computes the next logits; a slot
+     that has just been refilled keeps its prompt's logits;
+  2. sample: every live slot draws its next token (`sampler.emit_token`) with its request's
+     key (`sampler.pair_keys`) at its own step, so a response is drawn exactly as the static
+     sampler draws it: the same key, the same step, the same logits up to rounding;
+  3. retire: slots whose response ended (stop token, stop sequence, length limit) copy their
+     outputs [N] to their request's row of the results [B n, N];
+  4. admit: free slots take the next requests in order (prompt-major, as `pair_keys` lays
+     them out), under a `lax.cond`, so only the iterations where a response ended pay for it.
+
+Nothing leaves the device between tokens. Parity with the static sampler: per row, the two run
+the same operations on the same values; what differs is the batch a row sits in (`slots` rows
+against B n), which XLA may tile differently, so logits agree to rounding, and bitwise where the
+backend computes a row independently of the batch size (tests/test_engine.py says where).
+
+Shapes: B prompts, n samples each, R = B n requests, P prompt length, N = max_new_tokens,
+C = slots, V vocab.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from p3o_jax.model import KV_CACHE_AXES, ModelConfig
+from p3o_jax.packing import Packing
+from p3o_jax.sampler import (DecodeState, SampleOutput, SamplingConfig, StopWindow,
+                             decode_step, emit_token, empty_window, pair_keys, prefill,
+                             weights_for_decode)
+from p3o_jax.sharding import constrain
+
+
+class Slots(NamedTuple):
+    """The decode slots' state [C, ...].
+
+    state:   their KV cache [C, K, P + N, E] per layer, key mask, positions, next cache slot
+             (int [C], each its own) and next-token logits.
+    request: int32 [C], the request in the slot (b n + j), -1 when free.
+    out:     SampleOutput [C, N] of the slot's response so far; `num_steps` int [C], its
+             tokens so far.
+    window:  the stop-sequence window [C, L].
+    done:    bool [C], the response has ended (or the slot is free).
+    tokens:  int32 [C], the token sampled last.
+    pending: bool [C], that token is not yet in the cache.
+    """
+    state: DecodeState
+    request: jax.Array
+    out: SampleOutput
+    window: StopWindow
+    done: jax.Array
+    tokens: jax.Array
+    pending: jax.Array
+
+
+def default_slots(requests: int) -> int:
+    """Slots when `SamplingConfig.slots` is 0: a quarter of the requests, at least 8 (and at
+    most all of them)."""
+    return min(requests, max(8, requests // 4))
+
+
+def _empty(scfg: SamplingConfig, prompt: DecodeState, C: int, P: int) -> Slots:
+    """C free slots; `prompt` is the prefilled prompts' state (its cache fixes the dtype)."""
+    N = scfg.max_new_tokens
+    cache = jax.tree.map(lambda c: constrain(
+        jnp.zeros((C, c.shape[1], P + N, c.shape[3]), c.dtype), KV_CACHE_AXES), prompt.cache)
+    rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    state = DecodeState(cache, rows(jnp.zeros((C, P + N), jnp.int32)),
+                        rows(jnp.zeros((C,), jnp.int32)), rows(jnp.full((C,), P, jnp.int32)),
+                        rows(jnp.zeros((C, prompt.logits.shape[-1]), prompt.logits.dtype)))
+    zeros = lambda dtype=jnp.float32: rows(jnp.zeros((C, N), dtype))
+    out = SampleOutput(rows(jnp.full((C, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
+                       zeros(), zeros(), zeros(), rows(jnp.zeros((C,), jnp.int32)))
+    return Slots(state, jnp.full((C,), -1, jnp.int32), out, empty_window(scfg, C),
+                 jnp.ones((C,), bool), jnp.full((C,), scfg.pad_id, jnp.int32),
+                 jnp.zeros((C,), bool))
+
+
+def _admit(scfg: SamplingConfig, prompt: DecodeState, n: int, limit, slots: Slots, head):
+    """Free slots take requests head, head + 1, ... (< R): the prompt's cache, mask, position
+    and logits, a fresh output row (a request whose limit [R] is 0 ends at once, empty).
+    Returns (slots, the new head)."""
+    R = limit.shape[0]
+    free = slots.request < 0
+    wanted = head + jnp.cumsum(free) - 1
+    admit = free & (wanted < R)
+
+    def fill(slots):
+        b = jnp.where(admit, wanted, 0) // n
+        P = prompt.key_mask.shape[1]
+        pick = lambda new, old: jnp.where(admit.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+        cache = jax.tree.map(lambda c, p: c.at[:, :, :P].set(pick(p[b], c[:, :, :P])),
+                             slots.state.cache, prompt.cache)
+        key_mask = slots.state.key_mask.at[:, :P].set(pick(prompt.key_mask[b],
+                                                           slots.state.key_mask[:, :P]))
+        key_mask = key_mask.at[:, P:].set(pick(0, key_mask[:, P:]))
+        state = DecodeState(cache, key_mask, pick(prompt.positions[b], slots.state.positions),
+                            pick(P, slots.state.index), pick(prompt.logits[b], slots.state.logits))
+        fresh = _empty_out(scfg, slots.out)
+        out = jax.tree.map(pick, fresh, slots.out)
+        window = jax.tree.map(pick, empty_window(scfg, admit.shape[0]), slots.window)
+        return Slots(state, jnp.where(admit, wanted, slots.request), out, window,
+                     pick(limit[jnp.minimum(wanted, R - 1)] <= 0, slots.done), slots.tokens,
+                     slots.pending & ~admit)
+    slots = jax.lax.cond(admit.any(), fill, lambda s: s, slots)
+    return slots, head + admit.sum(dtype=jnp.int32)
+
+
+def _empty_out(scfg: SamplingConfig, like: SampleOutput) -> SampleOutput:
+    """A row of outputs before its first token, shaped as `like` [C, N]."""
+    return SampleOutput(jnp.full_like(like.tokens, scfg.pad_id), jnp.zeros_like(like.mask),
+                        jnp.zeros_like(like.logprobs), jnp.zeros_like(like.raw_logprobs),
+                        jnp.zeros_like(like.entropy), jnp.zeros_like(like.num_steps))
+
+
+def _retire(slots: Slots, results: SampleOutput, R: int):
+    """Slots whose response has ended copy it to their request's row; they become free."""
+    ended = slots.done & (slots.request >= 0)
+
+    def copy(results):
+        rows = jnp.where(ended, slots.request, R)           # R: out of bounds, dropped
+        put = lambda res, x: res.at[rows].set(x, mode="drop")
+        return results._replace(**{f: put(getattr(results, f), getattr(slots.out, f))
+                                   for f in SampleOutput._fields if f != "num_steps"})
+    results = jax.lax.cond(ended.any(), copy, lambda r: r, results)
+    return slots._replace(request=jnp.where(ended, -1, slots.request)), results
+
+
+def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: DecodeState,
+                      keys, limit, n: int, slots: int) -> SampleOutput:
+    """Decode R = B n requests (request b n + j: prompt b, key keys[b n + j], length limit
+    limit[b n + j]) from the prefilled prompts `prompt` (cache [B, K, P, E]) through `slots`
+    slots. Returns SampleOutput [R, N]; `num_steps` = the loop's iterations (each runs every
+    slot: slots x num_steps slot-steps)."""
+    R, N = keys.shape[0], scfg.max_new_tokens
+    P = prompt.key_mask.shape[1]
+    zeros = lambda dtype=jnp.float32: constrain(jnp.zeros((R, N), dtype), ("act_batch", None))
+    results = SampleOutput(constrain(jnp.full((R, N), scfg.pad_id, jnp.int32),
+                                     ("act_batch", None)), zeros(jnp.int32), zeros(), zeros(),
+                           zeros(), jnp.asarray(0, jnp.int32))
+    s, head = _admit(scfg, prompt, n, limit, _empty(scfg, prompt, slots, P), jnp.int32(0))
+
+    def body(carry):
+        s, results, head = carry
+        state = decode_step(params, cfg, s.state, s.tokens, s.pending)
+        state = state._replace(logits=jnp.where(s.pending[:, None], state.logits,
+                                                 s.state.logits))
+        r = jnp.maximum(s.request, 0)
+        out, window, done, tokens, active = emit_token(
+            scfg, state.logits, s.out, s.window, s.done, keys=keys[r], limit=limit[r])
+        s = Slots(state, s.request, out, window, done, tokens, active & ~done)
+        s, results = _retire(s, results, R)
+        s, head = _admit(scfg, prompt, n, limit, s, head)
+        return s, results._replace(num_steps=results.num_steps + 1), head
+
+    cond = lambda carry: (carry[0].request >= 0).any()
+    return jax.lax.while_loop(cond, body, (s, results, head))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
+def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
+                      n: int = 2, max_lengths=None, packing: Packing | None = None
+                      ) -> SampleOutput:
+    """`sampler.sample_responses` through `scfg.slots` decode slots (0: `default_slots`): the
+    same arguments and outputs [B, n, N], `num_steps` the loop's iterations."""
+    B = prompts.shape[0]
+    R = B * n
+    params = weights_for_decode(params, cfg, scfg)
+    prompt = prefill(params, cfg, prompts, prompt_mask, 0, packing)
+    N = scfg.max_new_tokens
+    if max_lengths is None:
+        limit = jnp.full((R,), N, jnp.int32)
+    else:
+        limit = jnp.minimum(jnp.repeat(max_lengths, n) if max_lengths.ndim == 1
+                            else max_lengths.reshape(-1), N)
+    slots = min(scfg.slots or default_slots(R), R)
+    out = continuous_decode(params, cfg, scfg, prompt, pair_keys(key, B, n), limit, n, slots)
+    split = lambda x: x.reshape(B, n, *x.shape[1:])
+    return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"})
