@@ -69,6 +69,10 @@ class Slots(NamedTuple):
     pending: jax.Array
 
 
+WIDTH_LEVELS = 3      # decode widths C, C/2, C/4: the tail, once the queue is empty, runs
+                      # on the narrowest that holds the live slots (`_narrowed`)
+
+
 def default_slots(requests: int) -> int:
     """Slots when `SamplingConfig.slots` is 0: a quarter of the requests, at least 8 (and at
     most all of them)."""
@@ -142,14 +146,41 @@ def _retire(slots: Slots, results: SampleOutput, R: int):
     return slots._replace(request=jnp.where(ended, -1, slots.request)), results
 
 
+def _narrowed(slots: Slots, level, levels: int, queued):
+    """Once the queue is empty (`queued` false) and the live slots fit in a narrower width
+    (C >> level, level < `levels`), move them to the front (one gather of every slot
+    array, the cache included) and return the level whose width holds them."""
+    C = slots.request.shape[0]
+    live = (slots.request >= 0).sum()
+    fits = jnp.asarray([live <= C >> k for k in range(levels)])
+    target = jnp.where(queued, level, jnp.maximum(level, levels - 1 - jnp.argmax(fits[::-1])))
+
+    def compact(slots):
+        order = jnp.argsort(slots.request < 0, stable=True)   # live first, in slot order
+        return jax.tree.map(lambda x: x[order], slots)
+    slots = jax.lax.cond(target > level, compact, lambda s: s, slots)
+    return slots, target
+
+
+def _decode_rows(params, cfg: ModelConfig, slots: Slots, width: int) -> DecodeState:
+    """`decode_step` on the first `width` slots (the rest keep their state)."""
+    C = slots.request.shape[0]
+    if width == C:
+        return decode_step(params, cfg, slots.state, slots.tokens, slots.pending)
+    head = lambda x: x[:width]
+    new = decode_step(params, cfg, jax.tree.map(head, slots.state), head(slots.tokens),
+                      head(slots.pending))
+    return jax.tree.map(lambda x, y: x.at[:width].set(y), slots.state, new)
+
+
 def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: DecodeState,
                       keys, limit, n: int, slots: int) -> SampleOutput:
     """Decode R = B n requests (request b n + j: prompt b, key keys[b n + j], length limit
     limit[b n + j]) from the prefilled prompts `prompt` (cache [B, K, P, E]) through `slots`
-    slots. Returns SampleOutput [R, N]; `num_steps` = the loop's iterations (each runs every
-    slot: slots x num_steps slot-steps)."""
+    slots. Returns SampleOutput [R, N] and the decode slot-steps run (int [])."""
     R, N = keys.shape[0], scfg.max_new_tokens
     P = prompt.key_mask.shape[1]
+    levels = min(WIDTH_LEVELS, slots.bit_length())
     zeros = lambda dtype=jnp.float32: constrain(jnp.zeros((R, N), dtype), ("act_batch", None))
     results = SampleOutput(constrain(jnp.full((R, N), scfg.pad_id, jnp.int32),
                                      ("act_batch", None)), zeros(jnp.int32), zeros(), zeros(),
@@ -157,8 +188,10 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
     s, head = _admit(scfg, prompt, n, limit, _empty(scfg, prompt, slots, P), jnp.int32(0))
 
     def body(carry):
-        s, results, head = carry
-        state = decode_step(params, cfg, s.state, s.tokens, s.pending)
+        s, results, head, level, slot_steps = carry
+        state = jax.lax.switch(level, [functools.partial(_decode_rows, params, cfg,
+                                                         width=slots >> k)
+                                       for k in range(levels)], s)
         state = state._replace(logits=jnp.where(s.pending[:, None], state.logits,
                                                  s.state.logits))
         r = jnp.maximum(s.request, 0)
@@ -167,18 +200,22 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
         s = Slots(state, s.request, out, window, done, tokens, active & ~done)
         s, results = _retire(s, results, R)
         s, head = _admit(scfg, prompt, n, limit, s, head)
-        return s, results._replace(num_steps=results.num_steps + 1), head
+        slot_steps = slot_steps + (slots >> level)
+        s, level = _narrowed(s, level, levels, head < R)
+        return s, results._replace(num_steps=results.num_steps + 1), head, level, slot_steps
 
     cond = lambda carry: (carry[0].request >= 0).any()
-    return jax.lax.while_loop(cond, body, (s, results, head))[1]
+    carry = (s, results, head, jnp.int32(0), jnp.int32(0))
+    _, results, _, _, slot_steps = jax.lax.while_loop(cond, body, carry)
+    return results, slot_steps
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
 def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
-                      n: int = 2, max_lengths=None, packing: Packing | None = None
-                      ) -> SampleOutput:
+                      n: int = 2, max_lengths=None, packing: Packing | None = None):
     """`sampler.sample_responses` through `scfg.slots` decode slots (0: `default_slots`): the
-    same arguments and outputs [B, n, N], `num_steps` the loop's iterations."""
+    same arguments. Returns (SampleOutput [B, n, N] with `num_steps` the loop's iterations,
+    the decode slot-steps run int [])."""
     B = prompts.shape[0]
     R = B * n
     params = weights_for_decode(params, cfg, scfg)
@@ -190,6 +227,8 @@ def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, p
         limit = jnp.minimum(jnp.repeat(max_lengths, n) if max_lengths.ndim == 1
                             else max_lengths.reshape(-1), N)
     slots = min(scfg.slots or default_slots(R), R)
-    out = continuous_decode(params, cfg, scfg, prompt, pair_keys(key, B, n), limit, n, slots)
+    out, slot_steps = continuous_decode(params, cfg, scfg, prompt, pair_keys(key, B, n), limit,
+                                        n, slots)
     split = lambda x: x.reshape(B, n, *x.shape[1:])
-    return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"})
+    return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"}
+                        ), slot_steps

@@ -429,6 +429,8 @@ def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, pr
 
     Each prompt is prefilled once and its cache repeated n times along the batch, which gives
     the same samples as `generate` on `jnp.repeat(prompts, n, 0)` with keys `pair_keys(key, B, n)`.
+    `scfg.engine="continuous"` decodes them through `scfg.slots` rows instead (p3o_jax/engine.py:
+    the same tokens; `num_steps` counts its loop's iterations).
     key: one typed PRNG key. max_lengths: optional int [B] (per prompt) or [B, n] (per
     response). packing: the prompts packed (`packing.pack_prompts`) for the prefill.
     """
@@ -437,7 +439,7 @@ def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, pr
     if scfg.engine == "continuous":
         from p3o_jax.engine import sample_continuous   # it builds on this module
         return sample_continuous(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths,
-                                 packing)
+                                 packing)[0]
     B = prompts.shape[0]
     params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)
