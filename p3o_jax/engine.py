@@ -70,7 +70,7 @@ class Slots(NamedTuple):
 
 
 WIDTH_LEVELS = 3      # decode widths C, C/2, C/4: the tail, once the queue is empty, runs
-                      # on the narrowest that holds the live slots (`_narrowed`)
+                      # on the narrowest that holds the live slots (`continuous_decode`)
 
 
 def default_slots(requests: int) -> int:
@@ -146,41 +146,26 @@ def _retire(slots: Slots, results: SampleOutput, R: int):
     return slots._replace(request=jnp.where(ended, -1, slots.request)), results
 
 
-def _narrowed(slots: Slots, level, levels: int, queued):
-    """Once the queue is empty (`queued` false) and the live slots fit in a narrower width
-    (C >> level, level < `levels`), move them to the front (one gather of every slot
-    array, the cache included) and return the level whose width holds them."""
-    C = slots.request.shape[0]
-    live = (slots.request >= 0).sum()
-    fits = jnp.asarray([live <= C >> k for k in range(levels)])
-    target = jnp.where(queued, level, jnp.maximum(level, levels - 1 - jnp.argmax(fits[::-1])))
-
-    def compact(slots):
-        order = jnp.argsort(slots.request < 0, stable=True)   # live first, in slot order
-        return jax.tree.map(lambda x: x[order], slots)
-    slots = jax.lax.cond(target > level, compact, lambda s: s, slots)
-    return slots, target
-
-
-def _decode_rows(params, cfg: ModelConfig, slots: Slots, width: int) -> DecodeState:
-    """`decode_step` on the first `width` slots (the rest keep their state)."""
-    C = slots.request.shape[0]
-    if width == C:
-        return decode_step(params, cfg, slots.state, slots.tokens, slots.pending)
-    head = lambda x: x[:width]
-    new = decode_step(params, cfg, jax.tree.map(head, slots.state), head(slots.tokens),
-                      head(slots.pending))
-    return jax.tree.map(lambda x, y: x.at[:width].set(y), slots.state, new)
+def _compacted(slots: Slots, width: int) -> Slots:
+    """The live slots moved to the front, and the first `width` rows kept (all the live
+    ones, when called): one gather of every slot array, the cache included."""
+    order = jnp.argsort(slots.request < 0, stable=True)[:width]   # live first, in slot order
+    return jax.tree.map(lambda x: x[order], slots)
 
 
 def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: DecodeState,
-                      keys, limit, n: int, slots: int) -> SampleOutput:
+                      keys, limit, n: int, slots: int):
     """Decode R = B n requests (request b n + j: prompt b, key keys[b n + j], length limit
     limit[b n + j]) from the prefilled prompts `prompt` (cache [B, K, P, E]) through `slots`
-    slots. Returns SampleOutput [R, N] and the decode slot-steps run (int [])."""
+    slots. Returns SampleOutput [R, N] (`num_steps`: the loop iterations) and the decode
+    slot-steps run (int []).
+
+    The loop runs in up to `WIDTH_LEVELS` phases of decreasing width C, C/2, C/4: once the
+    queue is empty and the live slots fit in the next width, they are compacted into it and
+    the tail decodes only those rows, each phase its own `while_loop` on arrays of its width.
+    """
     R, N = keys.shape[0], scfg.max_new_tokens
     P = prompt.key_mask.shape[1]
-    levels = min(WIDTH_LEVELS, slots.bit_length())
     zeros = lambda dtype=jnp.float32: constrain(jnp.zeros((R, N), dtype), ("act_batch", None))
     results = SampleOutput(constrain(jnp.full((R, N), scfg.pad_id, jnp.int32),
                                      ("act_batch", None)), zeros(jnp.int32), zeros(), zeros(),
@@ -188,10 +173,8 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
     s, head = _admit(scfg, prompt, n, limit, _empty(scfg, prompt, slots, P), jnp.int32(0))
 
     def body(carry):
-        s, results, head, level, slot_steps = carry
-        state = jax.lax.switch(level, [functools.partial(_decode_rows, params, cfg,
-                                                         width=slots >> k)
-                                       for k in range(levels)], s)
+        s, results, head = carry
+        state = decode_step(params, cfg, s.state, s.tokens, s.pending)
         state = state._replace(logits=jnp.where(s.pending[:, None], state.logits,
                                                  s.state.logits))
         r = jnp.maximum(s.request, 0)
@@ -200,13 +183,22 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
         s = Slots(state, s.request, out, window, done, tokens, active & ~done)
         s, results = _retire(s, results, R)
         s, head = _admit(scfg, prompt, n, limit, s, head)
-        slot_steps = slot_steps + (slots >> level)
-        s, level = _narrowed(s, level, levels, head < R)
-        return s, results._replace(num_steps=results.num_steps + 1), head, level, slot_steps
+        return s, results._replace(num_steps=results.num_steps + 1), head
 
-    cond = lambda carry: (carry[0].request >= 0).any()
-    carry = (s, results, head, jnp.int32(0), jnp.int32(0))
-    _, results, _, _, slot_steps = jax.lax.while_loop(cond, body, carry)
+    widths = [w for w in (slots >> k for k in range(WIDTH_LEVELS)) if w >= 1]
+    slot_steps = jnp.int32(0)
+    for k, width in enumerate(widths):
+        narrower = widths[k + 1] if k + 1 < len(widths) else 0
+
+        def cond(carry):
+            s, _, head = carry
+            live = (s.request >= 0).sum()
+            return (live > 0) & ((head < R) | (live > narrower))
+        if k:
+            s = _compacted(s, width)
+        steps = results.num_steps
+        s, results, head = jax.lax.while_loop(cond, body, (s, results, head))
+        slot_steps = slot_steps + width * (results.num_steps - steps)
     return results, slot_steps
 
 

@@ -95,7 +95,7 @@ from p3o_jax.rl import RLIteration, initial_params
 from p3o_jax.sharding import make_mesh
 from p3o_jax.train_state import OptimConfig, make_optimizer
 
-SECTIONS = ("machine", "iteration", "loop", "torch", "memory", "staleness")
+SECTIONS = ("machine", "iteration", "loop", "torch", "memory", "staleness", "engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +108,14 @@ class Workload:
     prompt_len_min: int = 0         # > 0: real prompt lengths uniform in [min, P] (else P)
     new_tokens: int = 48            # N
     new_tokens_min: int = 0         # > 0: per-response limits uniform in [min, N] (else N)
+    new_tokens_median: float = 0.0  # > 0: the limits log-normal with this median instead,
+    new_tokens_sigma: float = 0.8   # and this sigma, clipped to [new_tokens_min, N]
     layers: int = 4
     d_model: int = 256
     heads: int = 4
+    kv_heads: int = 0               # 0: = heads
+    d_ff: int = 0                   # 0: the family's (4 d_model)
+    tie_embeddings: bool | None = None   # None: the family's
     vocab: int = 8192
     rotary_pct: float = 1.0
     dtype: str = "float32"
@@ -121,12 +126,15 @@ class Workload:
     recompute_old: bool = False     # recompute pi_old's log-probs (off: the sampler's are reused)
     pack_prompts: bool = True       # prompt passes on the packed prompts (`rl.pack_prompts`)
     seed: int = 0                   # weights, prompts and lengths
+    engine: Annotated[str, OneOf("static", "continuous")] = "static"   # the sampler's
+    slots: int = 0                  # continuous: decode slots (0: engine.default_slots)
 
     @property
     def name(self) -> str:
         """Prefix of the output keys: the preset's name (`w2_bfloat16` with that dtype, and
         `_padded` without packing) or `custom`."""
-        base = dataclasses.replace(self, dtype="float32", pack_prompts=True)
+        base = dataclasses.replace(self, dtype="float32", pack_prompts=True, engine="static",
+                                   slots=0)
         name = next((k for k, v in WORKLOADS.items() if v == base), "custom")
         return (name + ("" if self.dtype == "float32" else f"_{self.dtype}")
                 + ("" if self.pack_prompts else "_padded"))
@@ -135,13 +143,15 @@ class Workload:
     def model(self) -> M.ModelConfig:
         return M.ModelConfig(family=self.family, vocab_size=self.vocab, d_model=self.d_model,
                              n_layers=self.layers, n_heads=self.heads,
-                             rotary_pct=self.rotary_pct,
+                             n_kv_heads=self.kv_heads or None, d_ff=self.d_ff or None,
+                             tie_embeddings=self.tie_embeddings, rotary_pct=self.rotary_pct,
                              max_len=self.prompt_len + self.new_tokens, dtype=self.dtype)
 
     @property
     def sampling(self) -> S.SamplingConfig:   # no eos_ids: responses end at their limits
         return S.SamplingConfig(max_new_tokens=self.new_tokens, temperature=self.temperature,
-                                top_k=self.top_k, top_p=self.top_p)
+                                top_k=self.top_k, top_p=self.top_p, engine=self.engine,
+                                slots=self.slots)
 
     def experiment(self, algo: str = "p3o") -> ExperimentConfig:
         """The run config the workload's iteration uses (one epoch of one minibatch)."""
@@ -157,9 +167,19 @@ class Workload:
         B, n, P, N = self.prompts, self.responses, self.prompt_len, self.new_tokens
         prompt = (rng.integers(self.prompt_len_min, P + 1, B) if self.prompt_len_min
                   else np.full(B, P))
-        response = (rng.integers(self.new_tokens_min, N + 1, (B, n)) if self.new_tokens_min
-                    else np.full((B, n), N))
+        if self.new_tokens_median:
+            draw = rng.lognormal(np.log(self.new_tokens_median), self.new_tokens_sigma, (B, n))
+            response = np.clip(np.round(draw), max(self.new_tokens_min, 1), N).astype(int)
+        elif self.new_tokens_min:
+            response = rng.integers(self.new_tokens_min, N + 1, (B, n))
+        else:
+            response = np.full((B, n), N)
         return prompt, response
+
+    @property
+    def limited(self) -> bool:
+        """Responses have per-response length limits (W2-var, W3), not all N tokens."""
+        return bool(self.new_tokens_min or self.new_tokens_median)
 
     @property
     def generated_tokens(self) -> int:
@@ -168,7 +188,12 @@ class Workload:
 
 W2 = Workload(family="gpt_neox", prompts=8, prompt_len=512, prompt_len_min=128, new_tokens=53,
               layers=12, d_model=768, heads=12, vocab=50304, rotary_pct=0.25)
-WORKLOADS = {"w1": Workload(), "w2": W2, "w2_var": dataclasses.replace(W2, new_tokens_min=8)}
+W3 = Workload(family="llama", prompts=32, responses=4, prompt_len=256, prompt_len_min=64,
+              new_tokens=512, new_tokens_min=8, new_tokens_median=96, new_tokens_sigma=0.8,
+              layers=30, d_model=576, heads=9, kv_heads=3, d_ff=1536, vocab=49152,
+              tie_embeddings=True)
+WORKLOADS = {"w1": Workload(), "w2": W2, "w2_var": dataclasses.replace(W2, new_tokens_min=8),
+             "w3": W3}
 
 
 def emit(section: str, **fields):
@@ -310,7 +335,7 @@ def build_models(w: Workload):
     prompt_lengths, response_lengths = w.lengths()
     ids = np.random.default_rng(seed).integers(1, cfg.vocab_size, (w.prompts, w.prompt_len))
     mask = np.arange(w.prompt_len)[None] >= w.prompt_len - prompt_lengths[:, None]
-    limits = jnp.asarray(response_lengths, jnp.int32) if w.new_tokens_min else None
+    limits = jnp.asarray(response_lengths, jnp.int32) if w.limited else None
     return policy, jax.tree.map(jnp.copy, policy), rm, {
         "ids": jnp.asarray(ids * mask, jnp.int32), "mask": jnp.asarray(mask, jnp.int32)}, limits
 
@@ -418,6 +443,66 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
         f"{p}.iteration_useful_mfu": mfu(flops["useful"]["iteration"], iteration),
         f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
+
+
+# ---------------------------------------------------------------------------------------------
+# the two rollout engines
+
+def kv_cache_bytes(w: Workload, rows: int, length: int) -> int:
+    """Bytes of a KV cache of `rows` rows of `length` slots."""
+    cfg = w.model
+    return (2 * cfg.n_layers * rows * cfg.n_kv_heads * length * cfg.head_dim
+            * cfg.compute_dtype.itemsize)
+
+
+def engine_section(w: Workload, repeats: int):
+    """The static sampler (`sampler.sample_responses`) and the continuous-batching engine
+    (`engine.sample_continuous`, `w.slots` slots) on the same weights, prompts, keys and
+    per-response lengths, compiled ahead, then timed alternately (medians of `repeats`
+    rounds). Tokens agree where the logits are bitwise equal; the two batch rows apart
+    (`slots` against B n), so XLA's matmuls may round apart, a draw near a CDF boundary can
+    flip and the response goes its own way from there: `same_token_fraction`. Slot-steps: the decode rows each runs, B n x its steps for the static sampler
+    (every row until the longest ends); per real response token. The KV cache: B n rows of
+    P + N (static) against `slots` rows of P + N plus the B prefilled prompts' P."""
+    from p3o_jax import engine as E
+
+    policy, _, _, prompts, limits = build_models(w)
+    packing = PK.pack_prompts(prompts["ids"], prompts["mask"]) if w.pack_prompts else None
+    engines = {"static": S.sample_responses, "continuous": E.sample_continuous}
+    run = {k: jax.jit(lambda params, f=f, k=k: f(
+        params, w.model, dataclasses.replace(w.sampling, engine=k), prompts["ids"],
+        prompts["mask"], jax.random.key(0), n=w.responses, max_lengths=limits,
+        packing=packing)).lower(policy).compile() for k, f in engines.items()}
+    times, outs = {k: [] for k in run}, {}
+    for _ in range(repeats):
+        for k, f in run.items():
+            t0 = time.perf_counter()
+            outs[k] = jax.block_until_ready(f(policy))
+            times[k].append(time.perf_counter() - t0)
+    static, (continuous, slot_steps) = outs["static"], outs["continuous"]
+    both = np.asarray(static.mask) & np.asarray(continuous.mask)
+    same = (np.asarray(static.tokens) == np.asarray(continuous.tokens)) & both.astype(bool)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    real = int(np.asarray(static.mask).sum())
+    R, P, N = w.prompts * w.responses, w.prompt_len, w.new_tokens
+    slots = min(w.slots or E.default_slots(R), R)
+    p = w.name
+    emit("engine", repeats=repeats, slots=slots, **{
+        f"{p}.static_generation_s": round(med["static"], 4),
+        f"{p}.continuous_generation_s": round(med["continuous"], 4),
+        f"{p}.static_generation_times_s": [round(x, 4) for x in times["static"]],
+        f"{p}.continuous_generation_times_s": [round(x, 4) for x in times["continuous"]],
+        f"{p}.engine_speedup": round(med["static"] / med["continuous"], 3),
+        f"{p}.real_response_tokens": real,
+        f"{p}.static_slot_steps_per_real_token": round(R * int(static.num_steps) / real, 3),
+        f"{p}.slot_steps_per_real_token": round(int(slot_steps) / real, 3),
+        f"{p}.continuous_iterations": int(continuous.num_steps),
+        f"{p}.static_steps": int(static.num_steps),
+        f"{p}.static_kv_cache_bytes": kv_cache_bytes(w, R, P + N),
+        f"{p}.continuous_kv_cache_bytes": (kv_cache_bytes(w, slots, P + N)
+                                           + kv_cache_bytes(w, w.prompts, P)),
+        f"{p}.same_token_fraction": round(float(same.sum() / max(both.sum(), 1)), 4),
+        f"{p}.same_masks": bool(np.array_equal(static.mask, continuous.mask))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,12 +779,14 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads:
         if "iteration" in sections:
             iteration_section(w, limits, args.repeats)
-        if "loop" in sections and not w.new_tokens_min:   # the loop's responses end at EOS
+        if "loop" in sections and not w.limited:   # the loop's responses end at EOS
             loop_section(w, args.repeats)
         if "torch" in sections:
             torch_section(w, args.repeats, list(args.torch_threads))
         if "memory" in sections:
             memory_section(w)
+        if "engine" in sections:
+            engine_section(w, args.repeats)
     if "staleness" in sections:       # the toy task's, whatever the workloads
         staleness_section(args.reward_sleep_s, args.repeats)
     return 0
