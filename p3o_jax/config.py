@@ -94,6 +94,12 @@ class RLConfig:
                                     # once per call (a compute-dtype copy per device); false:
                                     # each block's at every decode step (two blocks resident,
                                     # the whole model moved per token; sampler.weights_for_decode)
+    engine: Annotated[str, OneOf("static", "continuous")] = "static"  # the RL sampler:
+                                    # static (a KV-cache row per response, decoded until the
+                                    # longest ends) | continuous (`slots` rows refilled as
+                                    # responses end; for long, uneven responses: p3o_jax/engine.py)
+    slots: Annotated[int, NonNegative] = 0  # continuous: decode slots (0: a quarter of the
+                                    # responses, at least 8); the KV cache holds this many rows
     optim: OptimConfig = OptimConfig(lr=1e-4, warmup_steps=5)
     lora: LoraConfig = LoraConfig()     # rank > 0: train LoRA adapters, not the policy
                                     # (p3o_jax/lora.py)

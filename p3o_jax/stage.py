@@ -31,11 +31,12 @@ from p3o_jax.train_state import gradient_step, jit_step, make_optimizer, state_s
 def sampling_config(rl, response_len: int, eos_ids: tuple[int, ...], pad_id: int = 0,
                     stop_sequences=()) -> SamplingConfig:
     """Sampling of RL, the reward model's pairs and evaluation: `rl.temperature / top_k /
-    top_p / sampler_gather_once`, responses of up to `response_len` tokens, the task's stop
-    ids (EOS, end of turn), padding and stop sequences."""
+    top_p / sampler_gather_once / engine / slots`, responses of up to `response_len` tokens,
+    the task's stop ids (EOS, end of turn), padding and stop sequences."""
     return SamplingConfig(max_new_tokens=response_len, temperature=rl.temperature,
                           top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos_ids, pad_id=pad_id,
-                          stop_sequences=stop_sequences, gather_once=rl.sampler_gather_once)
+                          stop_sequences=stop_sequences, gather_once=rl.sampler_gather_once,
+                          engine=rl.engine, slots=rl.slots)
 
 
 def supervised_step(model_cfg, loss_fn, optim, steps: int, mesh, batch_example):

@@ -117,6 +117,23 @@ def test_stale_rollouts_train_with_importance_weights(trained, tmp_path, algo, r
     assert rl[0]["logp_gap_max"] < 1e-4       # staleness 0: the sampler's numerics only
 
 
+def test_continuous_engine_trains_on_the_mesh(trained, tmp_path, monkeypatch):
+    """`rl.engine=continuous` (8 slots for 64 responses, on the 2 x 2 x 2 mesh): the RL stage
+    samples through the slots and the policy still beats the SFT one."""
+    from p3o_jax import engine
+
+    path, _ = trained
+    for stage in ("sft", "rm"):
+        shutil.copytree(path / stage, tmp_path / stage)
+    traced, decode = [], engine.continuous_decode
+    monkeypatch.setattr(engine, "continuous_decode",
+                        lambda *a: traced.append(a[-1]) or decode(*a))
+    summary = run_experiment(tiny(tmp_path, stages="rl", **{"rl.engine": "continuous",
+                                                            "rl.slots": 8}))
+    _check_rl(tmp_path, summary, "p3o")
+    assert 8 in traced, traced             # the RL sampler ran through 8 slots
+
+
 def test_rollout_devices_sample_on_their_own_mesh(trained, tmp_path, monkeypatch):
     """`rl.rollout_devices=4` of the 8: the RL sampler runs on the last 4 with the weights of
     the latest update (copied there after each), scoring and the update on the first 4; with
