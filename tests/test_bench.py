@@ -8,6 +8,7 @@ import signal
 import subprocess
 
 import jax
+import numpy as np
 import pytest
 
 from p3o_jax import rollout
@@ -87,6 +88,37 @@ def test_workload_presets_and_names():
     assert 8 <= responses.min() and responses.max() <= 53 and responses.shape == (8, 2)
     _, workloads = bench.parse_args(["workloads=w1,w2", "layers=3"])
     assert [w.layers for w in workloads] == [3, 3] and workloads[1].family == "gpt_neox"
+
+
+def test_w3_is_smollm2_shaped_with_log_normal_lengths():
+    w3 = bench.W3.model
+    assert (w3.n_layers, w3.d_model, w3.n_heads, w3.n_kv_heads, w3.d_ff, w3.vocab_size,
+            w3.tie_embeddings, w3.gated_mlp) == (30, 576, 9, 3, 1536, 49152, True, True)
+    assert 130e6 < w3.num_params() < 140e6                    # SmolLM2-135M
+    prompts, responses = bench.W3.lengths()
+    assert responses.shape == (32, 4) and 64 <= prompts.min() and prompts.max() <= 256
+    assert 8 <= responses.min() and responses.max() <= 512
+    assert 80 <= np.median(responses) <= 115 and responses.max() > 5 * np.median(responses)
+    assert bench.W3.name == "w3" and bench.BenchArgs().workloads == "w1,w2,w2_var"
+
+
+def test_engine_section_compares_the_engines():
+    """On a small log-normal workload: the same masks, fewer slot-steps per real token than
+    the static sampler's, a smaller KV cache, and both times."""
+    w = dataclasses.replace(TINY, prompts=4, responses=4, new_tokens=48, new_tokens_min=2,
+                            new_tokens_median=8, slots=4)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench.engine_section(w, repeats=1)
+    line = json.loads(out.getvalue())
+    p = {k.partition(".")[2]: v for k, v in line.items() if k.startswith("custom.")}
+    assert line["section"] == "engine" and line["slots"] == 4 and p["same_masks"]
+    assert p["real_response_tokens"] == int(w.lengths()[1].sum())
+    assert 1 <= p["slot_steps_per_real_token"] < p["static_slot_steps_per_real_token"]
+    assert p["continuous_kv_cache_bytes"] < p["static_kv_cache_bytes"]
+    assert p["static_generation_s"] > 0 and p["continuous_generation_s"] > 0
+    assert p["engine_speedup"] == pytest.approx(
+        p["static_generation_s"] / p["continuous_generation_s"], rel=1e-2)
 
 
 def test_iteration_and_loop_sections_print_split_and_mfu():

@@ -1,8 +1,8 @@
-"""Performance of an RL iteration (workloads W1, W2, W2-var), measured against the machine's
-own limits.
+"""Performance of an RL iteration (workloads W1, W2, W2-var, W3), measured against the
+machine's own limits.
 
-    python -m p3o_jax.cli.bench [workloads=w1,w2,w2_var]
-        [only=machine,iteration,loop,torch,memory,staleness]
+    python -m p3o_jax.cli.bench [workloads=w1,w2,w2_var,w3]
+        [only=machine,iteration,loop,torch,memory,staleness,engine]
     make bench ARGS="workloads=w2 only=iteration"
 
 Workloads (`WORKLOADS`; kept exactly, so that numbers compare across changes):
@@ -13,6 +13,10 @@ Workloads (`WORKLOADS`; kept exactly, so that numbers compare across changes):
   (fixed seed) and left-padded to 512, 2 responses each of exactly 53 tokens.
 - W2-var: W2 with each response's length drawn uniformly from 8..53 (per-response limits, in
   place of EOS).
+- W3, reasoning-shaped: SmolLM2-135M's shape (Llama, 30 layers, d_model 576, 9 heads / 3 KV
+  heads, MLP 1536, vocab 49152, tied embeddings); 32 prompts of 64..256 real tokens (left-padded
+  to 256) x 4 responses, each response's length drawn once from a log-normal with median 96
+  and sigma 0.8, clipped to [8, 512] (per-response limits, as W2-var's).
 Float32 compute; a policy, its frozen copy as the reference and a reward model of the same
 shape; EOS disabled; one P3O update (one epoch of one minibatch, beta 0.05). The iteration is
 the training loop's own `rl.RLIteration`: three compiled programs, each timed up to
@@ -37,7 +41,10 @@ PyTorch `generate` on the same weights and shapes, best over thread counts), `me
 resident memory of a P3O and of a PPO iteration, each in a fresh process), `staleness` (once,
 on the toy task whatever the workloads: the training command with 2 CPU devices and a reward
 function that sleeps `reward_sleep_s` per batch, per-iteration wall time at `rl.max_staleness`
-0 and 1).
+0 and 1), `engine` (the static sampler against the continuous-batching engine,
+`engine.sample_continuous`, on the same weights and keys: generation time each, timed
+alternately, slot-steps per real token, KV cache bytes; `engine=continuous slots=C` runs the
+other sections' iteration on it).
 
 Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
 is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
@@ -737,7 +744,8 @@ def total_memory_gib() -> float:
 
 @dataclasses.dataclass(frozen=True)
 class BenchArgs:
-    workloads: Annotated[str, SubsetOf(*WORKLOADS, "custom")] = ",".join(WORKLOADS)
+    workloads: Annotated[str, SubsetOf(*WORKLOADS, "custom")] = "w1,w2,w2_var"  # W3 (tens
+                                    # of minutes per section on a CPU) when named
     only: Annotated[str, SubsetOf(*SECTIONS)] = ",".join(SECTIONS)   # sections to run
     repeats: Annotated[int, Positive] = 5           # timed iterations (median)
     torch_threads: Annotated[tuple[int, ...], Positive] = tuple(sorted({1, os.cpu_count()}))
