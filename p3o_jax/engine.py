@@ -88,9 +88,7 @@ def _empty(scfg: SamplingConfig, prompt: DecodeState, C: int, P: int) -> Slots:
     state = DecodeState(cache, rows(jnp.zeros((C, P + N), jnp.int32)),
                         rows(jnp.zeros((C,), jnp.int32)), rows(jnp.full((C,), P, jnp.int32)),
                         rows(jnp.zeros((C, prompt.logits.shape[-1]), prompt.logits.dtype)))
-    zeros = lambda dtype=jnp.float32: rows(jnp.zeros((C, N), dtype))
-    out = SampleOutput(rows(jnp.full((C, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
-                       zeros(), zeros(), zeros(), rows(jnp.zeros((C,), jnp.int32)))
+    out = jax.tree.map(rows, _fresh_out(scfg, C))
     return Slots(state, jnp.full((C,), -1, jnp.int32), out, empty_window(scfg, C),
                  jnp.ones((C,), bool), jnp.full((C,), scfg.pad_id, jnp.int32),
                  jnp.zeros((C,), bool))
@@ -116,8 +114,7 @@ def _admit(scfg: SamplingConfig, prompt: DecodeState, n: int, limit, slots: Slot
         key_mask = key_mask.at[:, P:].set(pick(0, key_mask[:, P:]))
         state = DecodeState(cache, key_mask, pick(prompt.positions[b], slots.state.positions),
                             pick(P, slots.state.index), pick(prompt.logits[b], slots.state.logits))
-        fresh = _empty_out(scfg, slots.out)
-        out = jax.tree.map(pick, fresh, slots.out)
+        out = jax.tree.map(pick, _fresh_out(scfg, admit.shape[0]), slots.out)
         window = jax.tree.map(pick, empty_window(scfg, admit.shape[0]), slots.window)
         return Slots(state, jnp.where(admit, wanted, slots.request), out, window,
                      pick(limit[jnp.minimum(wanted, R - 1)] <= 0, slots.done), slots.tokens,
@@ -126,11 +123,11 @@ def _admit(scfg: SamplingConfig, prompt: DecodeState, n: int, limit, slots: Slot
     return slots, head + admit.sum(dtype=jnp.int32)
 
 
-def _empty_out(scfg: SamplingConfig, like: SampleOutput) -> SampleOutput:
-    """A row of outputs before its first token, shaped as `like` [C, N]."""
-    return SampleOutput(jnp.full_like(like.tokens, scfg.pad_id), jnp.zeros_like(like.mask),
-                        jnp.zeros_like(like.logprobs), jnp.zeros_like(like.raw_logprobs),
-                        jnp.zeros_like(like.entropy), jnp.zeros_like(like.num_steps))
+def _fresh_out(scfg: SamplingConfig, C: int) -> SampleOutput:
+    """C rows of outputs [C, N] before their first token (`num_steps` int [C])."""
+    zeros = lambda dtype=jnp.float32: jnp.zeros((C, scfg.max_new_tokens), dtype)
+    return SampleOutput(jnp.full((C, scfg.max_new_tokens), scfg.pad_id, jnp.int32),
+                        zeros(jnp.int32), zeros(), zeros(), zeros(), jnp.zeros((C,), jnp.int32))
 
 
 def _retire(slots: Slots, results: SampleOutput, R: int):
