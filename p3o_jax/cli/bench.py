@@ -144,7 +144,8 @@ class Workload:
                                    slots=0)
         name = next((k for k, v in WORKLOADS.items() if v == base), "custom")
         return (name + ("" if self.dtype == "float32" else f"_{self.dtype}")
-                + ("" if self.pack_prompts else "_padded"))
+                + ("" if self.pack_prompts else "_padded")
+                + ("" if self.engine == "static" else f"_{self.engine}"))
 
     @property
     def model(self) -> M.ModelConfig:
@@ -436,20 +437,21 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.real_response_tokens": int(response_lengths.sum()),
         f"{p}.generate_tokens_per_s": round(int(response_lengths.sum()) / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
-        f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
-        f"{p}.decode_step_bytes_mb": round(bounds["bytes"] / 1e6, 1),
-        f"{p}.decode_step_weight_mb": round(bounds["weight_bytes"] / 1e6, 1),
-        f"{p}.decode_step_at_bandwidth_ms": round(1e3 * bounds["bandwidth_s"], 3),
-        f"{p}.decode_step_at_peak_flops_ms": round(1e3 * bounds["compute_s"], 3),
+        **({} if w.engine != "static" else {   # its steps, bounds and executed FLOPs: static's
+            f"{p}.decode_step_ms": round(1e3 * decode_step, 3),
+            f"{p}.decode_step_bytes_mb": round(bounds["bytes"] / 1e6, 1),
+            f"{p}.decode_step_weight_mb": round(bounds["weight_bytes"] / 1e6, 1),
+            f"{p}.decode_step_at_bandwidth_ms": round(1e3 * bounds["bandwidth_s"], 3),
+            f"{p}.decode_step_at_peak_flops_ms": round(1e3 * bounds["compute_s"], 3),
+            f"{p}.executed_gflop": gflop("executed"),
+            f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)}),
         f"{p}.model_gflop": gflop("model"),
         f"{p}.useful_gflop": gflop("useful"),
-        f"{p}.executed_gflop": gflop("executed"),
         f"{p}.peak_gflops": round(peak / 1e9, 1),
         **{f"{p}.{k}_mfu": mfu(flops["model"][k], med[k]) for k in STAGES},
         **{f"{p}.{k}_useful_mfu": mfu(flops["useful"][k], med[k]) for k in STAGES},
         f"{p}.iteration_mfu": mfu(flops["model"]["iteration"], iteration),
-        f"{p}.iteration_useful_mfu": mfu(flops["useful"]["iteration"], iteration),
-        f"{p}.iteration_hfu": mfu(flops["executed"]["iteration"], iteration)})
+        f"{p}.iteration_useful_mfu": mfu(flops["useful"]["iteration"], iteration)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,7 +495,7 @@ def engine_section(w: Workload, repeats: int):
     real = int(np.asarray(static.mask).sum())
     R, P, N = w.prompts * w.responses, w.prompt_len, w.new_tokens
     slots = min(w.slots or E.default_slots(R), R)
-    p = w.name
+    p = dataclasses.replace(w, engine="static").name     # it runs both
     emit("engine", repeats=repeats, slots=slots, **{
         f"{p}.static_generation_s": round(med["static"], 4),
         f"{p}.continuous_generation_s": round(med["continuous"], 4),
