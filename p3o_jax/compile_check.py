@@ -13,7 +13,7 @@ programs are the loop's own:
 
     sft_step      stage.supervised_step(policy, sft.loss)     batch: sft.batch_size x L
     rm_step       stage.supervised_step(rm_model, reward_model.loss)   rm.batch_size pairs
-    rl_generate   RLIteration.sample (sampler.sample_responses)      prompts_per_iter x n_samples
+    rl_generate   RLIteration.sample (engine.sample)            prompts_per_iter x n_samples
     rl_score      RLIteration.score (rollout.score, algo.prepare)
     rl_update     RLIteration.compile_update (E x M minibatch steps, state donated)
 

@@ -43,7 +43,7 @@ from p3o_jax.model import KV_CACHE_AXES, ModelConfig
 from p3o_jax.packing import Packing
 from p3o_jax.sampler import (DecodeState, SampleOutput, SamplingConfig, StopWindow,
                              decode_step, emit_token, empty_window, pair_keys, prefill,
-                             weights_for_decode)
+                             sample_responses, weights_for_decode)
 from p3o_jax.sharding import constrain
 
 
@@ -221,3 +221,14 @@ def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, p
     split = lambda x: x.reshape(B, n, *x.shape[1:])
     return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"}
                         ), slot_steps
+
+
+def sample(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key, n: int = 2,
+           max_lengths=None, packing: Packing | None = None) -> SampleOutput:
+    """n responses per prompt, SampleOutput [B, n, N], by `scfg.engine`: the static sampler
+    (`sampler.sample_responses`) or the continuous one (`sample_continuous`). What the RL loop
+    and the reward model's pairs sample with."""
+    if scfg.engine == "continuous":
+        return sample_continuous(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths,
+                                 packing)[0]
+    return sample_responses(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths, packing)

@@ -44,7 +44,7 @@ from p3o_jax.retokenize import RetokenizedReward
 from p3o_jax.rl import (LoopState, RLIteration, final_policy, frozen_policy, initial_params,
                         rl_optimizer)
 from p3o_jax.rollout import response_logprobs, response_reward
-from p3o_jax.sampler import sample_responses
+from p3o_jax.engine import sample
 from p3o_jax.sharding import make_mesh
 from p3o_jax.compile_check import check_run, table
 from p3o_jax.stage import Run, stage_loop, supervised_step
@@ -110,8 +110,8 @@ def response_pairs(run: Run, params, prompts, prompt_mask):
     for start in range(0, n, chunk):
         p = run.batch(chunk, lambda a, b: {"ids": prompts[start + a:start + b],
                                            "mask": prompt_mask[start + a:start + b]})
-        s = sample_responses(params, run.cfg.policy, run.sampling, p["ids"], p["mask"],
-                             run.key(2, start), n=2)
+        s = sample(params, run.cfg.policy, run.sampling, p["ids"], p["mask"], run.key(2, start),
+                   n=2)
         out.append(to_host((s.tokens, s.mask)))
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 

@@ -1,6 +1,6 @@
 """One RL iteration, the same for every online algorithm: sample -> score -> prepare -> update.
 
-    samples = sample_responses(policy, prompts)             K responses per prompt, KV-cache decode
+    samples = sample(policy, prompts)                       K responses per prompt, KV-cache decode
     buffer  = score(policy, ref, reward model, ...)     rollout.Rollout: log-probs, KL, rewards
     buffer  = algo.prepare(buffer, params, cfg, carry)  P3O's Delta, PPO's GAE, ...
     state   = update(state, buffer, frozen)             E epochs x M minibatches of algo.loss
@@ -38,7 +38,8 @@ from p3o_jax import importance, lora, rollout, top_layers
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
 from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
-from p3o_jax.sampler import SampleOutput, SamplingConfig, sample_responses
+from p3o_jax.engine import sample
+from p3o_jax.sampler import SampleOutput, SamplingConfig
 from p3o_jax.sharding import batch_sharding, moved_to, replicated
 from p3o_jax.train_state import (MinibatchPlan, TrainState, create_state, gradient_step,
                                  jit_step, make_optimizer, make_update, minibatch_index,
@@ -184,9 +185,9 @@ class RLIteration:
     def sample(self, params, prompts: dict, key, packing=None, max_lengths=None):
         """K responses per prompt from the policy: `SampleOutput` [B, K, N] (`max_lengths`
         [B, K]: per-response limits, the benchmark's stand-in for EOS)."""
-        return sample_responses(params["policy"], self.cfg.policy, self.sampling, prompts["ids"],
-                                prompts["mask"], key, n=self.cfg.rl.n_samples,
-                                max_lengths=max_lengths, packing=packing)
+        return sample(params["policy"], self.cfg.policy, self.sampling, prompts["ids"],
+                      prompts["mask"], key, n=self.cfg.rl.n_samples, max_lengths=max_lengths,
+                      packing=packing)
 
     @functools.partial(jax.jit, static_argnums=0)
     def score(self, params, ref, reward_model, prompts: dict, samples, carry: dict,

@@ -63,9 +63,9 @@ class SamplingConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     gather_once: bool = True        # FSDP: gather the weights once per call, not at every
                                     # decode step (`weights_for_decode`)
-    engine: str = "static"          # `sample_responses`: "static" (a cache row per response,
-                                    # decoded until the longest ends) or "continuous" (`slots`
-                                    # rows refilled as responses end: p3o_jax/engine.py)
+    engine: str = "static"          # `engine.sample`: "static" (`sample_responses`: a cache row
+                                    # per response, decoded until the longest ends) or
+                                    # "continuous" (`slots` rows refilled as responses end)
     slots: int = 0                  # continuous: decode slots (0: engine.default_slots)
 
     def __post_init__(self):
@@ -429,17 +429,12 @@ def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, pr
 
     Each prompt is prefilled once and its cache repeated n times along the batch, which gives
     the same samples as `generate` on `jnp.repeat(prompts, n, 0)` with keys `pair_keys(key, B, n)`.
-    `scfg.engine="continuous"` decodes them through `scfg.slots` rows instead (p3o_jax/engine.py:
-    the same tokens; `num_steps` counts its loop's iterations).
+    This is the static engine; `engine.sample` picks it or the continuous one by `scfg.engine`.
     key: one typed PRNG key. max_lengths: optional int [B] (per prompt) or [B, n] (per
     response). packing: the prompts packed (`packing.pack_prompts`) for the prefill.
     """
     if n < 2:
         raise ValueError(f"sample_responses: n must be >= 2, got {n}")
-    if scfg.engine == "continuous":
-        from p3o_jax.engine import sample_continuous   # it builds on this module
-        return sample_continuous(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths,
-                                 packing)[0]
     B = prompts.shape[0]
     params = weights_for_decode(params, cfg, scfg)
     state = prefill(params, cfg, prompts, prompt_mask, scfg.max_new_tokens, packing)

@@ -118,8 +118,7 @@ def test_the_kv_cache_is_bounded_by_the_slots():
 
     def temp(engine, slots=0):
         scfg = S.SamplingConfig(max_new_tokens=long, engine=engine, slots=slots)
-        fn = jax.jit(lambda p: S.sample_responses(p, cfg, scfg, prompts, mask,
-                                                  jax.random.key(0), n=4))
+        fn = jax.jit(lambda p: E.sample(p, cfg, scfg, prompts, mask, jax.random.key(0), n=4))
         return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
     row = 2 * cfg.n_layers * cfg.n_kv_heads * (8 + long) * cfg.head_dim * 4   # bytes per row
     static, four, eight = temp("static"), temp("continuous", 4), temp("continuous", 8)
