@@ -150,8 +150,8 @@ def test_rollout_devices_sample_on_their_own_mesh(trained, tmp_path, monkeypatch
         seen.append(({d.id for x in jax.tree.leaves(params) for d in x.devices()},
                      {d.id for d in out.tokens.devices()}))
         return out
-    sampler = rl.sample_responses
-    monkeypatch.setattr(rl, "sample_responses", sample)
+    sampler = rl.sample
+    monkeypatch.setattr(rl, "sample", sample)
     summary = run_experiment(tiny(tmp_path, stages="rl", **{
         "rl.rollout_devices": 4, "mesh.data": 1, "rl.max_staleness": 1, "rl.iterations": 6}))
     rollout = {d.id for d in jax.devices()[4:]}
