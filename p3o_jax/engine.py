@@ -1,5 +1,6 @@
 """Continuous batching: responses decoded in a fixed number of slots, each slot refilled from
-the queue of (prompt, sample) requests as soon as its response ends, in one `lax.while_loop`.
+the queue of (prompt, sample) requests as soon as its response ends, inside `lax.while_loop`s
+(one per decode width: `continuous_decode`).
 
 The static sampler (`sampler._decode`) gives each of the B n responses a row of one KV cache
 [B n, P + N] and decodes until the longest ends: memory grows with the batch, and every finished
@@ -25,8 +26,9 @@ n samples share one prefill. One loop iteration:
 
 Nothing leaves the device between tokens. Parity with the static sampler: per row, the two run
 the same operations on the same values; what differs is the batch a row sits in (`slots` rows
-against B n), which XLA may tile differently, so logits agree to rounding, and bitwise where the
-backend computes a row independently of the batch size (tests/test_engine.py says where).
+against B n), which XLA may tile differently, so logits agree to rounding: the tokens are
+the static sampler's on the test models (tests/test_engine.py), and on large ones up to a draw
+that rounding flips (bench/NOTES.md).
 
 Shapes: B prompts, n samples each, R = B n requests, P prompt length, N = max_new_tokens,
 C = slots, V vocab.
@@ -42,8 +44,8 @@ import jax.numpy as jnp
 from p3o_jax.model import KV_CACHE_AXES, ModelConfig
 from p3o_jax.packing import Packing
 from p3o_jax.sampler import (DecodeState, SampleOutput, SamplingConfig, StopWindow,
-                             decode_step, emit_token, empty_window, pair_keys, prefill,
-                             sample_responses, weights_for_decode)
+                             decode_step, emit_token, empty_window, pair_keys, per_response,
+                             prefill, row_limits, sample_responses, weights_for_decode)
 from p3o_jax.sharding import constrain
 
 
@@ -73,15 +75,16 @@ WIDTH_LEVELS = 3      # decode widths C, C/2, C/4: the tail, once the queue is e
                       # on the narrowest that holds the live slots (`continuous_decode`)
 
 
-def default_slots(requests: int) -> int:
-    """Slots when `SamplingConfig.slots` is 0: a quarter of the requests, at least 8 (and at
-    most all of them)."""
-    return min(requests, max(8, requests // 4))
+def slot_count(scfg: SamplingConfig, requests: int) -> int:
+    """The decode slots for `requests` responses: `scfg.slots`, or when 0 a quarter of the
+    requests, at least 8; never more than the requests."""
+    return min(scfg.slots or max(8, requests // 4), requests)
 
 
-def _empty(scfg: SamplingConfig, prompt: DecodeState, C: int, P: int) -> Slots:
-    """C free slots; `prompt` is the prefilled prompts' state (its cache fixes the dtype)."""
-    N = scfg.max_new_tokens
+def _empty(scfg: SamplingConfig, prompt: DecodeState, C: int) -> Slots:
+    """C free slots; `prompt` is the prefilled prompts' state (its cache fixes the dtype and
+    P)."""
+    N, P = scfg.max_new_tokens, prompt.key_mask.shape[1]
     cache = jax.tree.map(lambda c: constrain(
         jnp.zeros((C, c.shape[1], P + N, c.shape[3]), c.dtype), KV_CACHE_AXES), prompt.cache)
     rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
@@ -162,12 +165,11 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
     the tail decodes only those rows, each phase its own `while_loop` on arrays of its width.
     """
     R, N = keys.shape[0], scfg.max_new_tokens
-    P = prompt.key_mask.shape[1]
     zeros = lambda dtype=jnp.float32: constrain(jnp.zeros((R, N), dtype), ("act_batch", None))
     results = SampleOutput(constrain(jnp.full((R, N), scfg.pad_id, jnp.int32),
                                      ("act_batch", None)), zeros(jnp.int32), zeros(), zeros(),
                            zeros(), jnp.asarray(0, jnp.int32))
-    s, head = _admit(scfg, prompt, n, limit, _empty(scfg, prompt, slots, P), jnp.int32(0))
+    s, head = _admit(scfg, prompt, n, limit, _empty(scfg, prompt, slots), jnp.int32(0))
 
     def body(carry):
         s, results, head = carry
@@ -202,22 +204,16 @@ def continuous_decode(params, cfg: ModelConfig, scfg: SamplingConfig, prompt: De
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "n"))
 def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, key,
                       n: int = 2, max_lengths=None, packing: Packing | None = None):
-    """`sampler.sample_responses` through `scfg.slots` decode slots (0: `default_slots`): the
+    """`sampler.sample_responses` through `slot_count` decode slots: the
     same arguments. Returns (SampleOutput [B, n, N] with `num_steps` the loop's iterations,
     the decode slot-steps run int [])."""
     B = prompts.shape[0]
     R = B * n
     params = weights_for_decode(params, cfg, scfg)
     prompt = prefill(params, cfg, prompts, prompt_mask, 0, packing)
-    N = scfg.max_new_tokens
-    if max_lengths is None:
-        limit = jnp.full((R,), N, jnp.int32)
-    else:
-        limit = jnp.minimum(jnp.repeat(max_lengths, n) if max_lengths.ndim == 1
-                            else max_lengths.reshape(-1), N)
-    slots = min(scfg.slots or default_slots(R), R)
+    limit = row_limits(per_response(max_lengths, n), R, scfg.max_new_tokens)
     out, slot_steps = continuous_decode(params, cfg, scfg, prompt, pair_keys(key, B, n), limit,
-                                        n, slots)
+                                        n, slot_count(scfg, R))
     split = lambda x: x.reshape(B, n, *x.shape[1:])
     return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"}
                         ), slot_steps

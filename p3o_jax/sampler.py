@@ -66,7 +66,7 @@ class SamplingConfig:
     engine: str = "static"          # `engine.sample`: "static" (`sample_responses`: a cache row
                                     # per response, decoded until the longest ends) or
                                     # "continuous" (`slots` rows refilled as responses end)
-    slots: int = 0                  # continuous: decode slots (0: engine.default_slots)
+    slots: int = 0                  # continuous: decode slots (0: engine.slot_count's rule)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -375,11 +375,24 @@ def emit_token(scfg: SamplingConfig, logits, out: SampleOutput, window: StopWind
     return out, window, done, tokens, active
 
 
+def row_limits(max_lengths, rows: int, N: int):
+    """Each row's length limit int [rows]: `max_lengths` [rows] clipped to N, or N for all."""
+    return jnp.full((rows,), N, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, N)
+
+
+def per_response(max_lengths, n: int):
+    """Limits per response [B n] from limits per prompt [B] (each repeated n times) or per
+    response [B, n]; None stays None."""
+    if max_lengths is None:
+        return None
+    return jnp.repeat(max_lengths, n) if max_lengths.ndim == 1 else max_lengths.reshape(-1)
+
+
 def _decode(params, cfg: ModelConfig, scfg: SamplingConfig, state: DecodeState, keys,
             max_lengths) -> SampleOutput:
     """Sample up to N tokens per row from a prefilled state, in one `lax.while_loop`."""
     B, N = keys.shape[0], scfg.max_new_tokens
-    limit = jnp.full((B,), N, jnp.int32) if max_lengths is None else jnp.minimum(max_lengths, N)
+    limit = row_limits(max_lengths, B, N)
     batch = lambda x: constrain(x, ("act_batch", None))
     zeros = lambda dtype=jnp.float32: batch(jnp.zeros((B, N), dtype))
     out = SampleOutput(batch(jnp.full((B, N), scfg.pad_id, jnp.int32)), zeros(jnp.int32),
@@ -444,7 +457,7 @@ def sample_responses(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, pr
         key_mask=repeat(state.key_mask), positions=repeat(state.positions),
         logits=repeat(state.logits))
     if max_lengths is not None:
-        max_lengths = repeat(max_lengths) if max_lengths.ndim == 1 else max_lengths.reshape(-1)
+        max_lengths = per_response(max_lengths, n)
     out = _decode(params, cfg, scfg, state, pair_keys(key, B, n), max_lengths)
     split = lambda x: x.reshape(B, n, *x.shape[1:])
     return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"})

@@ -134,7 +134,7 @@ class Workload:
     pack_prompts: bool = True       # prompt passes on the packed prompts (`rl.pack_prompts`)
     seed: int = 0                   # weights, prompts and lengths
     engine: Annotated[str, OneOf("static", "continuous")] = "static"   # the sampler's
-    slots: int = 0                  # continuous: decode slots (0: engine.default_slots)
+    slots: int = 0                  # continuous: decode slots (0: engine.slot_count's rule)
 
     @property
     def name(self) -> str:
@@ -395,14 +395,20 @@ class Iteration:
 STAGES = ("generate", "score", "update")
 
 
+def kv_cache_bytes(w: Workload, rows: int, length: int) -> int:
+    """Bytes of a KV cache of `rows` rows of `length` slots."""
+    cfg = w.model
+    return (2 * cfg.n_layers * rows * cfg.n_kv_heads * length * cfg.head_dim
+            * cfg.compute_dtype.itemsize)
+
+
 def decode_bounds(w: Workload, limits: dict) -> dict:
     """Bytes and FLOPs of one decode step (every weight once, the whole KV cache) and the time
     each would take at the measured bandwidth and matmul rate."""
     cfg = w.model
     rows, S_ = w.prompts * w.responses, w.prompt_len + w.new_tokens
     weights = cfg.num_params() * jnp.dtype(cfg.param_dtype).itemsize
-    cache = (2 * cfg.n_layers * rows * cfg.n_kv_heads * S_ * cfg.head_dim
-             * cfg.compute_dtype.itemsize)
+    cache = kv_cache_bytes(w, rows, S_)
     t, a, h = unit_flops(cfg)
     flops = rows * (t + a * S_ + h)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
@@ -457,21 +463,15 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
 # ---------------------------------------------------------------------------------------------
 # the two rollout engines
 
-def kv_cache_bytes(w: Workload, rows: int, length: int) -> int:
-    """Bytes of a KV cache of `rows` rows of `length` slots."""
-    cfg = w.model
-    return (2 * cfg.n_layers * rows * cfg.n_kv_heads * length * cfg.head_dim
-            * cfg.compute_dtype.itemsize)
-
-
 def engine_section(w: Workload, repeats: int):
     """The static sampler (`sampler.sample_responses`) and the continuous-batching engine
     (`engine.sample_continuous`, `w.slots` slots) on the same weights, prompts, keys and
     per-response lengths, compiled ahead, then timed alternately (medians of `repeats`
     rounds). Tokens agree where the logits are bitwise equal; the two batch rows apart
     (`slots` against B n), so XLA's matmuls may round apart, a draw near a CDF boundary can
-    flip and the response goes its own way from there: `same_token_fraction`. Slot-steps: the decode rows each runs, B n x its steps for the static sampler
-    (every row until the longest ends); per real response token. The KV cache: B n rows of
+    flip and the response goes its own way from there: `same_token_fraction`. Slot-steps:
+    the decode rows each runs, B n x its steps for the static sampler (every row until the
+    longest ends); per real response token. The KV cache: B n rows of
     P + N (static) against `slots` rows of P + N plus the B prefilled prompts' P."""
     from p3o_jax import engine as E
 
@@ -494,7 +494,7 @@ def engine_section(w: Workload, repeats: int):
     med = {k: statistics.median(v) for k, v in times.items()}
     real = int(np.asarray(static.mask).sum())
     R, P, N = w.prompts * w.responses, w.prompt_len, w.new_tokens
-    slots = min(w.slots or E.default_slots(R), R)
+    slots = E.slot_count(w.sampling, R)
     p = dataclasses.replace(w, engine="static").name     # it runs both
     emit("engine", repeats=repeats, slots=slots, **{
         f"{p}.static_generation_s": round(med["static"], 4),
