@@ -54,8 +54,10 @@ $(SMOLLM2)/model.safetensors: requirements-convert.txt | $(VENV)/.runtime-$(ACCE
 train: $(VENV)/.runtime-$(ACCEL) $(MODEL_$(EXP))
 	$(PY) -m p3o_jax.cli.train exp=$(EXP) $(ARGS)
 
+# --max-worker-restart=0: a worker that crashes ends the run naming its test (pytest-xdist 3.8's
+# loadfile scheduler re-runs that test on each replacement and can then wait forever)
 test: $(VENV)/.test-$(ACCEL)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 tests
 
 frontier: $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m p3o_jax.cli.frontier exp=$(EXP) $(ARGS)

@@ -232,7 +232,8 @@ def programs(cfg: ExperimentConfig, mesh, names=PROGRAMS) -> dict:
     if ALGORITHMS[cfg.algo].offline:
         raise ConfigError(f"config key 'algo': {cfg.algo} is offline; compile_check compiles "
                           f"the online RL programs (leave out rl_* with programs=...)")
-    padded = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False))
+    padded = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, pack_prompts=False,
+                                                             pack_responses=False))
     it = RLIteration(padded, mesh, sampling_config(cfg.rl, N, eos_ids=(0,)))
     rm_params = abstract(shapes(rmc), param_shardings(rmc, mesh))
     trained = jax.eval_shape(lambda p, r: initial_params(cfg, p, r), sft_params, rm_params)

@@ -90,6 +90,10 @@ class RLConfig:
     pack_prompts: bool = True       # each prompt pass (prefill, scoring, every minibatch of
                                     # the update) runs on the prompts' real tokens packed back
                                     # to back (p3o_jax/packing.py); one process only
+    pack_responses: bool = False    # scoring and every minibatch of the update run each prompt
+                                    # and its responses' real tokens packed as trees (the
+                                    # prompt once, its responses after it), not [P | N] rows
+                                    # padded to response_len (p3o_jax/packing.py); one process
     sampler_gather_once: bool = True  # FSDP: the sampler all-gathers the policy's weights
                                     # once per call (a compute-dtype copy per device); false:
                                     # each block's at every decode step (two blocks resident,

@@ -381,7 +381,10 @@ class Attention(nn.Module):
         q_slot = jnp.asarray(cache_index)[..., None, None] + jnp.arange(T)[:, None]
         k_slot = jnp.arange(S)[None, :]
         allowed = k_slot <= q_slot
-        if self.sliding:
+        if self.sliding and cache is None:  # keys are the queries: the window counts positions,
+            # which packed rows (packing.sequence_hidden) do not lay out slot by slot
+            allowed = allowed & (positions[:, None, :] > positions[:, :, None] - cfg.sliding_window)
+        elif self.sliding:
             allowed &= k_slot > q_slot - cfg.sliding_window
         key_mask = key_mask[:, None, :] if key_mask.ndim == 2 else key_mask
         allowed = (allowed if allowed.ndim == 3 else allowed[None]) & key_mask.astype(bool)

@@ -10,7 +10,17 @@ keys and values back into the left-padded [B, K, P, E] layout the responses atte
 follows (decoding, the response tokens' forward, losses) is unchanged, and the results equal
 the padded computation's up to float rounding (tests/test_packing.py).
 
-Shapes: B prompts, P prompt slots, R packed rows, K kv heads, E head dim, D d_model.
+Responses (`rl.pack_responses`): scoring and the update run every [P | N] row's response too,
+and there the padding is the responses' (a 20-token answer beside a 500-token one: most of an
+iteration's slots at reasoning lengths). `pack_sequences` lays each prompt and its responses out
+as a tree in rows of W = P + N slots: the prompt's real tokens once, then its responses' real
+tokens back to back, each response seeing the prompt and its own earlier tokens only
+(`sequence_hidden`); a prompt whose responses do not fit one row repeats in the next. The trunk
+runs on [R', W] rows, no cache, and the hiddens are gathered back to the [B, K, N + 1]
+layout `rollout.prompt_once_hidden` gives, so the heads and losses are unchanged.
+
+Shapes: B prompts, P prompt slots, R packed rows, K kv heads, E head dim, D d_model; for
+sequences B x K' responses (K' per prompt), N response slots, L = P + N, W row slots.
 """
 from __future__ import annotations
 
@@ -108,3 +118,94 @@ def prompt_forward(params, cfg: M.ModelConfig, prompts, prompt_mask, packing: Pa
     row, col = packing.source // P, packing.source % P                          # [B, P]
     unpack = lambda c: c[row, :, col].transpose(0, 2, 1, 3)          # [B, P, K, E] -> [B, K, P, E]
     return hidden[row[:, -1], col[:, -1]], jax.tree.map(unpack, cache)
+
+
+@flax.struct.dataclass
+class SequencePacking:
+    """B prompts and their K' responses each ([B, K', L] rows of [P | N] slots) laid out as
+    trees in R rows of W slots (leaves may carry a leading minibatch axis, `stack`)."""
+    take: jax.Array         # int32 [R, W]  slot of the flattened [B * K' * L] tokens that each
+                            #               packed slot holds (0 on empty slots)
+    positions: jax.Array    # int32 [R, W]  each token's position within its sequence
+    groups: jax.Array       # int32 [R, W]  1 + the index of the (prompt, responses) tree; 0: empty
+    parts: jax.Array        # int32 [R, W]  0: the tree's prompt; 1 + k: its response k
+    source: jax.Array       # int32 [B, K', N + 1]  the packed slot (of the [R * W] flattening)
+                            #               whose hidden is index j of `prompt_once_hidden`'s
+                            #               layout: j = 0 the prompt's last token, j = i + 1
+                            #               response token i (pads: the prompt's last token)
+
+
+def tree_layout(prompt_mask: np.ndarray, resp_mask: np.ndarray):
+    """Where `pack_sequences` puts each tree: (trees [(prompt b, its responses' indices)],
+    row [T], offset [T], rows used). Each prompt's responses go first-fit decreasing into trees
+    of at most W = P + N slots, with a copy of the prompt each; the trees go first-fit
+    decreasing into rows of W."""
+    (B, P), N = prompt_mask.shape, resp_mask.shape[-1]
+    p, n = prompt_mask.sum(-1), resp_mask.sum(-1)
+    if (p == 0).any():
+        raise ValueError(f"pack_sequences: prompt {int(np.argmin(p))} has no tokens")
+    trees = []
+    for b in range(B):
+        where, _, count = rows_needed(n[b], P + N - int(p[b]))
+        trees += [(b, np.flatnonzero(where == t)) for t in range(count)]
+    sizes = np.array([p[b] + n[b, ks].sum() for b, ks in trees])
+    return (trees, *rows_needed(sizes, P + N))
+
+
+def pack_sequences(prompt_mask: np.ndarray, resp_mask: np.ndarray, multiple: int = 1,
+                   rows: int | None = None) -> SequencePacking:
+    """Host-side packing of prompts (mask [B, P], left-padded) and their responses (mask
+    [B, K', N], right-padded) into R = `rows` (default: the rows `tree_layout` needs, rounded up
+    to `multiple`) rows of W = P + N slots."""
+    prompt_mask = np.asarray(prompt_mask).astype(bool)
+    resp_mask = np.asarray(resp_mask).astype(bool)
+    (B, P), (K, N) = prompt_mask.shape, resp_mask.shape[1:]
+    W = L = P + N
+    trees, row, offset, used = tree_layout(prompt_mask, resp_mask)
+    R = rows if rows is not None else -(-used // multiple) * multiple
+    if R < used:
+        raise ValueError(f"pack_sequences: {len(trees)} trees need {used} rows of {W}, "
+                         f"got rows={R}")
+    take, positions, groups, parts = (np.zeros((R, W), np.int32) for _ in range(4))
+    source = np.zeros((B, K, N + 1), np.int32)
+    for t, (b, ks) in enumerate(trees):
+        r, c = row[t], offset[t]
+        real = np.flatnonzero(prompt_mask[b])
+        end = c + len(real)
+        take[r, c:end] = (b * K + ks[0]) * L + real
+        positions[r, c:end] = np.arange(len(real))
+        groups[r, c:end] = t + 1
+        last = r * W + end - 1
+        for k in ks:
+            slots = np.flatnonzero(resp_mask[b, k])
+            stop = end + len(slots)
+            take[r, end:stop] = (b * K + k) * L + P + slots
+            positions[r, end:stop] = len(real) + np.arange(len(slots))
+            groups[r, end:stop], parts[r, end:stop] = t + 1, k + 1
+            source[b, k] = last
+            source[b, k, 1 + slots] = r * W + np.arange(end, stop)
+            end = stop
+    return SequencePacking(take, positions, groups, parts, source)
+
+
+def pack_sequence_minibatches(prompt_mask: np.ndarray, resp_mask: np.ndarray,
+                              index: np.ndarray, multiple: int = 1) -> SequencePacking:
+    """`pack_sequences` of each minibatch (index [S, b]: its prompts), all in the same number
+    of rows (the most any needs, rounded up to `multiple`): leaves [S, ...]."""
+    prompt_mask, resp_mask = np.asarray(prompt_mask, bool), np.asarray(resp_mask, bool)
+    used = max(tree_layout(prompt_mask[i], resp_mask[i])[3] for i in index)
+    rows = -(-used // multiple) * multiple
+    packs = [pack_sequences(prompt_mask[i], resp_mask[i], rows=rows) for i in index]
+    return jax.tree.map(lambda *x: np.stack(x), *packs)
+
+
+def sequence_hidden(params, cfg: M.ModelConfig, tokens, packing: SequencePacking):
+    """The trunk over [B, K', L] rows as `packing` lays them out: hiddens [B, K', N + 1, D] in
+    `rollout.prompt_once_hidden`'s layout (index 0: the prompt's last token, i + 1: response
+    token i; pads hold the prompt's last token's)."""
+    g, part = packing.groups, packing.parts
+    sees = ((g[:, :, None] == g[:, None, :]) & (g[:, None, :] > 0)
+            & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])))  # [R, W, W]
+    hidden, _ = M.forward(params, cfg, tokens.reshape(-1)[packing.take], sees,
+                          positions=packing.positions)
+    return hidden.reshape(-1, hidden.shape[-1])[packing.source]

@@ -37,7 +37,8 @@ import numpy as np
 from p3o_jax import importance, lora, rollout, top_layers
 from p3o_jax.algos import ALGORITHMS
 from p3o_jax.checkpoint import skip_nonfinite
-from p3o_jax.packing import pack_minibatches, pack_prompts, packed_rows
+from p3o_jax.packing import (pack_minibatches, pack_prompts, pack_sequence_minibatches,
+                             pack_sequences, packed_rows)
 from p3o_jax.engine import sample
 from p3o_jax.sampler import SampleOutput, SamplingConfig
 from p3o_jax.sharding import batch_sharding, moved_to, replicated
@@ -157,8 +158,9 @@ class RLIteration:
         self.update_steps = make_update(skip_nonfinite(gradient_step(loss)),
                                         importance.FIRST_STEP_METRICS)
         self.compiled_update = None     # `compile_update`'s program, made by `update`
-        # packing needs every prompt on this host (one process); R rounds to `rows_multiple`
+        # packing needs every prompt on this host (one process); R rounds to `packed_rows`
         self.pack = cfg.rl.pack_prompts and jax.process_count() == 1
+        self.pack_responses = cfg.rl.pack_responses and jax.process_count() == 1
         self.batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def init_state(self, params) -> TrainState:
@@ -181,6 +183,20 @@ class RLIteration:
         if index is None:
             return pack_prompts(ids, mask, multiple)
         return pack_minibatches(ids, mask, np.asarray(index), multiple)
+
+    def score_packing(self, prompt_ids, prompt_mask, resp_mask, index=None):
+        """What scoring and the update run on: prompts ids, mask [B, P] and their responses
+        (resp_mask [B, K, N]) packed as trees (`packing.pack_sequences`; with index [S, b],
+        each minibatch's) under `rl.pack_responses`, else the prompts alone (`packing`)."""
+        if not self.pack_responses:
+            return self.packing(prompt_ids, prompt_mask, index)
+        prompt_mask, resp_mask = np.asarray(prompt_mask), np.asarray(resp_mask)
+        K = resp_mask.shape[1]
+        multiple = packed_rows(K * (prompt_mask.shape[0] if index is None else index.shape[1]),
+                               self.batch_ways)
+        if index is None:
+            return pack_sequences(prompt_mask, resp_mask, multiple)
+        return pack_sequence_minibatches(prompt_mask, resp_mask, np.asarray(index), multiple)
 
     def sample(self, params, prompts: dict, key, packing=None, max_lengths=None):
         """K responses per prompt from the policy: `SampleOutput` [B, K, N] (`max_lengths`
@@ -224,8 +240,9 @@ class RLIteration:
         index = minibatch_index(self.cfg.seed, int(state.step), rl.epochs, rl.minibatches,
                                 buffer.tokens.shape[0])
         P = buffer.prompt_len
-        return MinibatchPlan(index, self.packing(buffer.tokens[:, 0, :P], buffer.mask[:, 0, :P],
-                                                 index))
+        return MinibatchPlan(index, self.score_packing(buffer.tokens[:, 0, :P],
+                                                       buffer.mask[:, 0, :P],
+                                                       buffer.mask[:, :, P:], index))
 
     def update(self, state: TrainState, buffer, frozen=None):
         """The update (E epochs x M minibatches of the algorithm's loss) on a prepared buffer,
@@ -303,7 +320,7 @@ class RLIteration:
                                 time_wait_rewards=time.perf_counter() - t0)
         t1 = t0 + host_metrics["time_generate"]
         params = self.params(state.params, frozen)
-        packing = self.packing(prompts["ids"], prompts["mask"])
+        packing = self.score_packing(prompts["ids"], prompts["mask"], samples.mask)
         buffer, metrics = self.score(params, ref, None if self.rm_fn else reward_model,
                                      prompts, samples, carry, host["rm_scores"], packing,
                                      host["fn_rewards"])

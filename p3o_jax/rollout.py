@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from p3o_jax import ops
 from p3o_jax import model as M
-from p3o_jax.packing import Packing, prompt_forward
+from p3o_jax.packing import Packing, SequencePacking, prompt_forward, sequence_hidden
 from p3o_jax.sampler import concat_prompt_response
 
 
@@ -43,14 +43,17 @@ def flat(x):
 
 
 def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
-                       packing: Packing | None = None):
+                       packing: Packing | SequencePacking | None = None):
     """Trunk states from each prompt's last token on: [B, K, L] -> [B, K, N + 1, D].
 
     tokens, mask: [B, K, L] whose K rows share the first `prompt_len` entries (one prompt,
     K responses). Index 0 is the prompt's last token (it predicts response token 0), index
     j + 1 is response token j. `packing`: the prompts packed (`packing.pack_prompts`), so that
-    their pass runs on real tokens only.
+    their pass runs on real tokens only; or prompts and responses packed
+    (`packing.pack_sequences`), so that the whole pass does.
     """
+    if isinstance(packing, SequencePacking):
+        return sequence_hidden(params, cfg, tokens, packing)
     B, K, L = tokens.shape
     P, N = prompt_len, L - prompt_len
     prompt, prompt_mask = tokens[:, 0, :P], mask[:, 0, :P]
@@ -68,7 +71,7 @@ def prompt_once_hidden(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int
 
 def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
                       temperature: float = 1.0, with_entropy: bool = False,
-                      packing: Packing | None = None):
+                      packing: Packing | SequencePacking | None = None):
     """Per-token log-probs of the responses of [B, K, L] sequences: [B, K, N] (and entropy).
 
     The LM head runs on the N response positions only; log-probs are gathered logits minus
@@ -83,7 +86,7 @@ def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
 
 
 def response_reward(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
-                    packing: Packing | None = None):
+                    packing: Packing | SequencePacking | None = None):
     """Reward-model score of each [B, K, L] sequence at its last real token: [B, K]."""
     hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len, packing)
     B, K = tokens.shape[:2]
@@ -93,7 +96,7 @@ def response_reward(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
 
 
 def response_values(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
-                    packing: Packing | None = None):
+                    packing: Packing | SequencePacking | None = None):
     """Value of the state before each response token: [B, K, L] -> [B, K, N]."""
     return M.value_scores(params, cfg, prompt_once_hidden(params, cfg, tokens, mask,
                                                           prompt_len, packing)[:, :, :-1])
@@ -123,8 +126,9 @@ class Rollout:
                                             # GAE [B, K, N]
     values_old: jax.Array | None = None     # PPO: the critic's values at rollout [B, K, N]
     returns: jax.Array | None = None        # PPO: GAE returns [B, K, N]
-    packing: Packing | None = None          # the prompts packed (set per minibatch by the
-                                            # update: `train_state.MinibatchPlan`)
+    packing: Packing | SequencePacking | None = None  # the prompts (or the sequences) packed
+                                            # (set per minibatch by the update:
+                                            # `train_state.MinibatchPlan`)
     rm_scores: jax.Array | None = None      # float32 [B, K] (dropped before the update)
     logp_behav: jax.Array | None = None     # float32 [B, K, N]: the sampler's log-probs, when
                                             # logp_old (pi_prox) was recomputed; None: they
@@ -147,8 +151,9 @@ def after_previous_model(params, previous):
 
 def score(policy, ref, reward_model, policy_cfg: M.ModelConfig, rm_cfg: M.ModelConfig,
           prompts, prompt_mask, samples, temperature: float,
-          recompute_old: bool = False, rm_scores=None, packing: Packing | None = None,
-          rewards=None, rm_weight: float = 1.0) -> Rollout:
+          recompute_old: bool = False, rm_scores=None,
+          packing: Packing | SequencePacking | None = None, rewards=None,
+          rm_weight: float = 1.0) -> Rollout:
     """The buffer from prompts [B, P] and `sample_responses` output [B, K, N]: reference log-probs
     (and the policy's, if `recompute_old`: pi_prox's, the sampler's kept as `logp_behav`),
     sequence KL (k1) and the reward, `rm_weight` times

@@ -132,6 +132,8 @@ class Workload:
     top_p: float = 1.0
     recompute_old: bool = False     # recompute pi_old's log-probs (off: the sampler's are reused)
     pack_prompts: bool = True       # prompt passes on the packed prompts (`rl.pack_prompts`)
+    pack_responses: bool = False    # scoring and the update on prompt-and-response trees
+                                    # (`rl.pack_responses`)
     seed: int = 0                   # weights, prompts and lengths
     engine: Annotated[str, OneOf("static", "continuous")] = "static"   # the sampler's
     slots: int = 0                  # continuous: decode slots (0: engine.slot_count's rule)
@@ -141,10 +143,11 @@ class Workload:
         """Prefix of the output keys: the preset's name (`w2_bfloat16` with that dtype, and
         `_padded` without packing) or `custom`."""
         base = dataclasses.replace(self, dtype="float32", pack_prompts=True, engine="static",
-                                   slots=0)
+                                   slots=0, pack_responses=False)
         name = next((k for k, v in WORKLOADS.items() if v == base), "custom")
         return (name + ("" if self.dtype == "float32" else f"_{self.dtype}")
                 + ("" if self.pack_prompts else "_padded")
+                + ("_trees" if self.pack_responses else "")
                 + ("" if self.engine == "static" else f"_{self.engine}"))
 
     @property
@@ -167,7 +170,7 @@ class Workload:
             prompts_per_iter=self.prompts, n_samples=self.responses, epochs=1, minibatches=1,
             beta=self.beta, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             recompute_logp_old=self.recompute_old, pack_prompts=self.pack_prompts,
-            optim=OptimConfig(lr=1e-5, warmup_steps=0)))
+            pack_responses=self.pack_responses, optim=OptimConfig(lr=1e-5, warmup_steps=0)))
 
     def lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """Real prompt lengths [B] and response lengths [B, n] (fixed by `seed`)."""
@@ -306,10 +309,11 @@ def stage_flops(cfg: M.ModelConfig, prompt_lengths, response_lengths) -> dict:
     return dict(generate=logprobs, score=logprobs + rm, update=3 * logprobs)
 
 
-def model_flops(w: Workload, packed_rows: int | None = None) -> dict:
+def model_flops(w: Workload, packed_rows: int | None = None, tree_rows: int | None = None) -> dict:
     """{"model": the padded shapes' FLOPs, "useful": the real tokens', "executed": what the
     programs run} per stage and per iteration; `packed_rows`: R of the packed prompts (None:
-    unpacked, R = B)."""
+    unpacked, R = B); `tree_rows`: R' rows of P + N slots of the packed prompt-and-response
+    trees that scoring and the update run on (None: prompt once, then N-slot responses)."""
     t, a, h = unit_flops(w.model)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
     prompt_lengths, response_lengths = w.lengths()
@@ -320,6 +324,8 @@ def model_flops(w: Workload, packed_rows: int | None = None) -> dict:
     # decoding until the longest response ends, old log-probs only if recomputed.
     R, S_, steps = packed_rows or B, P + N, int(response_lengths.max())
     once = R * P * (t + a * P) + B * n * N * (t + a * S_)     # `rollout.prompt_once_hidden`
+    if tree_rows:                                             # `packing.sequence_hidden`
+        once = tree_rows * S_ * (t + a * S_)
     executed = dict(generate=R * P * (t + a * P) + B * h
                     + B * n * (steps - 1) * (t + a * S_ + h),
                     score=(1 + w.recompute_old) * (once + B * n * N * h)
@@ -369,6 +375,15 @@ class Iteration:
     def packed_rows(self) -> int | None:
         return None if self.packing is None else self.packing.tokens.shape[0]
 
+    @property
+    def tree_rows(self) -> int | None:
+        """R' of scoring's and the update's packed trees (`rl.pack_responses`), else None."""
+        if not self.w.pack_responses:
+            return None
+        resp_mask = np.arange(self.w.new_tokens) < self.w.lengths()[1][..., None]
+        return self.rl.score_packing(self.prompts["ids"], self.prompts["mask"],
+                                     resp_mask).take.shape[0]
+
     @functools.partial(jax.jit, static_argnums=0)
     def prefill(self, params):
         """The prefill part of `generate` alone (for the per-step decode time)."""
@@ -379,8 +394,9 @@ class Iteration:
         """A prepared buffer of the current policy, as the update takes it."""
         samples = self.rl.sample(self.state.params, self.prompts, jax.random.key(0),
                                  self.packing, self.limits)
+        packing = self.rl.score_packing(self.prompts["ids"], self.prompts["mask"], samples.mask)
         buffer, _ = self.rl.score(self.state.params, self.ref, self.rm, self.prompts, samples,
-                                  self.carry, None, self.packing)
+                                  self.carry, None, packing)
         return buffer.replace(entropy=None)
 
     def step(self, it: int) -> dict:
@@ -425,7 +441,7 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     total = [sum(s[k] for k in STAGES) for s in steps]
     iteration = statistics.median(total)
-    flops = model_flops(w, run.packed_rows)
+    flops = model_flops(w, run.packed_rows, run.tree_rows)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
     mfu = lambda f, s: round(f / s / peak, 3)
     prompt_lengths, response_lengths = w.lengths()
@@ -440,6 +456,7 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.real_prompt_tokens": int(prompt_lengths.sum()),
         f"{p}.prompt_slots": w.prompts * w.prompt_len,
         f"{p}.packed_rows": run.packed_rows,
+        **({f"{p}.tree_rows": run.tree_rows} if w.pack_responses else {}),
         f"{p}.real_response_tokens": int(response_lengths.sum()),
         f"{p}.generate_tokens_per_s": round(int(response_lengths.sum()) / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
