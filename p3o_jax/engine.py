@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from p3o_jax.model import KV_CACHE_AXES, ModelConfig
 from p3o_jax.packing import Packing
+from p3o_jax import sampler
 from p3o_jax.sampler import (DecodeState, SampleOutput, SamplingConfig, StopWindow,
                              decode_step, emit_token, empty_window, pair_keys, per_response,
                              prefill, row_limits, sample_responses, weights_for_decode)
@@ -228,3 +229,18 @@ def sample(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask,
         return sample_continuous(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths,
                                  packing)[0]
     return sample_responses(params, cfg, scfg, prompts, prompt_mask, key, n, max_lengths, packing)
+
+
+def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, keys,
+             max_lengths=None, packing: Packing | None = None) -> SampleOutput:
+    """One response per prompt [B, N] with keys [B], as `sampler.generate` takes them, by
+    `scfg.engine`: the static sampler or the continuous one (its `slot_count` slots over the B
+    requests). What evaluation samples with."""
+    if scfg.engine != "continuous":
+        return sampler.generate(params, cfg, scfg, prompts, prompt_mask, keys, max_lengths,
+                                packing)
+    B = prompts.shape[0]
+    params = weights_for_decode(params, cfg, scfg)
+    prompt = prefill(params, cfg, prompts, prompt_mask, 0, packing)
+    limit = row_limits(max_lengths, B, scfg.max_new_tokens)
+    return continuous_decode(params, cfg, scfg, prompt, keys, limit, 1, slot_count(scfg, B))[0]

@@ -15,7 +15,8 @@ from p3o_jax import model as M
 from p3o_jax import ops
 from p3o_jax.distributed import to_host
 from p3o_jax.rollout import score, weighed
-from p3o_jax.sampler import SampleOutput, SamplingConfig, generate, pair_keys
+from p3o_jax.engine import generate
+from p3o_jax.sampler import SampleOutput, SamplingConfig, pair_keys
 
 
 def mean_se(x) -> tuple[float, float]:
@@ -63,7 +64,7 @@ def _sample_one(policy, policy_cfg: M.ModelConfig, scfg: SamplingConfig, prompts
     """One response per prompt, laid out [B, 1, N] as `rollout.score` takes them. Its key is
     the first of the prompt's pair in `pair_keys(key, B, 2)`: the response is
     `sample_responses(..., key, n=2)`'s first, the one earlier versions evaluated (they sampled
-    and scored both and kept that one)."""
+    and scored both and kept that one). Sampled by `scfg.engine` (`engine.generate`)."""
     keys = pair_keys(key, prompts.shape[0], 2)[::2]
     out = generate(policy, policy_cfg, scfg, prompts, prompt_mask, keys)
     return out._replace(**{f: getattr(out, f)[:, None] for f in out._fields if f != "num_steps"})

@@ -126,6 +126,21 @@ def test_the_kv_cache_is_bounded_by_the_slots():
     assert eight - four >= 4 * row * 0.9 and eight < 16 * row, (static, four, eight, row)
 
 
+def test_evaluation_samples_one_response_per_prompt_on_either_engine():
+    """`evaluate.sample_one` (one response per prompt, `engine.generate`) with the continuous
+    engine: the static sampler's responses, from a queue of B requests through 2 slots."""
+    from p3o_jax.evaluate import sample_one
+    cfg, params, prompts, mask, _ = setup("llama")
+    scfg = S.SamplingConfig(max_new_tokens=N, temperature=0.8, eos_ids=(5, 9, 17))
+    static = sample_one(params, cfg, scfg, prompts, mask, jax.random.key(7))
+    cont = sample_one(params, cfg, dataclasses.replace(scfg, engine="continuous", slots=2),
+                      prompts, mask, jax.random.key(7))
+    chex.assert_shape(cont.tokens, (B, 1, N))
+    assert len(set(np.asarray(static.mask).sum(-1).ravel().tolist())) >= 3   # uneven lengths
+    same_steps = dict(num_steps=np.int32(0))            # loop iterations: not comparable
+    assert_same_responses(static._replace(**same_steps), cont._replace(**same_steps))
+
+
 def test_engine_settings_are_checked():
     with pytest.raises(ValueError, match="static or continuous"):
         S.SamplingConfig(max_new_tokens=4, engine="paged")
