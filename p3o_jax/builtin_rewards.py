@@ -21,7 +21,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import queue
 import re
 import select
 import subprocess
@@ -114,9 +113,9 @@ class MathGrader:
     def __init__(self, processes: int = min(os.cpu_count() or 1, 8),
                  wait_s: float = 4 * TIMEOUT_S):
         self.processes, self.wait_s = processes, wait_s
-        self.idle: queue.SimpleQueue = queue.SimpleQueue()
-        self.started = 0
-        self.lock = threading.Lock()
+        self.idle: list[subprocess.Popen] = []
+        self.started = 0            # workers alive: idle or grading
+        self.changed = threading.Condition()
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[float | None]:
         """`grade(gold, completion)` of each pair."""
@@ -124,28 +123,50 @@ class MathGrader:
             return list(pool.map(self.grade_one, pairs))
 
     def grade_one(self, pair: tuple[str, str]) -> float | None:
-        worker = self.take()
-        worker.stdin.write(json.dumps(pair) + "\n")
-        worker.stdin.flush()
-        if not select.select([worker.stdout], [], [], self.wait_s)[0]:
-            worker.kill()
-            worker.wait()
-            with self.lock:
-                self.started -= 1
+        worker, line = self.take(), None
+        try:
+            worker.stdin.write(json.dumps(pair) + "\n")
+            worker.stdin.flush()
+            if select.select([worker.stdout], [], [], self.wait_s)[0]:
+                line = worker.stdout.readline()
+        finally:
+            self.give_back(worker, alive=bool(line))      # else hung or gone: killed
+        if line is None:                                  # still grading after wait_s
             return 0.0
-        line = worker.stdout.readline()
         if not line:
-            raise RuntimeError(f"math_answer's grading process exited ({worker.wait()})")
-        self.idle.put(worker)
+            raise RuntimeError(f"math_answer's grading process exited ({worker.returncode})")
         return json.loads(line)
 
     def take(self) -> subprocess.Popen:
-        """An idle worker, or a new one while fewer than `processes` run."""
-        with self.lock:
-            new = self.idle.empty() and self.started < self.processes
-            self.started += new
-        if not new:
-            return self.idle.get()
+        """An idle worker, or a new one while fewer than `processes` run; else wait for one of
+        those to come back or to be lost (several callers share the workers: `reward_workers`'
+        threads each run a pool of `processes` threads)."""
+        with self.changed:
+            while not self.idle and self.started >= self.processes:
+                self.changed.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.started += 1
+        try:
+            return self._start()
+        except BaseException:
+            self.give_back(None, alive=False)
+            raise
+
+    def give_back(self, worker: subprocess.Popen | None, alive: bool) -> None:
+        """`worker` idle again, or (not `alive`: it hung, failed or never started) killed and
+        its place freed for a new one."""
+        if worker is not None and not alive:
+            worker.kill()
+            worker.wait()
+        with self.changed:
+            if alive:
+                self.idle.append(worker)
+            else:
+                self.started -= 1
+            self.changed.notify()
+
+    def _start(self) -> subprocess.Popen:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
@@ -153,6 +174,7 @@ class MathGrader:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env)
         if worker.stdout.readline() != "ready\n":   # imported: timed from here on
+            worker.kill()
             raise RuntimeError(f"math_answer's grading process did not start ({worker.wait()})")
         return worker
 

@@ -6,6 +6,8 @@ the same line. The end-to-end runs are in tests/test_own_data.py."""
 import concurrent.futures
 import os
 import subprocess
+import threading
+import time
 import sys
 
 import jax
@@ -206,6 +208,27 @@ def test_math_answer_compares_symbolically():
 def test_math_answer_stops_a_grading_that_hangs():
     grader = B.MathGrader(processes=1, wait_s=2)     # math-verify's own limit is 5 s
     assert grader([("1", r"\boxed{10^{10^{10}}}"), ("3/4", "3/4")]) == [0.0, 1.0]
+
+
+def test_a_caller_waiting_for_a_grading_process_gets_the_hung_ones_place():
+    """Callers share the processes (each reward worker's thread runs a pool): one waits for
+    the only process while it hangs on another caller's grading, and gets a new one once that
+    is stopped (it waited forever before)."""
+    grader = B.MathGrader(processes=1, wait_s=2)
+    got = {}
+
+    def grade(name, pair):
+        got[name] = grader([pair])
+    hung = threading.Thread(target=grade, args=("hung", ("1", r"\boxed{10^{10^{10}}}")))
+    hung.start()
+    while not grader.started:                        # the hung grading holds the process
+        time.sleep(0.01)
+    waiting = threading.Thread(target=grade, args=("waiting", ("3/4", "3/4")), daemon=True)
+    waiting.start()
+    hung.join()
+    waiting.join(timeout=60)
+    assert not waiting.is_alive(), "a caller waited forever for a stopped grading's process"
+    assert got == {"hung": [0.0], "waiting": [1.0]} and grader.started == 1
 
 
 def test_format_length_and_overlong_rewards():
