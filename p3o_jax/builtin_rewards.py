@@ -173,7 +173,7 @@ class MathGrader:
         worker = subprocess.Popen([sys.executable, "-m", "p3o_jax.builtin_rewards"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                   env=env)
-        if worker.stdout.readline() != "ready\n":   # imported: timed from here on
+        if worker.stdout.readline() != "ready\n":   # set up: timed from here on
             worker.kill()
             raise RuntimeError(f"math_answer's grading process did not start ({worker.wait()})")
         return worker
@@ -240,6 +240,7 @@ def builtin(name: str, response_len: int):
 
 if __name__ == "__main__":   # a `MathGrader` worker
     logging.getLogger("math_verify").setLevel(logging.ERROR)   # its timeouts score 0, quietly
+    grade("1/2", r"so $\frac{1}{2}$ #### 1/2")  # the parsers' lazy set-up, before the clock
     print("ready", flush=True)
     for request in sys.stdin:
         print(json.dumps(grade(*json.loads(request))), flush=True)
