@@ -93,10 +93,11 @@ def pack_minibatches(ids: np.ndarray, mask: np.ndarray, index: np.ndarray,
     return jax.tree.map(lambda *x: np.stack(x), *packs)
 
 
-def packed_rows(num_prompts: int, batch_ways: int) -> int:
+def packed_rows(num_prompts: int, batch_ways: int, steps: int = 8) -> int:
     """The multiple R is rounded up to: divisible over the batch's devices, and coarse enough
-    that a run compiles at most ~8 shapes (R in steps of B / 8)."""
-    step = max(-(-num_prompts // 8), 1)
+    that a run compiles at most ~`steps` shapes (R in steps of B / `steps`; B: the rows
+    unpacked)."""
+    step = max(-(-num_prompts // steps), 1)
     return step * batch_ways // np.gcd(step, batch_ways)
 
 

@@ -192,8 +192,10 @@ class RLIteration:
             return self.packing(prompt_ids, prompt_mask, index)
         prompt_mask, resp_mask = np.asarray(prompt_mask), np.asarray(resp_mask)
         K = resp_mask.shape[1]
+        # trees need between B and B K rows, and round up less coarsely than prompts: a step
+        # of B K / 32 (W3: 37 rows -> 40, not 48)
         multiple = packed_rows(K * (prompt_mask.shape[0] if index is None else index.shape[1]),
-                               self.batch_ways)
+                               self.batch_ways, steps=32)
         if index is None:
             return pack_sequences(prompt_mask, resp_mask, multiple)
         return pack_sequence_minibatches(prompt_mask, resp_mask, np.asarray(index), multiple)
