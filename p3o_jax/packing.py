@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from p3o_jax import model as M
@@ -134,6 +135,12 @@ class SequencePacking:
                             #               whose hidden is index j of `prompt_once_hidden`'s
                             #               layout: j = 0 the prompt's last token, j = i + 1
                             #               response token i (pads: the prompt's last token)
+    heads: jax.Array        # int32 [R, Hc]  per row, the slots whose hidden predicts a response
+                            #               token (the LM head runs on these only; 0: none)
+    head_tokens: jax.Array  # int32 [R, Hc]  the token each predicts, a slot of the flattened
+                            #               [B * K' * L] tokens
+    head_of: jax.Array      # int32 [B, K', N]  where response token i's prediction is, in the
+                            #               [R * Hc] flattening (pads: 0)
 
 
 def tree_layout(prompt_mask: np.ndarray, resp_mask: np.ndarray):
@@ -154,10 +161,11 @@ def tree_layout(prompt_mask: np.ndarray, resp_mask: np.ndarray):
 
 
 def pack_sequences(prompt_mask: np.ndarray, resp_mask: np.ndarray, multiple: int = 1,
-                   rows: int | None = None) -> SequencePacking:
+                   rows: int | None = None, head_width: int | None = None) -> SequencePacking:
     """Host-side packing of prompts (mask [B, P], left-padded) and their responses (mask
     [B, K', N], right-padded) into R = `rows` (default: the rows `tree_layout` needs, rounded up
-    to `multiple`) rows of W = P + N slots."""
+    to `multiple`) rows of W = P + N slots, with Hc = `head_width` (default: the most any row
+    needs, in steps of W / 32) predicting positions per row."""
     prompt_mask = np.asarray(prompt_mask).astype(bool)
     resp_mask = np.asarray(resp_mask).astype(bool)
     (B, P), (K, N) = prompt_mask.shape, resp_mask.shape[1:]
@@ -169,6 +177,7 @@ def pack_sequences(prompt_mask: np.ndarray, resp_mask: np.ndarray, multiple: int
                          f"got rows={R}")
     take, positions, groups, parts = (np.zeros((R, W), np.int32) for _ in range(4))
     source = np.zeros((B, K, N + 1), np.int32)
+    predicted = [[] for _ in range(R)]   # per row: (predicting slot, token's flat slot, b, k, i)
     for t, (b, ks) in enumerate(trees):
         r, c = row[t], offset[t]
         real = np.flatnonzero(prompt_mask[b])
@@ -185,8 +194,22 @@ def pack_sequences(prompt_mask: np.ndarray, resp_mask: np.ndarray, multiple: int
             groups[r, end:stop], parts[r, end:stop] = t + 1, k + 1
             source[b, k] = last
             source[b, k, 1 + slots] = r * W + np.arange(end, stop)
+            before = np.r_[last - r * W, np.arange(end, stop - 1)]   # each token's predictor
+            predicted[r] += [(int(c_), int(f), b, k, int(i)) for c_, f, i in
+                             zip(before, take[r, end:stop], slots)]
             end = stop
-    return SequencePacking(take, positions, groups, parts, source)
+    step = max(W // 32, 1)
+    need = max(len(p_) for p_ in predicted)
+    Hc = head_width if head_width is not None else max(-(-need // step) * step, step)
+    if Hc < need:
+        raise ValueError(f"pack_sequences: a row predicts {need} tokens, got head_width={Hc}")
+    heads, head_tokens = np.zeros((R, Hc), np.int32), np.zeros((R, Hc), np.int32)
+    head_of = np.zeros((B, K, N), np.int32)
+    for r, row_heads in enumerate(predicted):
+        for h, (c_, f, b, k, i) in enumerate(row_heads):
+            heads[r, h], head_tokens[r, h] = c_, f
+            head_of[b, k, i] = r * Hc + h
+    return SequencePacking(take, positions, groups, parts, source, heads, head_tokens, head_of)
 
 
 def pack_sequence_minibatches(prompt_mask: np.ndarray, resp_mask: np.ndarray,
@@ -197,6 +220,9 @@ def pack_sequence_minibatches(prompt_mask: np.ndarray, resp_mask: np.ndarray,
     used = max(tree_layout(prompt_mask[i], resp_mask[i])[3] for i in index)
     rows = -(-used // multiple) * multiple
     packs = [pack_sequences(prompt_mask[i], resp_mask[i], rows=rows) for i in index]
+    width = max(pk.heads.shape[1] for pk in packs)
+    packs = [pack_sequences(prompt_mask[i], resp_mask[i], rows=rows, head_width=width)
+             for i in index]
     return jax.tree.map(lambda *x: np.stack(x), *packs)
 
 
@@ -204,9 +230,23 @@ def sequence_hidden(params, cfg: M.ModelConfig, tokens, packing: SequencePacking
     """The trunk over [B, K', L] rows as `packing` lays them out: hiddens [B, K', N + 1, D] in
     `rollout.prompt_once_hidden`'s layout (index 0: the prompt's last token, i + 1: response
     token i; pads hold the prompt's last token's)."""
+    hidden = packed_trunk(params, cfg, tokens, packing)
+    return hidden.reshape(-1, hidden.shape[-1])[packing.source]
+
+
+def packed_trunk(params, cfg: M.ModelConfig, tokens, packing: SequencePacking):
+    """The trunk over the packed trees of [B, K', L] rows: hiddens [R, W, D]."""
     g, part = packing.groups, packing.parts
     sees = ((g[:, :, None] == g[:, None, :]) & (g[:, None, :] > 0)
             & ((part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])))  # [R, W, W]
-    hidden, _ = M.forward(params, cfg, tokens.reshape(-1)[packing.take], sees,
-                          positions=packing.positions)
-    return hidden.reshape(-1, hidden.shape[-1])[packing.source]
+    return M.forward(params, cfg, tokens.reshape(-1)[packing.take], sees,
+                     positions=packing.positions)[0]
+
+
+def packed_logits(params, cfg: M.ModelConfig, tokens, packing: SequencePacking):
+    """The LM head on the packed trees' predicting positions only: (logits [R, Hc, V], the
+    token each predicts [R, Hc]); response token i of (b, k) is at `packing.head_of[b, k, i]`
+    of their [R * Hc] flattening."""
+    hidden = packed_trunk(params, cfg, tokens, packing)
+    hidden = jnp.take_along_axis(hidden, packing.heads[..., None], axis=1)      # [R, Hc, D]
+    return M.lm_logits(params, cfg, hidden), tokens.reshape(-1)[packing.head_tokens]

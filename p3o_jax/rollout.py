@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from p3o_jax import ops
 from p3o_jax import model as M
-from p3o_jax.packing import Packing, SequencePacking, prompt_forward, sequence_hidden
+from p3o_jax.packing import (Packing, SequencePacking, packed_logits, prompt_forward,
+                             sequence_hidden)
 from p3o_jax.sampler import concat_prompt_response
 
 
@@ -74,9 +75,17 @@ def response_logprobs(params, cfg: M.ModelConfig, tokens, mask, prompt_len: int,
                       packing: Packing | SequencePacking | None = None):
     """Per-token log-probs of the responses of [B, K, L] sequences: [B, K, N] (and entropy).
 
-    The LM head runs on the N response positions only; log-probs are gathered logits minus
-    logsumexp, never a full log-softmax.
+    The LM head runs on the N response positions only (with packed trees, on the real ones
+    only; pads then hold another position's values, which every caller masks); log-probs are
+    gathered logits minus logsumexp, never a full log-softmax.
     """
+    if isinstance(packing, SequencePacking):
+        logits, targets = packed_logits(params, cfg, tokens, packing)          # [R, Hc, ...]
+        at = lambda x: x.reshape(-1)[packing.head_of]                          # -> [B, K, N]
+        logp = at(ops.token_logprobs(logits, targets, temperature))
+        if with_entropy:
+            return logp, at(ops.entropy_from_logits(logits, temperature))
+        return logp
     hidden = prompt_once_hidden(params, cfg, tokens, mask, prompt_len, packing)[:, :, :-1]
     logits = M.lm_logits(params, cfg, flat(hidden)).reshape(*hidden.shape[:3], -1)
     logp = ops.token_logprobs(logits, tokens[..., prompt_len:], temperature)

@@ -75,6 +75,23 @@ def test_packed_executed_flops_match_xla_and_useful_flops_count_real_tokens():
     assert full["useful"] == full["model"]
 
 
+def test_tree_executed_flops_match_xla():
+    """With the responses packed as trees (`pack_responses`), scoring runs R' rows of P + N
+    and the LM head on Hc positions of each, and XLA counts what the formula says."""
+    w = dataclasses.replace(TINY, prompt_len_min=3, new_tokens_min=2, pack_responses=True)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        run = bench.Iteration(w, mesh=mesh)
+        samples = run.rl.sample(run.state.params, run.prompts, jax.random.key(0), run.packing,
+                                run.limits)
+        trees = run.rl.score_packing(run.prompts["ids"], run.prompts["mask"], samples.mask)
+        score = RLIteration.score.lower(run.rl, run.state.params, run.ref, run.rm, run.prompts,
+                                        samples, run.carry, None, trees).compile()
+    assert trees.heads.shape == run.trees and w.name == "custom_trees"
+    flops = bench.model_flops(w, run.packed_rows, run.trees)
+    assert 1.0 <= xla_flops(score) / flops["executed"]["score"] < 1.1
+
+
 def test_workload_presets_and_names():
     assert bench.WORKLOADS["w1"].name == "w1" and bench.WORKLOADS["w2_var"].name == "w2_var"
     assert dataclasses.replace(bench.W2, dtype="bfloat16").name == "w2_bfloat16"

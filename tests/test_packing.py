@@ -133,6 +133,25 @@ def test_sequence_hidden_matches_padded(family):
         assert np.abs(np.asarray(other) - np.asarray(got))[seen].max() > 1e-2
 
 
+def test_packed_log_probs_match_padded():
+    """Log-probs and entropies with the LM head on the trees' predicting positions only (Hc
+    per row, not N per response) equal the padded pass's at every real response token; each
+    row's heads are its real response tokens, in steps of W / 32."""
+    cfg = FAMILIES["llama"]
+    params = random_params(cfg, seed=3)
+    tokens, mask = sequences(cfg.vocab_size, seed=4)
+    pk = PK.pack_sequences(mask[:, 0, :P], mask[:, :, P:])
+    resp = np.asarray(mask[:, :, P:], bool)
+    per_row = [int(((pk.parts[r] > 0)).sum()) for r in range(pk.heads.shape[0])]
+    assert pk.heads.shape[1] == max(per_row) and sum(per_row) == resp.sum()
+    logprobs = jax.jit(R.response_logprobs, static_argnums=(1, 4, 5, 6))
+    want = logprobs(params, cfg, tokens, mask, P, 0.7, True)
+    got = logprobs(params, cfg, tokens, mask, P, 0.7, True, pk)
+    for g, w in zip(got, want):
+        chex.assert_shape(g, resp.shape)
+        np.testing.assert_allclose(np.asarray(g)[resp], np.asarray(w)[resp], atol=3e-5)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prompt_forward_matches_padded(family):
     cfg = FAMILIES[family]

@@ -309,11 +309,13 @@ def stage_flops(cfg: M.ModelConfig, prompt_lengths, response_lengths) -> dict:
     return dict(generate=logprobs, score=logprobs + rm, update=3 * logprobs)
 
 
-def model_flops(w: Workload, packed_rows: int | None = None, tree_rows: int | None = None) -> dict:
+def model_flops(w: Workload, packed_rows: int | None = None,
+                trees: tuple[int, int] | None = None) -> dict:
     """{"model": the padded shapes' FLOPs, "useful": the real tokens', "executed": what the
     programs run} per stage and per iteration; `packed_rows`: R of the packed prompts (None:
-    unpacked, R = B); `tree_rows`: R' rows of P + N slots of the packed prompt-and-response
-    trees that scoring and the update run on (None: prompt once, then N-slot responses)."""
+    unpacked, R = B); `trees`: (R' rows of P + N slots, Hc LM-head positions per row) of the
+    packed prompt-and-response trees that scoring and the update run on (None: prompt once,
+    then N-slot responses)."""
     t, a, h = unit_flops(w.model)
     B, n, P, N = w.prompts, w.responses, w.prompt_len, w.new_tokens
     prompt_lengths, response_lengths = w.lengths()
@@ -324,13 +326,14 @@ def model_flops(w: Workload, packed_rows: int | None = None, tree_rows: int | No
     # decoding until the longest response ends, old log-probs only if recomputed.
     R, S_, steps = packed_rows or B, P + N, int(response_lengths.max())
     once = R * P * (t + a * P) + B * n * N * (t + a * S_)     # `rollout.prompt_once_hidden`
-    if tree_rows:                                             # `packing.sequence_hidden`
-        once = tree_rows * S_ * (t + a * S_)
+    heads = B * n * N                                         # LM-head positions
+    if trees:                                       # `packing.packed_trunk`, `packed_logits`
+        once, heads = trees[0] * S_ * (t + a * S_), trees[0] * trees[1]
     executed = dict(generate=R * P * (t + a * P) + B * h
                     + B * n * (steps - 1) * (t + a * S_ + h),
-                    score=(1 + w.recompute_old) * (once + B * n * N * h)
+                    score=(1 + w.recompute_old) * (once + heads * h)
                     + once + B * n * (N + 1) * 2 * w.d_model,
-                    update=3 * (once + B * n * N * h))
+                    update=3 * (once + heads * h))
     return {kind: dict(f, iteration=sum(f.values())) for kind, f in
             (("model", model), ("useful", useful), ("executed", executed))}
 
@@ -376,13 +379,14 @@ class Iteration:
         return None if self.packing is None else self.packing.tokens.shape[0]
 
     @property
-    def tree_rows(self) -> int | None:
-        """R' of scoring's and the update's packed trees (`rl.pack_responses`), else None."""
+    def trees(self) -> tuple[int, int] | None:
+        """(R' rows, Hc LM-head positions per row) of scoring's and the update's packed trees
+        (`rl.pack_responses`), else None."""
         if not self.w.pack_responses:
             return None
         resp_mask = np.arange(self.w.new_tokens) < self.w.lengths()[1][..., None]
         return self.rl.score_packing(self.prompts["ids"], self.prompts["mask"],
-                                     resp_mask).take.shape[0]
+                                     resp_mask).heads.shape
 
     @functools.partial(jax.jit, static_argnums=0)
     def prefill(self, params):
@@ -441,7 +445,7 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
     med = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
     total = [sum(s[k] for k in STAGES) for s in steps]
     iteration = statistics.median(total)
-    flops = model_flops(w, run.packed_rows, run.tree_rows)
+    flops = model_flops(w, run.packed_rows, run.trees)
     peak = limits["matmul_bf16" if w.dtype == "bfloat16" else "matmul_f32"]
     mfu = lambda f, s: round(f / s / peak, 3)
     prompt_lengths, response_lengths = w.lengths()
@@ -456,7 +460,8 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
         f"{p}.real_prompt_tokens": int(prompt_lengths.sum()),
         f"{p}.prompt_slots": w.prompts * w.prompt_len,
         f"{p}.packed_rows": run.packed_rows,
-        **({f"{p}.tree_rows": run.tree_rows} if w.pack_responses else {}),
+        **({f"{p}.tree_rows": run.trees[0], f"{p}.tree_head_width": run.trees[1]}
+           if w.pack_responses else {}),
         f"{p}.real_response_tokens": int(response_lengths.sum()),
         f"{p}.generate_tokens_per_s": round(int(response_lengths.sum()) / med["generate"], 1),
         f"{p}.prefill_s": round(prefill, 4),
