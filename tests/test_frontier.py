@@ -4,6 +4,8 @@ import json
 import os
 
 import jax
+from jax._src import compilation_cache as jax_cache     # its _cache: where writes go
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
@@ -19,12 +21,18 @@ TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", 
 
 @pytest.fixture(autouse=True)
 def keep_compilation_cache_config():
-    """`frontier.main` points JAX's persistent compilation cache at its run folder: restore."""
+    """`frontier.main` points JAX's persistent compilation cache at its run folder: restore,
+    and reset the cache, which jax otherwise keeps using for the rest of the process (every
+    later test's compile then wrote an executable there, and one such write crashed a worker
+    with a segmentation fault, twice in full-suite runs)."""
     keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     saved = {k: getattr(jax.config, k) for k in keys}
     yield
     for k, v in saved.items():
         jax.config.update(k, v)
+    compilation_cache.reset_cache()
+    jax.jit(lambda x: x + 1).lower(1.0).compile()
+    assert jax_cache._cache is None              # no folder: later compiles write nowhere
 
 
 def record(method, beta, seed, step, steps, **metrics):

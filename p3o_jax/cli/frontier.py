@@ -39,6 +39,7 @@ import time
 from typing import Annotated
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 
 from p3o_jax.algos import ALGORITHMS
@@ -354,6 +355,7 @@ def keep_compiled(folder: str) -> None:
     (jax's persistent compilation cache) across runs."""
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    compilation_cache.reset_cache()     # jax decides once per process: decide again, now
 
 
 def load_average() -> str:
