@@ -209,12 +209,9 @@ def sample_continuous(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, p
     same arguments. Returns (SampleOutput [B, n, N] with `num_steps` the loop's iterations,
     the decode slot-steps run int [])."""
     B = prompts.shape[0]
-    R = B * n
-    params = weights_for_decode(params, cfg, scfg)
-    prompt = prefill(params, cfg, prompts, prompt_mask, 0, packing)
-    limit = row_limits(per_response(max_lengths, n), R, scfg.max_new_tokens)
-    out, slot_steps = continuous_decode(params, cfg, scfg, prompt, pair_keys(key, B, n), limit,
-                                        n, slot_count(scfg, R))
+    limit = row_limits(per_response(max_lengths, n), B * n, scfg.max_new_tokens)
+    out, slot_steps = _decode_requests(params, cfg, scfg, prompts, prompt_mask,
+                                       pair_keys(key, B, n), limit, n, packing)
     split = lambda x: x.reshape(B, n, *x.shape[1:])
     return out._replace(**{f: split(getattr(out, f)) for f in out._fields if f != "num_steps"}
                         ), slot_steps
@@ -239,8 +236,15 @@ def generate(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mas
     if scfg.engine != "continuous":
         return sampler.generate(params, cfg, scfg, prompts, prompt_mask, keys, max_lengths,
                                 packing)
-    B = prompts.shape[0]
+    limit = row_limits(max_lengths, prompts.shape[0], scfg.max_new_tokens)
+    return _decode_requests(params, cfg, scfg, prompts, prompt_mask, keys, limit, 1, packing)[0]
+
+
+def _decode_requests(params, cfg: ModelConfig, scfg: SamplingConfig, prompts, prompt_mask, keys,
+                     limit, n: int, packing: Packing | None):
+    """The prompts prefilled once, then their R = B n requests (keys, limit [R]) through
+    `slot_count` slots: `continuous_decode`'s (SampleOutput [R, N], slot-steps)."""
     params = weights_for_decode(params, cfg, scfg)
     prompt = prefill(params, cfg, prompts, prompt_mask, 0, packing)
-    limit = row_limits(max_lengths, B, scfg.max_new_tokens)
-    return continuous_decode(params, cfg, scfg, prompt, keys, limit, 1, slot_count(scfg, B))[0]
+    return continuous_decode(params, cfg, scfg, prompt, keys, limit, n,
+                             slot_count(scfg, keys.shape[0]))

@@ -221,9 +221,15 @@ def pack_sequence_minibatches(prompt_mask: np.ndarray, resp_mask: np.ndarray,
     rows = -(-used // multiple) * multiple
     packs = [pack_sequences(prompt_mask[i], resp_mask[i], rows=rows) for i in index]
     width = max(pk.heads.shape[1] for pk in packs)
-    packs = [pack_sequences(prompt_mask[i], resp_mask[i], rows=rows, head_width=width)
-             for i in index]
-    return jax.tree.map(lambda *x: np.stack(x), *packs)
+    return jax.tree.map(lambda *x: np.stack(x), *[widened(pk, width) for pk in packs])
+
+
+def widened(pk: SequencePacking, width: int) -> SequencePacking:
+    """`pk` with `width` >= Hc head positions per row (the new ones empty)."""
+    Hc = pk.heads.shape[1]
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - Hc)))
+    return pk.replace(heads=pad(pk.heads), head_tokens=pad(pk.head_tokens),
+                      head_of=pk.head_of // Hc * width + pk.head_of % Hc)
 
 
 def sequence_hidden(params, cfg: M.ModelConfig, tokens, packing: SequencePacking):
