@@ -32,3 +32,31 @@ def verl_path(monkeypatch):
     """verl importable: `make test` installs it into <venv>/verl, outside site-packages
     (requirements-verl.txt, Makefile)."""
     monkeypatch.syspath_prepend(os.path.join(sys.prefix, "verl"))
+
+
+CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+def close_compilation_cache(saved: dict) -> None:
+    """Restore jax's persistent-cache settings and close the cache a test opened: jax decides
+    once per process whether to use it, so restoring the config alone leaves it open."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def no_compilation_cache_after_a_test():
+    """`frontier`, `compare` and `offpolicy` point JAX's persistent compilation cache at their
+    run folder (`frontier.keep_compiled`). Left open, every later compile on that worker wrote
+    its executable into a test's folder, and one such write crashed a worker with a segmentation
+    fault in three full-suite runs (two in test_engine.py, after test_frontier.py and after
+    test_compare.py)."""
+    import jax
+    from jax._src import compilation_cache as jax_cache
+    saved = {k: getattr(jax.config, k) for k in CACHE_KEYS}
+    yield
+    if jax_cache._cache is not None or any(getattr(jax.config, k) != v for k, v in saved.items()):
+        close_compilation_cache(saved)

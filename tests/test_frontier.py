@@ -5,13 +5,13 @@ import os
 
 import jax
 from jax._src import compilation_cache as jax_cache     # its _cache: where writes go
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
 
 from p3o_jax.cli import frontier as F
 from p3o_jax.cli import offpolicy as O
 from p3o_jax.checks import ConfigError
+from conftest import CACHE_KEYS, close_compilation_cache
 
 TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
         "sft.steps=60", "sft.batch_size=32", "sft.optim.lr=1e-2", "rm.n_pairs=256",
@@ -19,20 +19,20 @@ TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", 
         "rl.epochs=2", "rl.optim.lr=3e-3", "rl.optim.warmup_steps=0"]
 
 
-@pytest.fixture(autouse=True)
-def keep_compilation_cache_config():
-    """`frontier.main` points JAX's persistent compilation cache at its run folder: restore,
-    and reset the cache, which jax otherwise keeps using for the rest of the process (every
-    later test's compile then wrote an executable there, and one such write crashed a worker
-    with a segmentation fault, twice in full-suite runs)."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {k: getattr(jax.config, k) for k in keys}
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    jax.jit(lambda x: x + 1).lower(1.0).compile()
+def test_the_suite_closes_the_compilation_cache_a_test_opens(tmp_path):
+    """What conftest's `no_compilation_cache_after_a_test` relies on: `keep_compiled` makes
+    later compiles write to disk, and `close_compilation_cache` stops that."""
+    saved = {k: getattr(jax.config, k) for k in CACHE_KEYS}
+    F.keep_compiled(str(tmp_path / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)   # this tiny one too
+    try:
+        jax.jit(lambda x: x * 3 + 1).lower(1.0).compile()
+        assert jax_cache._cache is not None and os.listdir(tmp_path / "jax_cache")
+    finally:
+        close_compilation_cache(saved)
+    jax.jit(lambda x: x * 5 + 2).lower(1.0).compile()
     assert jax_cache._cache is None              # no folder: later compiles write nowhere
+    assert all(getattr(jax.config, k) == v for k, v in saved.items())
 
 
 def record(method, beta, seed, step, steps, **metrics):
