@@ -625,6 +625,57 @@ def test_a_run_scored_by_a_reward_server_process_stops_when_it_dies_and_resumes(
             next(v for k, v in served.items() if k.endswith("/dying")))
 
 
+SLOW = """import json, os, time
+def slow(completions, trainer_state, **_):
+    it, log = trainer_state.global_step, os.environ["SLOW_LOG"]
+    start = time.time()
+    time.sleep(1.0)                            # a verifier that takes seconds per batch
+    def logged():                              # the learner's finished iterations
+        with open(os.environ["SLOW_METRICS"]) as f:
+            return {r["step"] for r in map(json.loads, f) if r["stage"] == "rl:p3o"}
+    waited = 0 < it < trainer_state.max_steps  # batch `it` of the RL loop, not an evaluation
+    while waited and it - 1 not in logged() and time.time() - start < 40:
+        time.sleep(0.05)
+    with open(log, "a") as f:
+        f.write(json.dumps({"it": it, "waited": waited, "seen": waited and it - 1 in logged(),
+                            "s": time.time() - start}) + "\\n")
+    return [0.5] * len(completions)
+"""
+
+
+def test_a_slow_reward_server_is_waited_on_beside_the_learner(files, sft_folder, tmp_path):
+    """rl.max_staleness=1 with a reward server process whose function takes seconds: batch
+    i + 1's request is in flight while the learner finishes iteration i. The served function
+    holds each RL batch's answer until the learner has logged the iteration before it; a loop
+    that waited for batch i + 1's rewards before finishing iteration i would hold it for 40 s
+    (recorded as not seen) and the request would time out."""
+    (tmp_path / "slow.py").write_text(SLOW)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, SLOW_LOG=str(tmp_path / "calls.jsonl"),
+               SLOW_METRICS=str(out / "metrics.jsonl"))
+    server = subprocess.Popen([sys.executable, "-m", "p3o_jax.cli.reward_server",
+                               f"{tmp_path}/slow.py:slow", f"port={port}"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().startswith("serving slow on"), server.wait()
+        assert main(dataset_args(files, sft_folder, out, f"reward_fns=http://127.0.0.1:{port}/score",
+                                 "reward_weights=", "rl.eval_every=0", "rl.max_staleness=1",
+                                 "reward_remote.timeout_s=50", "reward_remote.retries=0")) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    calls = [json.loads(line) for line in open(tmp_path / "calls.jsonl")]
+    rl = [c for c in calls if c["waited"]]
+    assert sorted(c["it"] for c in rl) == [1, 2], calls      # batch 0 has no iteration before it
+    assert all(c["seen"] and c["s"] < 40 for c in rl), calls
+    rows = [r for r in read_metrics(out) if r["stage"] == "rl:p3o"]
+    assert [r["staleness"] for r in rows] == [0, 1, 1]
+    assert all(r["reward"] == pytest.approx(0.5) for r in rows)
+
+
 FULL_DISK = """import errno, os
 def full_disk(prompts, completions, **_):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

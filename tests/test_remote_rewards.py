@@ -1,8 +1,8 @@
 """Reward servers: OpenRLHF's remote reward protocol, its client (`reward_fns=http://...`) and
 our server (`python -m p3o_jax.cli.reward_server`): a served function scores what it scores
 locally, extras come back as logs, failures are retried with backoff and end in one line, a
-server that does not answer is a start-up error. The RL run against a server process, killed
-mid-run and resumed, is in tests/test_own_data.py."""
+server that does not answer is a start-up error. The RL runs against a server process (killed
+mid-run and resumed; slow, waited on beside the learner) are in tests/test_own_data.py."""
 import asyncio
 import json
 import os
