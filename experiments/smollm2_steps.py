@@ -1,14 +1,14 @@
 """EXP=smollm2_steps: SmolLM2-135M-Instruct reasons at length. The model and reward of
 EXP=smollm2 (experiments/smollm2.py), on multi-step sums that it works through before answering
-("What is 37 - 0 - 26 + 42? Think step by step, then give the final answer after ####."),
+("What is 17 + 4 - 9? Think step by step, then give the final answer after ####."),
 with responses of up to 256 tokens: long and uneven, the regime of the continuous-batching
 engine (`rl.engine=continuous`, p3o_jax/engine.py) and of responses packed as trees
 (`rl.pack_responses`). `math_answer` reads the answer after the last `####` (else the last
 number) and checks it.
 
 The prompts were made by `python scripts/arithmetic_prompts.py experiments/data/smollm2_steps
---kind steps --terms 4 --max 50 --n 1200 --n-eval 200 --no-sft --suffix " Think step by step,
-then give the final answer after ####."` (1000 RL prompts, 200 held out; 57-61 tokens with
+--kind steps --terms 3 --max 20 --n 1200 --n-eval 200 --no-sft --suffix " Think step by step,
+then give the final answer after ####."` (1000 RL prompts, 200 held out; 54-57 tokens with
 SmolLM2's chat template, prompt_len 80). 16 prompts x 4 responses an iteration, 16 decode slots.
 
     make train EXP=smollm2_steps                               (continuous engine)

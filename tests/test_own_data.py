@@ -275,9 +275,9 @@ def test_long_prompts_stop_or_are_cut_or_dropped_and_counted(files, tokenizer, m
 def test_the_experiments_prompts_fit_their_prompt_len():
     """experiments/arithmetic.py, smollm2.py and smollm2_steps.py are sized to their data: no
     prompt is cut (the default, long_prompts=error, would stop the run). SmolLM2's own
-    tokenizer, with its default system turn, gives 44-46 tokens (under smollm2's 48) and 57-61
-    (under smollm2_steps' 80; this test's ChatML tokenizer: up to 79). Measured; not
-    downloaded here."""
+    tokenizer, with its default system turn, gives 44-46 tokens (under smollm2's 48) and 54-57
+    (under smollm2_steps' 80, which also holds this test's ChatML tokenizer's longer
+    encoding). Measured; not downloaded here."""
     import transformers
     for exp, tok in (("arithmetic", None), ("smollm2", chat_tokenizer()),
                      ("smollm2_steps", chat_tokenizer())):
