@@ -16,8 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The slowest test files first (measured with `pytest --durations`), so that both workers of
 # `make test` (`--dist loadfile --no-loadscope-reorder`) end on short files together.
-SLOWEST_FIRST = ("test_compile_check.py", "test_checkpoint.py", "test_multihost.py",
-                 "test_frontier.py", "test_packing.py", "test_bench.py", "test_own_data.py",
+# test_engine.py goes first, on a fresh worker: its continuous-engine compiles crashed XLA
+# (a segmentation fault inside `backend_compile_and_load` or the executable's serialisation)
+# in three full-suite runs, each time late in a worker that had loaded torch, verl and ray,
+# never when run alone or first (over a hundred of its compiles in a loop); not understood.
+SLOWEST_FIRST = ("test_engine.py", "test_compile_check.py", "test_checkpoint.py",
+                 "test_multihost.py", "test_frontier.py", "test_packing.py", "test_bench.py", "test_own_data.py",
                  "test_rollout.py", "test_pipeline.py", "test_real_data_smoke.py",
                  "test_reward_calls.py")
 
