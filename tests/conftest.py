@@ -21,9 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # in three full-suite runs, each time late in a worker that had loaded torch, verl and ray,
 # never when run alone or first (over a hundred of its compiles in a loop); not understood.
 SLOWEST_FIRST = ("test_engine.py", "test_compile_check.py", "test_checkpoint.py",
-                 "test_multihost.py", "test_frontier.py", "test_packing.py", "test_bench.py", "test_own_data.py",
-                 "test_rollout.py", "test_pipeline.py", "test_real_data_smoke.py",
-                 "test_reward_calls.py")
+                 "test_multihost.py", "test_frontier.py", "test_packing.py", "test_bench.py",
+                 "test_own_data.py", "test_rollout.py", "test_pipeline.py",
+                 "test_real_data_smoke.py", "test_reward_calls.py")
 
 
 def pytest_collection_modifyitems(items):
