@@ -1,5 +1,7 @@
-"""Test-wide setup: 8 fake CPU devices and XLA flags (set before jax is imported), and the order
-in which the test files run, and verl on the import path for the tests that call it."""
+"""Test-wide setup: 8 fake CPU devices and XLA flags (set before jax is imported), the order in
+which the test files run, verl on the import path for the tests that call it, and what a worker
+releases between tests (the persistent compilation cache, compiled programs near the map limit)."""
+import gc
 import os
 import sys
 
@@ -16,10 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The slowest test files first (measured with `pytest --durations`), so that both workers of
 # `make test` (`--dist loadfile --no-loadscope-reorder`) end on short files together.
-# test_engine.py goes first, on a fresh worker: its continuous-engine compiles crashed XLA
-# (a segmentation fault inside `backend_compile_and_load` or the executable's serialisation)
-# in three full-suite runs, each time late in a worker that had loaded torch, verl and ray,
-# never when run alone or first (over a hundred of its compiles in a loop); not understood.
 SLOWEST_FIRST = ("test_engine.py", "test_compile_check.py", "test_checkpoint.py",
                  "test_multihost.py", "test_frontier.py", "test_packing.py", "test_bench.py",
                  "test_own_data.py", "test_rollout.py", "test_pipeline.py",
@@ -54,13 +52,53 @@ def close_compilation_cache(saved: dict) -> None:
 @pytest.fixture(autouse=True)
 def no_compilation_cache_after_a_test():
     """`frontier`, `compare` and `offpolicy` point JAX's persistent compilation cache at their
-    run folder (`frontier.keep_compiled`). Left open, every later compile on that worker wrote
-    its executable into a test's folder, and one such write crashed a worker with a segmentation
-    fault in three full-suite runs (two in test_engine.py, after test_frontier.py and after
-    test_compare.py)."""
+    run folder (`frontier.keep_compiled`). Left open, every later compile on that worker writes
+    its executable into a test's folder."""
     import jax
     from jax._src import compilation_cache as jax_cache
     saved = {k: getattr(jax.config, k) for k in CACHE_KEYS}
     yield
     if jax_cache._cache is not None or any(getattr(jax.config, k) != v for k, v in saved.items()):
         close_compilation_cache(saved)
+
+
+def memory_map_count() -> int:
+    """How many memory maps this process holds (the lines of /proc/self/maps)."""
+    with open("/proc/self/maps", "rb") as f:
+        return sum(1 for _ in f)
+
+
+def max_map_count() -> int:
+    """The most memory maps a process may hold (vm.max_map_count, 65530 by default)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except OSError:
+        return 65530
+
+
+def free_compiled_programs_above(maps: int) -> bool:
+    """Drop every compiled program (`jax.clear_caches`) once this process holds more than `maps`
+    memory maps: whether it did."""
+    if memory_map_count() <= maps:
+        return False
+    import jax
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
+HAS_PROC_MAPS = os.path.exists("/proc/self/maps")
+
+
+@pytest.fixture(autouse=True)
+def compiled_programs_freed_before_the_map_limit():
+    """Each compiled XLA:CPU program keeps its JIT code in memory maps, held by jax's caches for
+    the life of the process: a worker gains ~25,000 maps in test_engine.py alone, and past
+    vm.max_map_count (65,530) a compile's mmap fails and the worker dies: four full-suite runs
+    lost a worker so, late in the run (in test_engine.py and test_sampler.py). Past half the
+    limit, the worker drops its compiled programs (later tests compile theirs again), as the
+    sweeps do between runs (`frontier.rl_run`)."""
+    yield
+    if HAS_PROC_MAPS:
+        free_compiled_programs_above(max_map_count() // 2)

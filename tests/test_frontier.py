@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 from jax._src import compilation_cache as jax_cache     # its _cache: where writes go
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from p3o_jax.cli import frontier as F
 from p3o_jax.cli import offpolicy as O
 from p3o_jax.checks import ConfigError
-from conftest import CACHE_KEYS, close_compilation_cache
+from conftest import (CACHE_KEYS, HAS_PROC_MAPS, close_compilation_cache, free_compiled_programs_above,
+                      memory_map_count)
 
 TINY = ["exp=toy", "eval_prompts=64", "policy.d_model=32", "policy.n_layers=1", "policy.d_ff=64",
         "sft.steps=60", "sft.batch_size=32", "sft.optim.lr=1e-2", "rm.n_pairs=256",
@@ -33,6 +35,20 @@ def test_the_suite_closes_the_compilation_cache_a_test_opens(tmp_path):
     jax.jit(lambda x: x * 5 + 2).lower(1.0).compile()
     assert jax_cache._cache is None              # no folder: later compiles write nowhere
     assert all(getattr(jax.config, k) == v for k, v in saved.items())
+
+
+@pytest.mark.skipif(not HAS_PROC_MAPS, reason="counts /proc/self/maps (Linux)")
+def test_the_suite_frees_compiled_programs_that_hold_memory_maps():
+    """What conftest's `compiled_programs_freed_before_the_map_limit` relies on: compiled
+    programs hold memory maps while jax caches them, and dropping them gives the maps back."""
+    programs = [jax.jit(lambda x, i=i: jnp.tanh(x * i).sum()) for i in range(40)]
+    for f in programs:
+        f(jnp.ones(8)).block_until_ready()
+    held = memory_map_count()
+    assert not free_compiled_programs_above(held + 1000)   # under the bound: nothing dropped
+    assert memory_map_count() > held - 40
+    assert free_compiled_programs_above(held - 40)
+    assert memory_map_count() < held - 40                  # over it: the programs' maps freed
 
 
 def record(method, beta, seed, step, steps, **metrics):
