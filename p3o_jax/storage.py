@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 import warnings
 from typing import IO, Callable
@@ -117,13 +118,28 @@ def last_checkpoint(out_dir: str) -> str | None:
     return max(steps, key=os.path.getmtime) if steps else None
 
 
-def remove_partial(path: str) -> None:
+def remove_partial(path: str, settle: float = 0.0) -> None:
     """Delete the temporary folders an interrupted orbax save left: of `path` itself, or of a
-    step in the stage folder `path`."""
-    for pattern in (glob.escape(path) + ".orbax-checkpoint-tmp*",
-                    os.path.join(glob.escape(path), "*.orbax-checkpoint-tmp*")):
-        for leftover in glob.glob(pattern):
+    step in the stage folder `path`. `settle` > 0: again until none has come back for `settle`
+    seconds (at most 20 tries), since a failed save's writer threads that orbax does not let
+    us join (its pools' workers) may still be making files there."""
+    patterns = (glob.escape(path) + ".orbax-checkpoint-tmp*",
+                os.path.join(glob.escape(path), "*.orbax-checkpoint-tmp*"))
+    for _ in range(20):
+        for leftover in [p for pattern in patterns for p in glob.glob(pattern)]:
             shutil.rmtree(leftover, ignore_errors=True)
+        if not settle or _quiet(patterns, settle):
+            return
+
+
+def _quiet(patterns, seconds: float) -> bool:
+    """Whether no path matches `patterns` during the next `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(map(glob.glob, patterns)):
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @contextlib.contextmanager
@@ -142,7 +158,7 @@ def writing(path: str, out_dir: str | None = None):
         if cause is None:
             raise
         free = free_space(path)
-        remove_partial(path)
+        remove_partial(path, settle=0.5)
         raise WriteFailed(path, cause, free, out_dir) from e
 
 

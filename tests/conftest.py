@@ -1,9 +1,13 @@
 """Test-wide setup: 8 fake CPU devices and XLA flags (set before jax is imported), the order in
 which the test files run, verl on the import path for the tests that call it, and what a worker
 releases between tests (the persistent compilation cache, compiled programs near the map limit)."""
+import faulthandler
 import gc
+import glob
 import os
 import sys
+import tempfile
+import uuid
 
 import pytest
 
@@ -91,14 +95,62 @@ def free_compiled_programs_above(maps: int) -> bool:
 HAS_PROC_MAPS = os.path.exists("/proc/self/maps")
 
 
+RUN = "P3O_JAX_TEST_RUN"
+
+
+def worker_state_file(worker: str) -> str:
+    """Where a pytest-xdist worker notes its state after each test, for the report of a crash."""
+    return os.path.join(tempfile.gettempdir(), f"p3o-jax-tests-{os.environ[RUN]}-{worker}.txt")
+
+
+def worker_state() -> str:
+    """This process's memory maps (and vm.max_map_count), resident memory and threads."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return (f"{memory_map_count()} memory maps of {max_map_count()}, "
+            f"resident {status['VmRSS'].strip()}, {status['Threads'].strip()} threads")
+
+
 @pytest.fixture(autouse=True)
-def compiled_programs_freed_before_the_map_limit():
-    """Each compiled XLA:CPU program keeps its JIT code in memory maps, held by jax's caches for
-    the life of the process: a worker gains ~25,000 maps in test_engine.py alone, and past
-    vm.max_map_count (65,530) a compile's mmap fails and the worker dies: four full-suite runs
-    lost a worker so, late in the run (in test_engine.py and test_sampler.py). Past half the
-    limit, the worker drops its compiled programs (later tests compile theirs again), as the
-    sweeps do between runs (`frontier.rl_run`)."""
+def compiled_programs_freed_before_the_map_limit(request):
+    """Each compiled XLA:CPU program keeps its JIT code in memory maps while jax caches it, and
+    a process may hold vm.max_map_count (65,530) maps: past that a compile's mmap fails and the
+    process dies. The suite's workers peak near 33,000 (test_engine.py alone adds ~25,000); past
+    half the limit a worker drops its compiled programs (later tests compile theirs again), as
+    the sweeps do between runs (`frontier.rl_run`). Each worker notes its state after each test
+    (`worker_state_file`), which `pytest_terminal_summary` prints if a worker crashed."""
     yield
     if HAS_PROC_MAPS:
         free_compiled_programs_above(max_map_count() // 2)
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        if worker:
+            with open(worker_state_file(worker), "w") as f:
+                f.write(f"{worker} after {request.node.nodeid}: {worker_state()}\n")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """In a worker, a fatal signal prints the Python stack of the thread it hit alone (pytest's
+    faulthandler prints every thread's, and the crashing thread's frames fell outside the end
+    of the output CI shows); no Python frames there means a thread of XLA's own. Written where
+    pytest's own faulthandler writes (a copy of stderr's descriptor), not to captured output."""
+    os.environ.setdefault(RUN, uuid.uuid4().hex)   # the controller's, which its workers inherit
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        stderr = sys.stderr.fileno() if sys.stderr.fileno() != -1 else sys.__stderr__.fileno()
+        faulthandler.enable(file=os.dup(stderr), all_threads=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After a worker crash, each worker's state after its last finished test."""
+    crashed = [r for r in terminalreporter.stats.get("failed", [])
+               if "crashed while running" in str(r.longrepr)]
+    if crashed and HAS_PROC_MAPS:
+        terminalreporter.section("workers' state after their last finished test")
+        for path in sorted(glob.glob(worker_state_file("*"))):
+            terminalreporter.write_line(open(path).read().strip())
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        for path in glob.glob(worker_state_file("*")):
+            os.remove(path)

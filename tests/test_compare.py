@@ -24,7 +24,9 @@ def write_run(path, method, seed, before, after, sample_before=None):
     for step in range(4):
         rows.append({"stage": "rl:x", "step": step, "time": 101.0 + 10 * step,
                      "time_generate": 1.0 + 9 * (step == 0), "time_score": 0.5,
-                     "time_update": 0.5})
+                     "time_update": 0.5, "policy_clip_frac": 0.1 * step + seed,
+                     "is_weight_mean": 1.0, "is_weight_max": 1.5 + step, "is_capped_frac": 0.0,
+                     "logp_gap_mean": 0.01 * step, "staleness": min(step, 2)})
     rows.append(dict(rows[-1], time_update=99.0))   # a resumed run logs a step again: the last
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -65,6 +67,11 @@ def test_finished_runs_are_read_not_run(finished, tmp_path, monkeypatch):
     se_prompts = np.mean([np.sqrt(a * (1 - a) / 100) for a in (0.6, 0.8)])
     assert f"± {se_prompts:.3f}" in cells
     assert "0.40 ± 0.00" in cells                                          # KL at the end
+    # off-policy statistics: means over a run's iterations (the resumed step once), over seeds
+    stats = dict(zip([c.strip() for c in text.splitlines()[4].strip("|").split("|")], cells))
+    assert stats["clip frac"] == "0.650" and stats["logp gap"] == "0.0150"
+    assert stats["staleness"] == "2" and stats["IS weight"] == "1.000"
+    assert timings[0]["is_weight_max"] == 4.5
     assert "P3O-V2 before" in text and "GRPO after" in text
     for (method, seed), (_, after) in ACC.items():  # each run's per-prompt records kept
         kept = results / "demo" / f"seed{seed}-{method}"

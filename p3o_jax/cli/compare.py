@@ -72,6 +72,18 @@ def run_method(cfg: ExperimentConfig, seed: int, method: str, evals: int) -> str
     return path
 
 
+def off_policy_stats(rl: list[dict]) -> dict:
+    """Means over a run's RL rows of the clip fraction, the importance weights (their mean and
+    the share capped) and the sampler gap |log pi_behav - log pi_prox| per token, and the
+    largest staleness: what says how far off-policy the run's updates were."""
+    clip = "policy_clip_frac" if "policy_clip_frac" in rl[0] else "clip_frac"
+    mean = lambda k: float(np.mean([r[k] for r in rl]))
+    return {"clip_frac": mean(clip), "is_weight_mean": mean("is_weight_mean"),
+            "is_weight_max": max(r["is_weight_max"] for r in rl),
+            "is_capped_frac": mean("is_capped_frac"), "logp_gap_mean": mean("logp_gap_mean"),
+            "staleness_max": max(r["staleness"] for r in rl)}
+
+
 def read_run(path: str, method: str, seed: int) -> tuple[list[dict], dict, dict]:
     """A run's eval rows (the last logged at each step), its timing row and its samples."""
     evals, rl = {}, {}
@@ -86,7 +98,7 @@ def read_run(path: str, method: str, seed: int) -> tuple[list[dict], dict, dict]
                 for step, r in sorted(rl.items()) if step > 0]   # iteration 0 compiles
     timing = {"method": method, "seed": seed, "seconds": max(stamps) - min(stamps),
               "seconds_per_iteration": float(np.mean(per_iter)) if per_iter else None,
-              "iterations": len(rl)}
+              "iterations": len(rl), **off_policy_stats([r for _, r in sorted(rl.items())])}
     with open(os.path.join(path, "summary.json")) as f:
         samples = json.load(f).get("samples", {})
     return rows, timing, samples
@@ -125,6 +137,10 @@ def table(records: list[dict], timings: list[dict], key: str) -> list[dict]:
         mean, se = mean_se_over_runs([r["kl_k1"] for r in end], [r["kl_k1_se"] for r in end])
         row["KL (k1)"] = f"{mean:.2f} ± {se:.2f}"
         ts = [t for t in timings if t["method"] == method]
+        for k, name, digits in (("clip_frac", "clip frac", 3), ("is_weight_mean", "IS weight", 3),
+                                ("is_capped_frac", "capped", 4), ("logp_gap_mean", "logp gap", 4)):
+            row[name] = f"{np.mean([t[k] for t in ts]):.{digits}f}"
+        row["staleness"] = max(t["staleness_max"] for t in ts)
         row["s / iteration"] = f"{np.mean([t['seconds_per_iteration'] for t in ts]):.1f}"
         row["minutes / run"] = f"{np.mean([t['seconds'] for t in ts]) / 60:.1f}"
         out.append(row)
@@ -167,6 +183,10 @@ def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: 
             f"{cfg.rl.temperature:g}; `{key}` accuracy and the total reward before and after "
             f"RL: mean ± SE across seeds (one seed: over prompts); \"(prompts)\" is the "
             f"mean SE over the eval prompts of one run. KL to the starting policy at the end. "
+            f"Clip fraction, importance weight (`rl.rollout_is={cfg.rl.rollout_is}`, cap "
+            f"{cfg.rl.rollout_is_cap:g}), the share of weights capped and the sampler gap "
+            f"|log pi_behav - log pi_prox| per token: means over the iterations; staleness: "
+            f"the most policy versions a batch lagged. "
             f"Seconds per iteration: sampling, scoring and the update, after the first "
             f"(compiling) iteration; minutes per run include the compiles and evaluations.", "",
             format_table(rows, columns), ""]

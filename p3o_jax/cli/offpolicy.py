@@ -32,6 +32,7 @@ from typing import Annotated
 import numpy as np
 
 from p3o_jax.checks import ConfigError, NonNegative, OneOf
+from p3o_jax.cli.compare import off_policy_stats
 from p3o_jax.cli.frontier import (METHODS, keep_compiled, load_average, overridden, rl_run,
                                   train_sft_rm, write_jsonl, write_report)
 from p3o_jax.cli.help import help_text, wants_help
@@ -85,12 +86,7 @@ def run_records(rows: list[dict], method: str, regime: str, seed: int, steps: in
               "tokens": float(tokens[r["step"]]), "seconds": float(seconds[r["step"]]),
               **{k: v for k, v in r.items() if k not in ("stage", "step", "time")}}
              for r in sorted(rows, key=lambda r: r["step"]) if r["stage"].startswith("eval:")]
-    clip = "policy_clip_frac" if "policy_clip_frac" in rl[0] else "clip_frac"
-    mean = lambda k: float(np.mean([r[k] for r in rl]))
-    run = {**key, "run": True, "clip_frac": mean(clip), "is_weight_mean": mean("is_weight_mean"),
-           "is_weight_max": max(r["is_weight_max"] for r in rl),
-           "is_capped_frac": mean("is_capped_frac"), "logp_gap_mean": mean("logp_gap_mean"),
-           "staleness_max": max(r["staleness"] for r in rl),
+    run = {**key, "run": True, **off_policy_stats(rl),
            "seconds_per_iteration": statistics.median(iteration_walls(rows)[1:] or [0.0])}
     return evals, run
 
