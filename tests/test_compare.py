@@ -11,6 +11,7 @@ from p3o_jax.cli import compare
 
 ACC = {("P3O-V2", 0): (0.2, 0.6), ("P3O-V2", 1): (0.3, 0.8),
        ("GRPO", 0): (0.2, 0.5), ("GRPO", 1): (0.3, 0.5)}
+PROMPT_OFFSETS = (-0.1, 0.0, 0.1)     # a run's final reward on each eval prompt: acc + offset
 
 
 def write_run(path, method, seed, before, after, sample_before=None):
@@ -34,7 +35,11 @@ def write_run(path, method, seed, before, after, sample_before=None):
         json.dump({"rows": [], "samples": {"sft": sample_before or f"{method} before",
                                            "x": f"{method} after"}}, f)
     with open(os.path.join(path, "eval_x.jsonl"), "w") as f:   # the final policy's records
-        f.write(json.dumps({"index": 0, "rewards": {"math_answer": after}}) + "\n")
+        f.writelines(json.dumps({"index": i, "rewards": {"math_answer": after + d}}) + "\n"
+                     for i, d in enumerate(PROMPT_OFFSETS))
+    with open(os.path.join(path, "eval_sft.jsonl"), "w") as f:  # the starting policy's
+        f.writelines(json.dumps({"index": i, "rewards": {"math_answer": before}}) + "\n"
+                     for i in range(len(PROMPT_OFFSETS)))
 
 
 @pytest.fixture
@@ -72,10 +77,13 @@ def test_finished_runs_are_read_not_run(finished, tmp_path, monkeypatch):
     assert stats["clip frac"] == "0.650" and stats["logp gap"] == "0.0150"
     assert stats["staleness"] == "2" and stats["IS weight"] == "1.000"
     assert timings[0]["is_weight_max"] == 4.5
+    # P3O-V2 against GRPO on the same prompts: 0.1 and 0.3 per seed, so 0.2 ± 0.1 across them
+    assert "- P3O-V2 − GRPO: +0.200 ± 0.100 (+2.0 SE, across 2 seeds)" in text
     assert "P3O-V2 before" in text and "GRPO after" in text
     for (method, seed), (_, after) in ACC.items():  # each run's per-prompt records kept
         kept = results / "demo" / f"seed{seed}-{method}"
-        assert json.loads(open(kept / "eval_x.jsonl").read())["rewards"]["math_answer"] == after
+        first = json.loads(open(kept / "eval_x.jsonl").readline())
+        assert first["rewards"]["math_answer"] == pytest.approx(after + PROMPT_OFFSETS[0])
         assert (kept / "summary.json").exists()
 
 
@@ -123,3 +131,4 @@ def test_one_starting_policy_is_shown_once(tmp_path, monkeypatch):
     assert text.count("<start sample>") == 1 and "every method" in text
     assert "### P3O-V2, after" in text and "### GRPO, after" in text
     assert "P3O-V2, before" not in text
+    assert "- P3O-V2 − GRPO: +0.000 ± 0.000 (1 seed, over its 3 prompts)" in text

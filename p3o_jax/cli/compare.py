@@ -41,7 +41,7 @@ from p3o_jax.config import ExperimentConfig
 from p3o_jax.config_args import from_args, tool_args
 from p3o_jax.evaluate import mean_se, mean_se_over_runs
 from p3o_jax.logger import format_table
-from p3o_jax.pipeline import run_experiment
+from p3o_jax.pipeline import eval_file, run_experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +104,38 @@ def read_run(path: str, method: str, seed: int) -> tuple[list[dict], dict, dict]
     return rows, timing, samples
 
 
+def final_scores(path: str, key: str) -> dict[int, float]:
+    """A run's final (RL) policy on each eval prompt: `key`'s reward by prompt index, from its
+    per-prompt records (`pipeline.eval_file`)."""
+    name, = (f for f in glob.glob(os.path.join(path, "eval_*.jsonl"))
+             if os.path.basename(f) != eval_file("sft"))
+    with open(name) as f:
+        return {r["index"]: r["rewards"][key] for r in map(json.loads, f)}
+
+
+def paired_differences(finals: dict, key: str) -> list[str]:
+    """The first method against each other one: the mean difference in `key` on the same eval
+    prompts, per seed, then mean ± SE across the seeds both finished (one seed: its SE over
+    the prompts, which leaves out how runs vary)."""
+    methods = list(dict.fromkeys(m for m, _ in finals))
+    first, lines = methods[0], []
+    for other in methods[1:]:
+        means, ses = [], []
+        for seed in sorted({s for m, s in finals if m == first} & {s for m, s in finals
+                                                                     if m == other}):
+            a, b = finals[first, seed], finals[other, seed]
+            mean, se = mean_se([a[i] - b[i] for i in sorted(a)])
+            means.append(mean)
+            ses.append(se)
+        if means:
+            mean, se = mean_se_over_runs(means, ses)
+            over = (f"across {len(means)} seeds" if len(means) > 1 else
+                    f"1 seed, over its {len(finals[first, seed])} prompts")
+            ratio = f"{mean / se:+.1f} SE, " if se else ""
+            lines.append(f"- {first} − {other}: {mean:+.3f} ± {se:.3f} ({ratio}{over})")
+    return lines
+
+
 def keep_records(path: str, to: str) -> None:
     """A run's summary.json and per-prompt evaluation files (`pipeline.eval_file`) copied to
     `to`, beside the report."""
@@ -140,7 +172,7 @@ def table(records: list[dict], timings: list[dict], key: str) -> list[dict]:
         for k, name, digits in (("clip_frac", "clip frac", 3), ("is_weight_mean", "IS weight", 3),
                                 ("is_capped_frac", "capped", 4), ("logp_gap_mean", "logp gap", 4)):
             row[name] = f"{np.mean([t[k] for t in ts]):.{digits}f}"
-        row["staleness"] = max(t["staleness_max"] for t in ts)
+        row["staleness"] = int(max(t["staleness_max"] for t in ts))
         row["s / iteration"] = f"{np.mean([t['seconds_per_iteration'] for t in ts]):.1f}"
         row["minutes / run"] = f"{np.mean([t['seconds'] for t in ts]) / 60:.1f}"
         out.append(row)
@@ -174,7 +206,8 @@ def plot(records: list[dict], key: str, path: str) -> None:
     plt.close(fig)
 
 
-def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: str) -> str:
+def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: str,
+           differences: list[str] = ()) -> str:
     rows = table(records, timings, key)
     columns = list(rows[0])
     text = [f"`{command}` ({sum(t['seconds'] for t in timings) / 60:.0f} minutes of runs on "
@@ -190,6 +223,9 @@ def report(command: str, cfg: ExperimentConfig, records, timings, samples, key: 
             f"Seconds per iteration: sampling, scoring and the update, after the first "
             f"(compiling) iteration; minutes per run include the compiles and evaluations.", "",
             format_table(rows, columns), ""]
+    if differences:
+        text += [f"Held-out `{key}` of the final policies, paired on the same prompts:", "",
+                 *differences, ""]
     section = lambda title, body: [f"### {title}", "", "```", body.strip(), "```", ""]
     befores = {by_policy.get("sft") for by_policy in samples.values()}
     shared = befores.pop() if len(befores) == 1 else None   # every method starts from one policy
@@ -216,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keep_compiled(cfg.out_dir.rstrip("/") + "-compare/jax_cache")
-    records, timings, samples = [], [], {}
+    records, timings, samples, finals = [], [], {}, {}
     for seed in args.seeds:
         for method in args.methods:
             path = run_folder(cfg, seed, method)
@@ -229,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                                             f"seed{seed}-{method}"))
             records += rows
             timings.append(timing)
+            finals[method, seed] = path
             if seed == args.seeds[0]:
                 samples[method] = text
     name = args.name or cfg.name
@@ -237,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(os.path.join(args.results, f"{name}.jsonl"), records + timings)
     plot(records, key, os.path.join(args.results, f"{name}.png"))
     command = "python -m p3o_jax.cli.compare " + " ".join(argv)
+    finals = {run: final_scores(path, key) for run, path in finals.items()}
     write_report(os.path.join(args.results, f"{name}.md"),
-                 report(command, cfg, records, timings, samples, key))
+                 report(command, cfg, records, timings, samples, key,
+                        paired_differences(finals, key)))
     return 0
 
 
