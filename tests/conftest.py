@@ -4,6 +4,7 @@ releases between tests (the persistent compilation cache, compiled programs near
 import faulthandler
 import gc
 import glob
+import io
 import os
 import sys
 import tempfile
@@ -136,7 +137,11 @@ def pytest_configure(config):
     pytest's own faulthandler writes (a copy of stderr's descriptor), not to captured output."""
     os.environ.setdefault(RUN, uuid.uuid4().hex)   # the controller's, which its workers inherit
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        stderr = sys.stderr.fileno() if sys.stderr.fileno() != -1 else sys.__stderr__.fileno()
+        try:
+            stderr = sys.stderr.fileno()
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            stderr = -1
+        stderr = stderr if stderr != -1 else sys.__stderr__.fileno()   # xdist's patched stderr
         faulthandler.enable(file=os.dup(stderr), all_threads=False)
 
 
