@@ -75,13 +75,14 @@ def run_method(cfg: ExperimentConfig, seed: int, method: str, evals: int) -> str
 def off_policy_stats(rl: list[dict]) -> dict:
     """Means over a run's RL rows of the clip fraction, the importance weights (their mean and
     the share capped) and the sampler gap |log pi_behav - log pi_prox| per token, and the
-    largest staleness: what says how far off-policy the run's updates were."""
-    clip = "policy_clip_frac" if "policy_clip_frac" in rl[0] else "clip_frac"
-    mean = lambda k: float(np.mean([r[k] for r in rl]))
-    return {"clip_frac": mean(clip), "is_weight_mean": mean("is_weight_mean"),
-            "is_weight_max": max(r["is_weight_max"] for r in rl),
-            "is_capped_frac": mean("is_capped_frac"), "logp_gap_mean": mean("logp_gap_mean"),
-            "staleness_max": max(r["staleness"] for r in rl)}
+    largest staleness: what says how far off-policy the run's updates were. Statistics its rows
+    lack (a run logged before they were) are left out."""
+    clip = "policy_clip_frac" if rl and "policy_clip_frac" in rl[0] else "clip_frac"
+    stats = {"clip_frac": (clip, np.mean), "is_weight_mean": ("is_weight_mean", np.mean),
+             "is_weight_max": ("is_weight_max", max), "is_capped_frac": ("is_capped_frac", np.mean),
+             "logp_gap_mean": ("logp_gap_mean", np.mean), "staleness_max": ("staleness", max)}
+    return {name: float(reduce([r[k] for r in rl])) for name, (k, reduce) in stats.items()
+            if rl and all(k in r for r in rl)}
 
 
 def read_run(path: str, method: str, seed: int) -> tuple[list[dict], dict, dict]:
@@ -171,8 +172,10 @@ def table(records: list[dict], timings: list[dict], key: str) -> list[dict]:
         ts = [t for t in timings if t["method"] == method]
         for k, name, digits in (("clip_frac", "clip frac", 3), ("is_weight_mean", "IS weight", 3),
                                 ("is_capped_frac", "capped", 4), ("logp_gap_mean", "logp gap", 4)):
-            row[name] = f"{np.mean([t[k] for t in ts]):.{digits}f}"
-        row["staleness"] = int(max(t["staleness_max"] for t in ts))
+            values = [t[k] for t in ts if k in t]
+            row[name] = f"{np.mean(values):.{digits}f}" if values else ""
+        row["staleness"] = max((int(t["staleness_max"]) for t in ts if "staleness_max" in t),
+                               default="")
         row["s / iteration"] = f"{np.mean([t['seconds_per_iteration'] for t in ts]):.1f}"
         row["minutes / run"] = f"{np.mean([t['seconds'] for t in ts]) / 60:.1f}"
         out.append(row)
