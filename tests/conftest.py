@@ -82,10 +82,10 @@ def max_map_count() -> int:
         return 65530
 
 
-def free_compiled_programs_above(maps: int) -> bool:
+def free_compiled_programs_above(maps: int, held: int | None = None) -> bool:
     """Drop every compiled program (`jax.clear_caches`) once this process holds more than `maps`
-    memory maps: whether it did."""
-    if memory_map_count() <= maps:
+    memory maps (`held`, if already counted): whether it did."""
+    if (memory_map_count() if held is None else held) <= maps:
         return False
     import jax
     jax.clear_caches()
@@ -104,11 +104,11 @@ def worker_state_file(worker: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"p3o-jax-tests-{os.environ[RUN]}-{worker}.txt")
 
 
-def worker_state() -> str:
-    """This process's memory maps (and vm.max_map_count), resident memory and threads."""
+def worker_state(maps: int) -> str:
+    """This process's `maps` memory maps (of vm.max_map_count), resident memory and threads."""
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)
-    return (f"{memory_map_count()} memory maps of {max_map_count()}, "
+    return (f"{maps} memory maps of {max_map_count()}, "
             f"resident {status['VmRSS'].strip()}, {status['Threads'].strip()} threads")
 
 
@@ -122,11 +122,12 @@ def compiled_programs_freed_before_the_map_limit(request):
     (`worker_state_file`), which `pytest_terminal_summary` prints if a worker crashed."""
     yield
     if HAS_PROC_MAPS:
-        free_compiled_programs_above(max_map_count() // 2)
+        held = memory_map_count()
         worker = os.environ.get("PYTEST_XDIST_WORKER")
         if worker:
             with open(worker_state_file(worker), "w") as f:
-                f.write(f"{worker} after {request.node.nodeid}: {worker_state()}\n")
+                f.write(f"{worker} after {request.node.nodeid}: {worker_state(held)}\n")
+        free_compiled_programs_above(max_map_count() // 2, held)
 
 
 @pytest.hookimpl(trylast=True)

@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keep_compiled(cfg.out_dir.rstrip("/") + "-compare/jax_cache")
-    records, timings, samples, finals = [], [], {}, {}
+    records, timings, samples, paths = [], [], {}, {}
     for seed in args.seeds:
         for method in args.methods:
             path = run_folder(cfg, seed, method)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                                             f"seed{seed}-{method}"))
             records += rows
             timings.append(timing)
-            finals[method, seed] = path
+            paths[method, seed] = path
             if seed == args.seeds[0]:
                 samples[method] = text
     name = args.name or cfg.name
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(os.path.join(args.results, f"{name}.jsonl"), records + timings)
     plot(records, key, os.path.join(args.results, f"{name}.png"))
     command = "python -m p3o_jax.cli.compare " + " ".join(argv)
-    finals = {run: final_scores(path, key) for run, path in finals.items()}
+    finals = {run: final_scores(path, key) for run, path in paths.items()}
     write_report(os.path.join(args.results, f"{name}.md"),
                  report(command, cfg, records, timings, samples, key,
                         paired_differences(finals, key)))
